@@ -1,0 +1,47 @@
+"""streamsink: a write-behind stream processor from Redis Streams to PostgreSQL and HTTP."""
+
+from streamsink.errors import (
+    ConfigError,
+    DecodeError,
+    EventError,
+    PayloadTooLarge,
+    ProducerClosed,
+    PublishError,
+    ShardCountMismatch,
+    StreamError,
+    StreamNotFound,
+    StreamsinkError,
+    ValidationError,
+)
+from streamsink.schemas import Column, ColumnType, Config, Event, Mode, Op, Policy, Table, load
+from streamsink.streams import AsyncProducer, Keys, Producer, ProducerSettings, create_stream
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncProducer",
+    "Column",
+    "ColumnType",
+    "Config",
+    "ConfigError",
+    "DecodeError",
+    "Event",
+    "EventError",
+    "Keys",
+    "Mode",
+    "Op",
+    "PayloadTooLarge",
+    "Policy",
+    "Producer",
+    "ProducerClosed",
+    "ProducerSettings",
+    "PublishError",
+    "ShardCountMismatch",
+    "StreamError",
+    "StreamNotFound",
+    "StreamsinkError",
+    "Table",
+    "ValidationError",
+    "create_stream",
+    "load",
+]

@@ -1,0 +1,1 @@
+"""Reading shards through consumer groups, merging windows, leases (the workers)."""

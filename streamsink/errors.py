@@ -1,0 +1,69 @@
+"""Every error streamsink raises, in one tree.
+
+    StreamsinkError
+    ├── ConfigError            a config file or declaration is wrong; fix it and restart
+    ├── EventError             one event is bad; it was not published (or was dead-lettered)
+    │   ├── DecodeError        the bytes of a stream entry are not a valid event
+    │   ├── ValidationError    a well-formed event does not fit its table
+    │   └── PayloadTooLarge    the encoded data exceeds the configured limit
+    ├── StreamError            a stream is missing or declared differently in Redis
+    │   ├── StreamNotFound     create it first (`streamsink streams create`)
+    │   └── ShardCountMismatch the shard count recorded in Redis differs from the one given
+    ├── PublishError           Redis failed mid-publish; the events may or may not be in the
+    │                          stream, so retry only events that carry an idempotency id
+    └── ProducerClosed         publish after close(), or pending when close() gave up
+
+EventError names the field at fault and the reason, so a dead-letter entry or a
+log line says exactly what to fix.
+"""
+
+from __future__ import annotations
+
+
+class StreamsinkError(Exception):
+    """Base of every streamsink error."""
+
+
+class ConfigError(StreamsinkError):
+    """A config file, table declaration or setting is invalid."""
+
+
+class EventError(StreamsinkError):
+    """One event is bad: `field` names where, `reason` says why."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class DecodeError(EventError):
+    """The fields of a stream entry do not decode to an event."""
+
+
+class ValidationError(EventError):
+    """The event does not fit the declaration of its table."""
+
+
+class PayloadTooLarge(EventError):
+    """The encoded data of an event exceeds the configured maximum."""
+
+
+class StreamError(StreamsinkError):
+    """A stream is not as expected in Redis."""
+
+
+class StreamNotFound(StreamError):
+    """The stream has not been created (its shard count is not recorded in Redis)."""
+
+
+class ShardCountMismatch(StreamError):
+    """The stream exists in Redis with another shard count."""
+
+
+class PublishError(StreamsinkError):
+    """Redis failed while publishing; the outcome of the events is unknown."""
+
+
+class ProducerClosed(StreamsinkError):
+    """The producer is closed, or closed before this publish could be sent."""

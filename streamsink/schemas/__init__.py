@@ -1,0 +1,26 @@
+"""Events, tables and the wire format: pure data, no I/O, imports nothing of streamsink's others."""
+
+from streamsink.schemas.config import Config, GroupSpec, SinkSpec, StreamSpec, from_dict, load
+from streamsink.schemas.event import Event, Op
+from streamsink.schemas.table import Column, ColumnType, Mode, Policy, Table, validate
+from streamsink.schemas.wire import decode, encode, shard_of
+
+__all__ = [
+    "Column",
+    "ColumnType",
+    "Config",
+    "Event",
+    "GroupSpec",
+    "Mode",
+    "Op",
+    "Policy",
+    "SinkSpec",
+    "StreamSpec",
+    "Table",
+    "decode",
+    "encode",
+    "from_dict",
+    "load",
+    "shard_of",
+    "validate",
+]

@@ -1,0 +1,263 @@
+"""The config: streams, tables, groups and sinks, from Python or from a TOML file."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from streamsink.errors import ConfigError, ValidationError
+from streamsink.schemas.event import Event, Op, check_call
+from streamsink.schemas.table import Column, ColumnType, Mode, Policy, Table, validate
+from streamsink.schemas.wire import DEFAULT_MAX_DATA_BYTES
+
+E = TypeVar("E", ColumnType, Policy, Mode)
+
+NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+"""Stream, group and sink names: safe inside Redis keys and hash tags (no ':', '{', '}')."""
+
+MAX_SHARDS = 1024
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+DEFAULT_PREFIX = "ss"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSpec:
+    """A logical stream: its shard count and the table its events go to by default."""
+
+    name: str
+    shards: int
+    table: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SinkSpec:
+    """A named sink: its type and the options its implementation reads."""
+
+    name: str
+    type: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSpec:
+    """A consumer group: the stream it reads, the sinks it feeds, its own options."""
+
+    name: str
+    stream: str
+    sinks: tuple[str, ...]
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything a producer or worker needs to know; build it in Python or with `load`."""
+
+    streams: Mapping[str, StreamSpec] = field(default_factory=dict)
+    tables: Mapping[str, Table] = field(default_factory=dict)
+    groups: Mapping[str, GroupSpec] = field(default_factory=dict)
+    sinks: Mapping[str, SinkSpec] = field(default_factory=dict)
+    redis_url: str = DEFAULT_REDIS_URL
+    prefix: str = DEFAULT_PREFIX
+    postgres_dsn: str = DEFAULT_POSTGRES_DSN
+    max_data_bytes: int = DEFAULT_MAX_DATA_BYTES
+
+    def __post_init__(self) -> None:
+        if not NAME.match(self.prefix):
+            raise ConfigError(f"prefix {self.prefix!r} must match {NAME.pattern}")
+        for spec in self.streams.values():
+            _check_name("stream", spec.name)
+            if not 1 <= spec.shards <= MAX_SHARDS:
+                raise ConfigError(f"stream {spec.name!r}: shards must be 1..{MAX_SHARDS}")
+            if spec.table is not None and spec.table not in self.tables:
+                raise ConfigError(f"stream {spec.name!r}: table {spec.table!r} is not declared")
+        for group in self.groups.values():
+            _check_name("group", group.name)
+            if group.stream not in self.streams:
+                raise ConfigError(f"group {group.name!r}: stream {group.stream!r} is not declared")
+            for sink in group.sinks:
+                if sink not in self.sinks:
+                    raise ConfigError(f"group {group.name!r}: sink {sink!r} is not declared")
+        for sink_spec in self.sinks.values():
+            _check_name("sink", sink_spec.name)
+
+    def table_for(self, stream: str, event: Event) -> Table | None:
+        """The table `event` goes to on `stream`, or None for calls and table-less streams."""
+        if event.op is Op.CALL:
+            return None
+        name = event.table
+        if name is None:
+            spec = self.streams.get(stream)
+            name = spec.table if spec else None
+            if name is None:
+                if self.tables:
+                    raise ValidationError("table", f"stream {stream!r} has no default table")
+                return None
+        table = self.tables.get(name)
+        if table is None:
+            raise ValidationError("table", f"{name!r} is not a declared table")
+        return table
+
+    def validate(self, stream: str, event: Event) -> Table | None:
+        """Check `event` for `stream` against its table (or as a call); return the table."""
+        if event.op is Op.CALL:
+            check_call(event)
+            return None
+        table = self.table_for(stream, event)
+        if table is not None:
+            validate(event, table)
+        return table
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read a TOML config file; ConfigError names the file and what is wrong."""
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return from_dict(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def from_dict(raw: Mapping[str, Any]) -> Config:
+    """Build a Config from the parsed TOML layout (see docs/config.md)."""
+    _only(raw, "config", {"redis", "postgres", "limits", "streams", "tables", "groups", "sinks"})
+    redis = _section(raw, "redis", {"url", "prefix"})
+    postgres = _section(raw, "postgres", {"dsn"})
+    limits = _section(raw, "limits", {"max_data_bytes"})
+    tables = {name: _table(name, spec) for name, spec in _section(raw, "tables").items()}
+    streams = {name: _stream(name, spec) for name, spec in _section(raw, "streams").items()}
+    sinks = {name: _sink(name, spec) for name, spec in _section(raw, "sinks").items()}
+    groups = {name: _group(name, spec) for name, spec in _section(raw, "groups").items()}
+    return Config(
+        streams=streams,
+        tables=tables,
+        groups=groups,
+        sinks=sinks,
+        redis_url=str(redis.get("url") or os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL),
+        prefix=str(redis.get("prefix", DEFAULT_PREFIX)),
+        postgres_dsn=str(
+            postgres.get("dsn") or os.environ.get("DATABASE_URL") or DEFAULT_POSTGRES_DSN
+        ),
+        max_data_bytes=_int(limits, "max_data_bytes", DEFAULT_MAX_DATA_BYTES, "limits"),
+    )
+
+
+def _table(name: str, spec: Any) -> Table:
+    where = f"table {name!r}"
+    spec = _mapping(spec, where)
+    _only(spec, where, {"key", "columns", "mode", "schema"})
+    key = spec.get("key", [])
+    if not isinstance(key, list) or not all(isinstance(k, str) for k in key):
+        raise ConfigError(f"{where}: key must be a list of column names")
+    columns = {
+        col: _column(f"{where} column {col!r}", c) for col, c in _section(spec, "columns").items()
+    }
+    for col in key:
+        if col in columns and columns[col].nullable:
+            columns[col] = Column(columns[col].type, columns[col].policy, nullable=False)
+    return Table(
+        name=name,
+        key=tuple(key),
+        columns=columns,
+        mode=_enum(Mode, spec.get("mode", "upsert"), f"{where}: mode"),
+        schema=spec.get("schema"),
+    )
+
+
+def _column(where: str, spec: Any) -> Column:
+    if isinstance(spec, str):
+        spec = {"type": spec}
+    spec = _mapping(spec, where)
+    _only(spec, where, {"type", "policy", "nullable"})
+    if "type" not in spec:
+        raise ConfigError(f"{where}: needs a type")
+    nullable = spec.get("nullable", True)
+    if not isinstance(nullable, bool):
+        raise ConfigError(f"{where}: nullable must be true or false")
+    return Column(
+        type=_enum(ColumnType, spec["type"], f"{where}: type"),
+        policy=_enum(Policy, spec.get("policy", "lww"), f"{where}: policy"),
+        nullable=nullable,
+    )
+
+
+def _stream(name: str, spec: Any) -> StreamSpec:
+    where = f"stream {name!r}"
+    spec = _mapping(spec, where)
+    _only(spec, where, {"shards", "table"})
+    table = spec.get("table")
+    if table is not None and not isinstance(table, str):
+        raise ConfigError(f"{where}: table must be a table name")
+    return StreamSpec(name=name, shards=_int(spec, "shards", 1, where), table=table)
+
+
+def _sink(name: str, spec: Any) -> SinkSpec:
+    where = f"sink {name!r}"
+    spec = dict(_mapping(spec, where))
+    kind = spec.pop("type", None)
+    if not isinstance(kind, str):
+        raise ConfigError(f"{where}: needs a type (postgres, http, redis-hash, function)")
+    return SinkSpec(name=name, type=kind, options=spec)
+
+
+def _group(name: str, spec: Any) -> GroupSpec:
+    where = f"group {name!r}"
+    spec = dict(_mapping(spec, where))
+    stream = spec.pop("stream", None)
+    sinks = spec.pop("sinks", None)
+    if not isinstance(stream, str):
+        raise ConfigError(f"{where}: needs the stream it reads")
+    if not isinstance(sinks, list) or not sinks or not all(isinstance(s, str) for s in sinks):
+        raise ConfigError(f"{where}: sinks must be a non-empty list of sink names")
+    return GroupSpec(name=name, stream=stream, sinks=tuple(sinks), options=spec)
+
+
+def _check_name(kind: str, name: str) -> None:
+    if not NAME.match(name):
+        raise ConfigError(f"{kind} name {name!r} must match {NAME.pattern}")
+
+
+def _section(
+    raw: Mapping[str, Any], name: str, allowed: set[str] | None = None
+) -> Mapping[str, Any]:
+    section = _mapping(raw.get(name, {}), f"[{name}]")
+    if allowed is not None:
+        _only(section, f"[{name}]", allowed)
+    return section
+
+
+def _mapping(value: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a table of settings, got {type(value).__name__}")
+    return value
+
+
+def _only(raw: Mapping[str, Any], where: str, allowed: set[str]) -> None:
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting {unknown[0]!r}; known: {sorted(allowed)}")
+
+
+def _int(raw: Mapping[str, Any], name: str, default: int, where: str) -> int:
+    value = raw.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}: {name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _enum(kind: type[E], value: Any, where: str) -> E:
+    try:
+        return kind(value)
+    except ValueError:
+        raise ConfigError(f"{where}: {value!r} is not one of {[m.value for m in kind]}") from None

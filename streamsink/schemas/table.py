@@ -1,0 +1,221 @@
+"""Table declarations, and the check of an event against its table."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from streamsink.errors import ConfigError, ValidationError
+from streamsink.schemas.event import Event, Op
+
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+"""Table and column names: PostgreSQL identifiers that never need quoting tricks."""
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+class ColumnType(StrEnum):
+    """Column types and the PostgreSQL type each maps to."""
+
+    INT = "int"  # bigint
+    FLOAT = "float"  # double precision
+    TEXT = "text"  # text
+    BOOL = "bool"  # boolean
+    JSON = "json"  # jsonb
+    TIMESTAMP = "timestamp"  # timestamptz, ISO 8601 text on the wire
+    UUID = "uuid"  # uuid, canonical text on the wire
+
+
+class Policy(StrEnum):
+    """How a new value combines with the stored one."""
+
+    LWW = "lww"  # last write wins
+    SUM = "sum"  # values add up
+    MAX = "max"  # the greatest is kept
+    MIN = "min"  # the least is kept
+
+
+class Mode(StrEnum):
+    """Whether a write may create rows."""
+
+    UPSERT = "upsert"  # insert missing rows, update existing ones
+    UPDATE = "update"  # touch only existing rows; misses are counted
+
+
+NUMERIC = frozenset({ColumnType.INT, ColumnType.FLOAT})
+ORDERED = NUMERIC | {ColumnType.TIMESTAMP, ColumnType.TEXT}
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    """One declared column."""
+
+    type: ColumnType
+    policy: Policy = Policy.LWW
+    nullable: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """A sink table: its key columns, its columns and how writes apply."""
+
+    name: str
+    key: tuple[str, ...]
+    columns: Mapping[str, Column]
+    mode: Mode = Mode.UPSERT
+    schema: str | None = None
+    value_columns: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        for name in (self.name, *self.columns, *([self.schema] if self.schema else [])):
+            if not IDENTIFIER.match(name):
+                raise ConfigError(f"table {self.name!r}: {name!r} is not a valid identifier")
+        if not self.columns:
+            raise ConfigError(f"table {self.name!r}: declares no columns")
+        for name in self.key:
+            if name not in self.columns:
+                raise ConfigError(f"table {self.name!r}: key column {name!r} is not declared")
+            column = self.columns[name]
+            if column.policy is not Policy.LWW:
+                raise ConfigError(f"table {self.name!r}: key column {name!r} must be lww")
+        if len(set(self.key)) != len(self.key):
+            raise ConfigError(f"table {self.name!r}: key columns repeat")
+        for name, column in self.columns.items():
+            _check_policy(self.name, name, column)
+        object.__setattr__(
+            self, "value_columns", tuple(c for c in self.columns if c not in self.key)
+        )
+
+    def row_key(self, data: Mapping[str, Any]) -> tuple[Any, ...]:
+        """The identity of the row an event touches (its key column values)."""
+        return tuple(data[name] for name in self.key)
+
+
+def _check_policy(table: str, name: str, column: Column) -> None:
+    if column.policy is Policy.SUM and column.type not in NUMERIC:
+        raise ConfigError(f"table {table!r}: column {name!r}: sum needs int or float")
+    if column.policy in (Policy.MAX, Policy.MIN) and column.type not in ORDERED:
+        raise ConfigError(
+            f"table {table!r}: column {name!r}: {column.policy} needs int, float, text or timestamp"
+        )
+
+
+def validate(event: Event, table: Table) -> None:
+    """Check that `event` fits `table`; raise ValidationError naming the field if not."""
+    op = event.op
+    if op is Op.CALL:
+        raise ValidationError("op", f"call events go to an endpoint, not to table {table.name!r}")
+    if not table.key and op is not Op.APPEND:
+        raise ValidationError("op", f"table {table.name!r} has no key columns: only append")
+    data = event.data
+    for name in table.key:
+        if name not in data:
+            raise ValidationError(f"data.{name}", f"key column of {table.name!r} is missing")
+        if data[name] is None:
+            raise ValidationError(f"data.{name}", "key column must not be null")
+    for name, value in data.items():
+        column = table.columns.get(name)
+        if column is None:
+            raise ValidationError(f"data.{name}", f"table {table.name!r} has no such column")
+        if op is Op.DEL and name not in table.key:
+            raise ValidationError(f"data.{name}", "del takes only the key columns")
+        if op is Op.INCR and name not in table.key:
+            _check_delta(name, value, column)
+        else:
+            _check_value(name, value, column)
+    if op is Op.INCR and len(data) == len(table.key):
+        raise ValidationError("data", "incr names no column to add to")
+
+
+def _check_delta(name: str, value: Any, column: Column) -> None:
+    if column.type not in NUMERIC or column.policy not in (Policy.LWW, Policy.SUM):
+        raise ValidationError(
+            f"data.{name}", f"incr needs an int or float column with lww or sum, not {column.type}"
+        )
+    _check_value(name, value, column)
+    if value is None:
+        raise ValidationError(f"data.{name}", "an incr delta must not be null")
+
+
+def _check_value(name: str, value: Any, column: Column) -> None:
+    if value is None:
+        if not column.nullable:
+            raise ValidationError(f"data.{name}", "must not be null")
+        return
+    reason = _TYPE_CHECKS[column.type](value)
+    if reason:
+        raise ValidationError(f"data.{name}", reason)
+
+
+def _int(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"expected an integer, got {_kind(value)}"
+    if not INT64_MIN <= value <= INT64_MAX:
+        return f"{value} does not fit in a 64-bit integer"
+    return None
+
+
+def _float(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"expected a number, got {_kind(value)}"
+    return None
+
+
+def _text(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return f"expected a string, got {_kind(value)}"
+    if "\x00" in value:
+        return "text must not contain NUL characters (PostgreSQL refuses them)"
+    return None
+
+
+def _bool(value: Any) -> str | None:
+    return None if isinstance(value, bool) else f"expected true or false, got {_kind(value)}"
+
+
+def _json(value: Any) -> str | None:
+    return None
+
+
+def _timestamp(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return f"expected an ISO 8601 timestamp string, got {_kind(value)}"
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return f"{value!r} is not an ISO 8601 timestamp"
+    if parsed.tzinfo is None:
+        return f"{value!r} has no time zone offset"
+    return None
+
+
+def _uuid(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return f"expected a UUID string, got {_kind(value)}"
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return f"{value!r} is not a UUID"
+    return None
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}.get(
+        type(value), type(value).__name__
+    )
+
+
+_TYPE_CHECKS = {
+    ColumnType.INT: _int,
+    ColumnType.FLOAT: _float,
+    ColumnType.TEXT: _text,
+    ColumnType.BOOL: _bool,
+    ColumnType.JSON: _json,
+    ColumnType.TIMESTAMP: _timestamp,
+    ColumnType.UUID: _uuid,
+}

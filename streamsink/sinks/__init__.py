@@ -1,0 +1,1 @@
+"""Where merged batches go: PostgreSQL, HTTP callbacks, Redis read models, user functions."""

@@ -1,0 +1,18 @@
+"""Everything that talks to Redis: key names, stream creation, producers (and, later, readers)."""
+
+from streamsink.streams.admin import StreamInfo, create_stream, list_streams, stream_info
+from streamsink.streams.aio import AsyncProducer
+from streamsink.streams.keys import Keys
+from streamsink.streams.producer import Producer
+from streamsink.streams.publish import ProducerSettings
+
+__all__ = [
+    "AsyncProducer",
+    "Keys",
+    "Producer",
+    "ProducerSettings",
+    "StreamInfo",
+    "create_stream",
+    "list_streams",
+    "stream_info",
+]

@@ -1,0 +1,71 @@
+"""Creating streams and reading their state in Redis."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import redis
+
+from streamsink.errors import ShardCountMismatch, StreamNotFound
+from streamsink.schemas.config import MAX_SHARDS, NAME
+from streamsink.streams.keys import META_CREATED, META_SHARDS, Keys
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    """A stream as Redis holds it: shard count and the length of each shard."""
+
+    name: str
+    shards: int
+    lengths: tuple[int, ...]
+
+    @property
+    def length(self) -> int:
+        """Entries held in all shards."""
+        return sum(self.lengths)
+
+
+def create_stream(client: redis.Redis, keys: Keys, name: str, shards: int) -> bool:
+    """Record `name` with `shards` shards; True if created, False if it already was.
+
+    Re-creating with the same count is a no-op; with another count it is an error,
+    because every key would move to another shard and lose its order.
+    """
+    if not NAME.match(name):
+        raise ValueError(f"stream name {name!r} must match {NAME.pattern}")
+    if not 1 <= shards <= MAX_SHARDS:
+        raise ValueError(f"shards must be 1..{MAX_SHARDS}, got {shards}")
+    pipe = client.pipeline(transaction=True)
+    pipe.hsetnx(keys.meta(name), META_SHARDS, shards)
+    pipe.hsetnx(keys.meta(name), META_CREATED, int(time.time() * 1000))
+    pipe.hget(keys.meta(name), META_SHARDS)
+    pipe.sadd(keys.index(), name)
+    created, _, recorded, _ = pipe.execute()
+    if int(recorded) != shards:
+        raise ShardCountMismatch(
+            f"stream {name!r} already exists with {int(recorded)} shards, not {shards}"
+        )
+    return bool(created)
+
+
+def shard_count(client: redis.Redis, keys: Keys, name: str) -> int:
+    """The shard count recorded for `name`; StreamNotFound if it was never created."""
+    recorded = client.hget(keys.meta(name), META_SHARDS)
+    if recorded is None:
+        raise StreamNotFound(f"stream {name!r} does not exist under prefix {keys.prefix!r}")
+    return int(recorded)
+
+
+def list_streams(client: redis.Redis, keys: Keys) -> list[str]:
+    """Names of every stream created under the prefix, sorted."""
+    return sorted(n.decode() if isinstance(n, bytes) else n for n in client.smembers(keys.index()))
+
+
+def stream_info(client: redis.Redis, keys: Keys, name: str) -> StreamInfo:
+    """Shard count and per-shard lengths of `name`."""
+    shards = shard_count(client, keys, name)
+    pipe = client.pipeline(transaction=False)
+    for shard in range(shards):
+        pipe.xlen(keys.shard(name, shard))
+    return StreamInfo(name, shards, tuple(int(n) for n in pipe.execute()))

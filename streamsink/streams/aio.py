@@ -1,0 +1,218 @@
+"""The asyncio producer: many coroutines' publishes gathered into pipelined round trips."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import redis.asyncio as aredis
+from redis.asyncio.connection import Connection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from streamsink.errors import ProducerClosed, PublishError
+from streamsink.schemas.config import Config
+from streamsink.schemas.event import Event
+from streamsink.streams.keys import META_SHARDS
+from streamsink.streams.publish import Command, Preparer, ProducerSettings, entry_id
+
+_LOST = (
+    "lost Redis while publishing ({}); the events may or may not be in the stream: "
+    "publish again only events that carry an idempotency id"
+)
+
+
+@dataclass(slots=True)
+class _Request:
+    stream: str
+    prepared: list[Any]
+    future: asyncio.Future[list[str]]
+
+
+class AsyncProducer:
+    """Publishes events from asyncio code, batching concurrent publishes.
+
+    While one round trip is in flight the next batch gathers (up to `max_batch` events,
+    or `max_wait` seconds when set), so one coroutine pays one round trip per publish
+    and a thousand pay a few. At most `queue_size` publishes wait; more wait for room.
+    `close()` sends what is pending, and fails what it could not send: no publish is
+    ever left hanging. Like the sync producer it never retries on its own.
+    """
+
+    def __init__(
+        self,
+        client: aredis.Redis,
+        config: Config | None = None,
+        settings: ProducerSettings | None = None,
+    ) -> None:
+        self._client = client
+        self._prep = Preparer(config or Config(), settings or ProducerSettings())
+        self._settings = self._prep.settings
+        self._pending: deque[_Request] = deque()
+        self._pending_events = 0
+        self._room = asyncio.Semaphore(self._settings.queue_size)
+        self._wakeup = asyncio.Event()
+        self._full = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._conn: Connection | None = None
+        self._closing = False
+        self._failure: BaseException | None = None
+
+    async def publish(self, stream: str, event: Event) -> str:
+        """Publish one event; return its entry ID once Redis has it."""
+        return (await self.publish_many(stream, (event,)))[0]
+
+    async def publish_many(self, stream: str, events: Iterable[Event]) -> list[str]:
+        """Publish events in order, together; nothing is sent if any is invalid."""
+        self._check_open()
+        if stream not in self._prep.shards:
+            recorded = await self._client.hget(self._prep.keys.meta(stream), META_SHARDS)
+            self._prep.check_shards(stream, recorded)
+        prepared = self._prep.encode(stream, events)
+        if not prepared:
+            return []
+        await self._room.acquire()
+        if self._closing or self._failure is not None:
+            self._room.release()
+            self._check_open()
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="streamsink-producer")
+        future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Request(stream, prepared, future))
+        self._pending_events += len(prepared)
+        if self._pending_events >= self._settings.max_batch:
+            self._full.set()
+        self._wakeup.set()
+        return await future
+
+    def _check_open(self) -> None:
+        if self._failure is not None:
+            raise ProducerClosed(f"the producer stopped after an error: {self._failure!r}")
+        if self._closing:
+            raise ProducerClosed("this producer is closed")
+
+    async def _run(self) -> None:
+        try:
+            while self._pending or not self._closing:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                if self._settings.max_wait > 0 and not self._closing and not self._full.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._full.wait(), self._settings.max_wait)
+                while self._pending:
+                    await self._send(self._take())
+        except BaseException as exc:
+            self._failure = exc
+            self._fail_pending(ProducerClosed(f"the producer stopped: {exc!r}"))
+            raise
+
+    def _take(self) -> list[_Request]:
+        batch: list[_Request] = []
+        count = 0
+        while self._pending and (not batch or count < self._settings.max_batch):
+            request = self._pending.popleft()
+            batch.append(request)
+            count += len(request.prepared)
+            self._room.release()
+        self._pending_events -= count
+        if self._pending_events < self._settings.max_batch:
+            self._full.clear()
+        return batch
+
+    async def _send(self, batch: list[_Request]) -> None:
+        commands = self._prep.commands([(r.stream, r.prepared) for r in batch])
+        results: list[list[str]] = [[""] * len(r.prepared) for r in batch]
+        errors: dict[int, Exception] = {}
+        try:
+            await self._roundtrip(commands, results, errors)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            await self._drop_connection()
+            errors = dict.fromkeys(range(len(batch)), PublishError(_LOST.format(exc)))
+        except BaseException:
+            await self._drop_connection()
+            unknown = PublishError("the producer was stopped while sending these events")
+            for request in batch:
+                _settle(request.future, unknown)
+            raise
+        for index, request in enumerate(batch):
+            _settle(request.future, errors.get(index), results[index])
+
+    async def _roundtrip(
+        self, commands: list[Command], results: list[list[str]], errors: dict[int, Exception]
+    ) -> None:
+        if self._conn is None:
+            self._conn = await self._client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        conn = self._conn
+        await conn.send_packed_command(conn.pack_commands([c.args for c in commands]))
+        for command in commands:
+            try:
+                reply = await conn.read_response()
+            except ResponseError as exc:
+                refused = PublishError(f"Redis refused the publish: {exc}")
+                for request_index, _ in command.slots:
+                    errors[request_index] = refused
+                continue
+            for (request_index, position), raw in zip(command.slots, reply, strict=True):
+                results[request_index][position] = entry_id(raw)
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.disconnect(nowait=True)
+            await self._client.connection_pool.release(conn)
+
+    def _fail_pending(self, error: Exception) -> None:
+        while self._pending:
+            request = self._pending.popleft()
+            self._room.release()
+            _settle(request.future, error)
+        self._pending_events = 0
+
+    async def close(self, grace: float | None = 10.0) -> None:
+        """Send what is pending (waiting at most `grace` seconds), then stop.
+
+        Publishes still pending when the time is up fail with ProducerClosed.
+        The Redis client belongs to the caller and stays open.
+        """
+        self._closing = True
+        self._wakeup.set()
+        self._full.set()
+        task, self._task = self._task, None
+        if task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(task), grace)
+            except TimeoutError:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            except Exception:  # the failure already reached every pending publish
+                pass
+        self._fail_pending(ProducerClosed("the producer closed before this publish was sent"))
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await self._client.connection_pool.release(conn)
+
+    async def __aenter__(self) -> AsyncProducer:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+def _settle(
+    future: asyncio.Future[list[str]], error: Exception | None, result: list[str] | None = None
+) -> None:
+    """Resolve a publish unless its caller gave up waiting (cancelled it)."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result or [])

@@ -1,0 +1,42 @@
+"""Every Redis key streamsink uses, in one place.
+
+Keys of one shard share the hash tag `{stream:shard}`, so a shard's stream, its
+idempotency keys and (later) its leases live in one Redis Cluster slot and one Lua
+script may touch them all; shards spread over the cluster's nodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from streamsink.schemas.config import DEFAULT_PREFIX
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key names under one prefix (tests use a unique prefix each, so they run in parallel)."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def index(self) -> str:
+        """SET of the names of every created stream (for listing and status)."""
+        return f"{self.prefix}:streams"
+
+    def meta(self, stream: str) -> str:
+        """HASH of a stream: `shards` (fixed at creation) and `created_ms`."""
+        return f"{self.prefix}:{{{stream}}}:meta"
+
+    def shard(self, stream: str, shard: int) -> str:
+        """STREAM holding the entries of one shard."""
+        return f"{self.prefix}:{{{stream}:{shard}}}:events"
+
+    def dedup_prefix(self, stream: str, shard: int) -> str:
+        """Prefix of STRING keys `<prefix><id>` holding the entry ID of an idempotent publish.
+
+        Kept for the producer's dedup TTL: long enough for any caller's retry.
+        """
+        return f"{self.prefix}:{{{stream}:{shard}}}:dedup:"
+
+
+META_SHARDS = b"shards"  # field of the meta hash: shard count
+META_CREATED = b"created_ms"  # field of the meta hash: creation time, ms
