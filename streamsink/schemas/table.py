@@ -146,6 +146,10 @@ def _check_value(name: str, value: Any, column: Column) -> None:
     if value is None:
         if not column.nullable:
             raise ValidationError(f"data.{name}", "must not be null")
+        if column.policy is not Policy.LWW:
+            raise ValidationError(
+                f"data.{name}", f"a {column.policy} column takes a value, not null"
+            )
         return
     reason = _TYPE_CHECKS[column.type](value)
     if reason:

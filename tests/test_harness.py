@@ -1,0 +1,32 @@
+"""The harness gives real servers: prove it, so a broken fixture cannot pass silently."""
+
+from __future__ import annotations
+
+import psycopg2
+import redis
+
+from tests.conftest import RedisServer
+
+
+def test_redis_is_real(r: redis.Redis) -> None:
+    assert r.ping()
+    assert r.info("server")["redis_version"]
+
+
+def test_database_is_fresh(database_url: str) -> None:
+    with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT current_database(), count(*) FROM pg_tables WHERE schemaname = 'public'"
+        )
+        name, tables = cur.fetchone()
+    assert name.startswith("streamsink_test_")
+    assert tables == 0
+
+
+def test_throwaway_redis_survives_a_kill_with_aof(redis_server: RedisServer) -> None:
+    client = redis.Redis.from_url(redis_server.url)
+    client.xadd("s", {"a": "1"})
+    redis_server.kill()
+    redis_server.start()
+    client = redis.Redis.from_url(redis_server.url)
+    assert client.xlen("s") == 1
