@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+import hiredis
 import redis.asyncio as aredis
 from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -63,6 +64,7 @@ class AsyncProducer:
         self._conn: Connection | None = None
         self._closing = False
         self._failure: BaseException | None = None
+        self._lookups: dict[str, asyncio.Future[Any]] = {}
 
     async def publish(self, stream: str, event: Event) -> str:
         """Publish one event; return its entry ID once Redis has it."""
@@ -72,8 +74,7 @@ class AsyncProducer:
         """Publish events in order, together; nothing is sent if any is invalid."""
         self._check_open()
         if stream not in self._prep.shards:
-            recorded = await self._client.hget(self._prep.keys.meta(stream), META_SHARDS)
-            self._prep.check_shards(stream, recorded)
+            await self._load_shards(stream)
         prepared = self._prep.encode(stream, events)
         if not prepared:
             return []
@@ -90,6 +91,21 @@ class AsyncProducer:
             self._full.set()
         self._wakeup.set()
         return await future
+
+    async def _load_shards(self, stream: str) -> None:
+        """Read the stream's shard count once, however many publishers ask at the same time."""
+        lookup = self._lookups.get(stream)
+        if lookup is None:
+            lookup = asyncio.ensure_future(
+                self._client.hget(self._prep.keys.meta(stream), META_SHARDS)
+            )
+            self._lookups[stream] = lookup
+        try:
+            recorded = await asyncio.shield(lookup)
+        finally:
+            if lookup.done():
+                self._lookups.pop(stream, None)
+        self._prep.check_shards(stream, recorded)
 
     def _check_open(self) -> None:
         if self._failure is not None:
@@ -149,7 +165,8 @@ class AsyncProducer:
         if self._conn is None:
             self._conn = await self._client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
         conn = self._conn
-        await conn.send_packed_command(conn.pack_commands([c.args for c in commands]))
+        packed = [hiredis.pack_command(tuple(c.args)) for c in commands]  # type: ignore[arg-type]
+        await conn.send_packed_command(packed)
         for command in commands:
             try:
                 reply = await conn.read_response()

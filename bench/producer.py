@@ -1,0 +1,163 @@
+"""Producer benchmark: streamsink's producers against plain redis-py, same events, same run.
+
+    python bench/producer.py [--events 50000] [--runs 5] [--redis-url URL]
+
+Rows (events/s, median of --runs runs; each run publishes every row's events afresh):
+  sync pipeline      plain redis-py: pipeline of 1,000 XADDs, orjson-encoded data (baseline)
+  asyncio producer   AsyncProducer, 1,000 concurrent coroutines each awaiting its publishes
+  sync producer      Producer.publish_many, 1,000 events a call
+  awaited XADD       plain redis.asyncio: one coroutine, `await xadd(...)` per event (baseline)
+  awaited publish    AsyncProducer: one coroutine, `await publish(...)` per event
+The issue's targets: asyncio producer >= 80% of sync pipeline; awaited publish >= awaited XADD.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import orjson
+import redis
+import redis.asyncio as aredis
+
+from streamsink import AsyncProducer, Config, Event, Op, Producer, create_stream
+from streamsink.schemas import Column, ColumnType, StreamSpec, Table, shard_of
+from streamsink.streams import Keys
+
+SHARDS = 8
+TASKS = Table(
+    "tasks",
+    key=("id",),
+    columns={
+        "id": Column(ColumnType.INT, nullable=False),
+        "status": Column(ColumnType.TEXT),
+        "progress": Column(ColumnType.INT),
+        "worker": Column(ColumnType.TEXT),
+    },
+)
+
+
+def make_events(count: int) -> list[Event]:
+    """Task status updates over 1,000 tasks, like the seeds' render farm produced."""
+    statuses = ("queued", "running", "rendering", "uploading", "done")
+    return [
+        Event(
+            f"task:{i % 1000}",
+            Op.SET,
+            {"id": i % 1000, "status": statuses[i % 5], "progress": i % 101, "worker": "w-7"},
+        )
+        for i in range(count)
+    ]
+
+
+def sync_pipeline(client: redis.Redis, keys: Keys, events: list[Event]) -> None:
+    for start in range(0, len(events), 1000):
+        pipe = client.pipeline(transaction=False)
+        for event in events[start : start + 1000]:
+            fields = {"key": event.key, "op": event.op.value, "data": orjson.dumps(event.data)}
+            pipe.xadd(keys.shard("tasks", shard_of(event.key, SHARDS)), fields)  # type: ignore[arg-type]
+        pipe.execute()
+
+
+def sync_producer(client: redis.Redis, config: Config, events: list[Event]) -> None:
+    producer = Producer(client, config)
+    for start in range(0, len(events), 1000):
+        producer.publish_many("tasks", events[start : start + 1000])
+
+
+async def asyncio_producer(client: aredis.Redis, config: Config, events: list[Event]) -> None:
+    async with AsyncProducer(client, config) as producer:
+
+        async def publisher(mine: list[Event]) -> None:
+            for event in mine:
+                await producer.publish("tasks", event)
+
+        await asyncio.gather(*(publisher(events[i::1000]) for i in range(1000)))
+
+
+async def awaited_xadd(client: aredis.Redis, keys: Keys, events: list[Event]) -> None:
+    for event in events:
+        fields = {"key": event.key, "op": event.op.value, "data": orjson.dumps(event.data)}
+        await client.xadd(keys.shard("tasks", shard_of(event.key, SHARDS)), fields)  # type: ignore[arg-type]
+
+
+async def awaited_publish(client: aredis.Redis, config: Config, events: list[Event]) -> None:
+    async with AsyncProducer(client, config) as producer:
+        for event in events:
+            await producer.publish("tasks", event)
+
+
+def run_once(url: str, count: int, single: int) -> dict[str, float]:
+    """One run of every row, each on a fresh prefix; returns events/s per row."""
+    results: dict[str, float] = {}
+    sync_client = redis.Redis.from_url(url)
+    events, few = make_events(count), make_events(single)
+
+    def fresh() -> tuple[Keys, Config]:
+        keys = Keys(f"bench{uuid.uuid4().hex[:8]}")
+        create_stream(sync_client, keys, "tasks", SHARDS)
+        streams = {"tasks": StreamSpec("tasks", SHARDS, "tasks")}
+        return keys, Config(streams=streams, tables={"tasks": TASKS}, prefix=keys.prefix)
+
+    def clean(keys: Keys) -> None:
+        for key in sync_client.scan_iter(match=f"{keys.prefix}:*", count=1000):
+            sync_client.unlink(key)
+
+    def timed(name: str, n: int, work: Callable[[Keys, Config], Any]) -> None:
+        keys, config = fresh()
+        started = time.perf_counter()
+        work(keys, config)
+        results[name] = n / (time.perf_counter() - started)
+        assert sum(sync_client.xlen(keys.shard("tasks", s)) for s in range(SHARDS)) == n
+        clean(keys)
+
+    def in_loop(make: Callable[[aredis.Redis], Coroutine[Any, Any, None]]) -> None:
+        async def main() -> None:
+            client = aredis.Redis.from_url(url)
+            try:
+                await make(client)
+            finally:
+                await client.aclose()
+
+        asyncio.run(main())
+
+    timed("sync pipeline", count, lambda k, c: sync_pipeline(sync_client, k, events))
+    timed("asyncio producer", count, lambda k, c: in_loop(lambda a: asyncio_producer(a, c, events)))
+    timed("sync producer", count, lambda k, c: sync_producer(sync_client, c, events))
+    timed("awaited XADD", single, lambda k, c: in_loop(lambda a: awaited_xadd(a, k, few)))
+    timed("awaited publish", single, lambda k, c: in_loop(lambda a: awaited_publish(a, c, few)))
+    sync_client.close()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--single", type=int, default=5_000, help="events of one-coroutine rows")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    args = parser.parse_args()
+    runs = [run_once(args.redis_url, args.events, args.single) for _ in range(args.runs)]
+    median = {name: statistics.median(r[name] for r in runs) for name in runs[0]}
+    print(
+        f"\n{args.events} events ({args.single} for one-coroutine rows), {SHARDS} shards, "
+        f"median of {args.runs} runs\n"
+    )
+    print(f"| {'row':<17} | {'events/s':>10} | {'min':>10} | {'max':>10} |")
+    print(f"|{'-' * 19}|{'-' * 12}|{'-' * 12}|{'-' * 12}|")
+    for name, value in median.items():
+        low, high = min(r[name] for r in runs), max(r[name] for r in runs)
+        print(f"| {name:<17} | {value:>10,.0f} | {low:>10,.0f} | {high:>10,.0f} |")
+    concurrent = median["asyncio producer"] / median["sync pipeline"]
+    single = median["awaited publish"] / median["awaited XADD"]
+    print(f"\nasyncio producer / sync pipeline = {concurrent:.2f}  (target >= 0.80)")
+    print(f"awaited publish / awaited XADD   = {single:.2f}  (target >= 1.00)")
+
+
+if __name__ == "__main__":
+    main()

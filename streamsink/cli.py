@@ -1,0 +1,240 @@
+"""The `streamsink` command: streams, publish, demo (and, later, worker and status)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
+from importlib import resources
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+import redis.asyncio as aredis
+from tqdm import tqdm
+
+from streamsink.errors import EventError, StreamsinkError
+from streamsink.schemas.config import Config, load
+from streamsink.schemas.event import Event
+from streamsink.schemas.wire import encode
+from streamsink.streams.admin import create_stream, list_streams, shard_count, stream_info
+from streamsink.streams.keys import Keys
+from streamsink.streams.producer import Producer
+
+CHUNK = 1000
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        config = _config(args)
+        result: int = args.run(args, config)
+        return result
+    except (StreamsinkError, redis.RedisError, ValueError) as exc:
+        print(f"streamsink: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamsink", description=__doc__)
+    parser.add_argument("--config", help="TOML config file (streams, tables, groups, sinks)")
+    parser.add_argument("--redis-url", help="overrides the config and REDIS_URL")
+    parser.add_argument("--prefix", help="Redis key prefix (default: the config's, else 'ss')")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    streams = commands.add_parser("streams", help="create and inspect streams")
+    actions = streams.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="create a stream with a fixed shard count")
+    create.add_argument("name", nargs="?", help="stream name (default: every stream of --config)")
+    create.add_argument("--shards", type=int, help="shard count (default: the config's)")
+    create.set_defaults(run=_streams_create)
+    listing = actions.add_parser("list", help="streams with their shard counts and lengths")
+    listing.set_defaults(run=_streams_list)
+
+    publish = commands.add_parser("publish", help="publish one event, or JSON lines")
+    publish.add_argument("stream")
+    publish.add_argument("--key", help="routing key of a single event")
+    publish.add_argument("--op", default="set", help="set | incr | del | append | call")
+    publish.add_argument("--data", help="JSON object of a single event")
+    publish.add_argument("--table", help="target table, when not the stream's default")
+    publish.add_argument("--id", help="idempotency id: publishing it again is a no-op")
+    publish.add_argument(
+        "--file", help="JSON lines ({key, op, data, table?, ts?, v?, id?}), '-' for stdin"
+    )
+    publish.set_defaults(run=_publish)
+
+    demo = commands.add_parser("demo", help="publish a realistic burst and show the streams")
+    demo.add_argument("--keep", action="store_true", help="keep earlier demo data")
+    demo.add_argument("--publish-only", action="store_true", help="publish, show nothing")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Config:
+    path = args.config
+    if path is None and args.command == "demo":
+        with resources.as_file(resources.files("streamsink") / "demo.toml") as demo:
+            config = load(demo)
+    else:
+        config = load(path) if path else Config()
+    if args.redis_url:
+        config = replace(config, redis_url=args.redis_url)
+    if args.prefix:
+        config = replace(config, prefix=args.prefix)
+    return config
+
+
+def _client(config: Config) -> redis.Redis:
+    return redis.Redis.from_url(config.redis_url, socket_timeout=10)
+
+
+def _streams_create(args: argparse.Namespace, config: Config) -> int:
+    client, keys = _client(config), Keys(config.prefix)
+    if args.name is None:
+        if not config.streams:
+            raise ValueError("name a stream, or give --config with [streams]")
+        wanted = [(s.name, s.shards) for s in config.streams.values()]
+    else:
+        declared = config.streams.get(args.name)
+        shards = args.shards or (declared.shards if declared else None)
+        if shards is None:
+            raise ValueError(f"--shards is needed: {args.name!r} is not in the config")
+        wanted = [(args.name, shards)]
+    for name, shards in wanted:
+        created = create_stream(client, keys, name, shards)
+        print(f"{name}: {shards} shards ({'created' if created else 'already there'})")
+    return 0
+
+
+def _streams_list(args: argparse.Namespace, config: Config) -> int:
+    client, keys = _client(config), Keys(config.prefix)
+    _print_streams(client, keys, list_streams(client, keys))
+    return 0
+
+
+def _print_streams(client: redis.Redis, keys: Keys, names: Iterable[str]) -> None:
+    rows = [stream_info(client, keys, name) for name in names]
+    print(f"{'stream':<12} {'shards':>6} {'entries':>9}  per shard")
+    for info in rows:
+        per_shard = " ".join(str(n) for n in info.lengths)
+        print(f"{info.name:<12} {info.shards:>6} {info.length:>9}  {per_shard}")
+
+
+def _publish(args: argparse.Namespace, config: Config) -> int:
+    client = _client(config)
+    producer = Producer(client, config)
+    if args.file is None:
+        if args.key is None or args.data is None:
+            raise ValueError("give --key and --data for one event, or --file for JSON lines")
+        record = {"key": args.key, "op": args.op, "table": args.table, "id": args.id}
+        record["data"] = _json(args.data, "--data")
+        print(producer.publish(args.stream, _event(record, "--data")))
+        return 0
+    shard_count(client, Keys(config.prefix), args.stream)  # StreamNotFound before reading
+    if args.file == "-":
+        events = list(_events(sys.stdin.buffer, config, args.stream))
+        total = _publish_chunks(producer, args.stream, events, len(events))
+    else:
+        path = Path(args.file)
+        with path.open("rb") as handle:  # first pass: every line valid, or nothing is sent
+            count = sum(1 for _ in _events(handle, config, args.stream))
+        with path.open("rb") as handle:
+            total = _publish_chunks(producer, args.stream, _events(handle), count)
+    print(f"published {total} events to {args.stream}", file=sys.stderr)
+    return 0
+
+
+def _publish_chunks(producer: Producer, stream: str, events: Iterable[Event], count: int) -> int:
+    source = iter(events)
+    total = 0
+    with tqdm(total=count, unit="ev", disable=None, file=sys.stderr) as bar:
+        while chunk := list(islice(source, CHUNK)):
+            producer.publish_many(stream, chunk)
+            total += len(chunk)
+            bar.update(len(chunk))
+    return total
+
+
+def _events(
+    lines: Iterable[bytes], config: Config | None = None, stream: str = ""
+) -> Iterator[Event]:
+    """Events of JSON lines; with a config, each is also checked against its table."""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"line {number}"
+        event = _event(_json(line, where), where)
+        if config is not None:
+            try:
+                encode(event, config.max_data_bytes)
+                config.validate(stream, event)
+            except EventError as exc:
+                raise ValueError(f"{where}: {exc}") from None
+        yield event
+
+
+def _json(raw: str | bytes, where: str) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"{where}: not valid JSON: {exc}") from None
+
+
+def _event(record: Any, where: str) -> Event:
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object with key, op and data")
+    unknown = set(record) - {"key", "op", "data", "table", "ts", "v", "id"}
+    if unknown:
+        raise ValueError(f"{where}: unknown field {sorted(unknown)[0]!r}")
+    try:
+        return Event.make(
+            record.get("key"),  # type: ignore[arg-type]
+            record.get("op", "set"),
+            record.get("data"),  # type: ignore[arg-type]
+            table=record.get("table"),
+            ts=record.get("ts"),
+            version=record.get("v"),
+            id=record.get("id"),
+        )
+    except EventError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def _demo(args: argparse.Namespace, config: Config) -> int:
+    from streamsink.demo import publish_burst
+
+    client, keys = _client(config), Keys(config.prefix)
+    if not args.keep:
+        for key in client.scan_iter(match=f"{config.prefix}:*", count=1000):
+            client.unlink(key)
+    for spec in config.streams.values():
+        create_stream(client, keys, spec.name, spec.shards)
+
+    async def run() -> Any:
+        async_client = aredis.Redis.from_url(config.redis_url, socket_timeout=10)
+        try:
+            return await publish_burst(async_client, config)
+        finally:
+            await async_client.aclose()
+
+    counts, seconds = asyncio.run(run())
+    if args.publish_only:
+        return 0
+    total = sum(counts.values())
+    print(f"published {total} events in {seconds:.2f} s ({total / seconds:,.0f} events/s)\n")
+    for name, count in sorted(counts.items()):
+        print(f"  {name:<18} {count:>7}")
+    print()
+    _print_streams(client, keys, config.streams)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
