@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 
 from streamsink.errors import DecodeError, EventError, PayloadTooLarge
-from streamsink.schemas.event import Event, Op, check_shape
+from streamsink.schemas.event import MAX_NUMBER, Event, Op, check_finite, check_shape
 
 F_KEY = b"key"  # routing key of the event
 F_OP = b"op"  # operation name
@@ -44,24 +44,38 @@ def shard_of(key: str, shards: int) -> int:
     return zlib.crc32(key.encode("utf-8")) % shards
 
 
-def encode(event: Event, max_data_bytes: int = DEFAULT_MAX_DATA_BYTES) -> list[bytes]:
-    """The entry fields of `event`, as a flat [name, value, name, value, ...] list."""
+PACKED_FIELDS = (F_KEY, F_OP, F_DATA, F_TABLE, F_TS, F_VERSION, F_ID)
+"""The order of `pack`'s values: producers hand events to their script as these seven."""
+
+
+def pack(event: Event, max_data_bytes: int = DEFAULT_MAX_DATA_BYTES) -> tuple[bytes, ...]:
+    """The values of `event`'s fields in PACKED_FIELDS order, b"" for an absent one."""
     check_shape(event)
     try:
         data = orjson.dumps(event.data)
     except TypeError as exc:
         raise EventError("data", f"cannot be encoded as JSON: {exc}") from None
+    if b"null" in data:  # orjson writes NaN and infinities as null: look for them only then
+        check_finite("data", event.data)
     if len(data) > max_data_bytes:
         raise PayloadTooLarge("data", f"is {len(data)} bytes; the limit is {max_data_bytes}")
-    fields = [F_KEY, event.key.encode(), F_OP, event.op.value.encode(), F_DATA, data]
-    if event.table is not None:
-        fields += (F_TABLE, event.table.encode())
-    if event.ts is not None:
-        fields += (F_TS, str(event.ts).encode())
-    if event.version is not None:
-        fields += (F_VERSION, str(event.version).encode())
-    if event.id is not None:
-        fields += (F_ID, event.id.encode())
+    return (
+        event.key.encode(),
+        event.op.value.encode(),
+        data,
+        b"" if event.table is None else event.table.encode(),
+        b"" if event.ts is None else str(event.ts).encode(),
+        b"" if event.version is None else str(event.version).encode(),
+        b"" if event.id is None else event.id.encode(),
+    )
+
+
+def encode(event: Event, max_data_bytes: int = DEFAULT_MAX_DATA_BYTES) -> list[bytes]:
+    """The entry fields of `event`, as a flat [name, value, name, value, ...] list."""
+    fields: list[bytes] = []
+    for name, value in zip(PACKED_FIELDS, pack(event, max_data_bytes), strict=True):
+        if value:
+            fields += (name, value)
     return fields
 
 
@@ -86,7 +100,7 @@ def decode(fields: Mapping[bytes, bytes], max_data_bytes: int = DEFAULT_MAX_DATA
     try:
         data: Any = orjson.loads(raw_data)
     except orjson.JSONDecodeError as exc:
-        raise DecodeError("data", f"is not valid JSON: {exc}") from None
+        raise DecodeError("data", _json_reason(raw_data, exc)) from None
     if not isinstance(data, dict):
         raise DecodeError("data", f"must be a JSON object, got {type(data).__name__}")
     event = Event(
@@ -115,10 +129,19 @@ def _text(fields: Mapping[bytes, bytes], name: bytes) -> str | None:
         raise DecodeError(name.decode(), "is not valid UTF-8") from None
 
 
+def _json_reason(raw: bytes, exc: orjson.JSONDecodeError) -> str:
+    # orjson reports bad UTF-8 as "surrogates not allowed"; say what the producer must fix.
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return f"is not valid UTF-8 (byte {bad.start})"
+    return f"is not valid JSON: {exc}"
+
+
 def _integer(fields: Mapping[bytes, bytes], name: bytes) -> int | None:
     raw = fields.get(name)
     if raw is None:
         return None
-    if not raw.isdigit() or len(raw) > 19:
-        raise DecodeError(name.decode(), f"must be a non-negative integer, got {raw!r}")
+    if not raw.isdigit() or len(raw) > 19 or int(raw) > MAX_NUMBER:
+        raise DecodeError(name.decode(), f"must be an integer in 0..2**63-1, got {raw!r}")
     return int(raw)

@@ -21,7 +21,7 @@ from streamsink.errors import ProducerClosed, PublishError
 from streamsink.schemas.config import Config
 from streamsink.schemas.event import Event
 from streamsink.streams.keys import META_SHARDS
-from streamsink.streams.publish import Command, Preparer, ProducerSettings, entry_id
+from streamsink.streams.publish import Command, Prepared, Preparer, ProducerSettings, entry_id
 
 _LOST = (
     "lost Redis while publishing ({}); the events may or may not be in the stream: "
@@ -32,7 +32,7 @@ _LOST = (
 @dataclass(slots=True)
 class _Request:
     stream: str
-    prepared: list[Any]
+    prepared: list[Prepared]
     future: asyncio.Future[list[str]]
 
 
@@ -65,6 +65,7 @@ class AsyncProducer:
         self._closing = False
         self._failure: BaseException | None = None
         self._lookups: dict[str, asyncio.Future[Any]] = {}
+        self._busy = False
 
     async def publish(self, stream: str, event: Event) -> str:
         """Publish one event; return its entry ID once Redis has it."""
@@ -78,13 +79,19 @@ class AsyncProducer:
         prepared = self._prep.encode(stream, events)
         if not prepared:
             return []
+        loop = asyncio.get_running_loop()
+        if self._task is None:
+            self._task = loop.create_task(self._run(), name="streamsink-producer")
+        if not self._busy and not self._pending and self._settings.max_wait <= 0:
+            # Idle: send from this coroutine, sparing the hop through the sender task.
+            request = _Request(stream, prepared, loop.create_future())
+            await self._send([request])
+            return request.future.result()
         await self._room.acquire()
         if self._closing or self._failure is not None:
             self._room.release()
             self._check_open()
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="streamsink-producer")
-        future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[list[str]] = loop.create_future()
         self._pending.append(_Request(stream, prepared, future))
         self._pending_events += len(prepared)
         if self._pending_events >= self._settings.max_batch:
@@ -115,13 +122,13 @@ class AsyncProducer:
 
     async def _run(self) -> None:
         try:
-            while self._pending or not self._closing:
+            while self._pending or self._busy or not self._closing:
                 await self._wakeup.wait()
                 self._wakeup.clear()
                 if self._settings.max_wait > 0 and not self._closing and not self._full.is_set():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._full.wait(), self._settings.max_wait)
-                while self._pending:
+                while self._pending and not self._busy:
                     await self._send(self._take())
         except BaseException as exc:
             self._failure = exc
@@ -142,6 +149,15 @@ class AsyncProducer:
         return batch
 
     async def _send(self, batch: list[_Request]) -> None:
+        """One round trip for `batch`; only one runs at a time (`_busy`), in publish order."""
+        self._busy = True
+        try:
+            await self._send_batch(batch)
+        finally:
+            self._busy = False
+            self._wakeup.set()
+
+    async def _send_batch(self, batch: list[_Request]) -> None:
         commands = self._prep.commands([(r.stream, r.prepared) for r in batch])
         results: list[list[str]] = [[""] * len(r.prepared) for r in batch]
         errors: dict[int, Exception] = {}

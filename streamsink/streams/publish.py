@@ -13,39 +13,44 @@ from dataclasses import dataclass, field
 from streamsink.errors import ShardCountMismatch, StreamNotFound
 from streamsink.schemas.config import Config
 from streamsink.schemas.event import Event
-from streamsink.schemas.wire import encode, shard_of
+from streamsink.schemas.wire import PACKED_FIELDS, pack, shard_of
 from streamsink.streams.keys import Keys
 
-# KEYS[1]: shard stream. ARGV[1]: dedup key prefix, ARGV[2]: dedup TTL (ms), then per
-# event: its idempotency id ('' for none), its field count n, and n field/value items.
+# KEYS[1]: shard stream. ARGV[1]: dedup key prefix, ARGV[2]: dedup TTL (ms), then seven
+# values per event, in wire.PACKED_FIELDS order ('' where absent; the last is the id).
 # Returns the entry ID of each event; a repeated id returns the first publish's entry ID.
 # The type check comes first so that a refused call has written nothing.
 PUBLISH_SCRIPT = b"""
+local names = {%s}
 local kind = redis.call('TYPE', KEYS[1]).ok
 if kind ~= 'stream' and kind ~= 'none' then
   return redis.error_reply('WRONGTYPE ' .. KEYS[1] .. ' holds a ' .. kind .. ', not a stream')
 end
 local ids = {}
-local i = 3
-local n = #ARGV
-while i <= n do
-  local eid = ARGV[i]
-  local last = i + 1 + tonumber(ARGV[i + 1])
+for i = 3, #ARGV, 7 do
+  local eid = ARGV[i + 6]
   local entry = false
   if eid ~= '' then
     entry = redis.call('GET', ARGV[1] .. eid)
   end
   if not entry then
-    entry = redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 2, last))
+    local fields = {}
+    for j = 0, 6 do
+      local value = ARGV[i + j]
+      if value ~= '' then
+        fields[#fields + 1] = names[j + 1]
+        fields[#fields + 1] = value
+      end
+    end
+    entry = redis.call('XADD', KEYS[1], '*', unpack(fields))
     if eid ~= '' then
       redis.call('SET', ARGV[1] .. eid, entry, 'PX', ARGV[2])
     end
   end
   ids[#ids + 1] = entry
-  i = last + 1
 end
 return ids
-"""
+""" % b", ".join(b"'%s'" % name for name in PACKED_FIELDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +66,10 @@ class ProducerSettings:
     events still gather while the previous round trip is in flight)."""
     queue_size: int = 10_000
     """Asyncio producer: pending events before publish() waits for room (backpressure)."""
+
+
+Prepared = tuple[int, tuple[bytes, ...]]
+"""An event ready to send: its shard and its packed field values."""
 
 
 @dataclass(slots=True)
@@ -97,39 +106,31 @@ class Preparer:
         self.shards[stream] = shards
         return shards
 
-    def encode(self, stream: str, events: Iterable[Event]) -> list[tuple[int, Event, list[bytes]]]:
-        """Validate and encode every event (all or nothing); pair each with its shard."""
+    def encode(self, stream: str, events: Iterable[Event]) -> list[Prepared]:
+        """Validate and pack every event (all or nothing); pair each with its shard."""
         shards = self.shards[stream]
         limit = self.config.max_data_bytes
+        validate = self.config.validate
         prepared = []
         for event in events:
-            fields = encode(event, limit)
-            self.config.validate(stream, event)
-            prepared.append((shard_of(event.key, shards), event, fields))
+            values = pack(event, limit)
+            validate(stream, event)
+            prepared.append((shard_of(event.key, shards), values))
         return prepared
 
-    def commands(
-        self, requests: Sequence[tuple[str, list[tuple[int, Event, list[bytes]]]]]
-    ) -> list[Command]:
+    def commands(self, requests: Sequence[tuple[str, list[Prepared]]]) -> list[Command]:
         """One script call per (stream, shard), keeping each shard's events in order."""
         by_shard: dict[tuple[str, int], Command] = {}
         ttl = self.settings.dedup_ttl_ms
+        keys = self.keys
         for request_index, (stream, prepared) in enumerate(requests):
-            for position, (shard, event, fields) in enumerate(prepared):
+            for position, (shard, values) in enumerate(prepared):
                 command = by_shard.get((stream, shard))
                 if command is None:
-                    command = Command(
-                        [
-                            "EVAL",
-                            PUBLISH_SCRIPT,
-                            1,
-                            self.keys.shard(stream, shard),
-                            self.keys.dedup_prefix(stream, shard),
-                            ttl,
-                        ]
-                    )
+                    shard_key, dedup = keys.shard(stream, shard), keys.dedup_prefix(stream, shard)
+                    command = Command(["EVAL", PUBLISH_SCRIPT, 1, shard_key, dedup, ttl])
                     by_shard[(stream, shard)] = command
-                command.args += (event.id or "", len(fields), *fields)
+                command.args += values
                 command.slots.append((request_index, position))
         return list(by_shard.values())
 
