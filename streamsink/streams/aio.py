@@ -87,8 +87,8 @@ class AsyncProducer:
             request = _Request(stream, prepared, loop.create_future())
             await self._send([request])
             return request.future.result()
-        await self._room.acquire()
-        if self._closing or self._failure is not None:
+        await self._room.acquire()  # a publish that began before close() is still sent
+        if self._failure is not None:
             self._room.release()
             self._check_open()
         future: asyncio.Future[list[str]] = loop.create_future()
@@ -223,6 +223,8 @@ class AsyncProducer:
             except TimeoutError:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+                if self._busy:  # a caller's inline send still waits for Redis: cut it off
+                    await self._drop_connection()
             except Exception:  # the failure already reached every pending publish
                 pass
         self._fail_pending(ProducerClosed("the producer closed before this publish was sent"))
