@@ -14,6 +14,8 @@ from streamsink.schemas.event import Event
 from streamsink.streams.keys import META_SHARDS
 from streamsink.streams.publish import Preparer, ProducerSettings, entry_id
 
+_UNREACHABLE = "cannot reach Redis ({}); nothing was published, so publishing again is safe"
+
 
 class Producer:
     """Publishes events from synchronous code.
@@ -42,7 +44,10 @@ class Producer:
         if self._closed:
             raise ProducerClosed("this producer is closed")
         if stream not in self._prep.shards:
-            recorded = self._client.hget(self._prep.keys.meta(stream), META_SHARDS)
+            try:
+                recorded = self._client.hget(self._prep.keys.meta(stream), META_SHARDS)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                raise PublishError(_UNREACHABLE.format(exc)) from exc
             self._prep.check_shards(stream, recorded)
         prepared = self._prep.encode(stream, events)
         if not prepared:
@@ -57,7 +62,10 @@ class Producer:
 
     def _send(self, commands: list[list[Any]]) -> list[list[bytes | str]]:
         pool = self._client.connection_pool
-        conn = pool.get_connection()
+        try:
+            conn = pool.get_connection()
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            raise PublishError(_UNREACHABLE.format(exc)) from exc
         try:
             packed = conn.pack_commands(commands)  # type: ignore[no-untyped-call]
             conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
