@@ -70,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     publish.set_defaults(run=_publish)
 
+    worker = commands.add_parser("worker", help="run every group of the config until SIGTERM")
+    worker.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file")
+    worker.add_argument("--log-level", default="INFO")
+    worker.set_defaults(run=_worker)
+
     demo = commands.add_parser("demo", help="publish a realistic burst and show the streams")
     demo.add_argument("--keep", action="store_true", help="keep earlier demo data")
     demo.add_argument("--publish-only", action="store_true", help="publish, show nothing")
@@ -205,6 +210,16 @@ def _event(record: Any, where: str) -> Event:
         )
     except EventError as exc:
         raise ValueError(f"{where}: {exc}") from None
+
+
+def _worker(args: argparse.Namespace, config: Config) -> int:
+    from streamsink.consumers.worker import serve
+    from streamsink.logs import configure
+
+    if not config.groups:
+        raise ValueError("the config declares no [groups]: give --config FILE")
+    configure(args.log_level)
+    return asyncio.run(serve(config))
 
 
 def _demo(args: argparse.Namespace, config: Config) -> int:

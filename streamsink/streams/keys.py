@@ -37,6 +37,25 @@ class Keys:
         """
         return f"{self.prefix}:{{{stream}:{shard}}}:dedup:"
 
+    def lease(self, stream: str, shard: int, group: str) -> str:
+        """STRING: id of the worker owning (group, shard), with the lease TTL as its expiry."""
+        return f"{self.prefix}:{{{stream}:{shard}}}:lease:{group}"
+
+    def epoch(self, stream: str, shard: int, group: str) -> str:
+        """STRING counter: fencing epoch of (group, shard), +1 at each new owner; never expires."""
+        return f"{self.prefix}:{{{stream}:{shard}}}:epoch:{group}"
+
+    def dead(self, stream: str, shard: int, group: str) -> str:
+        """STREAM of dead letters of (group, shard): entries that cannot be applied, with why.
+
+        Same slot as the shard, so moving an entry here and acknowledging it is one script.
+        """
+        return f"{self.prefix}:{{{stream}:{shard}}}:dead:{group}"
+
+    def workers(self, stream: str, group: str) -> str:
+        """ZSET of live workers of a group: member = worker id, score = heartbeat expiry (ms)."""
+        return f"{self.prefix}:{{{stream}}}:workers:{group}"
+
 
 META_SHARDS = b"shards"  # field of the meta hash: shard count
 META_CREATED = b"created_ms"  # field of the meta hash: creation time, ms

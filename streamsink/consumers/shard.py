@@ -1,0 +1,164 @@
+"""One owned shard of one group: read, window, flush to every sink, then acknowledge."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from streamsink.consumers.merge import Entry, merge
+from streamsink.consumers.retry import TRANSIENT, Backoff, retrying
+from streamsink.consumers.settings import GroupSettings
+from streamsink.consumers.window import Window
+from streamsink.errors import EventError
+from streamsink.schemas.config import Config
+from streamsink.schemas.wire import F_DATA, decode
+from streamsink.sinks.base import Batch, Rejected, Sink
+from streamsink.streams.leases import Lease
+from streamsink.streams.reader import Raw, ShardReader
+
+log = logging.getLogger("streamsink.shard")
+
+
+@dataclass(slots=True)
+class ShardStats:
+    """Counts of one shard's runner, for status and metrics."""
+
+    read: int = 0
+    flushed_windows: int = 0
+    applied: int = 0
+    dead_lettered: int = 0
+    sink_retries: int = 0
+
+
+class ShardRunner:
+    """Runs one shard until told to hand it over (`drain`) or cancelled (lease lost).
+
+    At most one flush is in flight and windows flush in order, so per-key order holds.
+    While a flush is in flight the next window fills; once it is full, reading waits.
+    Cancelling drops the open windows unacknowledged: the next owner claims them.
+    """
+
+    def __init__(
+        self,
+        reader: ShardReader,
+        lease: Lease,
+        config: Config,
+        stream: str,
+        sinks: Sequence[Sink],
+        settings: GroupSettings,
+    ) -> None:
+        self.reader, self.lease, self.config = reader, lease, config
+        self.stream, self.sinks, self.settings = stream, sinks, settings
+        self.draining = asyncio.Event()
+        self.stats = ShardStats()
+        self._where = {"group": reader.group, "stream": stream, "shard": lease.shard}
+
+    async def run(self) -> None:
+        """Read and flush until draining, then flush what is open and return."""
+        await retrying(self.reader.ensure_group, "create group")
+        window, flushing = Window(), None
+        settings = self.settings
+        while not self.draining.is_set():
+            now = time.monotonic()
+            if window.due(settings, now):
+                if flushing is not None:
+                    await flushing  # one flush at a time; a full window waits here
+                flushing = asyncio.create_task(self.flush(window))
+                window = Window()
+                continue
+            block = settings.block_ms
+            if window:
+                block = max(0, min(block, int((window.due_at(settings) - now) * 1000)))
+            count = min(settings.read_count, settings.max_events - len(window))
+            for raw in await self._read(count, block):
+                await self._take(window, raw)
+        if flushing is not None:
+            await flushing
+        if window:
+            await self.flush(window)
+        log.info("shard drained", extra=self._where)
+
+    async def _read(self, count: int, block: int) -> list[Raw]:
+        """Read, riding out Redis restarts; a reply lost in one is claimed back afterwards."""
+        backoff = Backoff()
+        while True:
+            try:
+                return await self.reader.next(count, block)
+            except TRANSIENT as exc:
+                self.reader.recover()
+                delay = backoff.next()
+                log.warning("read failed", extra={**self._where, "error": repr(exc), "in_s": delay})
+                await asyncio.sleep(delay)
+
+    async def _take(self, window: Window, raw: Raw) -> None:
+        self.stats.read += 1
+        if raw.deliveries > self.settings.max_deliveries:
+            reason = (
+                f"delivered {raw.deliveries} times (max_deliveries={self.settings.max_deliveries})"
+            )
+            await self._dead_letter(raw, reason)
+            return
+        try:
+            event = decode(raw.fields, self.config.max_data_bytes)
+            table = self.config.validate(self.stream, event)
+        except EventError as exc:
+            await self._dead_letter(raw, f"{type(exc).__name__}: {exc}")
+            return
+        size = len(raw.fields.get(F_DATA, b"")) + 64
+        window.add(Entry(raw.id, event, table), raw, size, time.monotonic())
+
+    async def flush(self, window: Window) -> None:
+        """Merge the window, write it to every sink, dead-letter rejects, then acknowledge."""
+        entries = window.entries
+        batch = Batch(
+            group=self.reader.group,
+            stream=self.stream,
+            shard=self.lease.shard,
+            epoch=self.lease.epoch,
+            first_id=entries[0].id,
+            last_id=entries[-1].id,
+            entries=entries,
+            merged=merge(entries),
+        )
+        rejected: dict[str, str] = {}
+        for sink in self.sinks:
+            for reject in await self._write(sink, batch):
+                rejected.setdefault(reject.entry_id, reject.reason)
+        for entry_id, reason in rejected.items():
+            raw = window.raws.get(entry_id)
+            if raw is not None:
+                await self._dead_letter(raw, f"sink: {reason}")
+        ids = [entry.id for entry in entries if entry.id not in rejected]
+        await retrying(lambda: self.reader.ack(ids), "ack")
+        self.stats.flushed_windows += 1
+        self.stats.applied += len(ids)
+
+    async def _write(self, sink: Sink, batch: Batch) -> Sequence[Rejected]:
+        """Write until the sink accepts: any error is retried with backoff, keeping the lease."""
+        backoff = Backoff()
+        while True:
+            try:
+                return await sink.write(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.stats.sink_retries += 1
+                delay = backoff.next()
+                log.warning(
+                    "sink write failed, retrying",
+                    extra={
+                        **self._where,
+                        "sink": type(sink).__name__,
+                        "error": repr(exc),
+                        "in_s": round(delay, 3),
+                    },
+                )
+                await asyncio.sleep(delay)
+
+    async def _dead_letter(self, raw: Raw, reason: str) -> None:
+        await retrying(lambda: self.reader.dead_letter(raw, reason), "dead-letter")
+        self.stats.dead_lettered += 1
+        log.warning("dead-lettered", extra={**self._where, "entry": raw.id, "reason": reason})

@@ -1,0 +1,253 @@
+"""The worker: every group of the config, its shard leases balanced with the other workers.
+
+Each group runs a lease loop that heartbeats, renews the leases it holds, hands extras
+over (flush, acknowledge, release) and takes free shards up to its fair share: the
+shard count divided by the live workers, rounded up. Every loop and shard runs under
+one TaskGroup, so a crash anywhere stops the process loudly instead of leaving a zombie
+that holds leases. Setting `stop` drains: flush open windows, acknowledge, release.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import random
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+
+import redis.asyncio as aredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from streamsink.consumers.retry import TRANSIENT, retrying
+from streamsink.consumers.settings import GroupSettings
+from streamsink.consumers.shard import ShardRunner
+from streamsink.errors import ShardCountMismatch, StreamNotFound
+from streamsink.schemas.config import Config, GroupSpec
+from streamsink.sinks.base import Sink
+from streamsink.streams.keys import META_SHARDS, Keys
+from streamsink.streams.leases import Leases
+from streamsink.streams.reader import ShardReader, create_group
+
+log = logging.getLogger("streamsink.worker")
+
+
+def worker_id() -> str:
+    """A name unique to this process: host, pid and a random suffix."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class GroupRunner:
+    """One group in one worker: leases, balancing, and a ShardRunner per owned shard."""
+
+    def __init__(
+        self,
+        client: aredis.Redis,
+        config: Config,
+        group: GroupSpec,
+        sinks: Sequence[Sink],
+        worker: str,
+    ) -> None:
+        self.client, self.config, self.group, self.sinks = client, config, group, sinks
+        self.settings = GroupSettings.from_options(group.name, group.options)
+        self.keys = Keys(config.prefix)
+        self.stream = group.stream
+        self.shards = config.streams[group.stream].shards
+        self.worker = worker
+        self.leases = Leases(
+            client, self.keys, self.stream, group.name, worker, self.settings.lease_ttl_ms
+        )
+        self.runners: dict[int, tuple[ShardRunner, asyncio.Task[None]]] = {}
+        self._renewed: dict[int, float] = {}
+        self._maintained = 0.0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Balance leases until `stop` is set, then drain every shard and leave."""
+        await retrying(self._prepare, "prepare streams")
+        interval = self.settings.lease_ttl_ms / 3000
+        async with asyncio.TaskGroup() as tasks:
+            while not (stop.is_set() and not self.runners):
+                if stop.is_set():  # drain, still renewing the leases until every shard is done
+                    for runner, _ in self.runners.values():
+                        runner.draining.set()
+                try:
+                    await self._balance(tasks, acquire=not stop.is_set())
+                except TRANSIENT as exc:
+                    log.warning("lease loop: Redis unavailable", extra={"error": repr(exc)})
+                self._drop_stale_leases()
+                pause = interval * random.uniform(0.8, 1.0)
+                if stop.is_set():
+                    pending = [task for _, task in self.runners.values()]
+                    if pending:
+                        await asyncio.wait(pending, timeout=pause)
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), pause)
+        await retrying(self.leases.leave, "leave")
+        log.info("group stopped", extra={"group": self.group.name, "worker": self.worker})
+
+    async def _prepare(self) -> None:
+        """Check the stream, and create every group of the config that reads it on every shard.
+
+        Creating the other groups too means trimming never outruns a group whose workers
+        have not started yet.
+        """
+        recorded = await self.client.hget(self.keys.meta(self.stream), META_SHARDS)
+        if recorded is None:
+            raise StreamNotFound(f"stream {self.stream!r} does not exist; create it first")
+        if int(recorded) != self.shards:
+            raise ShardCountMismatch(
+                f"stream {self.stream!r} has {int(recorded)} shards in Redis, config says "
+                f"{self.shards}"
+            )
+        readers = [g.name for g in self.config.groups.values() if g.stream == self.stream]
+        for shard in range(self.shards):
+            for name in readers:
+                await create_group(self.client, self.keys.shard(self.stream, shard), name)
+
+    async def _balance(self, tasks: asyncio.TaskGroup, acquire: bool) -> None:
+        live = await self.leases.heartbeat()
+        target = math.ceil(self.shards / max(live, 1))
+        for shard in list(self.runners):
+            task = self.runners[shard][1]
+            if task.done():
+                del self.runners[shard]
+                self._renewed.pop(shard, None)
+            elif await self.leases.renew(shard):
+                self._renewed[shard] = time.monotonic()
+            else:
+                log.warning("lease lost", extra=self._where(shard))
+                task.cancel()
+                del self.runners[shard]
+        active = [s for s, (r, _) in self.runners.items() if not r.draining.is_set()]
+        for shard in sorted(active, reverse=True)[: max(0, len(active) - target)]:
+            log.info("handing shard over", extra={**self._where(shard), "target": target})
+            self.runners[shard][0].draining.set()
+        if acquire and len(active) < target:
+            await self._acquire(tasks, target - len(active))
+        if time.monotonic() - self._maintained > self.settings.maintenance_ms / 1000:
+            await self._maintain()
+
+    async def _acquire(self, tasks: asyncio.TaskGroup, wanted: int) -> None:
+        owners = await self.leases.owners(self.shards)
+        free = [s for s, owner in enumerate(owners) if owner is None and s not in self.runners]
+        random.shuffle(free)
+        for shard in free[:wanted]:
+            lease = await self.leases.acquire(shard)
+            if lease is None:
+                continue
+            reader = ShardReader(
+                self.client, self.keys, self.stream, shard, self.group.name, self.worker
+            )
+            runner = ShardRunner(reader, lease, self.config, self.stream, self.sinks, self.settings)
+            task = tasks.create_task(self._run_shard(runner), name=f"shard-{shard}")
+            self.runners[shard] = (runner, task)
+            self._renewed[shard] = time.monotonic()
+            log.info("shard taken", extra={**self._where(shard), "epoch": lease.epoch})
+
+    async def _run_shard(self, runner: ShardRunner) -> None:
+        """Run a shard; once it has drained (flushed, acknowledged), give its lease back."""
+        await runner.run()
+        await retrying(lambda: self.leases.release(runner.lease.shard), "release lease")
+        log.info("shard released", extra=self._where(runner.lease.shard))
+
+    def _drop_stale_leases(self) -> None:
+        """Stop shards whose lease could not be renewed for a whole TTL: it may be another's."""
+        limit = self.settings.lease_ttl_ms / 1000
+        now = time.monotonic()
+        for shard in list(self.runners):
+            if now - self._renewed.get(shard, now) > limit:
+                log.warning("lease expired unrenewed", extra=self._where(shard))
+                self.runners.pop(shard)[1].cancel()
+
+    async def _maintain(self) -> None:
+        """Trim owned shards below what every group acknowledged; remove gone consumers."""
+        self._maintained = time.monotonic()
+        live = await self.leases.live_workers()
+        for shard in list(self.runners):
+            reader = self.runners[shard][0].reader
+            removed = await reader.trim(self.settings.retention_ms)
+            gone = await reader.remove_gone_consumers(live)
+            if removed or gone:
+                log.info(
+                    "maintained",
+                    extra={**self._where(shard), "trimmed": removed, "consumers_removed": gone},
+                )
+
+    def _where(self, shard: int) -> dict[str, object]:
+        return {
+            "group": self.group.name,
+            "stream": self.stream,
+            "shard": shard,
+            "worker": self.worker,
+        }
+
+
+class Worker:
+    """Runs every group of a config in this process until `stop` is set."""
+
+    def __init__(
+        self,
+        client: aredis.Redis,
+        config: Config,
+        sinks: Mapping[str, Sink],
+        worker: str | None = None,
+    ) -> None:
+        self.client, self.config, self.sinks = client, config, sinks
+        self.id = worker or worker_id()
+        self.groups = [
+            GroupRunner(client, config, group, [sinks[name] for name in group.sinks], self.id)
+            for group in config.groups.values()
+        ]
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until `stop`; a crash in any group or shard ends it with that error."""
+        log.info("worker started", extra={"worker": self.id, "groups": len(self.groups)})
+        async with asyncio.TaskGroup() as tasks:
+            for group in self.groups:
+                tasks.create_task(group.run(stop), name=f"group-{group.group.name}")
+        log.info("worker stopped", extra={"worker": self.id})
+
+
+def worker_client(url: str) -> aredis.Redis:
+    """A client for workers: no silent retries (a retried read could strand entries; the
+    worker retries on its own and claims them back), socket timeout well above BLOCK."""
+    return aredis.Redis.from_url(
+        url,
+        socket_timeout=15,
+        socket_connect_timeout=5,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=30,
+    )
+
+
+async def serve(config: Config, sinks: Mapping[str, Sink] | None = None) -> int:
+    """Run a worker until SIGTERM or SIGINT; 0 after a clean drain, 1 after a crash."""
+    from streamsink.sinks import build_sinks
+
+    built = dict(sinks) if sinks is not None else build_sinks(config)
+    client = worker_client(config.redis_url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await Worker(client, config, built).run(stop)
+        return 0
+    except Exception as exc:  # an ExceptionGroup from the TaskGroup, most often
+        errors = exc.exceptions if isinstance(exc, BaseExceptionGroup) else (exc,)
+        for error in errors:
+            log.error("worker crashed", exc_info=error, extra={"error": repr(error)})
+        return 1
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        for sink in built.values():
+            await sink.close()
+        await client.aclose()

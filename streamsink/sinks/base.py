@@ -1,0 +1,55 @@
+"""The contract of a sink: write a closed window's merged batch, and close.
+
+A sink is a small class (or anything with these two methods). The worker calls
+`write` once per closed window of a shard, in order, never two at a time for one
+shard, and acknowledges the window's entries only after every sink of the group has
+returned. Entries a sink cannot apply come back as `Rejected` and go to the group's
+dead-letter stream; raising means "try the whole window again later" (the worker
+retries with backoff and keeps its lease).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from streamsink.consumers.merge import Entry, Merged
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """One closed window of one shard, merged, with where it comes from.
+
+    `epoch` is the fencing epoch of the lease under which it was read; with `stream`,
+    `shard` and `last_id` it is what a sink needs to store an exactly-once offset.
+    """
+
+    group: str
+    stream: str
+    shard: int
+    epoch: int
+    first_id: str
+    last_id: str
+    entries: Sequence[Entry]
+    merged: Merged
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """An entry a sink refuses for good, and the reason (goes to the dead-letter stream)."""
+
+    entry_id: str
+    reason: str
+
+
+class Sink(Protocol):
+    """What the worker needs of a sink."""
+
+    async def write(self, batch: Batch) -> Sequence[Rejected]:
+        """Apply `batch`; return the entries refused for good (empty when all applied)."""
+        ...
+
+    async def close(self) -> None:
+        """Release what the sink holds; called once when the worker stops."""
+        ...

@@ -1,0 +1,202 @@
+"""The one read path of a shard for a group: claim what was left pending, then read new.
+
+Nothing else in streamsink calls XAUTOCLAIM. A reader is made when its worker takes the
+shard's lease: it first claims every entry the previous owner left pending (XAUTOCLAIM
+looped with its cursor until the cursor comes back to 0-0, so an empty claim ends at
+once instead of spinning), then reads new entries with XREADGROUP, blocking well under
+the socket timeout. Acknowledging, dead-lettering and trimming the shard live here too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aredis
+from redis.exceptions import ResponseError
+
+from streamsink.streams.keys import Keys
+
+# KEYS: shard stream, dead-letter stream. ARGV: group, entry id, reason, deliveries, time ms,
+# then the entry's original field/value pairs (kept byte for byte as `f:<name>`).
+_DEAD_LETTER = """
+local fields = {'reason', ARGV[3], 'entry', ARGV[2], 'group', ARGV[1],
+                'deliveries', ARGV[4], 'at_ms', ARGV[5], 'source', KEYS[1]}
+for i = 6, #ARGV, 2 do
+  fields[#fields + 1] = 'f:' .. ARGV[i]
+  fields[#fields + 1] = ARGV[i + 1]
+end
+redis.call('XADD', KEYS[2], '*', unpack(fields))
+return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+DEAD_PREFIX = b"f:"
+"""Dead-letter fields holding the original entry's fields start with this."""
+
+
+@dataclass(frozen=True, slots=True)
+class Raw:
+    """An entry as read: its ID, its fields, and how many times it has been delivered."""
+
+    id: str
+    fields: dict[bytes, bytes]
+    deliveries: int = 1
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def parse_id(entry_id: str) -> tuple[int, int]:
+    """An entry ID as (milliseconds, sequence), for comparing IDs."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class ShardReader:
+    """Reads one shard for one group as one consumer (the worker holding its lease)."""
+
+    def __init__(
+        self,
+        client: aredis.Redis,
+        keys: Keys,
+        stream: str,
+        shard: int,
+        group: str,
+        consumer: str,
+    ) -> None:
+        self._client = client
+        self.key = keys.shard(stream, shard)
+        self.dead_key = keys.dead(stream, shard, group)
+        self.group, self.consumer = group, consumer
+        self._cursor = "0-0"
+        self._claiming = True
+        self._last = (0, 0)
+        self._dead_letter = client.register_script(_DEAD_LETTER)
+
+    async def ensure_group(self) -> None:
+        """Create the group on this shard (from its first entry) unless it exists."""
+        await create_group(self._client, self.key, self.group)
+
+    async def next(self, count: int, block_ms: int) -> list[Raw]:
+        """The next entries: first the ones left pending by earlier owners, then new ones.
+
+        Waits up to `block_ms` for new entries (not at all when 0); [] when none came.
+        """
+        while self._claiming:
+            claimed = await self._claim(count)
+            if claimed:
+                self._last = parse_id(claimed[-1].id)
+                return claimed
+        reply: Any = await self._client.xreadgroup(
+            self.group, self.consumer, {self.key: ">"}, count=count, block=block_ms or None
+        )
+        if not reply:
+            return []
+        raws = [Raw(_text(entry_id), fields) for entry_id, fields in reply[0][1] if fields]
+        if raws:
+            self._last = parse_id(raws[-1].id)
+        return raws
+
+    def recover(self) -> None:
+        """After a failed read: claim again what was delivered to us past the last entry seen.
+
+        A reply lost with the connection leaves its entries pending on this consumer, and
+        XREADGROUP never delivers them again; the claim path picks them up.
+        """
+        self._claiming = True
+        self._cursor = f"{self._last[0]}-{self._last[1] + 1}"
+
+    async def _claim(self, count: int) -> list[Raw]:
+        reply: Any = await self._client.xautoclaim(
+            self.key, self.group, self.consumer, min_idle_time=0, start_id=self._cursor, count=count
+        )
+        self._cursor = _text(reply[0])
+        if self._cursor == "0-0":
+            self._claiming = False
+        entries = [(_text(entry_id), fields) for entry_id, fields in reply[1] if fields]
+        if not entries:
+            return []
+        pending: Any = await self._client.xpending_range(
+            self.key,
+            self.group,
+            min=entries[0][0],
+            max=entries[-1][0],
+            count=len(entries) * 2,
+            consumername=self.consumer,
+        )
+        deliveries = {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
+        return [Raw(entry_id, fields, deliveries.get(entry_id, 1)) for entry_id, fields in entries]
+
+    async def ack(self, ids: Sequence[str]) -> int:
+        """Acknowledge entries (after every sink of the group has applied them)."""
+        if not ids:
+            return 0
+        return int(await self._client.xack(self.key, self.group, *ids))
+
+    async def dead_letter(self, raw: Raw, reason: str) -> None:
+        """Move an entry to the group's dead-letter stream with `reason`, and acknowledge it."""
+        original = [part for pair in raw.fields.items() for part in pair]
+        now = int(time.time() * 1000)
+        args: list[bytes | str | int] = [self.group, raw.id, reason, raw.deliveries, now, *original]
+        await self._dead_letter([self.key, self.dead_key], args)
+
+    async def trim(self, retention_ms: int = 0) -> int:
+        """Trim the shard below what every group has acknowledged; return entries removed.
+
+        With `retention_ms`, entries younger than that are kept too (for replays).
+        A shard with no group is never trimmed: nobody has said what it consumed.
+        """
+        floor = await trim_floor(self._client, self.key)
+        if floor is None:
+            return 0
+        if retention_ms:
+            kept_from = (int(time.time() * 1000) - retention_ms, 0)
+            floor = min(floor, kept_from)
+        removed = await self._client.xtrim(
+            self.key, minid=f"{floor[0]}-{floor[1]}", approximate=False
+        )
+        return int(removed)
+
+    async def remove_gone_consumers(self, live: Iterable[str]) -> list[str]:
+        """Delete this group's consumers of workers that are gone and hold nothing pending."""
+        alive = set(live) | {self.consumer}
+        removed = []
+        consumers: Any = await self._client.xinfo_consumers(self.key, self.group)
+        for consumer in consumers:
+            name = _text(consumer["name"])
+            if name not in alive and int(consumer["pending"]) == 0:
+                await self._client.xgroup_delconsumer(self.key, self.group, name)
+                removed.append(name)
+        return removed
+
+
+async def create_group(client: aredis.Redis, key: str, group: str) -> bool:
+    """Create `group` on the stream `key` from its first entry; False if it existed."""
+    try:
+        await client.xgroup_create(key, group, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+        return False
+    return True
+
+
+async def trim_floor(client: aredis.Redis, key: str) -> tuple[int, int] | None:
+    """The lowest entry ID some group of the stream `key` still needs (None: no group)."""
+    try:
+        groups: Any = await client.xinfo_groups(key)
+    except ResponseError:  # no such key
+        return None
+    floor: tuple[int, int] | None = None
+    for group in groups:
+        if int(group["pending"]):
+            summary: Any = await client.xpending(key, group["name"])
+            point = parse_id(_text(summary["min"]))
+        else:
+            ms, seq = parse_id(_text(group["last-delivered-id"]))
+            point = (ms, seq + 1)
+        floor = point if floor is None else min(floor, point)
+    return floor
