@@ -121,6 +121,8 @@ def load(path: str | os.PathLike[str]) -> Config:
         raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     try:
@@ -163,6 +165,9 @@ def _table(name: str, spec: Any) -> Table:
     columns = {
         col: _column(f"{where} column {col!r}", c) for col, c in _section(spec, "columns").items()
     }
+    schema = spec.get("schema")
+    if schema is not None and not isinstance(schema, str):
+        raise ConfigError(f"{where}: schema must be a schema name")
     for col in key:
         if col in columns and columns[col].nullable:
             columns[col] = Column(columns[col].type, columns[col].policy, nullable=False)
@@ -171,7 +176,7 @@ def _table(name: str, spec: Any) -> Table:
         key=tuple(key),
         columns=columns,
         mode=_enum(Mode, spec.get("mode", "upsert"), f"{where}: mode"),
-        schema=spec.get("schema"),
+        schema=schema,
     )
 
 

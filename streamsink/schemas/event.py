@@ -16,6 +16,9 @@ MAX_KEY_BYTES = 1024
 MAX_ID_BYTES = 200
 """Longest idempotency id; it becomes part of a Redis key."""
 
+MAX_NUMBER = 2**63 - 1
+"""Largest `ts` or `version`: a PostgreSQL bigint, and what `decode` reads back."""
+
 
 class Op(StrEnum):
     """What an event does to its row (see DESIGN: the event and its merge rules)."""
@@ -76,9 +79,9 @@ def check_shape(event: Event) -> None:
         _check_text("id", event.id, MAX_ID_BYTES)
     for name, number in (("ts", event.ts), ("version", event.version)):
         if number is not None and (
-            not isinstance(number, int) or isinstance(number, bool) or number < 0
+            not isinstance(number, int) or isinstance(number, bool) or not 0 <= number <= MAX_NUMBER
         ):
-            raise EventError(name, f"must be a non-negative integer, got {number!r}")
+            raise EventError(name, f"must be an integer in 0..2**63-1, got {number!r}")
 
 
 def _check_text(field: str, value: object, max_bytes: int) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -17,6 +16,9 @@ IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 """Table and column names: PostgreSQL identifiers that never need quoting tricks."""
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+UUID_TEXT = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
+"""Canonical UUID text (uuid.UUID also takes `urn:uuid:`, `{…}`, `_`: PostgreSQL does not)."""
 
 
 class ColumnType(StrEnum):
@@ -183,7 +185,19 @@ def _bool(value: Any) -> str | None:
 
 
 def _json(value: Any) -> str | None:
+    if _has_nul(value):
+        return "JSON strings must not contain NUL characters (jsonb refuses \\u0000)"
     return None
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, Mapping):
+        return any(_has_nul(name) or _has_nul(item) for name, item in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_nul(item) for item in value)
+    return False
 
 
 def _timestamp(value: Any) -> str | None:
@@ -201,10 +215,8 @@ def _timestamp(value: Any) -> str | None:
 def _uuid(value: Any) -> str | None:
     if not isinstance(value, str):
         return f"expected a UUID string, got {_kind(value)}"
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        return f"{value!r} is not a UUID"
+    if not UUID_TEXT.match(value):
+        return f"{value!r} is not a UUID in canonical 8-4-4-4-12 hex form"
     return None
 
 

@@ -52,7 +52,7 @@ def pack(event: Event, max_data_bytes: int = DEFAULT_MAX_DATA_BYTES) -> tuple[by
     """The values of `event`'s fields in PACKED_FIELDS order, b"" for an absent one."""
     check_shape(event)
     try:
-        data = orjson.dumps(event.data)
+        data = orjson.dumps(event.data, default=_plain)
     except TypeError as exc:
         raise EventError("data", f"cannot be encoded as JSON: {exc}") from None
     if b"null" in data:  # orjson writes NaN and infinities as null: look for them only then
@@ -77,6 +77,13 @@ def encode(event: Event, max_data_bytes: int = DEFAULT_MAX_DATA_BYTES) -> list[b
         if value:
             fields += (name, value)
     return fields
+
+
+def _plain(value: Any) -> Any:
+    # orjson writes only dicts as objects; an Event's data may be any Mapping.
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
 
 
 def decode(fields: Mapping[bytes, bytes], max_data_bytes: int = DEFAULT_MAX_DATA_BYTES) -> Event:
