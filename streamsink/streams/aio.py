@@ -27,6 +27,7 @@ _LOST = (
     "lost Redis while publishing ({}); the events may or may not be in the stream: "
     "publish again only events that carry an idempotency id"
 )
+_UNREACHABLE = "cannot reach Redis ({}); nothing was published, so publishing again is safe"
 
 
 @dataclass(slots=True)
@@ -109,6 +110,8 @@ class AsyncProducer:
             self._lookups[stream] = lookup
         try:
             recorded = await asyncio.shield(lookup)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise PublishError(_UNREACHABLE.format(exc)) from exc
         finally:
             if lookup.done():
                 self._lookups.pop(stream, None)
