@@ -1,0 +1,204 @@
+"""Write docs/wire-vectors.json: language-neutral test vectors of the wire format.
+
+A service in another language checks its publisher against these: the shard of a key
+and the exact stream fields of an event. tests/schemas/test_vectors.py checks that the
+file and this script agree with streamsink, so the vectors cannot drift.
+
+    python scripts/make_vectors.py          # rewrite the file
+    python scripts/make_vectors.py --check  # exit 1 if the file is stale
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from streamsink.schemas.event import Event
+from streamsink.schemas.wire import encode, shard_of
+from streamsink.streams.keys import Keys
+
+OUT = Path(__file__).resolve().parent.parent / "docs" / "wire-vectors.json"
+
+SHARD_COUNTS = (1, 4, 16, 64)
+
+CRC32_NOTE = (
+    "shard = crc32(utf8(key)) mod shards, where crc32 is CRC-32/IEEE (the zlib, gzip, PNG "
+    "and Ethernet CRC): reflected polynomial 0xEDB88320 (0x04C11DB7 unreflected), init "
+    "0xFFFFFFFF, input and output reflected, final xor 0xFFFFFFFF, taken as an unsigned "
+    "32-bit integer; crc32('123456789') = 0xCBF43926. Python: zlib.crc32 or binascii.crc32; "
+    "Node >= 20.15: zlib.crc32; Go: hash/crc32.ChecksumIEEE. The events of shard s of "
+    "stream S go to the Redis stream key '<prefix>:{<S>:<s>}:events' (default prefix 'ss'); "
+    "the braces are a Redis Cluster hash tag."
+)
+
+ABOUT = (
+    "Wire test vectors of streamsink, written by scripts/make_vectors.py. An event is one "
+    "XADD entry whose fields are, in this order: key, op, data, then table, ts, v, id when "
+    "present (readers must ignore fields they do not know and must not depend on order). "
+    "data is a JSON object in UTF-8, no NaN or Infinity; the bytes shown are what streamsink "
+    "writes (orjson: compact, no spaces, non-ASCII unescaped), a reader compares it as JSON. "
+    "ts is milliseconds since the Unix epoch and v a schema version, both decimal integers "
+    "in 0..2**63-1. Integers in data may use the signed 64-bit range; these vectors stay "
+    "within 2**53 so that JavaScript's JSON.parse reads them exactly."
+)
+
+SHARD_KEYS = (
+    "a",
+    "z",
+    "0",
+    "1",
+    "42",
+    "123456789",
+    "task:1",
+    "task:2",
+    "task:1000000",
+    "post:42:user:7",
+    "user:7",
+    "order-2024-0001",
+    "The quick brown fox jumps over the lazy dog",
+    "key with spaces",
+    'tab\tand "quote"',
+    "é",
+    "café:3",
+    "中文",
+    "用户:42",
+    "🎉",
+    "emoji:🚀:7",
+    "k" * 200,
+)
+
+EVENTS: tuple[dict[str, Any], ...] = (
+    {"key": "task:1", "op": "set", "data": {"id": 1, "status": "running", "progress": 40}},
+    {
+        "key": "用户:42",
+        "op": "set",
+        "data": {
+            "id": 42,
+            "name": "Zoë 中文 🎉",
+            "note": 'tab\there\nnew line "quoted" back\\slash',
+            "ctl": "\x01\x1f",
+            "empty": "",
+        },
+        "table": "users",
+        "ts": 1700000000000,
+        "v": 2,
+        "id": "evt-0001",
+    },
+    {"key": "post:42", "op": "incr", "data": {"post_id": 42, "views": 1, "likes": -1}},
+    {
+        "key": "player:7",
+        "op": "incr",
+        "data": {"id": 7, "score": 2.5, "balance": -0.125},
+        "ts": 1714564800123,
+    },
+    {"key": "post:42:user:7", "op": "del", "data": {"post_id": 42, "user_id": 7}},
+    {
+        "key": "user:7",
+        "op": "append",
+        "data": {
+            "user_id": 7,
+            "action": "login",
+            "at": "2024-05-01T12:00:00+00:00",
+            "meta": {"ip": "203.0.113.5", "tags": ["a", "b"], "ok": True, "none": None},
+        },
+        "table": "activity_log",
+        "v": 1,
+    },
+    {
+        "key": "order:99",
+        "op": "call",
+        "data": {
+            "url": "https://example.com/hooks/order",
+            "payload": {"order": 99, "status": "paid", "total": 12.5},
+            "headers": {"X-Tenant": "acme"},
+            "coalesce": "order:99",
+        },
+        "ts": 1714564800000,
+        "id": "order-99-paid",
+    },
+    {"key": "webhook:1", "op": "call", "data": {"url": "https://example.com/h", "payload": None}},
+)
+
+STREAM_KEY_EXAMPLES = (("ss", "tasks", "task:1", 4), ("app1", "likes", "post:42:user:7", 16))
+
+
+def event_of(spec: dict[str, Any]) -> Event:
+    """The Event a vector describes (its `v` is the event's `version`)."""
+    extra = {"table": spec.get("table"), "ts": spec.get("ts"), "version": spec.get("v")}
+    return Event.make(spec["key"], spec["op"], spec["data"], id=spec.get("id"), **extra)
+
+
+def build() -> dict[str, Any]:
+    """The whole vector document, from streamsink's own functions."""
+    shards = [
+        {
+            "key": key,
+            "crc32": shard_of(key, 2**32),
+            "shards": {str(n): shard_of(key, n) for n in SHARD_COUNTS},
+        }
+        for key in SHARD_KEYS
+    ]
+    events = []
+    for spec in EVENTS:
+        flat = encode(event_of(spec))
+        pairs = [[n.decode(), v.decode()] for n, v in zip(flat[::2], flat[1::2], strict=True)]
+        events.append({"event": spec, "fields": pairs})
+    stream_keys = []
+    for prefix, stream, key, count in STREAM_KEY_EXAMPLES:
+        shard = shard_of(key, count)
+        stream_keys.append(
+            {
+                "prefix": prefix,
+                "stream": stream,
+                "key": key,
+                "shards": count,
+                "redis_key": Keys(prefix).shard(stream, shard),
+            }
+        )
+    return {
+        "about": ABOUT,
+        "crc32": CRC32_NOTE,
+        "stream_keys": stream_keys,
+        "shards": shards,
+        "events": events,
+    }
+
+
+def render() -> str:
+    """The file's exact text: stable key order, UTF-8, short values on one line."""
+    return _pretty(build(), 0) + "\n"
+
+
+def _pretty(value: Any, indent: int) -> str:
+    flat = json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
+    if indent + len(flat) <= 96 or not isinstance(value, dict | list) or not value:
+        return flat
+    pad = " " * (indent + 2)
+    if isinstance(value, dict):
+        items = [
+            f"{pad}{json.dumps(k, ensure_ascii=False)}: {_pretty(v, indent + 2)}"
+            for k, v in value.items()
+        ]
+        return "{\n" + ",\n".join(items) + "\n" + " " * indent + "}"
+    items = [pad + _pretty(v, indent + 2) for v in value]
+    return "[\n" + ",\n".join(items) + "\n" + " " * indent + "]"
+
+
+def main(argv: list[str]) -> int:
+    """Write the vectors, or with --check report whether the file is up to date."""
+    text = render()
+    if "--check" in argv:
+        current = OUT.read_text(encoding="utf-8") if OUT.exists() else ""
+        if current != text:
+            print(f"{OUT} is stale: run python scripts/make_vectors.py", file=sys.stderr)
+            return 1
+        return 0
+    OUT.write_text(text, encoding="utf-8")
+    print(f"wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

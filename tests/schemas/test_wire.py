@@ -1,0 +1,366 @@
+"""The wire format: encode/decode of stream entry fields, and the shard of a key."""
+
+from __future__ import annotations
+
+import binascii
+import json
+import math
+from types import MappingProxyType
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from streamsink.errors import DecodeError, EventError, PayloadTooLarge
+from streamsink.schemas.event import Event, Op
+from streamsink.schemas.wire import DEFAULT_MAX_DATA_BYTES, decode, encode, shard_of
+from tests.schemas.expect import expect
+from tests.schemas.strategies import events, keys
+
+FULL = Event(
+    key="task:1",
+    op=Op.SET,
+    data={"status": "done", "n": 3},
+    table="tasks",
+    ts=1700000000000,
+    version=2,
+    id="evt-1",
+)
+
+
+def pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    """The {name: value} mapping of a flat [name, value, ...] field list (as XRANGE gives)."""
+    assert len(flat) % 2 == 0
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def entry(**fields: bytes | None) -> dict[bytes, bytes]:
+    """Stream entry fields: a valid `set` event, with `fields` replaced (None drops one)."""
+    base: dict[str, bytes | None] = {"key": b"k", "op": b"set", "data": b'{"a":1}'}
+    base.update(fields)
+    return {name.encode(): value for name, value in base.items() if value is not None}
+
+
+# --- encode -------------------------------------------------------------------------------
+
+
+def test_encode_lays_out_flat_fields_in_order() -> None:
+    assert encode(FULL) == [
+        b"key",
+        b"task:1",
+        b"op",
+        b"set",
+        b"data",
+        b'{"status":"done","n":3}',
+        b"table",
+        b"tasks",
+        b"ts",
+        b"1700000000000",
+        b"v",
+        b"2",
+        b"id",
+        b"evt-1",
+    ]
+
+
+def test_encode_leaves_out_absent_optional_fields() -> None:
+    flat = encode(Event("k", Op.DEL, {"id": 1}))
+    assert flat == [b"key", b"k", b"op", b"del", b"data", b'{"id":1}']
+
+
+def test_encode_writes_compact_utf8_json() -> None:
+    flat = encode(Event("k", Op.SET, {"name": "Zoë 🎉", "list": [1, 2.5, None, True]}))
+    assert pairs(flat)[b"data"] == '{"name":"Zoë 🎉","list":[1,2.5,null,true]}'.encode()
+
+
+def test_encode_takes_any_mapping_as_data() -> None:
+    data = MappingProxyType({"a": MappingProxyType({"b": [1]})})
+    flat = encode(Event("k", Op.SET, data))
+    assert pairs(flat)[b"data"] == b'{"a":{"b":[1]}}'
+    assert decode(pairs(flat)).data == {"a": {"b": [1]}}
+
+
+def test_encode_refuses_empty_key() -> None:
+    with expect(EventError, "key", "must not be empty"):
+        encode(Event("", Op.SET, {"a": 1}))
+
+
+def test_encode_refuses_key_that_is_not_text() -> None:
+    with expect(EventError, "key", "must be a string, got bytes"):
+        encode(Event(b"k", Op.SET, {"a": 1}))  # type: ignore[arg-type]
+
+
+def test_encode_refuses_lone_surrogate_in_key() -> None:
+    with expect(EventError, "key", "not valid UTF-8"):
+        encode(Event("k\ud800", Op.SET, {"a": 1}))
+
+
+def test_encode_refuses_lone_surrogate_in_data() -> None:
+    with expect(EventError, "data", "cannot be encoded as JSON"):
+        encode(Event("k", Op.SET, {"a": "x\udcff"}))
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"a": math.nan}, "data.a"),
+        ({"a": math.inf}, "data.a"),
+        ({"a": -math.inf}, "data.a"),
+        ({"a": {"b": [1, 2.0, math.inf]}}, "data.a.b[2]"),
+        ({"x": [{"y": math.nan}]}, "data.x[0].y"),
+        ({"t": (1, -math.inf)}, "data.t[1]"),
+    ],
+)
+def test_encode_refuses_nan_and_infinity_anywhere(data: dict[str, object], field: str) -> None:
+    # orjson would silently write null for them; the check must come first.
+    with expect(EventError, field, "is not a JSON number"):
+        encode(Event("k", Op.SET, data))
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ({1, 2}, "cannot be encoded as JSON"),
+        (b"raw", "cannot be encoded as JSON"),
+        (object(), "cannot be encoded as JSON"),
+        (2**64, "64-bit"),
+        ({1: "non-string key below the top"}, "cannot be encoded as JSON"),
+    ],
+)
+def test_encode_refuses_values_json_cannot_carry(value: object, reason: str) -> None:
+    with expect(EventError, "data", reason):
+        encode(Event("k", Op.SET, {"a": value}))
+
+
+def test_encode_refuses_data_over_the_given_limit() -> None:
+    event = Event("k", Op.SET, {"a": "x" * 20})  # {"a":"xxxx…"} is 28 bytes
+    assert len(pairs(encode(event, max_data_bytes=28))[b"data"]) == 28
+    with expect(PayloadTooLarge, "data", "is 28 bytes; the limit is 27"):
+        encode(event, max_data_bytes=27)
+
+
+def test_encode_refuses_data_over_the_default_limit() -> None:
+    at_limit = Event("k", Op.SET, {"blob": "x" * (DEFAULT_MAX_DATA_BYTES - 11)})
+    assert len(pairs(encode(at_limit))[b"data"]) == DEFAULT_MAX_DATA_BYTES
+    over = Event("k", Op.SET, {"blob": "x" * (DEFAULT_MAX_DATA_BYTES - 10)})
+    with expect(PayloadTooLarge, "data", f"the limit is {DEFAULT_MAX_DATA_BYTES}"):
+        encode(over)
+
+
+def test_payload_limit_counts_utf8_bytes_not_characters() -> None:
+    event = Event("k", Op.SET, {"a": "中" * 10})  # 10 characters, 30 bytes of UTF-8
+    with expect(PayloadTooLarge, "data", "is 38 bytes"):
+        encode(event, max_data_bytes=37)
+
+
+# --- decode: bad entries ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw", [b'{"a":', b"{'a': 1}", b"{a:1}", b'{"a":1,}', b"", b"{} {}"])
+def test_decode_refuses_bad_json(raw: bytes) -> None:
+    with expect(DecodeError, "data", "is not valid JSON"):
+        decode(entry(data=raw))
+
+
+@pytest.mark.parametrize(
+    ("raw", "kind"),
+    [
+        (b"[1,2]", "list"),
+        (b"[]", "list"),
+        (b'"text"', "str"),
+        (b"42", "int"),
+        (b"4.5", "float"),
+        (b"null", "NoneType"),
+        (b"true", "bool"),
+    ],
+)
+def test_decode_refuses_data_that_is_not_an_object(raw: bytes, kind: str) -> None:
+    with expect(DecodeError, "data", f"must be a JSON object, got {kind}"):
+        decode(entry(data=raw))
+
+
+@pytest.mark.parametrize("name", ["key", "op", "data"])
+def test_decode_refuses_missing_required_field(name: str) -> None:
+    with expect(DecodeError, name, "is missing"):
+        decode(entry(**{name: None}))
+
+
+def test_decode_refuses_empty_key() -> None:
+    with expect(DecodeError, "key", "must not be empty"):
+        decode(entry(key=b""))
+
+
+def test_decode_refuses_key_over_the_limit() -> None:
+    with expect(DecodeError, "key", "is 1025 bytes long; the limit is 1024"):
+        decode(entry(key=b"k" * 1025))
+
+
+@pytest.mark.parametrize("raw", [b"upsert", b"SET", b"Set", b"", b"set ", b"\xff"])
+def test_decode_refuses_unknown_op(raw: bytes) -> None:
+    with expect(DecodeError, "op", "expected one of set, incr, del, append, call"):
+        decode(entry(op=raw))
+
+
+@pytest.mark.parametrize("name", ["key", "table", "id"])
+def test_decode_refuses_text_fields_that_are_not_utf8(name: str) -> None:
+    with expect(DecodeError, name, "is not valid UTF-8"):
+        decode(entry(**{name: b"caf\xe9"}))  # latin-1, not UTF-8
+
+
+@pytest.mark.parametrize(
+    ("raw", "byte"),
+    [(b'{"a":"caf\xe9"}', 9), (b'{"a":"\xed\xa0\x80"}', 6), (b'{"a":1}\xff', 7)],
+)
+def test_decode_refuses_data_that_is_not_utf8(raw: bytes, byte: int) -> None:
+    # The second is an encoded surrogate, which UTF-8 forbids.
+    with expect(DecodeError, "data", f"is not valid UTF-8 (byte {byte})"):
+        decode(entry(data=raw))
+
+
+@pytest.mark.parametrize(
+    "raw", [b'{"a":NaN}', b'{"a":Infinity}', b'{"a":-Infinity}', b'{"a":[1,NaN]}', b"NaN"]
+)
+def test_decode_refuses_nan_and_infinity_literals(raw: bytes) -> None:
+    with expect(DecodeError, "data", "is not valid JSON"):
+        decode(entry(data=raw))
+
+
+def test_decode_refuses_numbers_that_overflow_to_infinity() -> None:
+    with expect(DecodeError, "data", "infinity"):
+        decode(entry(data=b'{"a":1e400}'))
+
+
+def test_decode_refuses_data_over_the_limit_before_parsing() -> None:
+    raw = b'{"a":"' + b"x" * 100 + b'"}'  # 108 bytes
+    assert decode(entry(data=raw), max_data_bytes=108).data == {"a": "x" * 100}
+    with expect(DecodeError, "data", "is 108 bytes; the limit is 107"):
+        decode(entry(data=raw), max_data_bytes=107)
+    # Not a PayloadTooLarge: on the read side an entry is bad, whatever the reason.
+    huge = b'{"a":"' + b"x" * DEFAULT_MAX_DATA_BYTES + b'"}'
+    with expect(DecodeError, "data", f"the limit is {DEFAULT_MAX_DATA_BYTES}"):
+        decode(entry(data=huge))
+
+
+def test_decode_refuses_empty_field_name() -> None:
+    with expect(DecodeError, "data", "field names must be non-empty strings"):
+        decode(entry(data=b'{"":1}'))
+
+
+@pytest.mark.parametrize("name", ["ts", "v"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"-1",
+        b"1.5",
+        b"abc",
+        b"",
+        b" 1",
+        b"1e3",
+        b"+1",
+        b"\xd9\xa1",
+        b"9223372036854775808",
+        b"1" * 20,
+    ],
+)
+def test_decode_refuses_bad_integers(name: str, raw: bytes) -> None:
+    # b"\xd9\xa1" is ARABIC-INDIC DIGIT ONE: str.isdigit would take it.
+    with expect(DecodeError, name, "must be an integer in 0..2**63-1"):
+        decode(entry(**{name: raw}))
+
+
+@pytest.mark.parametrize(
+    ("raw", "value"), [(b"0", 0), (b"007", 7), (b"9223372036854775807", 2**63 - 1)]
+)
+def test_decode_reads_integers_up_to_int64(raw: bytes, value: int) -> None:
+    event = decode(entry(ts=raw, v=raw))
+    assert (event.ts, event.version) == (value, value)
+
+
+# --- decode: good entries -----------------------------------------------------------------
+
+
+def test_decode_reads_every_field() -> None:
+    event = decode(pairs(encode(FULL)))
+    assert event == FULL
+    assert event.op is Op.SET
+    assert (event.table, event.ts, event.version, event.id) == ("tasks", 1700000000000, 2, "evt-1")
+
+
+def test_decode_ignores_unknown_fields() -> None:
+    fields = pairs(encode(FULL)) | {b"trace": b"\xff\x00", b"v2": b"x", b"": b""}
+    assert decode(fields) == FULL
+
+
+def test_decode_leaves_absent_optionals_none() -> None:
+    event = decode(entry())
+    assert event == Event("k", Op.SET, {"a": 1})
+    assert (event.table, event.ts, event.version, event.id) == (None, None, None, None)
+
+
+@pytest.mark.parametrize("op", list(Op))
+def test_every_op_round_trips(op: Op) -> None:
+    event = Event("k", op, {"url": "https://x", "payload": None})
+    assert decode(pairs(encode(event))) == event
+
+
+@settings(max_examples=1000, deadline=None)
+@given(events)
+@example(Event("🎉", Op.INCR, {"n": 2**63 - 1, "m": -(2**63), "f": 5e-324}))
+@example(Event("k", Op.SET, {"s": 'tab\tnl\n"q"\\ \x00 \u2028', "nested": {"": [[], {}]}}))
+def test_decode_inverts_encode(event: Event) -> None:
+    flat = encode(event)
+    assert all(isinstance(item, bytes) for item in flat)
+    decoded = decode(pairs(flat))
+    assert decoded == event
+    assert encode(decoded) == flat  # stable bytes: re-encoding a decoded event changes nothing
+
+
+@settings(max_examples=200, deadline=None)
+@given(events)
+def test_encoded_data_is_json_any_parser_reads(event: Event) -> None:
+    raw = pairs(encode(event))[b"data"]
+    assert json.loads(raw.decode("utf-8"), parse_constant=_refuse) == event.data
+
+
+def _refuse(name: str) -> None:
+    raise AssertionError(f"{name} in encoded data")
+
+
+# --- shard_of -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "crc"),
+    [
+        ("123456789", 0xCBF43926),  # the CRC-32/IEEE check value of every CRC catalogue
+        ("The quick brown fox jumps over the lazy dog", 0x414FA339),
+        ("a", 0xE8B7BE43),
+        ("é", 0x0E048D3E),  # from Node's zlib.crc32, not from Python
+    ],
+)
+def test_shard_of_is_crc32_ieee(key: str, crc: int) -> None:
+    assert shard_of(key, 2**32) == crc
+    assert binascii.crc32(key.encode("utf-8")) == crc
+    for shards in (1, 2, 3, 4, 16, 64, 1024):
+        assert shard_of(key, shards) == crc % shards
+
+
+def test_shard_of_hashes_utf8_bytes() -> None:
+    assert shard_of("é", 2**32) == binascii.crc32(b"\xc3\xa9")
+    assert shard_of("é", 2**32) != binascii.crc32("é".encode("latin-1"))
+    assert shard_of("é", 2**32) != binascii.crc32("é".encode("utf-16-le"))
+
+
+def test_shard_of_known_small_counts() -> None:
+    assert [shard_of("task:1", n) for n in (1, 4, 16, 64)] == [0, 1, 9, 57]
+    assert [shard_of("post:42:user:7", n) for n in (1, 4, 16, 64)] == [0, 3, 11, 59]
+
+
+@settings(max_examples=300, deadline=None)
+@given(keys, st.integers(1, 1024))
+def test_shard_of_is_in_range_and_matches_binascii(key: str, shards: int) -> None:
+    shard = shard_of(key, shards)
+    assert 0 <= shard < shards
+    assert shard == binascii.crc32(key.encode("utf-8")) % shards
+    assert shard_of(key, shards) == shard
+    assert shard_of(key, 1) == 0
