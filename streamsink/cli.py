@@ -21,7 +21,14 @@ from streamsink.errors import EventError, StreamsinkError
 from streamsink.schemas.config import Config, load
 from streamsink.schemas.event import Event
 from streamsink.schemas.wire import encode
-from streamsink.streams.admin import create_stream, list_streams, shard_count, stream_info
+from streamsink.streams.admin import (
+    create_stream,
+    group_status,
+    list_streams,
+    shard_count,
+    stream_info,
+)
+from streamsink.streams.dead import dead_letters, drop, replay
 from streamsink.streams.keys import Keys
 from streamsink.streams.producer import Producer
 
@@ -69,6 +76,18 @@ def _parser() -> argparse.ArgumentParser:
         "--file", help="JSON lines ({key, op, data, table?, ts?, v?, id?}), '-' for stdin"
     )
     publish.set_defaults(run=_publish)
+
+    status = commands.add_parser("status", help="streams, groups, lag, pending, leases, dead")
+    status.set_defaults(run=_status)
+
+    dead = commands.add_parser("dead", help="list, replay or drop a group's dead letters")
+    dead.add_argument("action", choices=("list", "replay", "drop"))
+    dead.add_argument("stream")
+    dead.add_argument("group")
+    dead.add_argument("ids", nargs="*", help="dead-letter IDs (replay/drop), or --all")
+    dead.add_argument("--all", action="store_true", help="every dead letter of the group")
+    dead.add_argument("--limit", type=int, default=100, help="most listed per shard")
+    dead.set_defaults(run=_dead)
 
     worker = commands.add_parser("worker", help="run every group of the config until SIGTERM")
     worker.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file")
@@ -210,6 +229,49 @@ def _event(record: Any, where: str) -> Event:
         )
     except EventError as exc:
         raise ValueError(f"{where}: {exc}") from None
+
+
+def _status(args: argparse.Namespace, config: Config) -> int:
+    client, keys = _client(config), Keys(config.prefix)
+    _print_streams(client, keys, list_streams(client, keys))
+    groups = [(g.stream, g.name) for g in config.groups.values()]
+    for stream, group in groups:
+        print(f"\ngroup {group} on {stream}")
+        print(
+            f"{'shard':>5} {'length':>8} {'lag':>8} {'pending':>8} {'dead':>6} {'epoch':>6}  owner"
+        )
+        for row in group_status(client, keys, stream, group):
+            lag = "?" if row.lag is None else str(row.lag)
+            print(
+                f"{row.shard:>5} {row.length:>8} {lag:>8} {row.pending:>8} {row.dead:>6} "
+                f"{row.epoch:>6}  {row.owner or '-'}"
+            )
+    if not groups:
+        print("\n(give --config to see the groups)")
+    return 0
+
+
+def _dead(args: argparse.Namespace, config: Config) -> int:
+    client, keys = _client(config), Keys(config.prefix)
+    letters = list(dead_letters(client, keys, args.stream, args.group, args.limit))
+    if args.action == "list":
+        for letter in letters:
+            data = letter.fields.get(b"data", b"")[:200].decode("utf-8", "replace")
+            print(f"{letter.shard}\t{letter.id}\tentry {letter.entry}\t{letter.reason}\t{data}")
+        return 0
+    if not args.all and not args.ids:
+        raise ValueError(f"name the dead letters to {args.action}, or give --all")
+    chosen = [x for x in letters if args.all or x.id in set(args.ids)]
+    missing = set(args.ids) - {x.id for x in chosen}
+    if missing:
+        raise ValueError(f"no such dead letter: {sorted(missing)[0]}")
+    for letter in chosen:
+        if args.action == "replay":
+            print(f"{letter.id} -> {replay(client, keys, args.stream, args.group, letter)}")
+        else:
+            drop(client, keys, args.stream, args.group, letter)
+    print(f"{args.action}ed {len(chosen)} dead letters", file=sys.stderr)
+    return 0
 
 
 def _worker(args: argparse.Namespace, config: Config) -> int:

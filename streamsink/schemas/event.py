@@ -72,7 +72,6 @@ def check_shape(event: Event) -> None:
     for name in event.data:
         if not isinstance(name, str) or not name:
             raise EventError("data", f"field names must be non-empty strings, got {name!r}")
-    check_finite("data", event.data)
     if event.table is not None:
         _check_text("table", event.table, 63)
     if event.id is not None:

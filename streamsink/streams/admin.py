@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -69,3 +70,52 @@ def stream_info(client: redis.Redis, keys: Keys, name: str) -> StreamInfo:
     for shard in range(shards):
         pipe.xlen(keys.shard(name, shard))
     return StreamInfo(name, shards, tuple(int(n) for n in pipe.execute()))
+
+
+@dataclass(frozen=True, slots=True)
+class ShardStatus:
+    """One shard as one group sees it: backlog, pending, owner, epoch, dead letters."""
+
+    shard: int
+    length: int
+    lag: int | None
+    pending: int
+    owner: str | None
+    epoch: int
+    dead: int
+
+
+def group_status(client: redis.Redis, keys: Keys, stream: str, group: str) -> list[ShardStatus]:
+    """Every shard of `stream` for `group` (lag is None where Redis cannot tell it)."""
+    rows = []
+    for shard in range(shard_count(client, keys, stream)):
+        key = keys.shard(stream, shard)
+        pipe = client.pipeline(transaction=False)
+        pipe.xlen(key)
+        pipe.get(keys.lease(stream, shard, group))
+        pipe.get(keys.epoch(stream, shard, group))
+        pipe.xlen(keys.dead(stream, shard, group))
+        length, owner, epoch, dead = pipe.execute()
+        lag, pending = None, 0
+        if length or client.exists(key):
+            info: Any = client.xinfo_groups(key)
+            for entry in info:
+                if _text(entry["name"]) == group:
+                    pending = int(entry["pending"])
+                    lag = None if entry.get("lag") is None else int(entry["lag"])
+        rows.append(
+            ShardStatus(
+                shard,
+                int(length),
+                lag,
+                pending,
+                _text(owner) if owner else None,
+                int(epoch or 0),
+                int(dead),
+            )
+        )
+    return rows
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,123 @@
+"""The `streamsink` command, run in-process against the test Redis."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import redis
+
+from streamsink.cli import main
+from streamsink.schemas.wire import decode
+from streamsink.streams.keys import Keys
+
+CONFIG = """
+[redis]
+url = "{url}"
+prefix = "{prefix}"
+[streams.tasks]
+shards = 2
+table = "tasks"
+[tables.tasks]
+key = ["id"]
+columns = {{ id = "int", status = "text" }}
+[sinks.noop]
+type = "function"
+function = "json:dumps"
+[groups.g]
+stream = "tasks"
+sinks = ["noop"]
+"""
+
+
+@pytest.fixture
+def config(tmp_path: Path, keys: Keys, redis_url: str) -> str:
+    path = tmp_path / "streamsink.toml"
+    path.write_text(CONFIG.format(url=redis_url, prefix=keys.prefix))
+    assert main(["--config", str(path), "streams", "create"]) == 0
+    return str(path)
+
+
+def entries(r: redis.Redis, keys: Keys) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    return [e for shard in range(2) for e in r.xrange(keys.shard("tasks", shard))]
+
+
+def test_publish_one_event(config: str, r: redis.Redis, keys: Keys) -> None:
+    args = ["--config", config, "publish", "tasks", "--key", "task:1"]
+    assert main([*args, "--data", '{"id": 1, "status": "done"}', "--id", "e-1"]) == 0
+    assert main([*args, "--data", '{"id": 1, "status": "done"}', "--id", "e-1"]) == 0
+    [(_, fields)] = entries(r, keys)
+    assert decode(fields).data == {"id": 1, "status": "done"}
+
+
+def test_publish_file_is_all_or_nothing(
+    config: str, r: redis.Redis, keys: Keys, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lines = [json.dumps({"key": f"t{i}", "data": {"id": i, "status": "x"}}) for i in range(50)]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([*lines, '{"key": "t", "data": {"id": "nope"}}']))
+    assert main(["--config", config, "publish", "tasks", "--file", str(bad)]) == 2
+    assert "line 51" in capsys.readouterr().err
+    assert entries(r, keys) == []
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(lines) + "\n\n")
+    assert main(["--config", config, "publish", "tasks", "--file", str(good)]) == 0
+    assert len(entries(r, keys)) == 50
+
+
+def test_publish_stdin(
+    config: str, r: redis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = "\n".join(json.dumps({"key": "t", "op": "del", "data": {"id": i}}) for i in range(5))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
+    assert main(["--config", config, "publish", "tasks", "--file", "-"]) == 0
+    assert len(entries(r, keys)) == 5
+
+
+def test_publish_to_a_missing_stream_fails(config: str, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--config", config, "publish", "nope", "--key", "k", "--data", "{}"]
+    assert main(args) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_status_and_dead_letters(
+    config: str, r: redis.Redis, keys: Keys, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dead = keys.dead("tasks", 1, "g")
+    r.xadd(
+        dead,
+        {
+            "reason": "DecodeError: data: bad",
+            "entry": "1-1",
+            "deliveries": "1",
+            "f:key": "task:9",
+            "f:op": "set",
+            "f:data": '{"id": 9, "status": "ok"}',
+        },
+    )
+    r.xadd(
+        dead,
+        {
+            "reason": "other",
+            "entry": "1-2",
+            "deliveries": "1",
+            "f:key": "x",
+            "f:op": "set",
+            "f:data": "{}",
+        },
+    )
+    assert main(["--config", config, "status"]) == 0
+    status = capsys.readouterr().out
+    assert "group g on tasks" in status and "tasks" in status
+    assert main(["--config", config, "dead", "list", "tasks", "g"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == 2 and "DecodeError" in listed[0]
+    first, second = (line.split("\t")[1] for line in listed)
+    assert main(["--config", config, "dead", "replay", "tasks", "g", first]) == 0
+    [(_, fields)] = r.xrange(keys.shard("tasks", 1))
+    assert decode(fields).data == {"id": 9, "status": "ok"}
+    assert main(["--config", config, "dead", "drop", "tasks", "g", second]) == 0
+    assert r.xlen(dead) == 0
+    assert main(["--config", config, "dead", "drop", "tasks", "g", "9-9"]) == 2
