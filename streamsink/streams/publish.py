@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from streamsink.errors import ShardCountMismatch, StreamNotFound
+from streamsink.errors import ConfigError, ShardCountMismatch, StreamNotFound
 from streamsink.schemas.config import Config
 from streamsink.schemas.event import Event
 from streamsink.schemas.wire import PACKED_FIELDS, pack, shard_of
@@ -66,6 +66,18 @@ class ProducerSettings:
     events still gather while the previous round trip is in flight)."""
     queue_size: int = 10_000
     """Asyncio producer: pending events before publish() waits for room (backpressure)."""
+
+    def __post_init__(self) -> None:
+        for name in ("dedup_ttl_ms", "max_batch", "queue_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(
+                    f"producer setting {name} must be a positive integer, got {value!r}"
+                )
+        if not self.max_wait >= 0:  # also refuses NaN
+            raise ConfigError(
+                f"producer setting max_wait must be >= 0 seconds, got {self.max_wait!r}"
+            )
 
 
 Prepared = tuple[int, tuple[bytes, ...]]

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import re
 import time
+from typing import Any
 
 import pytest
 import redis
 
 from streamsink.errors import (
+    ConfigError,
     PayloadTooLarge,
     ProducerClosed,
     PublishError,
@@ -215,3 +217,21 @@ def test_redis_down_before_the_first_publish(redis_server: RedisServer, keys: Ke
     entry = producer.publish("tasks", task(1))
     assert entries(client, keys, "tasks", shard_of("task-1", SHARDS))[0][0] == entry
     client.close()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"dedup_ttl_ms": 0},
+        {"dedup_ttl_ms": -5},
+        {"max_batch": 0},
+        {"queue_size": 0},
+        {"queue_size": True},
+        {"max_wait": -0.1},
+        {"max_wait": float("nan")},
+    ],
+)
+def test_unusable_settings_are_refused(bad: dict[str, Any]) -> None:
+    # A dedup TTL of 0 used to fail the script's SET after its XADD: a half-written shard.
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        ProducerSettings(**bad)
