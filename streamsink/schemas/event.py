@@ -36,7 +36,7 @@ class Event:
 
     `table` overrides the stream's default table, `ts` is the producer's clock in
     milliseconds, `version` the schema version of `data`, and `id` an idempotency id:
-    an event published twice with the same id lands once.
+    an event published twice with the same id (and key) lands once.
     """
 
     key: str

@@ -108,14 +108,19 @@ class AsyncProducer:
                 self._client.hget(self._prep.keys.meta(stream), META_SHARDS)
             )
             self._lookups[stream] = lookup
+            lookup.add_done_callback(lambda done: self._forget_lookup(stream, done))
         try:
             recorded = await asyncio.shield(lookup)
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise PublishError(_UNREACHABLE.format(exc)) from exc
-        finally:
-            if lookup.done():
-                self._lookups.pop(stream, None)
         self._prep.check_shards(stream, recorded)
+
+    def _forget_lookup(self, stream: str, lookup: asyncio.Future[Any]) -> None:
+        """A finished lookup is not reused: its failure belongs to those who waited for it."""
+        if self._lookups.get(stream) is lookup:
+            del self._lookups[stream]
+        if not lookup.cancelled():
+            lookup.exception()  # retrieved: no "never retrieved" warning if nobody waited
 
     def _check_open(self) -> None:
         if self._failure is not None:

@@ -88,6 +88,11 @@ class Producer:
                 f"lost Redis while publishing ({exc}); the events may or may not be in the "
                 "stream: publish again only events that carry an idempotency id"
             ) from exc
+        except PublishError:
+            raise
+        except BaseException:  # interrupted mid-read: unread replies must not reach others
+            conn.disconnect()  # type: ignore[no-untyped-call]
+            raise
         finally:
             pool.release(conn)
 

@@ -65,7 +65,7 @@ class ProducerSettings:
     """Asyncio producer: seconds to wait for more events before sending (0: send at once;
     events still gather while the previous round trip is in flight)."""
     queue_size: int = 10_000
-    """Asyncio producer: pending events before publish() waits for room (backpressure)."""
+    """Asyncio producer: pending publish calls before publish() waits for room (backpressure)."""
 
     def __post_init__(self) -> None:
         for name in ("dedup_ttl_ms", "max_batch", "queue_size"):
