@@ -163,7 +163,8 @@ class AsyncProducer:
             await self._send_batch(batch)
         finally:
             self._busy = False
-            self._wakeup.set()
+            if self._pending or self._closing:
+                self._wakeup.set()
 
     async def _send_batch(self, batch: list[_Request]) -> None:
         commands = self._prep.commands([(r.stream, r.prepared) for r in batch])
@@ -199,7 +200,9 @@ class AsyncProducer:
                 for request_index, _ in command.slots:
                     errors[request_index] = refused
                 continue
-            for (request_index, position), raw in zip(command.slots, reply, strict=True):
+            for (request_index, position), raw in zip(
+                command.slots, command.entry_ids(reply), strict=True
+            ):
                 results[request_index][position] = entry_id(raw)
 
     async def _drop_connection(self) -> None:

@@ -56,7 +56,7 @@ class Producer:
         replies = self._send([c.args for c in commands])
         ids: list[str] = [""] * len(prepared)
         for command, reply in zip(commands, replies, strict=True):
-            for (_, position), raw in zip(command.slots, reply, strict=True):
+            for (_, position), raw in zip(command.slots, command.entry_ids(reply), strict=True):
                 ids[position] = entry_id(raw)
         return ids
 

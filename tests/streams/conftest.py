@@ -55,7 +55,12 @@ def flat(fields: dict[bytes, bytes]) -> list[bytes]:
 
 def eval_calls(client: redis.Redis) -> int:
     """EVAL commands the server has run: one per shard per producer round trip."""
-    stats = client.info("commandstats").get("cmdstat_eval", {})
+    return command_calls(client, "eval")
+
+
+def command_calls(client: redis.Redis, command: str) -> int:
+    """How many times the server has run `command` (scripts' inner calls included)."""
+    stats = client.info("commandstats").get(f"cmdstat_{command}", {})
     return int(stats.get("calls", 0))
 
 
