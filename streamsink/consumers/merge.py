@@ -1,0 +1,281 @@
+"""Merging a window of events per row key: a pure function, no I/O.
+
+`merge` folds the entries of one window into one `RowChange` per (table, row key), keeps
+appends and calls apart, and says which entries the window spans. `apply_event` is the
+reference meaning of one event on a row, `apply_change` the meaning of a merged change;
+the property tests hold that applying the merged changes equals applying every event.
+
+A `FieldChange` is a plain `(Kind, value)` tuple, not an object, because one is made for
+every field of every event on the hot path:
+
+    (ASSIGN, v)  row[f] = v                      lww set; a later incr adds into v
+    (ADD, d)     row[f] = (row[f] or 0) + d      incr, or a set of a sum column
+    (MAX, v)     row[f] = greatest of row[f], v  set of a max column (nulls ignored)
+    (MIN, v)     row[f] = least of row[f], v     set of a min column (nulls ignored)
+
+Key columns are carried in `fields` as ASSIGN, so a change's fields are the columns the
+sink writes: a set naming only the key still creates the row (in upsert mode), and a
+change with no fields writes nothing (a lone delete). MAX and MIN compare timestamp
+columns as instants (their ISO texts may carry different offsets), others with Python's
+ordering (code points for text).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from operator import itemgetter
+from typing import Any
+
+from streamsink.schemas.event import Event, Op
+from streamsink.schemas.table import ColumnType, Mode, Policy, Table
+
+Row = dict[str, Any]
+"""A row as the sinks hold it: every declared column by name."""
+
+
+class Kind(StrEnum):
+    """How a merged field change applies to the stored value (see the module docstring)."""
+
+    ASSIGN = "assign"
+    ADD = "add"
+    MAX = "max"
+    MIN = "min"
+
+
+ASSIGN, ADD, MAX, MIN = Kind.ASSIGN, Kind.ADD, Kind.MAX, Kind.MIN
+
+FieldChange = tuple[Kind, Any]
+"""One column's merged change: `(kind, value)`."""
+
+_SET, _INCR, _DEL, _APPEND, _CALL = Op.SET, Op.INCR, Op.DEL, Op.APPEND, Op.CALL
+_POLICY_KINDS = {Policy.LWW: ASSIGN, Policy.SUM: ADD, Policy.MAX: MAX, Policy.MIN: MIN}
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One stream entry as read: its Redis ID, its event, and its table.
+
+    `table` is None for calls, and for the events of a stream that has no table (those
+    are passed through unmerged, in `Merged.tableless`).
+    """
+
+    id: str
+    event: Event
+    table: Table | None = None
+
+
+@dataclass(slots=True)
+class RowChange:
+    """What a window does to one row: delete it first if `deleted`, then write `fields`."""
+
+    key: tuple[Any, ...]  # the values of the table's key columns, in their order
+    deleted: bool = False  # a del happened; the fields are what came after the last one
+    fields: dict[str, FieldChange] = field(default_factory=dict)  # keys included, as ASSIGN
+    events: int = 0  # set, incr and del events folded in
+    last_id: str = ""  # entry ID of the last of them
+
+
+@dataclass(slots=True)
+class Merged:
+    """A merged window: what the sinks of a group write for it, and the entries it spans."""
+
+    rows: dict[str, dict[tuple[Any, ...], RowChange]] = field(default_factory=dict)  # by table
+    appends: dict[str, list[Entry]] = field(default_factory=dict)  # by table, stream order
+    calls: list[Entry] = field(default_factory=list)  # stream order, coalesced to the newest
+    tableless: list[Entry] = field(default_factory=list)  # table ops without a table
+    tables: dict[str, Table] = field(default_factory=dict)  # every table seen, by name
+    first_id: str | None = None  # entry IDs of the window's first and last entries
+    last_id: str | None = None
+    events: int = 0  # entries in the window, whatever became of them
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What merging needs to know of one table, worked out once per window."""
+
+    table: Table
+    rows: dict[tuple[Any, ...], RowChange]
+    key_name: str | None
+    row_key: Callable[[Mapping[str, Any]], tuple[Any, ...]]
+    set_kinds: dict[str, Kind]
+    incr_kinds: dict[str, Kind]
+    timestamps: frozenset[str]
+    assign_only: bool
+
+
+def merge(entries: Sequence[Entry]) -> Merged:
+    """Fold a window of entries, in stream order, into one change per row key."""
+    merged = Merged(events=len(entries))
+    if entries:
+        merged.first_id, merged.last_id = entries[0].id, entries[-1].id
+    calls: list[Entry | None] = []
+    _fold_window(merged, entries, calls)
+    merged.rows = {name: rows for name, rows in merged.rows.items() if rows}
+    merged.calls = [call for call in calls if call is not None]
+    return merged
+
+
+def _fold_window(merged: Merged, entries: Sequence[Entry], calls: list[Entry | None]) -> None:
+    """The hot loop of `merge`: the current table's plan is kept in locals."""
+    plans: dict[str, _Plan] = {}
+    newest_call: dict[tuple[str, str], int] = {}
+    plan: _Plan | None = None
+    rows: dict[tuple[Any, ...], RowChange] = {}
+    key_name: str | None = None
+    row_key: Callable[[Mapping[str, Any]], tuple[Any, ...]] = tuple
+    assign_only = False
+    for entry in entries:
+        event = entry.event
+        op = event.op
+        table = entry.table
+        if op is _CALL or table is None:
+            if op is _CALL:
+                _add_call(calls, newest_call, entry)
+            else:
+                merged.tableless.append(entry)
+            continue
+        if plan is None or table is not plan.table:
+            plan = _plan_for(merged, plans, table)
+            rows, key_name, row_key = plan.rows, plan.key_name, plan.row_key
+            assign_only = plan.assign_only
+        if op is _APPEND:
+            merged.appends.setdefault(table.name, []).append(entry)
+            continue
+        data = event.data
+        key = (data[key_name],) if key_name is not None else row_key(data)
+        change = rows.get(key)
+        if change is None:
+            change = rows[key] = RowChange(key)
+        change.events += 1
+        change.last_id = entry.id
+        if op is _SET and assign_only:
+            fields = change.fields
+            for name, value in data.items():
+                fields[name] = (ASSIGN, value)
+        elif op is _DEL:
+            change.deleted = True
+            change.fields.clear()
+        else:
+            _fold(change.fields, data, plan, plan.set_kinds if op is _SET else plan.incr_kinds)
+
+
+def _plan_for(merged: Merged, plans: dict[str, _Plan], table: Table) -> _Plan:
+    """The plan of `table`, made on its first entry in the window."""
+    plan = plans.get(table.name)
+    if plan is not None:
+        if plan.table is not table and plan.table != table:
+            raise ValueError(f"table {table.name!r} is declared twice, differently, in a window")
+        return plan
+    set_kinds = {name: _POLICY_KINDS[column.policy] for name, column in table.columns.items()}
+    incr_kinds = dict.fromkeys(table.columns, ADD) | dict.fromkeys(table.key, ASSIGN)
+    merged.tables[table.name] = table
+    plan = plans[table.name] = _Plan(
+        table=table,
+        rows=merged.rows.setdefault(table.name, {}),
+        key_name=table.key[0] if len(table.key) == 1 else None,
+        row_key=itemgetter(*table.key) if len(table.key) > 1 else table.row_key,
+        set_kinds=set_kinds,
+        incr_kinds=incr_kinds,
+        timestamps=_timestamps(table),
+        assign_only=all(kind is ASSIGN for kind in set_kinds.values()),
+    )
+    return plan
+
+
+def _timestamps(table: Table) -> frozenset[str]:
+    """Columns whose values are ISO 8601 texts: they compare as instants, not as strings."""
+    return frozenset(n for n, c in table.columns.items() if c.type is ColumnType.TIMESTAMP)
+
+
+def _fold(
+    fields: dict[str, FieldChange], data: Mapping[str, Any], plan: _Plan, kinds: dict[str, Kind]
+) -> None:
+    """Fold the fields of one set or incr into the row's merged fields."""
+    for name, value in data.items():
+        kind = kinds[name]
+        old = fields.get(name)
+        if old is None or kind is ASSIGN:
+            fields[name] = (kind, value)
+        elif kind is ADD:
+            fields[name] = (old[0], (old[1] or 0) + value)
+        else:
+            fields[name] = (kind, _pick(kind, old[1], value, name in plan.timestamps))
+
+
+def _add_call(calls: list[Entry | None], newest: dict[tuple[str, str], int], entry: Entry) -> None:
+    """Keep every call, except that a coalescing call replaces the older one of its key."""
+    data = entry.event.data
+    coalesce = data.get("coalesce")
+    if coalesce is not None:
+        slot = (data["url"], coalesce)
+        older = newest.get(slot)
+        if older is not None:
+            calls[older] = None
+        newest[slot] = len(calls)
+    calls.append(entry)
+
+
+def _pick(kind: Kind, old: Any, new: Any, timestamp: bool) -> Any:
+    """The greater (MAX) or lesser (MIN) of two non-null values; the older one on a tie."""
+    if timestamp:
+        old_at, new_at = datetime.fromisoformat(old), datetime.fromisoformat(new)
+        better = new_at > old_at if kind is MAX else new_at < old_at
+    else:
+        better = new > old if kind is MAX else new < old
+    return new if better else old
+
+
+def apply_event(row: Row | None, event: Event, table: Table) -> Row | None:
+    """The row after one event, applied alone (the reference the merge must agree with)."""
+    op = event.op
+    if op is _DEL:
+        return None
+    if op is _APPEND or op is _CALL:
+        return row
+    if row is None:
+        if table.mode is Mode.UPDATE:
+            return None
+        row = dict.fromkeys(table.columns)
+    else:
+        row = dict(row)
+    for name, value in event.data.items():
+        column = table.columns[name]
+        old = row[name]
+        if op is _INCR and name not in table.key:
+            row[name] = (old or 0) + value
+        elif column.policy is Policy.LWW:
+            row[name] = value
+        elif column.policy is Policy.SUM:
+            row[name] = (old or 0) + value
+        else:
+            kind = _POLICY_KINDS[column.policy]
+            timestamp = column.type is ColumnType.TIMESTAMP
+            row[name] = value if old is None else _pick(kind, old, value, timestamp)
+    return row
+
+
+def apply_change(row: Row | None, change: RowChange, table: Table) -> Row | None:
+    """The row after a merged change: delete first if asked, then write its fields."""
+    if change.deleted:
+        row = None
+    if not change.fields:
+        return row
+    if row is None:
+        if table.mode is Mode.UPDATE:
+            return None
+        row = dict.fromkeys(table.columns)
+    else:
+        row = dict(row)
+    timestamps = _timestamps(table)
+    for name, (kind, value) in change.fields.items():
+        old = row[name]
+        if kind is ASSIGN:
+            row[name] = value
+        elif kind is ADD:
+            row[name] = (old or 0) + value
+        else:
+            row[name] = value if old is None else _pick(kind, old, value, name in timestamps)
+    return row
