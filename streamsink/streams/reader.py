@@ -153,7 +153,7 @@ class ShardReader:
         if floor is None:
             return 0
         if retention_ms:
-            kept_from = (int(time.time() * 1000) - retention_ms, 0)
+            kept_from = (max(0, int(time.time() * 1000) - retention_ms), 0)  # MINID >= 0
             floor = min(floor, kept_from)
         removed = await self._client.xtrim(
             self.key, minid=f"{floor[0]}-{floor[1]}", approximate=False
