@@ -48,8 +48,11 @@ class GroupSettings:
                 raise ConfigError(f"group {group!r}: {name} must be a non-negative integer")
             values[name] = value
         settings = cls(**values)
-        if settings.max_events < 1 or settings.lease_ttl_ms < 300 or settings.max_deliveries < 1:
+        # read_count 0 is refused by Redis (XAUTOCLAIM COUNT 0); block_ms 0 reads without
+        # waiting, so an idle shard would poll Redis in a busy loop.
+        at_least_one = ("max_events", "max_deliveries", "read_count", "block_ms")
+        if settings.lease_ttl_ms < 300 or any(getattr(settings, n) < 1 for n in at_least_one):
             raise ConfigError(
-                f"group {group!r}: max_events and max_deliveries must be >= 1, lease_ttl_ms >= 300"
+                f"group {group!r}: {', '.join(at_least_one)} must be >= 1, lease_ttl_ms >= 300"
             )
         return settings
