@@ -1,0 +1,495 @@
+"""The one read path of a shard on a real Redis: claim, then read; ack, dead letters, trim."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any, cast
+
+import pytest
+import redis
+import redis.asyncio as aredis
+
+from streamsink.streams.keys import Keys
+from streamsink.streams.reader import (
+    DEAD_PREFIX,
+    Raw,
+    ShardReader,
+    create_group,
+    parse_id,
+    trim_floor,
+)
+from tests.conftest import RedisServer
+
+STREAM, GROUP = "tasks", "pg-writer"
+
+
+def reader(
+    client: aredis.Redis, keys: Keys, consumer: str = "w1", group: str = GROUP
+) -> ShardReader:
+    return ShardReader(client, keys, STREAM, 0, group, consumer)
+
+
+def shard(keys: Keys) -> str:
+    return keys.shard(STREAM, 0)
+
+
+def add(r: redis.Redis, keys: Keys, n: int, start: int = 0) -> list[str]:
+    """XADD `n` entries with a field `n` counting from `start`; their IDs."""
+    pipe = r.pipeline(transaction=False)
+    for i in range(start, start + n):
+        pipe.xadd(shard(keys), {b"n": str(i).encode()})
+    return [entry_id.decode() for entry_id in pipe.execute()]
+
+
+def ids_in(r: redis.Redis, keys: Keys) -> list[str]:
+    """IDs left in the shard, oldest first."""
+    return [entry_id.decode() for entry_id, _ in xrange(r, shard(keys))]
+
+
+def xadd(r: redis.Redis, key: str, fields: dict[bytes, bytes], entry_id: str = "*") -> str:
+    """XADD one entry with binary fields; its ID."""
+    reply: Any = r.xadd(key, cast(Any, fields), id=entry_id)
+    return str(reply.decode())
+
+
+def xrange(r: redis.Redis, key: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """Every entry of the stream `key`, as bytes."""
+    reply: Any = r.xrange(key)
+    return [(entry_id, dict(fields)) for entry_id, fields in reply]
+
+
+def steal(r: redis.Redis, keys: Keys, consumer: str, count: int, group: str = GROUP) -> list[str]:
+    """Read new entries as `consumer` with a plain XREADGROUP and never acknowledge them."""
+    reply: Any = r.xreadgroup(group, consumer, {shard(keys): ">"}, count=count)
+    return [entry_id.decode() for entry_id, _ in reply[0][1]] if reply else []
+
+
+def pending(r: redis.Redis, keys: Keys, group: str = GROUP) -> dict[str, str]:
+    """Pending entry ID -> consumer holding it."""
+    rows: Any = r.xpending_range(shard(keys), group, min="-", max="+", count=100_000)
+    return {row["message_id"].decode(): row["consumer"].decode() for row in rows}
+
+
+async def drain(rd: ShardReader, count: int = 1000) -> list[Raw]:
+    """Everything the reader has to give right now, call after call."""
+    got: list[Raw] = []
+    while batch := await rd.next(count, 0):
+        got += batch
+    return got
+
+
+# -- groups and reading ----------------------------------------------------------------------
+
+
+async def test_ensure_group_is_idempotent_and_starts_at_the_first_entry(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys
+) -> None:
+    ids = add(r, keys, 3)
+    rd = reader(ar, keys)
+    await rd.ensure_group()
+    await rd.ensure_group()
+    assert [g["name"] for g in r.xinfo_groups(shard(keys))] == [GROUP.encode()]
+    assert await create_group(ar, shard(keys), GROUP) is False
+    assert [raw.id for raw in await rd.next(10, 0)] == ids  # entries older than the group
+
+
+async def test_ensure_group_creates_a_missing_stream(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys
+) -> None:
+    rd = reader(ar, keys)
+    await rd.ensure_group()
+    assert r.xlen(shard(keys)) == 0
+    assert await rd.next(10, 0) == []
+    assert await create_group(ar, shard(keys), "other") is True
+
+
+async def test_next_reads_new_entries_once(ar: aredis.Redis, r: redis.Redis, keys: Keys) -> None:
+    rd = reader(ar, keys)
+    await rd.ensure_group()
+    ids = add(r, keys, 5)
+    first = await rd.next(3, 0)
+    assert first == [Raw(i, {b"n": str(n).encode()}, 1) for n, i in enumerate(ids[:3])]
+    assert [raw.id for raw in await rd.next(3, 0)] == ids[3:]
+    assert await rd.next(3, 0) == []
+    assert pending(r, keys) == dict.fromkeys(ids, "w1")
+
+
+async def test_next_blocks_until_an_entry_comes(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys
+) -> None:
+    rd = reader(ar, keys)
+    await rd.ensure_group()
+    started = time.monotonic()
+    assert await asyncio.wait_for(rd.next(10, 200), 2) == []
+    assert time.monotonic() - started >= 0.15
+    started = time.monotonic()
+    assert await asyncio.wait_for(rd.next(10, 0), 2) == []  # 0: no wait (not BLOCK 0 forever)
+    assert time.monotonic() - started < 0.1
+
+    async def publish_soon() -> list[str]:
+        await asyncio.sleep(0.1)
+        return add(r, keys, 1)
+
+    got, ids = await asyncio.gather(rd.next(10, 1500), publish_soon())
+    assert [raw.id for raw in got] == ids
+
+
+# -- claiming what was left pending ----------------------------------------------------------
+
+
+async def test_entries_of_a_dead_consumer_are_claimed_first(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys
+) -> None:
+    await create_group(ar, shard(keys), GROUP)
+    ids = add(r, keys, 6)
+    assert steal(r, keys, "dead", 4) == ids[:4]
+    r.xack(shard(keys), GROUP, ids[1])  # the dead one had applied this one
+    rd = reader(ar, keys, "w2")
+    claimed = await rd.next(10, 0)
+    assert [(raw.id, raw.deliveries) for raw in claimed] == [(i, 2) for i in ids[:4] if i != ids[1]]
+    assert claimed[0].fields == {b"n": b"0"}
+    fresh = await rd.next(10, 0)
+    assert [(raw.id, raw.deliveries) for raw in fresh] == [(i, 1) for i in ids[4:]]
+    assert await rd.next(10, 0) == []
+    assert pending(r, keys) == {i: "w2" for i in ids if i != ids[1]}
+
+
+async def test_deliveries_count_every_owner(ar: aredis.Redis, r: redis.Redis, keys: Keys) -> None:
+    await create_group(ar, shard(keys), GROUP)
+    ids = add(r, keys, 2)
+    steal(r, keys, "dead", 2)
+    for owner, deliveries in (("w1", 2), ("w2", 3), ("w3", 4)):  # each owner dies in turn
+        claimed = await reader(ar, keys, owner).next(10, 0)
+        assert [(raw.id, raw.deliveries) for raw in claimed] == [(i, deliveries) for i in ids]
+
+
+async def test_claim_pages_through_many_pending_entries(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys
+) -> None:
+    await create_group(ar, shard(keys), GROUP)
+    ids = add(r, keys, 2500)
+    assert len(steal(r, keys, "dead", 2500)) == 2500
+    rd = reader(ar, keys, "w2")
+    batches = [await rd.next(1000, 0) for _ in range(3)]
+    assert [len(batch) for batch in batches] == [1000, 1000, 500]
+    claimed = [raw for batch in batches for raw in batch]
+    assert [raw.id for raw in claimed] == ids  # in order, each once
+    assert {raw.deliveries for raw in claimed} == {2}
+    assert await rd.next(1000, 0) == []
+    new = add(r, keys, 2, start=2500)
+    assert [(raw.id, raw.deliveries) for raw in await rd.next(1000, 0)] == [(i, 1) for i in new]
+
+
+async def test_claim_skips_entries_deleted_while_pending(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys
+) -> None:
+    await create_group(ar, shard(keys), GROUP)
+    ids = add(r, keys, 5)
+    steal(r, keys, "dead", 5)
+    r.xdel(shard(keys), ids[1], ids[3])
+    rd = reader(ar, keys, "w2")
+    assert [raw.id for raw in await drain(rd, 2)] == [ids[0], ids[2], ids[4]]
+    await rd.ack([ids[0], ids[2], ids[4]])
+    assert pending(r, keys) == {}  # nothing stranded behind the holes
+
+
+async def _xautoclaim_calls(client: redis.Redis) -> int:
+    stats = client.info("commandstats").get("cmdstat_xautoclaim", {})
+    return int(stats.get("calls", 0))
+
+
+@pytest.fixture
+def own(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A sync client of a throwaway server, whose command stats are this test's alone."""
+    client = redis.Redis.from_url(redis_server.url)
+    yield client
+    client.close()
+
+
+async def test_claim_runs_once_per_reader_not_per_read(
+    redis_server: RedisServer, own: redis.Redis, keys: Keys
+) -> None:
+    client = aredis.Redis.from_url(redis_server.url)
+    try:
+        rd = reader(client, keys)
+        await rd.ensure_group()
+        before = await _xautoclaim_calls(own)
+        for _ in range(5):
+            assert await rd.next(10, 0) == []
+        assert await rd.next(10, 50) == []
+        assert await _xautoclaim_calls(own) - before == 1  # empty claim ends, no spin
+
+        ids = add(own, keys, 5)
+        steal(own, keys, "dead", 5)
+        before = await _xautoclaim_calls(own)
+        rd2 = reader(client, keys, "w2")
+        assert [raw.id for raw in await drain(rd2, 2)] == ids
+        for _ in range(3):
+            assert await rd2.next(2, 0) == []
+        assert await _xautoclaim_calls(own) - before == 3  # pages of 2, 2, 1, then reads only
+
+        rd2.recover()
+        before = await _xautoclaim_calls(own)
+        for _ in range(3):
+            assert await rd2.next(2, 0) == []
+        assert await _xautoclaim_calls(own) - before == 1
+    finally:
+        await client.aclose()
+
+
+# -- recovering a reply lost with the connection ---------------------------------------------
+
+
+async def test_recover_claims_entries_delivered_in_a_lost_reply(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys
+) -> None:
+    rd = reader(ar, keys)
+    await rd.ensure_group()
+    ids = add(r, keys, 6)
+    assert [raw.id for raw in await rd.next(3, 0)] == ids[:3]  # in a window, not yet acked
+    assert steal(r, keys, "w1", 10) == ids[3:]  # delivered to us, reply never seen
+    assert await rd.next(10, 0) == []  # XREADGROUP > never gives them again
+    rd.recover()
+    recovered = await rd.next(10, 0)
+    assert [(raw.id, raw.deliveries) for raw in recovered] == [(i, 2) for i in ids[3:]]
+    assert await rd.next(10, 0) == []  # and the window's entries are not delivered twice
+    assert await rd.ack(ids) == 6
+    assert pending(r, keys) == {}
+
+
+async def test_recover_with_nothing_lost_reads_on(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys
+) -> None:
+    rd = reader(ar, keys)
+    await rd.ensure_group()
+    rd.recover()  # before any read
+    ids = add(r, keys, 4)
+    assert [raw.id for raw in await rd.next(2, 0)] == ids[:2]
+    rd.recover()
+    assert [(raw.id, raw.deliveries) for raw in await rd.next(10, 0)] == [(i, 1) for i in ids[2:]]
+    rd.recover()
+    assert await rd.next(10, 0) == []
+
+
+async def test_recover_while_claiming_does_not_repeat_claimed_entries(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys
+) -> None:
+    await create_group(ar, shard(keys), GROUP)
+    ids = add(r, keys, 5)
+    steal(r, keys, "dead", 5)
+    rd = reader(ar, keys, "w2")
+    assert [raw.id for raw in await rd.next(2, 0)] == ids[:2]
+    rd.recover()
+    assert [raw.id for raw in await drain(rd, 2)] == ids[2:]
+
+
+# -- acknowledging and dead letters ----------------------------------------------------------
+
+
+async def test_ack(ar: aredis.Redis, r: redis.Redis, keys: Keys) -> None:
+    rd = reader(ar, keys)
+    await rd.ensure_group()
+    ids = add(r, keys, 3)
+    await rd.next(10, 0)
+    assert await rd.ack([]) == 0
+    assert await rd.ack(ids[:2]) == 2
+    assert await rd.ack(ids[:2]) == 0  # already acknowledged
+    assert pending(r, keys) == {ids[2]: "w1"}
+
+
+async def test_dead_letter_keeps_the_entry_byte_for_byte_and_acknowledges_it(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys
+) -> None:
+    rd = reader(ar, keys)
+    await rd.ensure_group()
+    fields = {b"key": b"task-1", b"data": b"\xff\xfe\x00not utf-8\x80", b"\xc3(": b"odd name"}
+    entry_id = xadd(r, shard(keys), fields)
+    other = add(r, keys, 1)[0]
+    raw, _ = await rd.next(10, 0)
+    before = int(time.time() * 1000)
+    await rd.dead_letter(raw, "DecodeError: data: not JSON ✗")
+    after = int(time.time() * 1000)
+
+    dead = xrange(r, keys.dead(STREAM, 0, GROUP))
+    assert len(dead) == 1
+    letter = dead[0][1]
+    assert before <= int(letter.pop(b"at_ms")) <= after
+    assert letter == {
+        b"reason": "DecodeError: data: not JSON ✗".encode(),
+        b"entry": entry_id.encode(),
+        b"group": GROUP.encode(),
+        b"deliveries": b"1",
+        b"source": shard(keys).encode(),
+        b"f:key": b"task-1",
+        b"f:data": b"\xff\xfe\x00not utf-8\x80",
+        b"f:\xc3(": b"odd name",
+    }
+    originals = {k[len(DEAD_PREFIX) :]: v for k, v in letter.items() if k.startswith(DEAD_PREFIX)}
+    assert originals == fields
+    assert pending(r, keys) == {other: "w1"}  # acknowledged; the other one untouched
+    assert r.xlen(shard(keys)) == 2  # the entry itself goes with trimming
+
+
+async def test_dead_letter_records_the_deliveries_of_a_claimed_entry(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys
+) -> None:
+    await create_group(ar, shard(keys), GROUP)
+    add(r, keys, 1)
+    steal(r, keys, "dead", 1)
+    rd = reader(ar, keys, "w2")
+    (raw,) = await rd.next(10, 0)
+    await rd.dead_letter(raw, "too many deliveries")
+    (_, letter), *_ = xrange(r, keys.dead(STREAM, 0, GROUP))
+    assert letter[b"deliveries"] == b"2"
+    assert letter[b"reason"] == b"too many deliveries"
+    assert r.xpending(shard(keys), GROUP)["pending"] == 0
+
+
+async def test_dead_letters_of_groups_are_apart(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys
+) -> None:
+    a, b = reader(ar, keys, group="a"), reader(ar, keys, group="b")
+    await a.ensure_group()
+    await b.ensure_group()
+    add(r, keys, 1)
+    (raw,) = await a.next(10, 0)
+    await a.dead_letter(raw, "bad")
+    assert r.xlen(keys.dead(STREAM, 0, "a")) == 1
+    assert r.exists(keys.dead(STREAM, 0, "b")) == 0
+    assert [x.id for x in await b.next(10, 0)] == [raw.id]  # group b still gets it
+
+
+# -- consumers of gone workers ---------------------------------------------------------------
+
+
+async def test_remove_gone_consumers_keeps_live_ones_and_pending_entries(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys
+) -> None:
+    rd = reader(ar, keys, "me")
+    await rd.ensure_group()
+    key = shard(keys)
+    for name in ("me", "live-idle", "gone-idle", "gone-2"):
+        r.xgroup_createconsumer(key, GROUP, name)
+    add(r, keys, 2)
+    steal(r, keys, "gone-busy", 1)
+    steal(r, keys, "live-busy", 1)
+    removed = await rd.remove_gone_consumers(["live-idle", "live-busy"])
+    assert sorted(removed) == ["gone-2", "gone-idle"]
+    left = {c["name"].decode() for c in r.xinfo_consumers(key, GROUP)}
+    assert left == {"me", "live-idle", "gone-busy", "live-busy"}
+    assert len(pending(r, keys)) == 2
+    assert await rd.remove_gone_consumers([]) == ["live-idle"]
+
+
+# -- retention: trim only below what every group has acknowledged ----------------------------
+
+
+async def two_groups(ar: aredis.Redis, keys: Keys) -> tuple[ShardReader, ShardReader]:
+    a, b = reader(ar, keys, "wa", group="a"), reader(ar, keys, "wb", group="b")
+    await a.ensure_group()
+    await b.ensure_group()
+    return a, b
+
+
+async def test_trim_keeps_everything_from_the_lowest_pending_entry(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys
+) -> None:
+    a, b = await two_groups(ar, keys)
+    ids = add(r, keys, 10)
+    await a.ack([raw.id for raw in await drain(a)])  # group a has everything
+    assert [raw.id for raw in await b.next(6, 0)] == ids[:6]
+    await b.ack([ids[0], ids[2], ids[3]])  # b: 1, 4, 5 pending; 6..9 never delivered
+    assert await a.trim() == 1
+    assert ids_in(r, keys) == ids[1:]
+    assert await b.trim() == 0  # the same floor from any group's reader
+    assert await trim_floor(ar, shard(keys)) == parse_id(ids[1])
+
+
+async def test_trim_keeps_what_a_group_has_not_been_delivered(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys
+) -> None:
+    a, b = await two_groups(ar, keys)
+    ids = add(r, keys, 10)
+    await a.ack([raw.id for raw in await drain(a)])
+    await b.ack([raw.id for raw in await b.next(6, 0)])  # nothing pending, 6..9 unread
+    ms, seq = parse_id(ids[5])
+    assert await trim_floor(ar, shard(keys)) == (ms, seq + 1)
+    assert await b.trim() == 6
+    assert ids_in(r, keys) == ids[6:]
+
+    await b.ack([raw.id for raw in await drain(b)])  # b catches up
+    assert await b.trim() == 4
+    assert r.xlen(shard(keys)) == 0
+    assert await b.trim() == 0
+    more = add(r, keys, 2, start=10)
+    assert await a.trim() == 0  # new entries nobody has read
+    assert ids_in(r, keys) == more
+
+
+async def test_trim_keeps_what_the_faster_group_still_holds(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys
+) -> None:
+    a, b = await two_groups(ar, keys)
+    ids = add(r, keys, 10)
+    await a.ack([raw.id for raw in await drain(a) if raw.id != ids[8]])
+    await b.ack([raw.id for raw in await drain(b)])
+    assert await a.trim() == 8
+    assert ids_in(r, keys) == ids[8:]
+
+
+async def test_a_shard_without_groups_is_never_trimmed(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys
+) -> None:
+    rd = reader(ar, keys)
+    assert await rd.trim() == 0  # no stream at all
+    assert r.exists(shard(keys)) == 0
+    ids = add(r, keys, 3)
+    assert await trim_floor(ar, shard(keys)) is None
+    assert await rd.trim() == 0
+    assert await rd.trim(retention_ms=1) == 0
+    assert ids_in(r, keys) == ids
+
+
+async def test_a_group_that_never_read_keeps_everything(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys
+) -> None:
+    a, _ = await two_groups(ar, keys)
+    ids = add(r, keys, 4)
+    await a.ack([raw.id for raw in await drain(a)])
+    assert await trim_floor(ar, shard(keys)) == (0, 1)
+    assert await a.trim() == 0
+    assert ids_in(r, keys) == ids
+
+
+async def test_retention_keeps_young_entries_acknowledged_by_all(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys
+) -> None:
+    a, b = await two_groups(ar, keys)
+    ids = add(r, keys, 3)
+    for rd in (a, b):
+        await rd.ack([raw.id for raw in await drain(rd)])
+    assert await a.trim(retention_ms=3_600_000) == 0
+    assert await a.trim(retention_ms=10**15) == 0  # longer than the epoch: keep everything
+    assert ids_in(r, keys) == ids
+    assert await a.trim(retention_ms=0) == 3
+    assert r.xlen(shard(keys)) == 0
+
+
+async def test_retention_trims_old_entries_and_keeps_young_ones(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys
+) -> None:
+    a, b = await two_groups(ar, keys)
+    seconds, micros = r.time()
+    old_ms = seconds * 1000 + micros // 1000 - 600_000  # ten minutes ago
+    old = [xadd(r, shard(keys), {b"n": b"old"}, f"{old_ms}-{i}") for i in range(3)]
+    young = add(r, keys, 2)
+    await a.ack([raw.id for raw in await drain(a)])
+    assert [raw.id for raw in await b.next(2, 0)] == old[:2]
+    await b.ack([old[0]])  # b still holds old[1]: the group floor is below the retention
+    assert await a.trim(retention_ms=60_000) == 1
+    assert ids_in(r, keys) == old[1:] + young
+    await b.ack([raw.id for raw in await drain(b)] + [old[1]])
+    assert await a.trim(retention_ms=60_000) == 2  # the young ones stay for a minute
+    assert ids_in(r, keys) == young
