@@ -61,22 +61,29 @@ class ShardRunner:
         await retrying(self.reader.ensure_group, "create group")
         window, flushing = Window(), None
         settings = self.settings
-        while not self.draining.is_set():
-            now = time.monotonic()
-            if window.due(settings, now):
-                if flushing is not None:
-                    await flushing  # one flush at a time; a full window waits here
-                flushing = asyncio.create_task(self.flush(window))
-                window = Window()
-                continue
-            block = settings.block_ms
-            if window:
-                block = max(0, min(block, int((window.due_at(settings) - now) * 1000)))
-            count = min(settings.read_count, settings.max_events - len(window))
-            for raw in await self._read(count, block):
-                await self._take(window, raw)
-        if flushing is not None:
-            await flushing
+        try:
+            while not self.draining.is_set():
+                now = time.monotonic()
+                if window.due(settings, now):
+                    if flushing is not None:
+                        await flushing  # one flush at a time; a full window waits here
+                    flushing = asyncio.create_task(self.flush(window))
+                    window = Window()
+                    continue
+                block = settings.block_ms
+                if window:
+                    block = max(0, min(block, int((window.due_at(settings) - now) * 1000)))
+                count = min(settings.read_count, settings.max_events - len(window))
+                for raw in await self._read(count, block):
+                    await self._take(window, raw)
+            if flushing is not None:
+                await flushing
+        finally:
+            # Cancelled (lease lost) or crashed: the flush in flight must not write or
+            # acknowledge on behalf of an owner that is gone; the next owner claims it.
+            if flushing is not None and not flushing.done():
+                flushing.cancel()
+                await asyncio.wait([flushing])
         if window:
             await self.flush(window)
         log.info("shard drained", extra=self._where)
