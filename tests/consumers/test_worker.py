@@ -1,0 +1,373 @@
+"""The worker in this process, on the real Redis: delivery, order, batches, dead letters, retries.
+
+Each test runs `Worker.run` as a task with a stop event, publishes with the real producer
+(or with raw XADDs for entries a producer would refuse) and looks at what the sinks got
+and at the streams, consumer groups and dead-letter streams in Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any
+
+import redis
+import redis.asyncio as aredis
+
+from streamsink.consumers.worker import Worker, worker_client
+from streamsink.schemas import (
+    Column,
+    ColumnType,
+    Config,
+    Event,
+    GroupSpec,
+    SinkSpec,
+    StreamSpec,
+    Table,
+    encode,
+    shard_of,
+)
+from streamsink.sinks import Batch, FunctionSink, Rejected, Sink, TestingSink
+from streamsink.streams import Keys, Producer, create_stream
+
+SHARDS = 6
+STREAM = "items"
+GROUP = "g"
+FAST = {
+    "lease_ttl_ms": 1500,
+    "linger_ms": 20,
+    "max_age_ms": 100,
+    "block_ms": 100,
+    "maintenance_ms": 500,
+}
+
+ITEMS = Table(
+    name="items",
+    key=("id",),
+    columns={
+        "id": Column(ColumnType.TEXT, nullable=False),
+        "seq": Column(ColumnType.INT),
+        "poison": Column(ColumnType.BOOL),
+    },
+)
+
+
+def make_config(keys: Keys, sinks: Sequence[str], **options: int) -> Config:
+    """`items` with SHARDS shards into table items, read by group `g` feeding `sinks`."""
+    return Config(
+        prefix=keys.prefix,
+        streams={STREAM: StreamSpec(STREAM, SHARDS, table="items")},
+        tables={"items": ITEMS},
+        groups={GROUP: GroupSpec(GROUP, STREAM, tuple(sinks), {**FAST, **options})},
+        sinks={name: SinkSpec(name, "function") for name in sinks},
+    )
+
+
+def item(key: str, seq: int, **data: Any) -> Event:
+    return Event.make(key, "set", {"id": key, "seq": seq, **data})
+
+
+def keys_on(shard: int, count: int, tag: str = "k") -> list[str]:
+    """`count` routing keys that land on `shard`."""
+    found: list[str] = []
+    n = 0
+    while len(found) < count:
+        key = f"{tag}-{n}"
+        if shard_of(key, SHARDS) == shard:
+            found.append(key)
+        n += 1
+    return found
+
+
+def pending(client: redis.Redis, keys: Keys) -> list[int]:
+    """XPENDING count of the group on every shard."""
+    return [
+        int(client.xpending(keys.shard(STREAM, shard), GROUP)["pending"]) for shard in range(SHARDS)
+    ]
+
+
+def dead_letters(client: redis.Redis, keys: Keys, shard: int) -> dict[str, dict[bytes, bytes]]:
+    """Dead letters of (group, shard) by the ID of the entry they hold."""
+    return {
+        fields[b"entry"].decode(): fields
+        for _, fields in client.xrange(keys.dead(STREAM, shard, GROUP))
+    }
+
+
+def delivered_ids(sink: TestingSink) -> list[str]:
+    """IDs of the entries the sink got, in order (IDs are unique within a shard only)."""
+    return [entry.id for batch in sink.batches for entry in batch.entries]
+
+
+def delivered_positions(sink: TestingSink) -> list[tuple[int, str]]:
+    """(shard, entry ID) of every entry the sink got, in order."""
+    return [(batch.shard, entry.id) for batch in sink.batches for entry in batch.entries]
+
+
+async def eventually(
+    check: Callable[[], bool], task: asyncio.Task[None], what: str, within: float = 10
+) -> None:
+    """Poll `check` until true; fail with `what` after `within` s, or at once if the worker died."""
+    deadline = time.monotonic() + within
+    while not check():
+        if task.done():
+            task.result()  # raises the worker's crash
+            raise AssertionError(f"the worker stopped before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {within} s: {what}")
+        await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def running(
+    redis_url: str, config: Config, sinks: Mapping[str, Sink], name: str = "w1"
+) -> AsyncIterator[asyncio.Task[None]]:
+    """A worker running as a task; stopped (drained) and awaited on the way out."""
+    client = worker_client(redis_url)
+    stop = asyncio.Event()
+    task = asyncio.create_task(Worker(client, config, sinks, worker=name).run(stop))
+    try:
+        yield task
+    finally:
+        stop.set()
+        try:
+            await asyncio.wait_for(task, 15)
+        finally:
+            await client.aclose()
+
+
+async def test_every_event_once_in_order_per_key_with_batch_positions(
+    r: redis.Redis, keys: Keys, redis_url: str
+) -> None:
+    create_stream(r, keys, STREAM, SHARDS)
+    config = make_config(keys, ["mem"])
+    producer = Producer(r, config)
+    names = [f"key-{n}" for n in range(30)]
+    published: dict[str, list[str]] = defaultdict(list)  # key -> entry IDs in publish order
+    shard = {key: shard_of(key, SHARDS) for key in names}
+    seq: Counter[str] = Counter()
+
+    def publish(rounds: int) -> None:
+        events = []
+        for _ in range(rounds):
+            for key in names:
+                events.append(item(key, seq[key]))
+                seq[key] += 1
+        for event, entry_id in zip(events, producer.publish_many(STREAM, events), strict=True):
+            published[event.key].append(entry_id)
+
+    publish(5)  # a backlog before the worker starts...
+    sink = TestingSink()
+    async with running(redis_url, config, {"mem": sink}) as task:
+        for _ in range(5):  # ... and more while it runs, so windows close on age and quiet
+            publish(2)
+            await asyncio.sleep(0.05)
+        total = sum(len(ids) for ids in published.values())
+        await eventually(lambda: len(delivered_ids(sink)) >= total, task, "all delivered")
+    assert total == 30 * 15
+
+    counts = Counter(delivered_positions(sink))
+    assert set(counts) == {(shard[key], i) for key, ids in published.items() for i in ids}
+    assert max(counts.values()) == 1, "an entry was delivered twice"
+    by_key: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for batch in sink.batches:
+        for entry in batch.entries:
+            by_key[entry.event.key].append((entry.event.data["seq"], entry.id))
+    for key in names:
+        assert by_key[key] == list(enumerate(published[key])), f"order of {key}"
+
+    last_of_shard: dict[int, tuple[int, int]] = {}
+    for batch in sink.batches:
+        ids = [entry.id for entry in batch.entries]
+        assert batch.group == GROUP
+        assert batch.stream == STREAM
+        assert batch.epoch == 1  # the first lease of every shard
+        assert {shard_of(entry.event.key, SHARDS) for entry in batch.entries} == {batch.shard}
+        assert (batch.first_id, batch.last_id) == (ids[0], ids[-1])
+        assert sorted(ids, key=_id) == ids
+        assert _id(batch.first_id) > last_of_shard.get(batch.shard, (0, 0))
+        last_of_shard[batch.shard] = _id(batch.last_id)
+    assert len(sink.batches) > SHARDS, "the later publishes should have made more windows"
+    assert pending(r, keys) == [0] * SHARDS
+    assert all(not r.exists(keys.lease(STREAM, s, GROUP)) for s in range(SHARDS))
+    assert not r.zcard(keys.workers(STREAM, GROUP)), "a stopped worker leaves the group"
+
+
+def _id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq)
+
+
+async def test_poison_entries_go_to_dead_letters_and_the_rest_of_the_window_goes_on(
+    r: redis.Redis, keys: Keys, redis_url: str
+) -> None:
+    create_stream(r, keys, STREAM, SHARDS)
+    config = make_config(keys, ["mem", "picky"])
+    producer = Producer(r, config)
+    shard = 2
+    key = keys_on(shard, 1)[0]
+    stream_key = keys.shard(STREAM, shard)
+    before = producer.publish_many(STREAM, [item(key, n) for n in range(3)])
+    undecodable = r.xadd(stream_key, {"key": key, "op": "set", "data": b'{"id": "x", "seq'})
+    wrong_type = r.xadd(
+        stream_key, dict(_pairs(encode(Event.make(key, "set", {"id": key, "seq": "three"}))))
+    )
+    rejected = producer.publish(STREAM, item(key, 3, poison=True))
+    after = producer.publish_many(STREAM, [item(key, n) for n in range(4, 7)])
+    bad = {undecodable.decode(), wrong_type.decode()}
+
+    async def picky(batch: Batch) -> list[Rejected]:
+        return [
+            Rejected(entry.id, "no poison here")
+            for entry in batch.entries
+            if entry.event.data.get("poison")
+        ]
+
+    sink = TestingSink()
+    good = [*before, rejected, *after]
+    async with running(redis_url, config, {"mem": sink, "picky": FunctionSink(picky)}) as task:
+        await eventually(lambda: set(delivered_ids(sink)) >= set(good), task, "the good ones")
+        await eventually(lambda: pending(r, keys) == [0] * SHARDS, task, "nothing pending")
+
+    assert delivered_ids(sink) == good, "every other entry, in order, once"
+    assert not bad & set(delivered_ids(sink))
+    window = next(b for b in sink.batches if rejected in [e.id for e in b.entries])
+    assert [e.id for e in window.entries] == good, "one window: the bad ones did not split it"
+    letters = dead_letters(r, keys, shard)
+    assert set(letters) == {*bad, rejected}
+    assert letters[undecodable.decode()][b"reason"].startswith(b"DecodeError: data")
+    assert letters[undecodable.decode()][b"f:data"] == b'{"id": "x", "seq'
+    assert letters[wrong_type.decode()][b"reason"].startswith(b"ValidationError: data.seq")
+    assert letters[rejected][b"reason"] == b"sink: no poison here"
+    for entry_id, letter in letters.items():
+        assert letter[b"group"] == GROUP.encode()
+        assert letter[b"source"] == stream_key.encode()
+        assert letter[b"f:key"] == key.encode(), entry_id
+    assert pending(r, keys) == [0] * SHARDS
+    others = [s for s in range(SHARDS) if s != shard]
+    assert all(not r.exists(keys.dead(STREAM, s, GROUP)) for s in others)
+
+
+def _pairs(flat: list[bytes]) -> list[tuple[bytes, bytes]]:
+    return list(zip(flat[::2], flat[1::2], strict=True))
+
+
+async def test_an_entry_delivered_too_often_goes_to_dead_letters(
+    r: redis.Redis, keys: Keys, redis_url: str
+) -> None:
+    create_stream(r, keys, STREAM, SHARDS)
+    config = make_config(keys, ["mem"], max_deliveries=3)
+    producer = Producer(r, config)
+    shard = 4
+    stream_key = keys.shard(STREAM, shard)
+    one, two, three = keys_on(shard, 3)
+    r.xgroup_create(stream_key, GROUP, id="0", mkstream=True)
+    # A consumer that is gone read two entries, and they were claimed back and forth since.
+    # The worker's own claim is one more delivery: 3 for `fine` (the max), 4 for `worn`.
+    worn = producer.publish(STREAM, item(one, 0))
+    fine = producer.publish(STREAM, item(two, 0))
+    r.xreadgroup(GROUP, "gone-consumer", {stream_key: ">"})
+    r.xclaim(stream_key, GROUP, "gone-consumer", 0, [worn, fine])
+    r.xclaim(stream_key, GROUP, "gone-consumer", 0, [worn])
+    fresh = producer.publish(STREAM, item(three, 0))
+    counts = {
+        p["message_id"].decode(): p["times_delivered"]
+        for p in r.xpending_range(stream_key, GROUP, "-", "+", 10)
+    }
+    assert counts == {worn: 3, fine: 2}
+
+    sink = TestingSink()
+    async with running(redis_url, config, {"mem": sink}) as task:
+        await eventually(lambda: {fine, fresh} <= set(delivered_ids(sink)), task, "delivered")
+        await eventually(lambda: pending(r, keys) == [0] * SHARDS, task, "nothing pending")
+
+    assert delivered_ids(sink) == [fine, fresh]
+    letters = dead_letters(r, keys, shard)
+    assert set(letters) == {worn}
+    assert letters[worn][b"reason"] == b"delivered 4 times (max_deliveries=3)"
+    assert letters[worn][b"deliveries"] == b"4"
+
+
+class FlakySink:
+    """Raises on its first write, then records; notes what was pending during each write."""
+
+    def __init__(self, client: aredis.Redis, keys: Keys) -> None:
+        self.client, self.keys = client, keys
+        self.calls: list[tuple[str, str, int]] = []  # (first_id, last_id, pending then)
+        self.batches: list[Batch] = []
+
+    async def write(self, batch: Batch) -> Sequence[Rejected]:
+        summary: Any = await self.client.xpending(self.keys.shard(STREAM, batch.shard), GROUP)
+        self.calls.append((batch.first_id, batch.last_id, int(summary["pending"])))
+        if len(self.calls) == 1:
+            raise ConnectionRefusedError("the database is restarting")
+        self.batches.append(batch)
+        return ()
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_failing_sink_gets_the_window_again_and_nothing_is_acked_before(
+    r: redis.Redis, ar: aredis.Redis, keys: Keys, redis_url: str
+) -> None:
+    create_stream(r, keys, STREAM, SHARDS)
+    config = make_config(keys, ["flaky"])
+    shard = 1
+    key = keys_on(shard, 1)[0]
+    ids = Producer(r, config).publish_many(STREAM, [item(key, n) for n in range(5)])
+    sink = FlakySink(ar, keys)
+    async with running(redis_url, config, {"flaky": sink}) as task:
+        await eventually(lambda: len(sink.batches) == 1, task, "the retry", within=5)
+        await eventually(lambda: pending(r, keys) == [0] * SHARDS, task, "acknowledged")
+
+    assert sink.calls == [(ids[0], ids[-1], 5), (ids[0], ids[-1], 5)]
+    assert [e.id for e in sink.batches[0].entries] == ids
+    assert not r.exists(keys.dead(STREAM, shard, GROUP))
+
+
+class GatedSink:
+    """Holds each write until `gate` is set; notes whether a write was cancelled."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.started = False
+        self.cancelled = False
+        self.batches: list[Batch] = []
+
+    async def write(self, batch: Batch) -> Sequence[Rejected]:
+        self.started = True
+        try:
+            await self.gate.wait()
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+        self.batches.append(batch)
+        return ()
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_lost_lease_stops_the_write_in_flight_and_acknowledges_nothing(
+    r: redis.Redis, keys: Keys, redis_url: str
+) -> None:
+    create_stream(r, keys, STREAM, SHARDS)
+    config = make_config(keys, ["gated"])
+    shard = 3
+    key = keys_on(shard, 1)[0]
+    Producer(r, config).publish_many(STREAM, [item(key, n) for n in range(5)])
+    sink = GatedSink()
+    async with running(redis_url, config, {"gated": sink}) as task:
+        await eventually(lambda: sink.started, task, "the write started")
+        r.set(keys.lease(STREAM, shard, GROUP), "thief", px=60_000)  # as if it had expired
+        await eventually(lambda: sink.cancelled, task, "the write cancelled", within=3)
+        sink.gate.set()
+        await asyncio.sleep(0.2)
+        assert sink.batches == [], "a worker that lost the lease still wrote"
+        assert pending(r, keys)[shard] == 5, "a worker that lost the lease acknowledged"
+    assert r.get(keys.lease(STREAM, shard, GROUP)) == b"thief"
+    assert pending(r, keys)[shard] == 5
