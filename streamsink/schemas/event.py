@@ -67,15 +67,18 @@ def check_shape(event: Event) -> None:
     _check_text("key", event.key, MAX_KEY_BYTES)
     if not isinstance(event.op, Op):
         raise EventError("op", f"unknown op {event.op!r}; expected one of {_OPS}")
-    if not isinstance(event.data, Mapping):
-        raise EventError("data", f"must be a JSON object, got {type(event.data).__name__}")
-    for name in event.data:
-        if not isinstance(name, str) or not name:
+    data = event.data
+    if type(data) is not dict and not isinstance(data, Mapping):
+        raise EventError("data", f"must be a JSON object, got {type(data).__name__}")
+    for name in data:
+        if (type(name) is not str and not isinstance(name, str)) or not name:
             raise EventError("data", f"field names must be non-empty strings, got {name!r}")
     if event.table is not None:
         _check_text("table", event.table, 63)
     if event.id is not None:
         _check_text("id", event.id, MAX_ID_BYTES)
+    if event.ts is None and event.version is None:
+        return
     for name, number in (("ts", event.ts), ("version", event.version)):
         if number is not None and (
             not isinstance(number, int) or isinstance(number, bool) or not 0 <= number <= MAX_NUMBER

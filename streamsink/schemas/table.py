@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -72,6 +72,7 @@ class Table:
     mode: Mode = Mode.UPSERT
     schema: str | None = None
     value_columns: tuple[str, ...] = field(init=False)
+    checks: Mapping[str, Callable[[Any], str | None]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in (self.name, *self.columns, *([self.schema] if self.schema else [])):
@@ -92,6 +93,8 @@ class Table:
         object.__setattr__(
             self, "value_columns", tuple(c for c in self.columns if c not in self.key)
         )
+        checks = {name: _TYPE_CHECKS[column.type] for name, column in self.columns.items()}
+        object.__setattr__(self, "checks", checks)
 
     def row_key(self, data: Mapping[str, Any]) -> tuple[Any, ...]:
         """The identity of the row an event touches (its key column values)."""
@@ -120,6 +123,16 @@ def validate(event: Event, table: Table) -> None:
             raise ValidationError(f"data.{name}", f"key column of {table.name!r} is missing")
         if data[name] is None:
             raise ValidationError(f"data.{name}", "key column must not be null")
+    if op is Op.SET or op is Op.APPEND:  # the hot path: one dict lookup and one call a field
+        checks = table.checks
+        for name, value in data.items():
+            check = checks.get(name)
+            if check is None:
+                raise ValidationError(f"data.{name}", f"table {table.name!r} has no such column")
+            reason = check(value) if value is not None else None
+            if reason or value is None:
+                _check_value(name, value, table.columns[name])
+        return
     for name, value in data.items():
         column = table.columns.get(name)
         if column is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -58,7 +58,7 @@ class AsyncProducer:
         self._settings = self._prep.settings
         self._pending: deque[_Request] = deque()
         self._pending_events = 0
-        self._room = asyncio.Semaphore(self._settings.queue_size)
+        self._room = asyncio.Event()  # set when a publish left the queue
         self._wakeup = asyncio.Event()
         self._full = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -70,35 +70,54 @@ class AsyncProducer:
 
     async def publish(self, stream: str, event: Event) -> str:
         """Publish one event; return its entry ID once Redis has it."""
-        return (await self.publish_many(stream, (event,)))[0]
+        if stream not in self._prep.shards:
+            await self._load_shards(stream)
+        return (await self._submit(self._request(stream, (event,))))[0]
 
     async def publish_many(self, stream: str, events: Iterable[Event]) -> list[str]:
         """Publish events in order, together; nothing is sent if any is invalid."""
-        self._check_open()
         if stream not in self._prep.shards:
             await self._load_shards(stream)
+        request = self._request(stream, events)
+        return await self._submit(request) if request.prepared else []
+
+    def _request(self, stream: str, events: Iterable[Event]) -> _Request:
+        """Validate and encode (raising before anything is queued) into a pending publish."""
+        self._check_open()
         prepared = self._prep.encode(stream, events)
-        if not prepared:
-            return []
         loop = asyncio.get_running_loop()
         if self._task is None:
             self._task = loop.create_task(self._run(), name="streamsink-producer")
+        return _Request(stream, prepared, loop.create_future())
+
+    def _submit(self, request: _Request) -> Awaitable[list[str]]:
+        """Send at once from the caller when idle; else queue, waiting for room if full."""
         if not self._busy and not self._pending and self._settings.max_wait <= 0:
-            # Idle: send from this coroutine, sparing the hop through the sender task.
-            request = _Request(stream, prepared, loop.create_future())
-            await self._send([request])
-            return request.future.result()
-        await self._room.acquire()  # a publish that began before close() is still sent
-        if self._failure is not None:
-            self._room.release()
-            self._check_open()
-        future: asyncio.Future[list[str]] = loop.create_future()
-        self._pending.append(_Request(stream, prepared, future))
-        self._pending_events += len(prepared)
+            return self._send_inline(request)  # spares the hop through the sender task
+        if len(self._pending) >= self._settings.queue_size:
+            return self._wait_for_room(request)
+        self._enqueue(request)
+        return request.future
+
+    async def _send_inline(self, request: _Request) -> list[str]:
+        await self._send([request])
+        return request.future.result()
+
+    async def _wait_for_room(self, request: _Request) -> list[str]:
+        while len(self._pending) >= self._settings.queue_size:
+            self._room.clear()
+            await self._room.wait()  # a publish that began before close() is still sent
+            if self._failure is not None:
+                self._check_open()
+        self._enqueue(request)
+        return await request.future
+
+    def _enqueue(self, request: _Request) -> None:
+        self._pending.append(request)
+        self._pending_events += len(request.prepared)
         if self._pending_events >= self._settings.max_batch:
             self._full.set()
         self._wakeup.set()
-        return await future
 
     async def _load_shards(self, stream: str) -> None:
         """Read the stream's shard count once, however many publishers ask at the same time."""
@@ -150,7 +169,7 @@ class AsyncProducer:
             request = self._pending.popleft()
             batch.append(request)
             count += len(request.prepared)
-            self._room.release()
+        self._room.set()
         self._pending_events -= count
         if self._pending_events < self._settings.max_batch:
             self._full.clear()
@@ -214,8 +233,8 @@ class AsyncProducer:
     def _fail_pending(self, error: Exception) -> None:
         while self._pending:
             request = self._pending.popleft()
-            self._room.release()
             _settle(request.future, error)
+        self._room.set()
         self._pending_events = 0
 
     async def close(self, grace: float | None = 10.0) -> None:
