@@ -33,7 +33,7 @@ class Backoff:
 
     def next(self) -> float:
         """The delay before the next attempt."""
-        bound = min(self.cap, self.base * 2**self.attempt)
+        bound = min(self.cap, self.base * 2 ** min(self.attempt, 32))
         self.attempt += 1
         return random.uniform(bound / 2, bound)
 

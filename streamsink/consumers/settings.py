@@ -28,7 +28,8 @@ class GroupSettings:
     lease_ttl_ms: int = 10_000
     """A lease not renewed for this long is free; renewals come every third of it."""
     max_deliveries: int = 5
-    """An entry delivered more often than this goes to the dead-letter stream."""
+    """An entry delivered more often than this goes to the dead-letter stream (>= 2: a
+    takeover's claim counts as a delivery)."""
     retention_ms: int = 0
     """Keep acknowledged entries this long for replays (0: trim once every group has them)."""
     maintenance_ms: int = 5000
@@ -54,5 +55,10 @@ class GroupSettings:
         if settings.lease_ttl_ms < 300 or any(getattr(settings, n) < 1 for n in at_least_one):
             raise ConfigError(
                 f"group {group!r}: {', '.join(at_least_one)} must be >= 1, lease_ttl_ms >= 300"
+            )
+        if settings.max_deliveries < 2:  # a takeover's claim is a delivery too
+            raise ConfigError(
+                f"group {group!r}: max_deliveries must be >= 2: the claim that follows a "
+                "failover counts as a delivery, so 1 would dead-letter healthy entries"
             )
         return settings

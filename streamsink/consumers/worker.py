@@ -73,6 +73,8 @@ class GroupRunner:
         interval = self.settings.lease_ttl_ms / 3000
         async with asyncio.TaskGroup() as tasks:
             while not (stop.is_set() and not self.runners):
+                for shard in [s for s, (_, task) in self.runners.items() if task.done()]:
+                    del self.runners[shard]  # finished even if Redis failed us below
                 if stop.is_set():  # drain, still renewing the leases until every shard is done
                     for runner, _ in self.runners.values():
                         runner.draining.set()
@@ -89,7 +91,8 @@ class GroupRunner:
                 else:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), pause)
-        await retrying(self.leases.leave, "leave")
+        with contextlib.suppress(*TRANSIENT, TimeoutError):  # best effort: heartbeats expire
+            await asyncio.wait_for(self.leases.leave(), self.settings.lease_ttl_ms / 1000)
         log.info("group stopped", extra={"group": self.group.name, "worker": self.worker})
 
     async def _prepare(self) -> None:
@@ -154,7 +157,9 @@ class GroupRunner:
     async def _run_shard(self, runner: ShardRunner) -> None:
         """Run a shard; once it has drained (flushed, acknowledged), give its lease back."""
         await runner.run()
-        await retrying(lambda: self.leases.release(runner.lease.shard), "release lease")
+        release = retrying(lambda: self.leases.release(runner.lease.shard), "release lease")
+        with contextlib.suppress(TimeoutError):  # an unreleased lease simply expires
+            await asyncio.wait_for(release, self.settings.lease_ttl_ms / 1000)
         log.info("shard released", extra=self._where(runner.lease.shard))
 
     def _drop_stale_leases(self) -> None:
@@ -235,11 +240,24 @@ async def serve(config: Config, sinks: Mapping[str, Sink] | None = None) -> int:
     client = worker_client(config.redis_url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    running = asyncio.ensure_future(Worker(client, config, built).run(stop))
+
+    def on_signal() -> None:
+        """First signal: drain. Second: give up draining (e.g. Redis stays down) and exit."""
+        if stop.is_set():
+            log.warning("second signal: stopping without draining")
+            running.cancel()
+        stop.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal)
     try:
-        await Worker(client, config, built).run(stop)
+        await running
         return 0
+    except asyncio.CancelledError:
+        if not running.cancelled():
+            raise
+        return 1
     except Exception as exc:  # an ExceptionGroup from the TaskGroup, most often
         errors = exc.exceptions if isinstance(exc, BaseExceptionGroup) else (exc,)
         for error in errors:

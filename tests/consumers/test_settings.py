@@ -84,9 +84,20 @@ def test_bounds_are_checked(options: dict[str, int]) -> None:
 
 
 def test_the_smallest_allowed_values() -> None:
-    options = {"lease_ttl_ms": 300, "max_events": 1, "max_deliveries": 1, "read_count": 1}
+    options = {"lease_ttl_ms": 300, "max_events": 1, "max_deliveries": 2, "read_count": 1}
     settings = GroupSettings.from_options("g", {**options, "block_ms": 1})
     assert (settings.lease_ttl_ms, settings.max_events, settings.block_ms) == (300, 1, 1)
+
+
+def test_one_delivery_is_too_few_because_a_takeover_claim_counts() -> None:
+    with pytest.raises(ConfigError, match="max_deliveries must be >= 2"):
+        GroupSettings.from_options("g", {"max_deliveries": 1})
+
+
+def test_backoff_survives_an_hour_of_retries() -> None:
+    backoff = Backoff(base=0.05, cap=5.0)
+    delays = [backoff.next() for _ in range(5000)]
+    assert 2.5 <= delays[-1] <= 5.0
 
 
 # -- retry.Backoff ---------------------------------------------------------------------------

@@ -420,3 +420,22 @@ def test_a_crashed_loop_ends_the_process_with_exit_1_and_says_why(
     assert "StreamNotFound" in crashes[0]["error"]
     assert "create it first" in crashes[0]["error"]
     assert "Traceback" in crashes[0]["exc"]
+
+
+def test_a_second_sigterm_stops_a_worker_that_cannot_drain(
+    r: redis.Redis, keys: Keys, redis_server: RedisServer, cluster: Cluster
+) -> None:
+    path = cluster.config(redis_server.url)
+    own = redis.Redis.from_url(redis_server.url)
+    create_stream(own, keys, STREAM, SHARDS)
+    worker = cluster.start(path, sleep_ms=50)
+    eventually(lambda: sorted(shares(own, keys).values()) == [6], "all shards", workers=[worker])
+    Publisher(own, config_of(path)).publish(300)
+    eventually(lambda: len(recording.batches(r, keys.prefix)) >= 1, "a window", workers=[worker])
+    redis_server.kill()  # Redis stays down: the drain cannot acknowledge anything
+    worker.signal(signal.SIGTERM)
+    time.sleep(1.0)
+    assert worker.alive()  # still trying to drain
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(10) == 1
+    assert any(line["msg"].startswith("second signal") for line in worker.records())
