@@ -64,7 +64,9 @@ _OPS = ", ".join(op.value for op in Op)
 
 def check_shape(event: Event) -> None:
     """Check what every event must satisfy, whatever its table."""
-    _check_text("key", event.key, MAX_KEY_BYTES)
+    key = event.key
+    if not (type(key) is str and 0 < len(key) <= MAX_KEY_BYTES and key.isascii()):
+        _check_text("key", key, MAX_KEY_BYTES)  # the general (and slower) path
     if not isinstance(event.op, Op):
         raise EventError("op", f"unknown op {event.op!r}; expected one of {_OPS}")
     data = event.data

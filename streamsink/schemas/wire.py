@@ -37,6 +37,7 @@ DEFAULT_MAX_DATA_BYTES = 256 * 1024
 """Largest encoded `data` accepted by default: events are changes, not documents."""
 
 _OPS = {op.value.encode(): op for op in Op}
+_OP_BYTES = {op: name for name, op in _OPS.items()}
 
 
 def shard_of(key: str, shards: int) -> int:
@@ -61,7 +62,7 @@ def pack(event: Event, max_data_bytes: int = DEFAULT_MAX_DATA_BYTES) -> tuple[by
         raise PayloadTooLarge("data", f"is {len(data)} bytes; the limit is {max_data_bytes}")
     return (
         event.key.encode(),
-        event.op.value.encode(),
+        _OP_BYTES[event.op],
         data,
         b"" if event.table is None else event.table.encode(),
         b"" if event.ts is None else str(event.ts).encode(),

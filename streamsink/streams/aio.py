@@ -37,6 +37,16 @@ class _Request:
     future: asyncio.Future[list[str]]
 
 
+@dataclass(slots=True)
+class _InFlight:
+    batch: list[_Request]
+    commands: list[Command]
+    conn: Connection
+
+
+_STOPPED = PublishError("the producer was stopped while sending these events")
+
+
 class AsyncProducer:
     """Publishes events from asyncio code, batching concurrent publishes.
 
@@ -67,6 +77,8 @@ class AsyncProducer:
         self._failure: BaseException | None = None
         self._lookups: dict[str, asyncio.Future[Any]] = {}
         self._busy = False
+        self._inflight: deque[_InFlight] = deque()
+        self._replied = asyncio.Event()
 
     async def publish(self, stream: str, event: Event) -> str:
         """Publish one event; return its entry ID once Redis has it."""
@@ -92,7 +104,12 @@ class AsyncProducer:
 
     def _submit(self, request: _Request) -> Awaitable[list[str]]:
         """Send at once from the caller when idle; else queue, waiting for room if full."""
-        if not self._busy and not self._pending and self._settings.max_wait <= 0:
+        if (
+            not self._busy
+            and not self._pending
+            and not self._inflight
+            and self._settings.max_wait <= 0
+        ):
             return self._send_inline(request)  # spares the hop through the sender task
         if len(self._pending) >= self._settings.queue_size:
             return self._wait_for_room(request)
@@ -148,19 +165,35 @@ class AsyncProducer:
             raise ProducerClosed("this producer is closed")
 
     async def _run(self) -> None:
+        """The sender: write batches without waiting for the replies of earlier ones.
+
+        Up to `max_in_flight` batches are in flight on the one connection; the reply
+        reader settles them in order (Redis answers in order), so Python prepares the
+        next batch while Redis runs the last, and per-key order holds.
+        """
+        replies = asyncio.get_running_loop().create_task(self._read_replies())
         try:
-            while self._pending or self._busy or not self._closing:
+            while self._pending or self._busy or self._inflight or not self._closing:
                 await self._wakeup.wait()
                 self._wakeup.clear()
                 if self._settings.max_wait > 0 and not self._closing and not self._full.is_set():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._full.wait(), self._settings.max_wait)
-                while self._pending and not self._busy:
-                    await self._send(self._take())
+                while (
+                    self._pending
+                    and not self._busy
+                    and len(self._inflight) < self._settings.max_in_flight
+                ):
+                    await self._dispatch(self._take())
         except BaseException as exc:
             self._failure = exc
             self._fail_pending(ProducerClosed(f"the producer stopped: {exc!r}"))
             raise
+        finally:
+            replies.cancel()
+            await asyncio.gather(replies, return_exceptions=True)
+            if self._inflight:
+                await self._drop_connection(_STOPPED)
 
     def _take(self) -> list[_Request]:
         batch: list[_Request] = []
@@ -175,8 +208,49 @@ class AsyncProducer:
             self._full.clear()
         return batch
 
+    async def _dispatch(self, batch: list[_Request]) -> None:
+        """Write a batch and hand it to the reply reader."""
+        commands = self._prep.commands([(r.stream, r.prepared) for r in batch])
+        self._busy = True
+        try:
+            conn = await self._write(commands)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            await self._drop_connection(PublishError(_LOST.format(exc)))
+            for request in batch:
+                _settle(request.future, PublishError(_LOST.format(exc)))
+            return
+        except BaseException:
+            await self._drop_connection(_STOPPED)
+            for request in batch:
+                _settle(request.future, _STOPPED)
+            raise
+        finally:
+            self._busy = False
+        self._inflight.append(_InFlight(batch, commands, conn))
+        self._replied.set()
+
+    async def _read_replies(self) -> None:
+        """Settle in-flight batches in order as their replies arrive."""
+        while True:
+            while not self._inflight:
+                self._replied.clear()
+                await self._replied.wait()
+            sent = self._inflight[0]
+            results: list[list[str]] = [[""] * len(r.prepared) for r in sent.batch]
+            errors: dict[int, Exception] = {}
+            try:
+                await self._read(sent.conn, sent.commands, results, errors)
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                await self._drop_connection(PublishError(_LOST.format(exc)), sent.conn)
+                continue
+            if self._inflight and self._inflight[0] is sent:
+                self._inflight.popleft()
+            for index, request in enumerate(sent.batch):
+                _settle(request.future, errors.get(index), results[index])
+            self._wakeup.set()
+
     async def _send(self, batch: list[_Request]) -> None:
-        """One round trip for `batch`; only one runs at a time (`_busy`), in publish order."""
+        """One round trip for `batch` from the caller (`_busy` keeps the sender out)."""
         self._busy = True
         try:
             await self._send_batch(batch)
@@ -190,27 +264,34 @@ class AsyncProducer:
         results: list[list[str]] = [[""] * len(r.prepared) for r in batch]
         errors: dict[int, Exception] = {}
         try:
-            await self._roundtrip(commands, results, errors)
+            conn = await self._write(commands)
+            await self._read(conn, commands, results, errors)
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             await self._drop_connection()
             errors = dict.fromkeys(range(len(batch)), PublishError(_LOST.format(exc)))
         except BaseException:
             await self._drop_connection()
-            unknown = PublishError("the producer was stopped while sending these events")
             for request in batch:
-                _settle(request.future, unknown)
+                _settle(request.future, _STOPPED)
             raise
         for index, request in enumerate(batch):
             _settle(request.future, errors.get(index), results[index])
 
-    async def _roundtrip(
-        self, commands: list[Command], results: list[list[str]], errors: dict[int, Exception]
-    ) -> None:
+    async def _write(self, commands: list[Command]) -> Connection:
         if self._conn is None:
             self._conn = await self._client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
         conn = self._conn
         packed = [hiredis.pack_command(tuple(c.args)) for c in commands]  # type: ignore[arg-type]
-        await conn.send_packed_command(packed)
+        await conn.send_packed_command(packed, check_health=False)
+        return conn
+
+    @staticmethod
+    async def _read(
+        conn: Connection,
+        commands: list[Command],
+        results: list[list[str]],
+        errors: dict[int, Exception],
+    ) -> None:
         for command in commands:
             try:
                 reply = await conn.read_response()
@@ -224,11 +305,22 @@ class AsyncProducer:
             ):
                 results[request_index][position] = entry_id(raw)
 
-    async def _drop_connection(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await conn.disconnect(nowait=True)
-            await self._client.connection_pool.release(conn)
+    async def _drop_connection(
+        self, error: Exception | None = None, conn: Connection | None = None
+    ) -> None:
+        """Close the connection (or only `conn`, if still current); fail what was in flight
+        on it: its replies are lost with it."""
+        if conn is not None and conn is not self._conn:
+            return
+        dropped, self._conn = self._conn, None
+        lost = [sent for sent in self._inflight if sent.conn is dropped]
+        self._inflight = deque(sent for sent in self._inflight if sent.conn is not dropped)
+        for sent in lost:
+            for request in sent.batch:
+                _settle(request.future, error or _STOPPED)
+        if dropped is not None:
+            await dropped.disconnect(nowait=True)
+            await self._client.connection_pool.release(dropped)
 
     def _fail_pending(self, error: Exception) -> None:
         while self._pending:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from zlib import crc32
 
 from streamsink.errors import ConfigError, ShardCountMismatch, StreamNotFound
 from streamsink.schemas.config import Config
 from streamsink.schemas.event import Event
-from streamsink.schemas.wire import PACKED_FIELDS, pack, shard_of
+from streamsink.schemas.wire import PACKED_FIELDS, pack
 from streamsink.streams.keys import Keys
 
 # KEYS[1]: shard stream. ARGV[1]: dedup key prefix, ARGV[2]: dedup TTL (ms), then seven
@@ -59,8 +60,11 @@ class ProducerSettings:
 
     dedup_ttl_ms: int = 3_600_000
     """How long an idempotency id is remembered: retries must come within this time."""
-    max_batch: int = 1000
-    """Asyncio producer: most events sent in one round trip."""
+    max_batch: int = 500
+    """Asyncio producer: most events in one batch (smaller batches in flight together let
+    Python prepare the next while Redis runs the last)."""
+    max_in_flight: int = 4
+    """Asyncio producer: batches sent before the reply of the first has come back."""
     max_wait: float = 0.0
     """Asyncio producer: seconds to wait for more events before sending (0: send at once;
     events still gather while the previous round trip is in flight)."""
@@ -68,7 +72,7 @@ class ProducerSettings:
     """Asyncio producer: pending publish calls before publish() waits for room (backpressure)."""
 
     def __post_init__(self) -> None:
-        for name in ("dedup_ttl_ms", "max_batch", "queue_size"):
+        for name in ("dedup_ttl_ms", "max_batch", "max_in_flight", "queue_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(
@@ -142,7 +146,7 @@ class Preparer:
         for event in events:
             values = pack(event, limit)
             validate(stream, event)
-            prepared.append((shard_of(event.key, shards), values))
+            prepared.append((crc32(values[0]) % shards, values))  # shard_of, key encoded
         return prepared
 
     def commands(self, requests: Sequence[tuple[str, list[Prepared]]]) -> list[Command]:
