@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -103,6 +103,19 @@ class Config:
         if table is None:
             raise ValidationError("table", f"{name!r} is not a declared table")
         return table
+
+    def validator(self, stream: str) -> Callable[[Event], Table | None]:
+        """`validate` for one stream, with its default table looked up once (the hot path)."""
+        spec = self.streams.get(stream)
+        default = self.tables.get(spec.table) if spec is not None and spec.table else None
+
+        def check(event: Event) -> Table | None:
+            if default is not None and event.table is None and event.op is not Op.CALL:
+                validate(event, default)
+                return default
+            return self.validate(stream, event)
+
+        return check
 
     def validate(self, stream: str, event: Event) -> Table | None:
         """Check `event` for `stream` against its table (or as a call); return the table."""

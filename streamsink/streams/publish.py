@@ -7,7 +7,7 @@ check and the XADD atomically, and costs Redis and the client far less than N XA
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from zlib import crc32
 
@@ -119,6 +119,7 @@ class Preparer:
         self.settings = settings
         self.keys = Keys(config.prefix)
         self.shards: dict[str, int] = {}
+        self.validators: dict[str, Callable[[Event], object]] = {}
 
     def check_shards(self, stream: str, recorded: bytes | str | None) -> int:
         """Remember the shard count Redis recorded for `stream`, or raise if unusable."""
@@ -141,11 +142,13 @@ class Preparer:
         """Validate and pack every event (all or nothing); pair each with its shard."""
         shards = self.shards[stream]
         limit = self.config.max_data_bytes
-        validate = self.config.validate
+        validate = self.validators.get(stream) or self.validators.setdefault(
+            stream, self.config.validator(stream)
+        )
         prepared = []
         for event in events:
             values = pack(event, limit)
-            validate(stream, event)
+            validate(event)
             prepared.append((crc32(values[0]) % shards, values))  # shard_of, key encoded
         return prepared
 
