@@ -310,6 +310,27 @@ def _demo(args: argparse.Namespace, config: Config) -> int:
         print(f"  {name:<18} {count:>7}")
     print()
     _print_streams(client, keys, config.streams)
+    from streamsink.consumers.worker import worker_client
+    from streamsink.demo import CountingSink, drain
+
+    sink = CountingSink()
+
+    async def work() -> float:
+        async_client = worker_client(config.redis_url)
+        try:
+            return await drain(async_client, config, sink)
+        finally:
+            await async_client.aclose()
+
+    seconds = asyncio.run(work())
+    events, writes = sum(sink.events.values()), sum(sink.writes.values())
+    print(f"\na worker drained them in {seconds:.2f} s; merged per key in windows, they are:")
+    print(f"\n  {'table':<14} {'events':>8} {'writes':>8}  saved")
+    for table in sorted(sink.events):
+        ratio = sink.events[table] / max(sink.writes[table], 1)
+        print(f"  {table:<14} {sink.events[table]:>8} {sink.writes[table]:>8}  {ratio:5.1f}x")
+    print(f"  {'all':<14} {events:>8} {writes:>8}  {events / max(writes, 1):5.1f}x")
+    print("\n(the PostgreSQL sink that applies these writes comes with the next issue)")
     return 0
 
 

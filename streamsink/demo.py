@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import redis.asyncio as aredis
 
+from streamsink.consumers.worker import Worker
 from streamsink.schemas.config import Config
 from streamsink.schemas.event import Event, Op
+from streamsink.sinks.base import Batch, Rejected
 from streamsink.streams.aio import AsyncProducer
+from streamsink.streams.keys import Keys
 
 STATUSES = ("queued", "running", "rendering", "uploading", "done")
 
@@ -115,3 +120,67 @@ async def publish_burst(client: aredis.Redis, config: Config) -> tuple[Counter[s
             await queue.put(None)
         await asyncio.gather(*senders)
     return counts, time.perf_counter() - started
+
+
+class CountingSink:
+    """Counts what a worker would write: merged row changes and appended rows, per table."""
+
+    def __init__(self) -> None:
+        self.events: Counter[str] = Counter()
+        self.writes: Counter[str] = Counter()
+
+    async def write(self, batch: Batch) -> Sequence[Rejected]:
+        """Count the batch's events and the writes left after merging."""
+        for entry in batch.entries:
+            self.events[entry.table.name if entry.table else "-"] += 1
+        for table, rows in batch.merged.rows.items():
+            self.writes[table] += len(rows)
+        for table, appended in batch.merged.appends.items():
+            self.writes[table] += len(appended)
+        return ()
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+def log_batch(batch: Batch) -> None:
+    """A function sink for the demo's workers (docker compose): log what merging saved."""
+    writes = sum(map(len, batch.merged.rows.values())) + sum(
+        map(len, batch.merged.appends.values())
+    )
+    logging.getLogger("streamsink.demo").info(
+        "window",
+        extra={
+            "stream": batch.stream,
+            "shard": batch.shard,
+            "events": len(batch.entries),
+            "writes": writes,
+        },
+    )
+
+
+async def drain(client: aredis.Redis, config: Config, sink: CountingSink) -> float:
+    """Run a worker over the burst until every group has acknowledged everything."""
+    stop = asyncio.Event()
+    worker = Worker(client, config, dict.fromkeys(config.sinks, sink))
+    started = time.perf_counter()
+    running = asyncio.create_task(worker.run(stop))
+    keys = Keys(config.prefix)
+    while not running.done():
+        await asyncio.sleep(0.2)
+        if await _settled(client, keys, config):
+            break
+    stop.set()
+    await running
+    return time.perf_counter() - started
+
+
+async def _settled(client: aredis.Redis, keys: Keys, config: Config) -> bool:
+    for group in config.groups.values():
+        for shard in range(config.streams[group.stream].shards):
+            key = keys.shard(group.stream, shard)
+            info: Any = await client.xinfo_groups(key)
+            mine = [g for g in info if g["name"] in (group.name, group.name.encode())]
+            if not mine or mine[0]["pending"] or mine[0].get("lag"):
+                return False
+    return True

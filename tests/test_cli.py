@@ -121,3 +121,18 @@ def test_status_and_dead_letters(
     assert main(["--config", config, "dead", "drop", "tasks", "g", second]) == 0
     assert r.xlen(dead) == 0
     assert main(["--config", config, "dead", "drop", "tasks", "g", "9-9"]) == 2
+
+
+def test_demo_publishes_drains_and_reports_the_writes_saved(
+    keys: Keys, redis_url: str, r: redis.Redis, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--redis-url", redis_url, "--prefix", keys.prefix, "demo"]) == 0
+    out = capsys.readouterr().out
+    total = next(line for line in out.splitlines() if line.strip().startswith("all "))
+    _, events, writes, saved = total.split()
+    assert int(events) == 141_966
+    assert 0 < int(writes) < int(events)
+    assert float(saved.rstrip("x")) > 2
+    for group, stream in (("tasks-writer", "tasks"), ("stats-writer", "stats")):
+        for shard in range(2):
+            assert r.xpending(keys.shard(stream, shard), group)["pending"] == 0
