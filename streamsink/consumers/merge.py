@@ -228,6 +228,15 @@ def _pick(kind: Kind, old: Any, new: Any, timestamp: bool) -> Any:
     return new if better else old
 
 
+def _writable(row: Row | None, table: Table) -> Row | None:
+    """A copy of `row` to write into; an absent row is created (upsert) or missed (update)."""
+    if row is not None:
+        return dict(row)
+    if table.mode is Mode.UPDATE:
+        return None
+    return dict.fromkeys(table.columns)
+
+
 def apply_event(row: Row | None, event: Event, table: Table) -> Row | None:
     """The row after one event, applied alone (the reference the merge must agree with)."""
     op = event.op
@@ -235,12 +244,9 @@ def apply_event(row: Row | None, event: Event, table: Table) -> Row | None:
         return None
     if op is _APPEND or op is _CALL:
         return row
+    row = _writable(row, table)
     if row is None:
-        if table.mode is Mode.UPDATE:
-            return None
-        row = dict.fromkeys(table.columns)
-    else:
-        row = dict(row)
+        return None
     for name, value in event.data.items():
         column = table.columns[name]
         old = row[name]
@@ -263,12 +269,9 @@ def apply_change(row: Row | None, change: RowChange, table: Table) -> Row | None
         row = None
     if not change.fields:
         return row
+    row = _writable(row, table)
     if row is None:
-        if table.mode is Mode.UPDATE:
-            return None
-        row = dict.fromkeys(table.columns)
-    else:
-        row = dict(row)
+        return None
     timestamps = _timestamps(table)
     for name, (kind, value) in change.fields.items():
         old = row[name]
