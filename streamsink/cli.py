@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import replace
 from importlib import resources
 from itertools import islice
@@ -54,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="TOML config file (streams, tables, groups, sinks)")
     parser.add_argument("--redis-url", help="overrides the config and REDIS_URL")
     parser.add_argument("--prefix", help="Redis key prefix (default: the config's, else 'ss')")
+    parser.add_argument("--database-url", help="overrides the config and DATABASE_URL")
     commands = parser.add_subparsers(dest="command", required=True)
 
     streams = commands.add_parser("streams", help="create and inspect streams")
@@ -94,6 +96,16 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--log-level", default="INFO")
     worker.set_defaults(run=_worker)
 
+    tables = commands.add_parser("tables", help="create or check the config's PostgreSQL tables")
+    table_actions = tables.add_subparsers(dest="action", required=True)
+    for name, run, text in (
+        ("create", _tables_create, "create the tables and the offsets tables where missing"),
+        ("check", _tables_check, "say how the database differs from the config (exit 1)"),
+    ):
+        action = table_actions.add_parser(name, help=text)
+        action.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file")
+        action.set_defaults(run=run)
+
     demo = commands.add_parser("demo", help="publish a realistic burst and show the streams")
     demo.add_argument("--keep", action="store_true", help="keep earlier demo data")
     demo.add_argument("--publish-only", action="store_true", help="publish, show nothing")
@@ -112,6 +124,8 @@ def _config(args: argparse.Namespace) -> Config:
         config = replace(config, redis_url=args.redis_url)
     if args.prefix:
         config = replace(config, prefix=args.prefix)
+    if args.database_url:
+        config = replace(config, postgres_dsn=args.database_url)
     return config
 
 
@@ -282,6 +296,39 @@ def _worker(args: argparse.Namespace, config: Config) -> int:
         raise ValueError("the config declares no [groups]: give --config FILE")
     configure(args.log_level)
     return asyncio.run(serve(config))
+
+
+def _tables_create(args: argparse.Namespace, config: Config) -> int:
+    from streamsink.sinks.postgres.schema import create_tables
+
+    for line in _on_postgres(config, create_tables):
+        print(line)
+    return 0
+
+
+def _tables_check(args: argparse.Namespace, config: Config) -> int:
+    from streamsink.sinks.postgres.schema import check_tables
+
+    problems = _on_postgres(config, check_tables)
+    for line in problems:
+        print(line)
+    if problems:
+        return 1
+    print(f"ok: {len(config.tables)} tables match")
+    return 0
+
+
+def _on_postgres(config: Config, work: Callable[[Any, Config], list[str]]) -> list[str]:
+    """`work(connection, config)` on a connection of its own; PostgreSQL errors exit 2."""
+    import psycopg2
+
+    if not config.tables:
+        raise ValueError("the config declares no [tables]: give --config FILE")
+    try:
+        with closing(psycopg2.connect(config.postgres_dsn, connect_timeout=10)) as conn:
+            return work(conn, config)
+    except psycopg2.Error as exc:
+        raise ValueError(f"PostgreSQL: {str(exc).strip()}") from None
 
 
 def _demo(args: argparse.Namespace, config: Config) -> int:
