@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -159,28 +160,56 @@ def log_batch(batch: Batch) -> None:
     )
 
 
-async def drain(client: aredis.Redis, config: Config, sink: CountingSink) -> float:
-    """Run a worker over the burst until every group has acknowledged everything."""
+async def drain(
+    client: aredis.Redis, config: Config, sink: CountingSink, stall_s: float = 30.0
+) -> float:
+    """Run a worker over the burst until every group has acknowledged everything.
+
+    If nothing moves for `stall_s` seconds the demo stops with the stacks of its tasks
+    instead of hanging: a demo that hangs teaches nothing.
+    """
     stop = asyncio.Event()
     worker = Worker(client, config, dict.fromkeys(config.sinks, sink))
     started = time.perf_counter()
     running = asyncio.create_task(worker.run(stop))
     keys = Keys(config.prefix)
+    last, moved = -1, time.monotonic()
     while not running.done():
         await asyncio.sleep(0.2)
-        if await _settled(client, keys, config):
+        left = await _left(client, keys, config)
+        if left == 0:
             break
+        if left != last:
+            last, moved = left, time.monotonic()
+        elif time.monotonic() - moved > stall_s:
+            _dump_tasks()
+            running.cancel()
+            raise RuntimeError(f"the worker made no progress for {stall_s:.0f} s ({left} left)")
     stop.set()
-    await running
+    done, _ = await asyncio.wait([running], timeout=stall_s)
+    if not done:
+        _dump_tasks()
+        running.cancel()
+        raise RuntimeError(f"the worker did not stop within {stall_s:.0f} s of being asked")
+    running.result()
     return time.perf_counter() - started
 
 
-async def _settled(client: aredis.Redis, keys: Keys, config: Config) -> bool:
+async def _left(client: aredis.Redis, keys: Keys, config: Config) -> int:
+    """Entries not yet acknowledged (pending) or not yet read (lag), over every group."""
+    left = 0
     for group in config.groups.values():
         for shard in range(config.streams[group.stream].shards):
             key = keys.shard(group.stream, shard)
             info: Any = await client.xinfo_groups(key)
             mine = [g for g in info if g["name"] in (group.name, group.name.encode())]
-            if not mine or mine[0]["pending"] or mine[0].get("lag"):
-                return False
-    return True
+            if not mine:
+                return -1
+            left += int(mine[0]["pending"]) + int(mine[0].get("lag") or 0)
+    return left
+
+
+def _dump_tasks() -> None:
+    for task in asyncio.all_tasks():
+        print(f"--- {task.get_name()}", file=sys.stderr)
+        task.print_stack(file=sys.stderr)

@@ -9,6 +9,8 @@
     ├── StreamError            a stream is missing or declared differently in Redis
     │   ├── StreamNotFound     create it first (`streamsink streams create`)
     │   └── ShardCountMismatch the shard count recorded in Redis differs from the one given
+    ├── SinkError              a sink failed to write a window; the worker retries it
+    │   └── Fenced             a newer owner holds the shard: this worker stops it
     ├── PublishError           Redis failed mid-publish; the events may or may not be in the
     │                          stream, so retry only events that carry an idempotency id
     └── ProducerClosed         publish after close(), or pending when close() gave up
@@ -67,3 +69,12 @@ class PublishError(StreamsinkError):
 
 class ProducerClosed(StreamsinkError):
     """The producer is closed, or closed before this publish could be sent."""
+
+
+class SinkError(StreamsinkError):
+    """A sink could not write a window; the worker retries it, keeping its lease."""
+
+
+class Fenced(SinkError):
+    """A newer owner of the shard has claimed its offset: this worker lost the shard
+    (its lease expired while it was paused or cut off) and must not commit for it."""

@@ -12,7 +12,7 @@ from streamsink.consumers.merge import Entry, merge
 from streamsink.consumers.retry import TRANSIENT, Backoff, retrying
 from streamsink.consumers.settings import GroupSettings
 from streamsink.consumers.window import Window
-from streamsink.errors import EventError
+from streamsink.errors import EventError, Fenced
 from streamsink.schemas.config import Config
 from streamsink.schemas.wire import F_DATA, decode
 from streamsink.sinks.base import Batch, Rejected, Sink
@@ -57,7 +57,17 @@ class ShardRunner:
         self._where = {"group": reader.group, "stream": stream, "shard": lease.shard}
 
     async def run(self) -> None:
-        """Read and flush until draining, then flush what is open and return."""
+        """Read and flush until draining, then flush what is open and return.
+
+        Returns early, acknowledging nothing more, when a sink says a newer owner has
+        fenced the shard: the lease loop then finds the lease gone.
+        """
+        try:
+            await self._run()
+        except Fenced as exc:
+            log.warning("shard fenced by a newer owner", extra={**self._where, "error": str(exc)})
+
+    async def _run(self) -> None:
         await retrying(self.reader.ensure_group, "create group")
         window, flushing = Window(), None
         settings = self.settings
@@ -149,7 +159,7 @@ class ShardRunner:
         while True:
             try:
                 return await sink.write(batch)
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, Fenced):
                 raise
             except Exception as exc:
                 self.stats.sink_retries += 1

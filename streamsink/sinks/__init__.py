@@ -13,11 +13,15 @@ __all__ = ["Batch", "FunctionSink", "Rejected", "Sink", "TestingSink", "build_si
 def build_sinks(config: Config) -> dict[str, Sink]:
     """Every sink the config's groups use, built from its `[sinks.<name>]` section."""
     used = {name for group in config.groups.values() for name in group.sinks}
-    return {name: _build(config.sinks[name]) for name in sorted(used)}
+    return {name: _build(config.sinks[name], config) for name in sorted(used)}
 
 
-def _build(spec: SinkSpec) -> Sink:
+def _build(spec: SinkSpec, config: Config) -> Sink:
     options = dict(spec.options)
+    if spec.type == "postgres":
+        from streamsink.sinks.postgres import PostgresSink
+
+        return PostgresSink.from_options(spec.name, options, config.postgres_dsn)
     if spec.type == "function":
         path = options.pop("function", None)
         if not isinstance(path, str) or options:
@@ -28,5 +32,5 @@ def _build(spec: SinkSpec) -> Sink:
         return FunctionSink.from_path(path)
     raise ConfigError(
         f"sink {spec.name!r}: type {spec.type!r} is not available in this version "
-        "(available: function)"
+        "(available: postgres, function)"
     )

@@ -1,0 +1,96 @@
+"""Exactly-once offsets: per (sink, group, stream, shard), the last entry ID applied.
+
+A new owner first *fences* the shard's row: it writes its lease epoch there unless a
+greater one is already written, and reads the offset back. From then on every flush
+moves the offset by compare-and-set on the (offset, epoch) this owner last saw, inside
+the transaction that writes the data. An owner whose lease was taken over while it
+was paused finds the row fenced by the newer epoch, and cannot commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from psycopg2 import sql
+from psycopg2.extensions import cursor as Cursor
+
+from streamsink.sinks.postgres.schema import OFFSETS, REJECTED
+
+START = "0-0"
+"""The offset of a shard nothing has been applied from."""
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """Whose offset: one sink's, for one shard of a group's stream."""
+
+    sink: str
+    group: str
+    stream: str
+    shard: int
+
+    def values(self) -> tuple[str, str, str, int]:
+        return (self.sink, self.group, self.stream, self.shard)
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """An offset row as this owner last saw it."""
+
+    last_id: str
+    epoch: int
+
+
+class Offsets:
+    """The statements on the offsets tables, in one schema."""
+
+    def __init__(self, schema: str = "public") -> None:
+        offsets, rejected = sql.Identifier(schema, OFFSETS), sql.Identifier(schema, REJECTED)
+        where = sql.SQL("sink = %s AND group_name = %s AND stream = %s AND shard = %s")
+        self._fence = sql.SQL(
+            "INSERT INTO {0} AS o (sink, group_name, stream, shard, last_id, epoch)"
+            " VALUES (%s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (sink, group_name, stream, shard) DO UPDATE"
+            " SET epoch = excluded.epoch, updated_at = now() WHERE o.epoch <= excluded.epoch"
+            " RETURNING last_id, epoch"
+        ).format(offsets)
+        self._read = sql.SQL("SELECT last_id, epoch FROM {} WHERE {}").format(offsets, where)
+        self._advance = sql.SQL(
+            "UPDATE {} SET last_id = %s, updated_at = now()"
+            " WHERE {} AND last_id = %s AND epoch = %s"
+        ).format(offsets, where)
+        self._reject = sql.SQL(
+            "INSERT INTO {} (sink, group_name, stream, shard, entry_id, reason)"
+            " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
+        ).format(rejected)
+        self._rejected = sql.SQL(
+            "SELECT entry_id, reason FROM {} WHERE {} AND entry_id = ANY(%s)"
+        ).format(rejected, where)
+
+    def fence(self, cur: Cursor, slot: Slot, epoch: int) -> Position | None:
+        """Claim the slot for `epoch`; its position, or None if a newer epoch holds it."""
+        cur.execute(self._fence, (*slot.values(), START, epoch))
+        row = cur.fetchone()
+        return None if row is None else Position(row[0], int(row[1]))
+
+    def read(self, cur: Cursor, slot: Slot) -> Position | None:
+        """The slot's position, None if it has none."""
+        cur.execute(self._read, slot.values())
+        row = cur.fetchone()
+        return None if row is None else Position(row[0], int(row[1]))
+
+    def advance(self, cur: Cursor, slot: Slot, seen: Position, last_id: str) -> bool:
+        """Move the offset to `last_id` if it still is `seen`; False if someone moved it."""
+        cur.execute(self._advance, (last_id, *slot.values(), seen.last_id, seen.epoch))
+        return cur.rowcount == 1
+
+    def reject(self, cur: Cursor, slot: Slot, rejected: Sequence[tuple[str, str]]) -> None:
+        """Remember refused entries, so an owner that skips them can dead-letter them again."""
+        if rejected:
+            cur.executemany(self._reject, [(*slot.values(), i, r) for i, r in rejected])
+
+    def rejected(self, cur: Cursor, slot: Slot, ids: Sequence[str]) -> dict[str, str]:
+        """Which of `ids` were refused, with their reasons."""
+        cur.execute(self._rejected, (*slot.values(), list(ids)))
+        return {entry_id: reason for entry_id, reason in cur.fetchall()}
