@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis.asyncio as aredis
+from psycopg2 import sql
+from psycopg2.extensions import connection as Connection
 
 from streamsink.consumers.worker import Worker
 from streamsink.schemas.config import Config
 from streamsink.schemas.event import Event, Op
-from streamsink.sinks.base import Batch, Rejected
+from streamsink.sinks.base import Sink
 from streamsink.streams.aio import AsyncProducer
 from streamsink.streams.keys import Keys
 
@@ -123,45 +124,34 @@ async def publish_burst(client: aredis.Redis, config: Config) -> tuple[Counter[s
     return counts, time.perf_counter() - started
 
 
-class CountingSink:
-    """Counts what a worker would write: merged row changes and appended rows, per table."""
-
-    def __init__(self) -> None:
-        self.events: Counter[str] = Counter()
-        self.writes: Counter[str] = Counter()
-
-    async def write(self, batch: Batch) -> Sequence[Rejected]:
-        """Count the batch's events and the writes left after merging."""
-        for entry in batch.entries:
-            self.events[entry.table.name if entry.table else "-"] += 1
-        for table, rows in batch.merged.rows.items():
-            self.writes[table] += len(rows)
-        for table, appended in batch.merged.appends.items():
-            self.writes[table] += len(appended)
-        return ()
-
-    async def close(self) -> None:
-        """Nothing to release."""
-
-
-def log_batch(batch: Batch) -> None:
-    """A function sink for the demo's workers (docker compose): log what merging saved."""
-    writes = sum(map(len, batch.merged.rows.values())) + sum(
-        map(len, batch.merged.appends.values())
-    )
-    logging.getLogger("streamsink.demo").info(
-        "window",
-        extra={
-            "stream": batch.stream,
-            "shard": batch.shard,
-            "events": len(batch.entries),
-            "writes": writes,
-        },
-    )
+def report(conn: Connection) -> list[str]:
+    """What the burst left in PostgreSQL, as a reader of the demo's tables sees it."""
+    schema = "streamsink_demo"
+    queries = [
+        ("tasks by status", "SELECT status, count(*) FROM {}.tasks GROUP BY 1 ORDER BY 1"),
+        (
+            "busiest posts",
+            "SELECT post_id, views, likes FROM {}.post_stats ORDER BY views DESC, post_id LIMIT 3",
+        ),
+        ("likes standing", "SELECT count(*) FROM {}.post_likes"),
+        ("activity rows", "SELECT count(*) FROM {}.activity_log"),
+    ]
+    lines = []
+    with conn.cursor() as cur:
+        for title, query in queries:
+            cur.execute(sql.SQL(query).format(sql.Identifier(schema)))
+            found = cur.fetchall()
+            names = [d[0] for d in cur.description or ()]
+            cells = "; ".join(
+                ", ".join(f"{n}={v}" for n, v in zip(names, row, strict=True)) for row in found
+            )
+            lines.append(f"  {title:<16} {cells}")
+    conn.commit()
+    return lines
 
 
 async def drain(
-    client: aredis.Redis, config: Config, sink: CountingSink, stall_s: float = 30.0
+    client: aredis.Redis, config: Config, sinks: Mapping[str, Sink], stall_s: float = 30.0
 ) -> float:
     """Run a worker over the burst until every group has acknowledged everything.
 
@@ -169,7 +159,7 @@ async def drain(
     instead of hanging: a demo that hangs teaches nothing.
     """
     stop = asyncio.Event()
-    worker = Worker(client, config, dict.fromkeys(config.sinks, sink))
+    worker = Worker(client, config, sinks)
     started = time.perf_counter()
     running = asyncio.create_task(worker.run(stop))
     keys = Keys(config.prefix)

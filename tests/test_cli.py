@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import io
 import json
+from contextlib import closing
+from importlib import resources
 from pathlib import Path
+from typing import Any
 
+import psycopg2
 import pytest
 import redis
 
 from streamsink.cli import main
+from streamsink.consumers.merge import apply_event
+from streamsink.demo import burst
+from streamsink.schemas.config import Config, load
+from streamsink.schemas.event import Op
 from streamsink.schemas.wire import decode
 from streamsink.streams.keys import Keys
 
@@ -123,10 +131,16 @@ def test_status_and_dead_letters(
     assert main(["--config", config, "dead", "drop", "tasks", "g", "9-9"]) == 2
 
 
-def test_demo_publishes_drains_and_reports_the_writes_saved(
-    keys: Keys, redis_url: str, r: redis.Redis, capsys: pytest.CaptureFixture[str]
+def test_demo_drains_the_burst_into_postgresql_exactly(
+    keys: Keys,
+    redis_url: str,
+    database_url: str,
+    r: redis.Redis,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    assert main(["--redis-url", redis_url, "--prefix", keys.prefix, "demo"]) == 0
+    """The README's first command: every table ends as the burst applied event by event."""
+    args = ["--redis-url", redis_url, "--database-url", database_url, "--prefix", keys.prefix]
+    assert main([*args, "demo"]) == 0
     out = capsys.readouterr().out
     total = next(line for line in out.splitlines() if line.strip().startswith("all "))
     _, events, writes, saved = total.split()
@@ -136,3 +150,33 @@ def test_demo_publishes_drains_and_reports_the_writes_saved(
     for group, stream in (("tasks-writer", "tasks"), ("stats-writer", "stats")):
         for shard in range(2):
             assert r.xpending(keys.shard(stream, shard), group)["pending"] == 0
+
+    config = load_demo()
+    state: dict[tuple[str, Any], Any] = {}
+    appended = 0
+    for stream, event in burst():
+        table = config.tables[config.streams[stream].table or ""]
+        if event.op is Op.APPEND:
+            appended += 1
+            continue
+        slot = (table.name, table.row_key(event.data))
+        state[slot] = apply_event(state.get(slot), event, table)
+    with closing(psycopg2.connect(database_url)) as conn, conn.cursor() as cur:
+        cur.execute("SELECT post_id, views, likes FROM streamsink_demo.post_stats")
+        stats = {(row[0],): {"post_id": row[0], "views": row[1], "likes": row[2]} for row in cur}
+        cur.execute("SELECT post_id, user_id FROM streamsink_demo.post_likes")
+        likes = {tuple(row) for row in cur}
+        cur.execute("SELECT id, status, progress FROM streamsink_demo.tasks")
+        tasks = {(row[0],): (row[1], row[2]) for row in cur}
+        cur.execute("SELECT count(*) FROM streamsink_demo.activity_log")
+        (logged,) = cur.fetchone() or (0,)
+    expected = {k: v for (t, k), v in state.items() if t == "post_stats" and v is not None}
+    assert stats == expected
+    assert likes == {k for (t, k), v in state.items() if t == "post_likes" and v is not None}
+    assert tasks == {k: (v["status"], v["progress"]) for (t, k), v in state.items() if t == "tasks"}
+    assert logged == appended == 10_000
+
+
+def load_demo() -> Config:
+    with resources.as_file(resources.files("streamsink") / "demo.toml") as path:
+        return load(path)

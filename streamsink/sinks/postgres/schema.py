@@ -144,6 +144,30 @@ def create_tables(conn: Connection, config: Config, offsets_schema: str = "publi
     return lines
 
 
+def reset_tables(
+    conn: Connection, config: Config, sinks: Iterable[str], offsets_schema: str = "public"
+) -> None:
+    """Drop the config's tables and forget the offsets of `sinks` for its groups (the demo's
+    fresh start: its Redis streams are re-created, so old offsets and epochs mean nothing)."""
+    groups = [group.name for group in config.groups.values()]
+    with conn.cursor() as cur:
+        for table in config.tables.values():
+            cur.execute(
+                sql.SQL("DROP TABLE IF EXISTS {}").format(
+                    sql.Identifier(schema_of(table), table.name)
+                )
+            )
+        for name in (OFFSETS, REJECTED):
+            if _relkind(cur, offsets_schema, name) is not None:
+                cur.execute(
+                    sql.SQL("DELETE FROM {} WHERE sink = ANY(%s) AND group_name = ANY(%s)").format(
+                        sql.Identifier(offsets_schema, name)
+                    ),
+                    (list(sinks), groups),
+                )
+    conn.commit()
+
+
 def check_tables(conn: Connection, config: Config, offsets_schema: str = "public") -> list[str]:
     """How the database differs from the config's tables and the offsets tables; [] if it fits.
 
