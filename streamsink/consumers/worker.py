@@ -37,6 +37,9 @@ from streamsink.streams.reader import ShardReader, create_group
 
 log = logging.getLogger("streamsink.worker")
 
+LEASE_LOOP_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT, TimeoutError)
+"""What a lease loop round rides out: Redis away, or a round that took too long."""
+
 
 def worker_id() -> str:
     """A name unique to this process: host, pid and a random suffix."""
@@ -79,8 +82,11 @@ class GroupRunner:
                     for runner, _ in self.runners.values():
                         runner.draining.set()
                 try:
-                    await self._balance(tasks, acquire=not stop.is_set())
-                except TRANSIENT as exc:
+                    # Bounded, so that one stuck reply cannot hold every renewal back
+                    # until the leases expire under shards that are still running.
+                    async with asyncio.timeout(interval):
+                        await self._balance(tasks, acquire=not stop.is_set())
+                except LEASE_LOOP_ERRORS as exc:
                     log.warning("lease loop: Redis unavailable", extra={"error": repr(exc)})
                 self._drop_stale_leases()
                 pause = interval * random.uniform(0.8, 1.0)
