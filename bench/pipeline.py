@@ -1,0 +1,735 @@
+"""Pipeline benchmark: one worker drains Redis Streams into PostgreSQL, baselines in the same run.
+
+    python bench/pipeline.py [--runs 3] [--scenarios hot,naive,read,unique,latency,backlog]
+                             [--hot-events 500000] [--set max_events=20000] ...
+
+Rows (median of --runs runs; every run reads the events afresh, into new tables):
+  hot keys        worker: 500,000 events over 10,000 rows of tasks(id, status text lww,
+                  progress int max, views int sum), half `set` (status, progress), half
+                  `incr` (views); events/s, worker CPU µs/event, peak RSS
+  naive           baseline: psycopg2, XREADGROUP COUNT 1000, orjson.loads, one upsert per
+                  event, commit, XACK; on the first 20,000 events of the same stream
+  plain read      baseline: redis-py, XREADGROUP COUNT 1000 + orjson.loads + XACK, no
+                  database (the ceiling of reading); the whole hot-keys stream
+  unique keys     worker: 200,000 events of the same mix, each on a new row
+  latency         a producer paced at 20,000 events/s for 10 s (hot-keys mix) stamps the
+                  publish time in each event's `ts`; publish-to-commit p50 and p99, ms
+  backlog         worker: a backlog of 1,000,000 unique-key events (the largest windows,
+                  nothing merges away); its peak RSS
+The issue's targets are printed with the table.
+
+How it measures:
+  The worker is a subprocess running what `streamsink worker` runs (`serve(config)` with the
+  config's sinks, JSON logs at WARNING) on a TOML config this script writes, with the group
+  settings printed above the table (defaults: BULK below; `--set name=value` changes one).
+  Each scenario publishes its events once (Producer.publish_many, 1,000 a call, fixed seed)
+  and gives every run its own consumer groups (all created before the first run, so the
+  worker's retention trim keeps every entry) and its own PostgreSQL schema (tables and
+  offsets), so runs read the same entries and start from empty tables.
+  Throughput is from the first read to the last acknowledgement: the bench polls XINFO
+  GROUPS of every shard each 5 ms; the clock starts when a shard's last-delivered-id leaves
+  0-0 and stops when every shard has delivered its last entry and has nothing pending. The
+  worker acknowledges a window only after its transaction committed, so that is the last
+  commit (to within one poll). Worker startup (imports, leases) is outside the clock.
+  Worker CPU is utime + stime of its process (/proc/PID/stat, every thread) over the same
+  interval; peak RSS is its VmHWM (/proc/PID/status) once drained.
+  Latency: in that scenario the worker's PostgreSQL sink is wrapped (CommitClock) so that,
+  when the sink's write returns (its transaction committed), every entry of the window
+  gets `now - ts`; `ts` is the producer's wall clock in whole ms, taken just before the
+  publish, and both processes read the same clock. Truncating ts to the ms and noting the
+  time after the sink's thread hands back both make the figure a little longer, never
+  shorter. Nothing is sampled: every event published in the scenario is counted.
+  Every worker run is checked: the rows in PostgreSQL are compared with applying every
+  event one by one (streamsink.consumers.merge.apply_event), or counted for unique keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg2
+import redis
+from psycopg2 import sql
+from psycopg2.extensions import connection as Connection
+
+from streamsink import Event, Op, Producer, create_stream
+from streamsink.consumers.merge import Row, apply_event
+from streamsink.schemas import Column, ColumnType, Config, Policy, StreamSpec, Table, load
+from streamsink.sinks.base import Batch, Rejected, Sink
+from streamsink.streams import Keys
+
+STREAM = "tasks"
+STATUSES = ("queued", "running", "rendering", "uploading", "done")
+TASKS = Table(
+    "tasks",
+    key=("id",),
+    columns={
+        "id": Column(ColumnType.INT, nullable=False),
+        "status": Column(ColumnType.TEXT),
+        "progress": Column(ColumnType.INT, Policy.MAX),
+        "views": Column(ColumnType.INT, Policy.SUM),
+    },
+)
+TASKS_TOML = (
+    'key = ["id"]\ncolumns = { id = "int", status = "text", '
+    'progress = { type = "int", policy = "max" }, views = { type = "int", policy = "sum" } }'
+)
+
+BULK = {
+    "max_events": 20_000,
+    "max_bytes": 8 * 1024 * 1024,
+    "linger_ms": 50,
+    "max_age_ms": 250,
+    "read_count": 5_000,
+    "block_ms": 500,
+}
+"""Group settings for bulk throughput: windows of up to 20,000 events (more merging per row,
+fewer transactions), reads of 5,000, and the default age bound (latency stays bounded)."""
+
+POLL_S = 0.005
+"""How often the bench looks at the consumer groups while a worker drains."""
+
+STALL_S = 60.0
+"""A worker that reads nothing for this long fails the benchmark instead of hanging it."""
+
+
+def events(count: int, keys: int, seed: int) -> Iterator[Event]:
+    """Half sets of status and progress, half incrs of views; tasks drawn uniformly from
+    `keys` ids, or each event on a new task when `keys` is 0."""
+    rng = random.Random(seed)
+    for i in range(count):
+        task = rng.randrange(keys) if keys else i
+        if rng.random() < 0.5:
+            data = {
+                "id": task,
+                "status": STATUSES[rng.randrange(5)],
+                "progress": rng.randrange(101),
+            }
+            yield Event(f"task:{task}", Op.SET, data)
+        else:
+            yield Event(f"task:{task}", Op.INCR, {"id": task, "views": 1})
+
+
+@dataclass
+class Setup:
+    """What every scenario shares: servers, shard count, group settings, scratch directory."""
+
+    redis_url: str
+    dsn: str
+    shards: int
+    settings: dict[str, int]
+    directory: Path
+    verbose: bool
+    client: redis.Redis = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.client = redis.Redis.from_url(self.redis_url)
+
+    def say(self, message: str) -> None:
+        if self.verbose:
+            print(message, file=sys.stderr, flush=True)
+
+    def connect(self) -> Connection:
+        return psycopg2.connect(self.dsn, connect_timeout=10)
+
+
+@dataclass
+class Stream:
+    """One scenario's stream in Redis: its keys, entries, and the last entry of each shard."""
+
+    setup: Setup
+    keys: Keys
+    count: int = 0
+    expected: dict[Any, Row] = field(default_factory=dict)  # row key -> row (hot keys only)
+    schemas: list[str] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, setup: Setup) -> Stream:
+        keys = Keys(f"bench{uuid.uuid4().hex[:8]}")
+        create_stream(setup.client, keys, STREAM, setup.shards)
+        return cls(setup, keys)
+
+    def config(self) -> Config:
+        spec = StreamSpec(STREAM, self.setup.shards, "tasks")
+        return Config(streams={STREAM: spec}, tables={"tasks": TASKS}, prefix=self.keys.prefix)
+
+    def shard_keys(self) -> list[str]:
+        return [self.keys.shard(STREAM, s) for s in range(self.setup.shards)]
+
+    def publish(self, source: Iterator[Event], expect: bool) -> None:
+        """Publish every event of `source`, 1,000 a call; fold them into `expected` if asked."""
+        producer = Producer(self.setup.client, self.config())
+        started = time.perf_counter()
+        while chunk := list(islice(source, 1000)):
+            producer.publish_many(STREAM, chunk)
+            self.count += len(chunk)
+            if expect:
+                for event in chunk:
+                    key = event.data["id"]
+                    row = apply_event(self.expected.get(key), event, TASKS)
+                    assert row is not None
+                    self.expected[key] = row
+        seconds = time.perf_counter() - started
+        self.setup.say(f"published {self.count:,} events in {seconds:.1f} s")
+
+    def add_groups(self, *names: str) -> None:
+        for key in self.shard_keys():
+            for name in names:
+                self.setup.client.xgroup_create(key, name, id="0", mkstream=True)
+
+    def last_ids(self) -> list[bytes]:
+        """The last entry ID of each shard (b"0-0" for an empty one)."""
+        pipe = self.setup.client.pipeline(transaction=False)
+        for key in self.shard_keys():
+            pipe.xrevrange(key, count=1)
+        return [reply[0][0] if reply else b"0-0" for reply in pipe.execute()]
+
+    def progress(self, group: str, last: Sequence[bytes]) -> tuple[bool, bool]:
+        """(started, done) of `group`: read anything yet; delivered and acknowledged all."""
+        pipe = self.setup.client.pipeline(transaction=False)
+        for key in self.shard_keys():
+            pipe.xinfo_groups(key)
+        started, done = False, True
+        for shard, groups in enumerate(pipe.execute()):
+            mine = next(g for g in groups if _text(g["name"]) == group)
+            delivered = _text(mine["last-delivered-id"])
+            started = started or delivered != "0-0"
+            done = done and delivered == _text(last[shard]) and int(mine["pending"]) == 0
+        return started, done
+
+    def new_schema(self, conn: Connection) -> str:
+        schema = f"{self.keys.prefix}_{len(self.schemas)}"
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        conn.commit()
+        self.schemas.append(schema)
+        return schema
+
+    def clean(self) -> None:
+        """Unlink the stream's Redis keys and drop its PostgreSQL schemas."""
+        for key in self.setup.client.scan_iter(match=f"{self.keys.prefix}:*", count=1000):
+            self.setup.client.unlink(key)
+        with contextlib.closing(self.setup.connect()) as conn, conn.cursor() as cur:
+            for schema in self.schemas:
+                cur.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+            conn.commit()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+# ---- the worker, as a subprocess ----------------------------------------------------------
+
+
+def worker_config(stream: Stream, group: str, schema: str) -> str:
+    """The TOML a user would write for this worker."""
+    setup = stream.setup
+    options = "\n".join(f"{name} = {value}" for name, value in setup.settings.items())
+    return f"""
+[redis]
+url = "{setup.redis_url}"
+prefix = "{stream.keys.prefix}"
+
+[postgres]
+dsn = "{setup.dsn}"
+
+[tables.tasks]
+schema = "{schema}"
+{TASKS_TOML}
+
+[streams.{STREAM}]
+shards = {setup.shards}
+table = "tasks"
+
+[sinks.db]
+type = "postgres"
+offsets_schema = "{schema}"
+
+[groups.{group}]
+stream = "{STREAM}"
+sinks = ["db"]
+{options}
+"""
+
+
+@dataclass
+class Drained:
+    """What one worker run measured."""
+
+    events_per_s: float
+    cpu_us: float  # worker CPU per event
+    rss_mb: float  # worker peak RSS
+
+
+class WorkerProcess:
+    """A worker subprocess (this script in --child mode) on its own config and schema."""
+
+    def __init__(self, stream: Stream, group: str, timings: Path | None = None) -> None:
+        setup = stream.setup
+        self.stream, self.group = stream, group
+        with contextlib.closing(setup.connect()) as conn:
+            self.schema = stream.new_schema(conn)
+            path = setup.directory / f"{group}-{self.schema}.toml"
+            path.write_text(worker_config(stream, group, self.schema))
+            from streamsink.sinks.postgres.schema import create_tables
+
+            create_tables(conn, load(path), offsets_schema=self.schema)
+        self.stderr = setup.directory / f"{group}-{self.schema}.err"
+        args = [sys.executable, str(Path(__file__).resolve()), "--child", str(path)]
+        if timings is not None:
+            args += ["--timings", str(timings)]
+        with self.stderr.open("wb") as err:
+            self.process = subprocess.Popen(args, stdout=err, stderr=err)
+        setup.say(f"worker pid {self.process.pid} on group {group}, schema {self.schema}")
+
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"the worker exited ({self.process.returncode}):\n{self.log()}")
+
+    def log(self) -> str:
+        return self.stderr.read_text(errors="replace")[-5000:]
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds of the worker so far (every thread)."""
+        stat = Path(f"/proc/{self.process.pid}/stat").read_text()
+        parts = stat[stat.rindex(")") + 2 :].split()
+        return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmHWM in /proc")
+
+    def wait_for_leases(self, timeout: float = 15) -> None:
+        """Until the worker holds every shard (so a paced producer's first events wait for
+        no startup)."""
+        client, keys = self.stream.setup.client, self.stream.keys
+        leases = [keys.lease(STREAM, s, self.group) for s in range(self.stream.setup.shards)]
+        deadline = time.monotonic() + timeout
+        while None in client.mget(leases):
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the worker took no leases within {timeout} s:\n{self.log()}")
+            time.sleep(0.02)
+        time.sleep(0.3)  # the shard runners reach their first blocking read
+
+    def drain(self) -> Drained:
+        """Wait until the worker has acknowledged the whole stream; measure it."""
+        last = self.stream.last_ids()
+        started = cpu = 0.0
+        deadline = time.monotonic() + STALL_S
+        while True:
+            self.check_alive()
+            read, done = self.stream.progress(self.group, last)
+            now = time.perf_counter()
+            if read and not started:
+                started, cpu = now, self.cpu_s()
+            if done:
+                return Drained(
+                    events_per_s=self.stream.count / max(now - started, POLL_S),
+                    cpu_us=(self.cpu_s() - cpu) * 1e6 / self.stream.count,
+                    rss_mb=self.peak_rss_mb(),
+                )
+            if not started and time.monotonic() > deadline:
+                raise RuntimeError(f"the worker read nothing in {STALL_S:.0f} s:\n{self.log()}")
+            time.sleep(POLL_S)
+
+    def stop(self) -> None:
+        """SIGTERM (drain and leave); it must exit 0."""
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise RuntimeError(f"the worker did not stop within 30 s:\n{self.log()}") from None
+        if code != 0:
+            raise RuntimeError(f"the worker exited {code}:\n{self.log()}")
+
+    def rows(self) -> list[tuple[Any, ...]]:
+        with contextlib.closing(self.stream.setup.connect()) as conn, conn.cursor() as cur:
+            cur.execute(
+                sql.SQL("SELECT id, status, progress, views FROM {}").format(
+                    sql.Identifier(self.schema, "tasks")
+                )
+            )
+            return list(cur.fetchall())
+
+
+class CommitClock:
+    """A sink wrapper: when the inner sink's write returns (committed), each entry of the
+    window gets its publish-to-commit time, now minus the event's `ts`, in ms."""
+
+    def __init__(self, inner: Sink) -> None:
+        self.inner = inner
+        self.latencies_ms: list[float] = []
+
+    async def write(self, batch: Batch) -> Sequence[Rejected]:
+        rejected = await self.inner.write(batch)
+        now_ms = time.time() * 1000
+        self.latencies_ms.extend(
+            now_ms - e.event.ts for e in batch.entries if e.event.ts is not None
+        )
+        return rejected
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def child(config_path: str, timings: str | None) -> int:
+    """The worker: what `streamsink worker` runs, its sink timed when `timings` is given."""
+    from streamsink.consumers.worker import serve
+    from streamsink.logs import configure
+    from streamsink.sinks import build_sinks
+
+    configure("WARNING")
+    config = load(config_path)
+    sinks = build_sinks(config)
+    clock = None
+    if timings is not None:
+        clock = CommitClock(sinks["db"])
+        sinks["db"] = clock
+    code = asyncio.run(serve(config, sinks))
+    if clock is not None:
+        Path(timings or "").write_bytes(orjson.dumps(clock.latencies_ms))
+    return code
+
+
+# ---- scenarios ----------------------------------------------------------------------------
+
+Results = dict[str, float]
+
+
+def worker_run(stream: Stream, group: str, expect_rows: bool) -> Drained:
+    """One worker drains the whole stream into new tables; the rows are checked."""
+    worker = WorkerProcess(stream, group)
+    try:
+        drained = worker.drain()
+    finally:
+        with contextlib.suppress(RuntimeError):
+            worker.stop()
+    rows = worker.rows()
+    if expect_rows:
+        expected = stream.expected
+        got = {row[0]: row for row in rows}
+        assert len(got) == len(expected), f"{len(got)} rows, expected {len(expected)}"
+        for key, row in expected.items():
+            want = (row["id"], row["status"], row["progress"], row["views"])
+            assert got[key] == want, f"row {key}: {got[key]} != {want}"
+    else:
+        assert len(rows) == stream.count, f"{len(rows)} rows, expected {stream.count}"
+    return drained
+
+
+def plain_read(stream: Stream, group: str) -> float:
+    """Baseline: XREADGROUP COUNT 1000, orjson.loads of each data, XACK; events/s."""
+    client, read = stream.setup.client, 0
+    started = time.perf_counter()
+    for key in stream.shard_keys():
+        while reply := client.xreadgroup(group, "plain", {key: ">"}, count=1000):
+            entries: Any = reply[0][1]  # type: ignore[index]
+            for _, fields in entries:
+                orjson.loads(fields[b"data"])
+            client.xack(key, group, *[entry_id for entry_id, _ in entries])
+            read += len(entries)
+    seconds = time.perf_counter() - started
+    assert read == stream.count, f"read {read} of {stream.count}"
+    return read / seconds
+
+
+def naive(stream: Stream, group: str, sample: int) -> float:
+    """Baseline: one upsert per event, a commit per read of 1,000, then XACK; events/s."""
+    setup = stream.setup
+    with contextlib.closing(setup.connect()) as conn:
+        schema = stream.new_schema(conn)
+        table = sql.Identifier(schema, "tasks_naive")
+        with conn.cursor() as cur:
+            cur.execute(
+                sql.SQL(
+                    "CREATE TABLE {} (id bigint PRIMARY KEY, status text, progress bigint,"
+                    " views bigint)"
+                ).format(table)
+            )
+        conn.commit()
+        upsert_set = sql.SQL(
+            "INSERT INTO {} AS t (id, status, progress) VALUES (%s, %s, %s) ON CONFLICT (id)"
+            " DO UPDATE SET status = excluded.status,"
+            " progress = GREATEST(t.progress, excluded.progress)"
+        ).format(table)
+        upsert_incr = sql.SQL(
+            "INSERT INTO {} AS t (id, views) VALUES (%s, %s) ON CONFLICT (id)"
+            " DO UPDATE SET views = COALESCE(t.views, 0) + excluded.views"
+        ).format(table)
+        done, keys = 0, stream.shard_keys()
+        started = time.perf_counter()
+        while done < sample:
+            key = keys[done // 1000 % len(keys)]  # round robin over the shards
+            reply: Any = setup.client.xreadgroup(
+                group, "naive", {key: ">"}, count=min(1000, sample - done)
+            )
+            entries = reply[0][1]
+            with conn.cursor() as cur:
+                for _, fields in entries:
+                    data = orjson.loads(fields[b"data"])
+                    if fields[b"op"] == b"set":
+                        cur.execute(upsert_set, (data["id"], data["status"], data["progress"]))
+                    else:
+                        cur.execute(upsert_incr, (data["id"], data["views"]))
+            conn.commit()
+            setup.client.xack(key, group, *[entry_id for entry_id, _ in entries])
+            done += len(entries)
+        return done / (time.perf_counter() - started)
+
+
+def hot_scenario(setup: Setup, args: argparse.Namespace, chosen: set[str]) -> list[Results]:
+    """Hot keys with the worker, and on the same stream the two baselines."""
+    stream = Stream.create(setup)
+    runs = range(args.runs)
+    try:
+        stream.add_groups(*(f"{kind}-{r}" for r in runs for kind in ("pg", "plain", "naive")))
+        stream.publish(events(args.hot_events, args.hot_keys, seed=1), expect="hot" in chosen)
+        results = []
+        for run in runs:
+            result: Results = {}
+            if "read" in chosen:
+                result["plain read"] = plain_read(stream, f"plain-{run}")
+            if "naive" in chosen:
+                result["naive"] = naive(stream, f"naive-{run}", args.naive_events)
+            if "hot" in chosen:
+                drained = worker_run(stream, f"pg-{run}", expect_rows=True)
+                result["hot keys"] = drained.events_per_s
+                result["hot keys cpu"] = drained.cpu_us
+                result["hot keys rss"] = drained.rss_mb
+                if "naive" in result:
+                    result["hot / naive"] = drained.events_per_s / result["naive"]
+            setup.say(f"hot run {run}: " + ", ".join(f"{k} {v:,.1f}" for k, v in result.items()))
+            results.append(result)
+        return results
+    finally:
+        stream.clean()
+
+
+def unique_scenario(setup: Setup, args: argparse.Namespace, count: int, name: str) -> list[Results]:
+    """Every event on a new row (`name`: the row's label)."""
+    stream = Stream.create(setup)
+    runs = range(args.runs)
+    try:
+        stream.add_groups(*(f"pg-{r}" for r in runs))
+        stream.publish(events(count, 0, seed=2), expect=False)
+        results = []
+        for run in runs:
+            drained = worker_run(stream, f"pg-{run}", expect_rows=False)
+            result = {
+                name: drained.events_per_s,
+                f"{name} cpu": drained.cpu_us,
+                f"{name} rss": drained.rss_mb,
+            }
+            setup.say(f"{name} run {run}: " + ", ".join(f"{k} {v:,.1f}" for k, v in result.items()))
+            results.append(result)
+        return results
+    finally:
+        stream.clean()
+
+
+def latency_scenario(setup: Setup, args: argparse.Namespace) -> list[Results]:
+    """A paced producer; publish-to-commit of every event, per run on a fresh stream."""
+    results = []
+    for run in range(args.runs):
+        stream = Stream.create(setup)
+        try:
+            timings = setup.directory / f"latency-{run}.json"
+            worker = WorkerProcess(stream, "pg", timings)
+            try:
+                worker.wait_for_leases()
+                rate = paced(stream, args.rate, args.latency_seconds)
+                worker.drain()
+            finally:
+                with contextlib.suppress(RuntimeError):
+                    worker.stop()
+            latencies = sorted(orjson.loads(timings.read_bytes()))
+            assert len(latencies) == stream.count, f"{len(latencies)} timed of {stream.count}"
+            result = {
+                "latency p50": _percentile(latencies, 0.50),
+                "latency p99": _percentile(latencies, 0.99),
+                "latency max": latencies[-1],
+                "paced rate": rate,
+            }
+            setup.say(
+                f"latency run {run}: " + ", ".join(f"{k} {v:,.1f}" for k, v in result.items())
+            )
+            results.append(result)
+        finally:
+            stream.clean()
+    return results
+
+
+def paced(stream: Stream, rate: int, seconds: float) -> float:
+    """Publish the hot-keys mix at `rate` events/s for `seconds`, stamping `ts`; the rate
+    achieved. Events go every 10 ms in one publish_many each; a late tick catches up."""
+    tick = 0.01
+    per_tick = max(1, round(rate * tick))
+    source = events(int(rate * seconds), 10_000, seed=3)
+    producer = Producer(stream.setup.client, stream.config())
+    started = time.perf_counter()
+    ticks = 0
+    while True:
+        delay = started + ticks * tick - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        now_ms = int(time.time() * 1000)
+        chunk = [replace(event, ts=now_ms) for event in islice(source, per_tick)]
+        if not chunk:
+            break
+        producer.publish_many(STREAM, chunk)
+        stream.count += len(chunk)
+        ticks += 1
+    return stream.count / (time.perf_counter() - started)
+
+
+def _percentile(ordered: Sequence[float], fraction: float) -> float:
+    """The nearest-rank percentile of sorted values."""
+    return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))]
+
+
+# ---- the table ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Line:
+    """A row of the printed table: which result, its unit, and its target."""
+
+    label: str
+    result: str
+    unit: str
+    target: Callable[[float], bool] | None = None
+    target_text: str = ""
+
+
+def lines(settings: dict[str, int]) -> list[Line]:
+    bound = settings["max_age_ms"] + 150
+    return [
+        Line("hot keys, worker", "hot keys", "events/s", lambda v: v >= 100_000, ">= 100,000"),
+        Line("  / naive baseline", "hot / naive", "x", lambda v: v >= 40, ">= 40x"),
+        Line("  worker CPU", "hot keys cpu", "µs/event"),
+        Line("  worker peak RSS", "hot keys rss", "MB"),
+        Line("naive baseline", "naive", "events/s"),
+        Line("plain read baseline", "plain read", "events/s"),
+        Line("unique keys, worker", "unique keys", "events/s", lambda v: v >= 40_000, ">= 40,000"),
+        Line("  worker CPU", "unique keys cpu", "µs/event"),
+        Line("  worker peak RSS", "unique keys rss", "MB"),
+        Line("latency p50", "latency p50", "ms"),
+        Line("latency p99", "latency p99", "ms", lambda v: v <= bound, f"<= {bound} ms"),
+        Line("latency max", "latency max", "ms"),
+        Line("  paced producer", "paced rate", "events/s"),
+        Line("backlog, worker peak RSS", "backlog rss", "MB", lambda v: v < 300, "< 300 MB"),
+        Line("  worker", "backlog", "events/s"),
+        Line("  worker CPU", "backlog cpu", "µs/event"),
+    ]
+
+
+def report(args: argparse.Namespace, settings: dict[str, int], runs: list[Results]) -> None:
+    print(
+        f"\n{args.shards} shards, one worker, pool_size 4 (default); group settings: "
+        + ", ".join(f"{name}={value}" for name, value in settings.items())
+    )
+    print(
+        f"hot keys {args.hot_events:,} events over {args.hot_keys:,} rows; naive on "
+        f"{args.naive_events:,}; unique keys {args.unique_events:,}; latency at "
+        f"{args.rate:,} events/s for {args.latency_seconds:g} s; backlog "
+        f"{args.backlog_events:,} unique-key events. Median of {args.runs} runs.\n"
+    )
+    print(f"| {'row':<26} | {'median':>10} | {'min':>10} | {'max':>10} | {'unit':<8} | target")
+    print(f"|{'-' * 28}|{'-' * 12}|{'-' * 12}|{'-' * 12}|{'-' * 10}|{'-' * 16}")
+    for line in lines(settings):
+        values = [r[line.result] for r in runs if line.result in r]
+        if not values:
+            continue
+        median = statistics.median(values)
+        met = ""
+        if line.target is not None:
+            met = f"{line.target_text} {'met' if line.target(median) else 'NOT MET'}"
+        digits = 1 if line.unit in ("x", "µs/event", "MB", "ms") else 0
+        cells = [f"{v:>10,.{digits}f}" for v in (median, min(values), max(values))]
+        print(f"| {line.label:<26} | {' | '.join(cells)} | {line.unit:<8} | {met}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument(
+        "--scenarios",
+        default="hot,naive,read,unique,latency,backlog",
+        help="comma-separated: hot, naive, read, unique, latency, backlog",
+    )
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--hot-events", type=int, default=500_000)
+    parser.add_argument("--hot-keys", type=int, default=10_000)
+    parser.add_argument("--naive-events", type=int, default=20_000)
+    parser.add_argument("--unique-events", type=int, default=200_000)
+    parser.add_argument("--rate", type=int, default=20_000, help="latency: events/s published")
+    parser.add_argument("--latency-seconds", type=float, default=10.0)
+    parser.add_argument("--backlog-events", type=int, default=1_000_000)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a group setting instead of the bulk default (e.g. max_events=5000)",
+    )
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432/test")
+    parser.add_argument("--quiet", action="store_true", help="print the table only")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--timings", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        sys.exit(child(args.child, args.timings))
+
+    chosen = set(args.scenarios.split(","))
+    unknown = chosen - {"hot", "naive", "read", "unique", "latency", "backlog"}
+    if unknown:
+        parser.error(f"unknown scenarios: {sorted(unknown)}")
+    settings = dict(BULK)
+    for item in args.set:
+        name, _, value = item.partition("=")
+        settings[name] = int(value)
+    runs: list[Results] = [{} for _ in range(args.runs)]
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as directory:
+        setup = Setup(
+            args.redis_url, args.dsn, args.shards, settings, Path(directory), not args.quiet
+        )
+        parts: list[list[Results]] = []
+        if chosen & {"hot", "naive", "read"}:
+            parts.append(hot_scenario(setup, args, chosen))
+        if "unique" in chosen:
+            parts.append(unique_scenario(setup, args, args.unique_events, "unique keys"))
+        if "latency" in chosen:
+            parts.append(latency_scenario(setup, args))
+        if "backlog" in chosen:
+            parts.append(unique_scenario(setup, args, args.backlog_events, "backlog"))
+        for part in parts:
+            for run, result in zip(runs, part, strict=True):
+                run.update(result)
+    report(args, settings, runs)
+
+
+if __name__ == "__main__":
+    main()
