@@ -22,6 +22,18 @@ TRANSIENT: tuple[type[BaseException], ...] = (
 
 T = TypeVar("T")
 
+
+def cancelling() -> bool:
+    """Whether this task has been asked to stop.
+
+    A cancellation can reach a coroutine as another error (a client library turning it
+    into a timeout on the way out); a retry loop that caught that error must still stop,
+    or the task lives on after its lease is gone and its TaskGroup never exits.
+    """
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 log = logging.getLogger("streamsink.retry")
 
 
@@ -53,6 +65,8 @@ async def retrying(
         try:
             return await operation()
         except transient as exc:
+            if cancelling():
+                raise asyncio.CancelledError from exc
             delay = backoff.next()
             log.warning(
                 "retrying", extra={"what": what, "error": repr(exc), "in_s": round(delay, 3)}

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from streamsink.consumers.merge import Entry, merge
-from streamsink.consumers.retry import TRANSIENT, Backoff, retrying
+from streamsink.consumers.retry import TRANSIENT, Backoff, cancelling, retrying
 from streamsink.consumers.settings import GroupSettings
 from streamsink.consumers.window import Window
 from streamsink.errors import EventError, Fenced
@@ -53,6 +53,7 @@ class ShardRunner:
         self.reader, self.lease, self.config = reader, lease, config
         self.stream, self.sinks, self.settings = stream, sinks, settings
         self.draining = asyncio.Event()
+        self.lost = False  # the lease is gone: stop without flushing or acknowledging
         self.stats = ShardStats()
         self._where = {"group": reader.group, "stream": stream, "shard": lease.shard}
 
@@ -72,7 +73,7 @@ class ShardRunner:
         window, flushing = Window(), None
         settings = self.settings
         try:
-            while not self.draining.is_set():
+            while not self.draining.is_set() and not self.lost:
                 now = time.monotonic()
                 if window.due(settings, now):
                     if flushing is not None:
@@ -86,7 +87,7 @@ class ShardRunner:
                 count = min(settings.read_count, settings.max_events - len(window))
                 for raw in await self._read(count, block):
                     await self._take(window, raw)
-            if flushing is not None:
+            if flushing is not None and not self.lost:
                 await flushing
         finally:
             # Cancelled (lease lost) or crashed: the flush in flight must not write or
@@ -94,6 +95,8 @@ class ShardRunner:
             if flushing is not None and not flushing.done():
                 flushing.cancel()
                 await asyncio.wait([flushing])
+        if self.lost:
+            return
         if window:
             await self.flush(window)
         log.info("shard drained", extra=self._where)
@@ -105,6 +108,8 @@ class ShardRunner:
             try:
                 return await self.reader.next(count, block)
             except TRANSIENT as exc:
+                if cancelling():
+                    raise asyncio.CancelledError from exc
                 self.reader.recover()
                 delay = backoff.next()
                 log.warning("read failed", extra={**self._where, "error": repr(exc), "in_s": delay})
@@ -162,6 +167,8 @@ class ShardRunner:
             except (asyncio.CancelledError, Fenced):
                 raise
             except Exception as exc:
+                if cancelling():
+                    raise asyncio.CancelledError from exc
                 self.stats.sink_retries += 1
                 delay = backoff.next()
                 log.warning(

@@ -121,19 +121,21 @@ class GroupRunner:
                 await create_group(self.client, self.keys.shard(self.stream, shard), name)
 
     async def _balance(self, tasks: asyncio.TaskGroup, acquire: bool) -> None:
-        live = await self.leases.heartbeat()
-        target = math.ceil(self.shards / max(live, 1))
-        for shard in list(self.runners):
-            task = self.runners[shard][1]
-            if task.done():
-                del self.runners[shard]
-                self._renewed.pop(shard, None)
-            elif await self.leases.renew(shard):
-                self._renewed[shard] = time.monotonic()
-            else:
+        for shard in [s for s, (_, task) in self.runners.items() if task.done()]:
+            del self.runners[shard]
+            self._renewed.pop(shard, None)
+        # Heartbeat and every renewal in one round trip: on a loop busy with shards, each
+        # await waits its turn, and renewals must not queue behind each other.
+        owned = list(self.runners)
+        live, renewed = await self.leases.heartbeat_and_renew(owned)
+        now = time.monotonic()
+        for shard, ours in zip(owned, renewed, strict=True):
+            if ours:
+                self._renewed[shard] = now
+            elif shard in self.runners:
                 log.warning("lease lost", extra=self._where(shard))
-                task.cancel()
-                del self.runners[shard]
+                self._stop_lost(shard)
+        target = math.ceil(self.shards / max(live, 1))
         active = [s for s, (r, _) in self.runners.items() if not r.draining.is_set()]
         for shard in sorted(active, reverse=True)[: max(0, len(active) - target)]:
             log.info("handing shard over", extra={**self._where(shard), "target": target})
@@ -175,7 +177,14 @@ class GroupRunner:
         for shard in list(self.runners):
             if now - self._renewed.get(shard, now) > limit:
                 log.warning("lease expired unrenewed", extra=self._where(shard))
-                self.runners.pop(shard)[1].cancel()
+                self._stop_lost(shard)
+
+    def _stop_lost(self, shard: int) -> None:
+        """Stop a shard whose lease is gone: nothing more is flushed or acknowledged."""
+        runner, task = self.runners.pop(shard)
+        self._renewed.pop(shard, None)
+        runner.lost = True
+        task.cancel()
 
     async def _maintain(self) -> None:
         """Trim owned shards below what every group acknowledged; remove gone consumers."""

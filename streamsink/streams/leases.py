@@ -9,6 +9,7 @@ Workers of a group also keep a heartbeat in a sorted set, to count who is alive.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aredis
@@ -110,6 +111,20 @@ class Leases:
         pipe.pexpire(key, self.ttl_ms * 10)
         replies = await pipe.execute()
         return int(replies[2])
+
+    async def heartbeat_and_renew(self, shards: Sequence[int]) -> tuple[int, list[bool]]:
+        """`heartbeat` and `renew` of every shard in `shards`, in one round trip."""
+        now = int(time.time() * 1000)
+        key = self._keys.workers(self.stream, self.group)
+        pipe = self._client.pipeline(transaction=False)
+        pipe.zadd(key, {self.worker: now + self.ttl_ms})
+        pipe.zremrangebyscore(key, "-inf", now)
+        pipe.zcard(key)
+        pipe.pexpire(key, self.ttl_ms * 10)
+        for shard in shards:
+            await self._renew(self._lease_keys(shard)[:1], [self.worker, self.ttl_ms], client=pipe)
+        replies = await pipe.execute()
+        return int(replies[2]), [bool(reply) for reply in replies[4:]]
 
     async def live_workers(self) -> set[str]:
         """Ids of the workers whose heartbeat has not expired."""

@@ -217,3 +217,20 @@ async def test_leave_removes_the_heartbeat_at_once(ar: aredis.Redis, keys: Keys)
     await w2.leave()  # leaving twice is harmless
     await w1.leave()
     assert await w1.live_workers() == set()
+
+
+async def test_heartbeat_and_renew_in_one_round_trip(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys
+) -> None:
+    one, two = leases(ar, keys, "w1", ttl_ms=5000), leases(ar, keys, "w2", ttl_ms=5000)
+    await one.acquire(0)
+    await one.acquire(1)
+    await two.acquire(2)
+    r.pexpire(keys.lease(STREAM, 0, GROUP), 50)
+    await two.heartbeat()
+    live, renewed = await one.heartbeat_and_renew([0, 1, 2, 3])
+    assert live == 2
+    assert renewed == [True, True, False, False]  # 2 is w2's, 3 nobody's
+    assert r.pttl(keys.lease(STREAM, 0, GROUP)) > 4000  # extended, not left to expire
+    assert owner(r, keys, 2) == b"w2"
+    assert await one.heartbeat_and_renew([]) == (2, [])
