@@ -30,7 +30,11 @@ def _build(spec: SinkSpec, config: Config) -> Sink:
                 "function = 'package.module:function'"
             )
         return FunctionSink.from_path(path)
+    if spec.type == "http":
+        from streamsink.sinks.http import HttpSink
+
+        return HttpSink.from_options(spec.name, options, config)
     raise ConfigError(
         f"sink {spec.name!r}: type {spec.type!r} is not available in this version "
-        "(available: postgres, function)"
+        "(available: postgres, http, function)"
     )

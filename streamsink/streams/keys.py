@@ -56,6 +56,16 @@ class Keys:
         """ZSET of live workers of a group: member = worker id, score = heartbeat expiry (ms)."""
         return f"{self.prefix}:{{{stream}}}:workers:{group}"
 
+    def rate(self, name: str) -> str:
+        """HASH of one shared rate limit (GCRA): `tat` theoretical arrival time, `last` send,
+        `hold` not-before (a Retry-After), all µs on Redis' clock; expires once idle."""
+        return f"{self.prefix}:rate:{name}"
+
+    def http_endpoints(self, sink: str) -> str:
+        """HASH of an HTTP sink's endpoints: `<endpoint>|<counter>` -> count (sent, failed,
+        retried, dead) and `<endpoint>|breaker` -> `state ms worker`; kept for `status`."""
+        return f"{self.prefix}:http:{sink}:endpoints"
+
 
 META_SHARDS = b"shards"  # field of the meta hash: shard count
 META_CREATED = b"created_ms"  # field of the meta hash: creation time, ms

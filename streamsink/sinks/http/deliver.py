@@ -1,0 +1,196 @@
+"""Delivering one request: vet, wait for a permit, send, and retry or give up.
+
+    2xx                         delivered
+    connection error, timeout   retried (backoff, full jitter); counts for the breaker
+    5xx                         retried (backoff, full jitter); counts for the breaker
+    429                         retried after Retry-After (seconds or HTTP date), else
+                                backoff; every worker holds that endpoint as long
+    other status (3xx, 4xx)     not retried: the request itself is wrong
+    refused URL, open breaker   not sent at all
+
+A request that is not delivered comes back as Rejected entries (dead letters) whose
+reason has the last status and body excerpt (or error) and the attempt count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import hashlib
+import logging
+import random
+import time
+from datetime import UTC
+
+from streamsink.consumers.retry import retrying
+from streamsink.sinks.base import Rejected
+from streamsink.sinks.http.breaker import Breaker
+from streamsink.sinks.http.plan import Request
+from streamsink.sinks.http.settings import EndpointSettings
+from streamsink.sinks.http.signing import IDEMPOTENCY_HEADER, signed_headers
+from streamsink.sinks.http.transport import Reply, Transport
+from streamsink.sinks.http.urls import Refused, Vetter
+from streamsink.streams.endpoints import EndpointStats
+from streamsink.streams.ratelimit import Rate, RateLimiter
+
+log = logging.getLogger("streamsink.http")
+
+
+class Endpoint:
+    """One endpoint as one sink drives it: settings, secret, slots, breaker, rate limit."""
+
+    def __init__(
+        self, sink: str, name: str, settings: EndpointSettings, secret: bytes, stats: EndpointStats
+    ) -> None:
+        self.name, self.settings, self.secret = name, settings, secret
+        self.slots = asyncio.Semaphore(settings.concurrency)
+        self.breaker = Breaker(
+            settings.breaker_failures,
+            settings.breaker_cooldown_s,
+            on_change=lambda state: stats.breaker(name, state),
+        )
+        self.rate = Rate(
+            settings.rate, settings.burst, settings.min_interval_ms, settings.jitter_guard_ms
+        )
+        digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:16]
+        self.limit = f"http:{sink}:{digest}"  # the shared limit's name in Redis
+        self.hold_until = 0.0  # time.monotonic() before which nothing is sent (Retry-After)
+
+
+def backoff_delay(attempt: int, settings: EndpointSettings) -> float:
+    """Full jitter: uniform in [0, min(cap, base * 2^(attempt - 1))] seconds."""
+    bound = min(settings.max_backoff_ms, settings.backoff_ms * 2 ** min(attempt - 1, 32))
+    return random.uniform(0, bound / 1000)
+
+
+def retry_after_seconds(value: str | None, now: float) -> float | None:
+    """Seconds a Retry-After header asks for (delay-seconds or HTTP-date), None if unusable."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - now)
+
+
+class Sender:
+    """Delivers requests with retries, honouring each endpoint's breaker and limits."""
+
+    def __init__(
+        self, transport: Transport, vetter: Vetter, limiter: RateLimiter, stats: EndpointStats
+    ) -> None:
+        self.transport, self.vetter, self.limiter, self.stats = transport, vetter, limiter, stats
+
+    async def deliver(self, endpoint: Endpoint, request: Request) -> list[Rejected]:
+        """Send until delivered or given up; the entries given up come back as Rejected."""
+        attempts = 0
+        while True:
+            async with endpoint.slots:
+                if not endpoint.breaker.allow():
+                    why = f"{endpoint.breaker.why()}; {_attempts(attempts)}"
+                    return self._dead(endpoint, request, why)
+                attempts += 1
+                try:
+                    reply = await self._attempt(endpoint, request)
+                except Refused as exc:
+                    endpoint.breaker.succeeded()  # nothing was sent: not the endpoint's fault
+                    return self._dead(endpoint, request, f"URL refused: {exc}")
+            if 200 <= reply.status < 300:
+                endpoint.breaker.succeeded()
+                self.stats.count(endpoint.name, "sent", len(request.entry_ids))
+                return []
+            outcome = await self._failed(endpoint, request, reply, attempts)
+            if isinstance(outcome, str):
+                return self._dead(endpoint, request, outcome)
+            self.stats.count(endpoint.name, "retried")
+            log.info(
+                "callback attempt failed, retrying",
+                extra={
+                    "endpoint": endpoint.name,
+                    "key": request.key,
+                    "attempt": attempts,
+                    "error": reply.describe(),
+                    "in_s": round(outcome, 3),
+                },
+            )
+            await endpoint.breaker.sleep(outcome)
+
+    async def _failed(
+        self, endpoint: Endpoint, request: Request, reply: Reply, attempts: int
+    ) -> float | str:
+        """After a failed attempt: the delay before the next, or why to give up."""
+        settings = endpoint.settings
+        self.stats.count(endpoint.name, "failed")
+        retry = reply.status in (0, 429) or reply.status >= 500
+        if reply.status == 429:
+            pass  # the endpoint works, it only asks us to slow down: no breaker count
+        elif retry:
+            endpoint.breaker.failed(reply.describe())
+        else:
+            endpoint.breaker.succeeded()  # it answers; this request is what is wrong
+        if not retry:
+            return f"{reply.describe()}; not retried; {_attempts(attempts)}"
+        if attempts >= settings.max_attempts:
+            return f"{reply.describe()}; {_attempts(attempts)}"
+        if reply.status != 429:
+            return backoff_delay(attempts, settings)
+        asked = retry_after_seconds(reply.retry_after, time.time())
+        if asked is None:
+            return backoff_delay(attempts, settings)
+        if asked > settings.max_retry_after_s:
+            return (
+                f"{reply.describe()}; Retry-After {asked:g} s is over max_retry_after_s "
+                f"({settings.max_retry_after_s:g}); {_attempts(attempts)}"
+            )
+        await self._hold(endpoint, asked)
+        return asked
+
+    async def _attempt(self, endpoint: Endpoint, request: Request) -> Reply:
+        """Vet the host, wait for a permit, send. Refused if the host may not be called."""
+        url = request.url
+        try:
+            await self.vetter.vet(url.raw_host or "", url.port or 0)
+        except OSError as exc:  # the host does not resolve (now): worth another attempt
+            return Reply(0, f"cannot resolve {url.raw_host}: {exc}")
+        await self._permit(endpoint)
+        headers = {
+            **request.headers,
+            "Content-Type": "application/json",
+            IDEMPOTENCY_HEADER: request.key,
+            **signed_headers(endpoint.secret, int(time.time()), request.body),
+        }
+        return await self.transport.post(url, request.body, headers, endpoint.settings.timeout_s)
+
+    async def _permit(self, endpoint: Endpoint) -> None:
+        """Wait out a Retry-After hold, then for a permit of the endpoint's shared limit."""
+        while True:  # a 429 meanwhile may move the hold further
+            wait = endpoint.hold_until - time.monotonic()
+            if wait <= 0:
+                break
+            await asyncio.sleep(wait)
+        if endpoint.rate.limited:
+            await retrying(lambda: self.limiter.acquire(endpoint.limit, endpoint.rate), "permit")
+
+    async def _hold(self, endpoint: Endpoint, seconds: float) -> None:
+        """Send nothing to the endpoint for `seconds`, in this worker and (if limited) all."""
+        endpoint.hold_until = max(endpoint.hold_until, time.monotonic() + seconds)
+        if endpoint.rate.limited:
+            await retrying(lambda: self.limiter.defer(endpoint.limit, seconds), "hold")
+
+    def _dead(self, endpoint: Endpoint, request: Request, reason: str) -> list[Rejected]:
+        self.stats.count(endpoint.name, "dead", len(request.entry_ids))
+        log.warning(
+            "callback given up",
+            extra={"endpoint": endpoint.name, "key": request.key, "reason": reason},
+        )
+        return [Rejected(entry_id, reason) for entry_id in request.entry_ids]
+
+
+def _attempts(n: int) -> str:
+    return f"{n} attempt" if n == 1 else f"{n} attempts"

@@ -1,0 +1,98 @@
+"""The HTTP client seam: one `post` that answers a Reply, never raises for the network.
+
+`AiohttpTransport` keeps a pool of keep-alive connections (per host, `limit` in all),
+resolves hosts only through the sink's `Vetter`, follows no redirect (a redirect could
+point anywhere) and ignores proxy variables (a proxy would connect for us, unvetted).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import aiohttp
+from aiohttp.abc import AbstractResolver
+from yarl import URL
+
+MAX_READ = 64 * 1024
+"""Bytes of a response body read (for the dead-letter excerpt); the rest is dropped."""
+
+USER_AGENT = "streamsink-http-sink"
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What came back: a status (0 when no response came, then `error` says why)."""
+
+    status: int
+    error: str = ""
+    retry_after: str | None = None
+    body: bytes = b""
+
+    def describe(self) -> str:
+        """One line for a log or a dead letter: the status and a body excerpt, or the error."""
+        if not self.status:
+            return self.error
+        excerpt = self.body[:200].decode("utf-8", "replace")
+        return f"HTTP {self.status}, body {excerpt!r}"
+
+
+class Transport(Protocol):
+    """Sends one POST."""
+
+    async def post(
+        self, url: URL, body: bytes, headers: Mapping[str, str], timeout_s: float
+    ) -> Reply:
+        """POST `body`; a connection error or timeout is a Reply with status 0."""
+        ...
+
+    async def close(self) -> None:
+        """Close the pooled connections."""
+        ...
+
+
+class AiohttpTransport:
+    """Transport over one aiohttp session, made on first use (it needs the running loop)."""
+
+    def __init__(self, resolver: AbstractResolver, limit: int = 100) -> None:
+        self._resolver = resolver
+        self._limit = limit
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                resolver=self._resolver, use_dns_cache=False, limit=self._limit
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                trust_env=False,
+                headers={"User-Agent": USER_AGENT},
+                skip_auto_headers=("Accept-Encoding",),
+            )
+        return self._session
+
+    async def post(
+        self, url: URL, body: bytes, headers: Mapping[str, str], timeout_s: float
+    ) -> Reply:
+        """POST with a total timeout; the Reply holds at most MAX_READ bytes of the body."""
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        try:
+            async with self._client().post(
+                url, data=body, headers=dict(headers), timeout=timeout, allow_redirects=False
+            ) as response:
+                content = await response.content.read(MAX_READ)
+                return Reply(response.status, "", response.headers.get("Retry-After"), content)
+        except TimeoutError:
+            return Reply(0, f"timed out after {timeout_s:g} s")
+        except aiohttp.ClientError as exc:
+            return Reply(0, f"{type(exc).__name__}: {exc}")
+        except OSError as exc:
+            return Reply(0, f"{type(exc).__name__}: {exc}")
+
+    async def close(self) -> None:
+        """Close the session and its connections."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

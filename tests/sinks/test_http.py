@@ -1,0 +1,325 @@
+"""The HTTP sink against a real HTTP server on 127.0.0.1 (allow_private on, as for development).
+
+Windows are built by hand (receiver.Window) and written to the sink as the worker would;
+the receiver records every request and answers as each test scripts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import hmac
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Any
+
+import orjson
+import pytest
+import redis
+
+from streamsink.sinks.http import signature
+from streamsink.streams import Keys
+from streamsink.streams.endpoints import endpoint_rows
+from tests.sinks.receiver import SECRET, Answer, Built, Receiver, Record, Window, build_sink
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver().start()
+    yield server
+    server.stop()
+
+
+@contextlib.asynccontextmanager
+async def http_sink(
+    redis_url: str, keys: Keys, options: Mapping[str, Any] | None = None
+) -> AsyncIterator[Built]:
+    fast = {"backoff_ms": 20, "max_backoff_ms": 200}
+    built = build_sink(redis_url, keys, {**fast, **(options or {})})
+    try:
+        yield built
+    finally:
+        await built.sink.close()
+
+
+def signed_correctly(record: Record) -> bool:
+    timestamp = int(record.headers["X-Streamsink-Timestamp"])
+    expected = signature(SECRET.encode(), timestamp, record.body)
+    return hmac.compare_digest(expected, record.headers["X-Streamsink-Signature"])
+
+
+def counts(r: redis.Redis, keys: Keys) -> dict[str, tuple[int, int, int, int, str]]:
+    """status's view: endpoint -> (sent, failed, retried, dead, breaker)."""
+    return {
+        row.endpoint: (row.sent, row.failed, row.retried, row.dead, row.breaker)
+        for row in endpoint_rows(r, keys, "hooks")
+    }
+
+
+async def test_each_mode_one_signed_request_per_call_in_order_per_key(
+    receiver: Receiver, redis_url: str, keys: Keys, r: redis.Redis
+) -> None:
+    window = Window()
+    entries = [
+        window.entry(f"task-{n % 3}", receiver.url(f"/t/{n % 3}"), {"n": n}, headers={"X-Tag": "t"})
+        for n in range(30)
+    ]
+    async with http_sink(redis_url, keys, {"concurrency": 4}) as built:
+        assert await built.sink.write(window.batch(entries)) == []
+
+    records = receiver.records
+    assert len(records) == 30
+    assert sorted(record.json()["n"] for record in records) == list(range(30))
+    for record in records:
+        n = record.json()["n"]
+        assert record.path == f"/t/{n % 3}"
+        assert record.key == f"hooks:0:{entries[n].id}"
+        assert record.headers["Content-Type"] == "application/json"
+        assert record.headers["X-Tag"] == "t"
+        assert signed_correctly(record)
+    for key in range(3):  # one key's callbacks arrive in stream order
+        arrived = [record.json()["n"] for record in records if record.path == f"/t/{key}"]
+        assert arrived == sorted(arrived)
+    endpoint = f"http://127.0.0.1:{receiver.port}"
+    assert counts(r, keys) == {endpoint: (30, 0, 0, 0, "closed")}
+
+
+async def test_batch_mode_one_request_per_window_with_a_key_per_item(
+    receiver: Receiver, redis_url: str, keys: Keys
+) -> None:
+    window = Window()
+    url = receiver.url("/batch")
+    entries = [window.entry(f"task-{n % 4}", url, {"n": n}) for n in range(25)]
+    # Coalescing: of three calls with one coalescing key, only the newest is sent.
+    entries += [window.entry("task-x", url, {"n": 100 + n}, coalesce="x") for n in range(3)]
+    options = {"endpoints": {url: {"mode": "batch", "max_batch_items": 10}}}
+    async with http_sink(redis_url, keys, options) as built:
+        assert await built.sink.write(window.batch(entries)) == []
+
+    records = receiver.records
+    assert [len(record.json()["items"]) for record in records] == [10, 10, 6]
+    items = [item for record in records for item in record.json()["items"]]
+    assert [item["payload"]["n"] for item in items] == [*range(25), 102]
+    sent = [entries[n] for n in range(25)] + [entries[-1]]
+    assert [item["idempotency_key"] for item in items] == [f"hooks:0:{e.id}" for e in sent]
+    assert [item["key"] for item in items] == [e.event.key for e in sent]
+    for record in records:
+        body = record.json()
+        first, last = body["items"][0], body["items"][-1]
+        batch_key = f"{first['idempotency_key']}..{last['idempotency_key'].split(':')[-1]}"
+        assert body["idempotency_key"] == record.key == batch_key
+        assert signed_correctly(record)
+
+
+async def test_batch_mode_splits_on_body_size(
+    receiver: Receiver, redis_url: str, keys: Keys
+) -> None:
+    window = Window()
+    url = receiver.url("/batch")
+    entries = [window.entry("k", url, {"pad": "x" * 300, "n": n}) for n in range(20)]
+    options = {"mode": "batch", "max_body_bytes": 1500}
+    async with http_sink(redis_url, keys, options) as built:
+        assert await built.sink.write(window.batch(entries)) == []
+    assert all(len(record.body) <= 1500 for record in receiver.records)
+    assert len(receiver.records) > 4
+    items = [item["payload"]["n"] for rec in receiver.records for item in rec.json()["items"]]
+    assert items == list(range(20))
+
+
+async def test_500_then_200_gives_each_callback_exactly_once_to_a_deduplicating_receiver(
+    receiver: Receiver, redis_url: str, keys: Keys, r: redis.Redis
+) -> None:
+    def flaky(record: Record, server: Receiver) -> Answer:
+        # The first two tries of every callback fail; the second one after doing the work
+        # (a receiver that crashed before answering), so a repeat reaches it.
+        return Answer(500, body=b"oops") if server.tries[record.key] <= 2 else Answer(200)
+
+    receiver.answer = flaky
+    window = Window()
+    entries = [window.entry(f"k{n % 7}", receiver.url(), {"n": n}) for n in range(40)]
+    async with http_sink(redis_url, keys, {"breaker_failures": 1000}) as built:
+        assert await built.sink.write(window.batch(entries)) == []
+
+    applied: dict[str, Any] = {}  # what a receiver deduplicating on the key keeps
+    for record in receiver.records:
+        if record.status in (200, 500) and record.key not in applied and record.status == 200:
+            applied[record.key] = record.json()
+    assert set(applied) == {f"hooks:0:{e.id}" for e in entries}
+    assert sorted(body["n"] for body in applied.values()) == list(range(40))
+    assert receiver.tries == Counter({f"hooks:0:{e.id}": 3 for e in entries})
+    endpoint = f"http://127.0.0.1:{receiver.port}"
+    assert counts(r, keys) == {endpoint: (40, 80, 80, 0, "closed")}
+
+
+@pytest.mark.parametrize("form", ["seconds", "http-date"])
+async def test_429_retry_after_is_honoured(
+    receiver: Receiver, redis_url: str, keys: Keys, form: str
+) -> None:
+    def busy(record: Record, server: Receiver) -> Answer:
+        if server.tries[record.key] > 1:
+            return Answer(200)
+        if form == "seconds":
+            return Answer(429, {"Retry-After": "1"})
+        return Answer(429, {"Retry-After": email.utils.formatdate(time.time() + 2, usegmt=True)})
+
+    receiver.answer = busy
+    window = Window()
+    entries = [window.entry(f"k{n}", receiver.url(), {"n": n}) for n in range(3)]
+    async with http_sink(redis_url, keys, {"rate": 100.0}) as built:
+        started = time.monotonic()
+        assert await built.sink.write(window.batch(entries)) == []
+        took = time.monotonic() - started
+
+    by_key: dict[str, list[Record]] = {}
+    for record in receiver.records:
+        by_key.setdefault(record.key, []).append(record)
+    assert len(by_key) == 3
+    first_429 = min(tries[0].at for tries in by_key.values())
+    for tries in by_key.values():
+        assert [t.status for t in tries] == [429, 200]
+        # Backoff alone would retry within 20 ms; the receiver asked for (at least) 1 s.
+        assert tries[1].at - tries[0].at >= 0.95
+        # And every worker holds the endpoint: nothing goes before the first 429's wait.
+        assert tries[1].at - first_429 >= 0.95
+    print(f"\n429 ({form}): retried after >= 1 s, window took {took:.2f} s")
+
+
+async def test_a_retry_after_over_the_cap_is_dead_lettered_not_awaited(
+    receiver: Receiver, redis_url: str, keys: Keys
+) -> None:
+    receiver.answer = lambda record, server: Answer(429, {"Retry-After": "3600"}, b"slow down")
+    window = Window()
+    entries = [window.entry("k", receiver.url(), {"n": 1})]
+    async with http_sink(redis_url, keys, {"max_retry_after_s": 5.0}) as built:
+        rejected = await built.sink.write(window.batch(entries))
+    assert len(receiver.records) == 1
+    assert [x.entry_id for x in rejected] == [entries[0].id]
+    assert "HTTP 429" in rejected[0].reason and "Retry-After 3600 s" in rejected[0].reason
+
+
+async def test_other_4xx_is_not_retried_and_is_rejected_with_status_and_body(
+    receiver: Receiver, redis_url: str, keys: Keys
+) -> None:
+    receiver.answer = lambda record, server: Answer(422, body=b'{"error":"no such task"}')
+    window = Window()
+    entries = [window.entry("k", receiver.url(), {"n": 1})]
+    async with http_sink(redis_url, keys) as built:
+        rejected = await built.sink.write(window.batch(entries))
+    assert len(receiver.records) == 1
+    (reject,) = rejected
+    assert reject.entry_id == entries[0].id
+    assert reject.reason == 'HTTP 422, body \'{"error":"no such task"}\'; not retried; 1 attempt'
+
+
+async def test_after_the_last_attempt_entries_are_rejected_with_status_body_and_attempts(
+    receiver: Receiver, redis_url: str, keys: Keys, r: redis.Redis
+) -> None:
+    receiver.answer = lambda record, server: Answer(503, body=b"down for maintenance")
+    window = Window()
+    entries = [window.entry("k", receiver.url(), {"n": n}) for n in range(2)]
+    async with http_sink(redis_url, keys, {"max_attempts": 3, "breaker_failures": 100}) as built:
+        rejected = await built.sink.write(window.batch(entries))
+    assert [x.entry_id for x in rejected] == [e.id for e in entries]
+    for reject in rejected:
+        assert reject.reason == "HTTP 503, body 'down for maintenance'; 3 attempts"
+    assert len(receiver.records) == 6
+    endpoint = f"http://127.0.0.1:{receiver.port}"
+    assert counts(r, keys) == {endpoint: (0, 6, 4, 2, "closed")}
+
+
+async def test_a_dead_endpoint_does_not_delay_another_endpoints_callbacks(
+    redis_url: str, keys: Keys, r: redis.Redis
+) -> None:
+    dead = Receiver(lambda record, server: Answer(delay=30)).start()  # accepts, never answers
+    alive = Receiver().start()
+    options = {
+        "timeout_s": 0.5,
+        "max_attempts": 4,
+        "breaker_failures": 3,
+        "breaker_cooldown_s": 60.0,
+        "concurrency": 2,
+    }
+    window = Window()
+    took: list[float] = []
+    rejected = []
+    try:
+        async with http_sink(redis_url, keys, options) as built:
+            for round_ in range(5):  # five windows of one shard, one after the other
+                entries = [
+                    window.entry(f"k{n}", url, {"round": round_, "n": n})
+                    for n in range(6)
+                    for url in (dead.url(), alive.url())
+                ]
+                started = time.monotonic()
+                rejected += await built.sink.write(window.batch(entries))
+                took.append(time.monotonic() - started)
+                got = [rec.json() for rec in alive.records if rec.json()["round"] == round_]
+                assert len(got) == 6, f"round {round_}: the alive endpoint got {got}"
+    finally:
+        dead.stop()
+        alive.stop()
+    print(f"\nwindow times with one endpoint dead: {[round(t, 2) for t in took]}")
+    # Without a breaker the first window alone would take 6 calls x 4 attempts x 0.5 s / 2.
+    assert took[0] < 2.0
+    assert max(took[1:]) < 0.2, "once the breaker is open, the dead endpoint costs nothing"
+    assert len(dead.records) <= 4  # the requests that were in flight when it opened
+    assert len(rejected) == 30
+    assert all("timed out" in x.reason or "circuit breaker open" in x.reason for x in rejected)
+    dead_name = f"http://127.0.0.1:{dead.port}"
+    assert counts(r, keys)[dead_name][3:] == (30, "open")
+    assert counts(r, keys)[f"http://127.0.0.1:{alive.port}"] == (30, 0, 0, 0, "closed")
+
+
+async def test_an_open_breaker_lets_one_probe_through_after_the_cool_down(
+    receiver: Receiver, redis_url: str, keys: Keys, r: redis.Redis
+) -> None:
+    receiver.answer = lambda record, server: Answer(500)
+    options = {"breaker_failures": 2, "breaker_cooldown_s": 0.5, "max_attempts": 1}
+    window = Window()
+    async with http_sink(redis_url, keys, options) as built:
+        one = [window.entry(f"k{n}", receiver.url(), {"n": n}) for n in range(2)]
+        assert len(await built.sink.write(window.batch(one))) == 2  # 2 failures: open
+        two = [window.entry("k", receiver.url(), {"n": 3})]
+        (reject,) = await built.sink.write(window.batch(two))
+        assert reject.reason.startswith("circuit breaker open: 2 failures in a row")
+        assert len(receiver.records) == 2
+        receiver.answer = lambda record, server: Answer(200)
+        await asyncio.sleep(0.6)  # the cool-down passes
+        three = [window.entry(f"k{n}", receiver.url(), {"n": n}) for n in range(3)]
+        rejected = await built.sink.write(window.batch(three))
+    # One probe went (and succeeded, closing the breaker), then the others followed.
+    assert rejected == [] or all("half-open" in x.reason for x in rejected)
+    assert receiver.records[2].status == 200
+    assert counts(r, keys)[f"http://127.0.0.1:{receiver.port}"][4] == "closed"
+
+
+async def test_the_global_rate_and_min_interval_space_requests(
+    receiver: Receiver, redis_url: str, keys: Keys
+) -> None:
+    window = Window()
+    entries = [window.entry(f"k{n}", receiver.url(), {"n": n}) for n in range(12)]
+    async with http_sink(redis_url, keys, {"rate": 1000.0, "min_interval_ms": 50.0}) as built:
+        assert await built.sink.write(window.batch(entries)) == []
+    times = sorted(record.at for record in receiver.records)
+    spread = times[-1] - times[0]
+    print(f"\nmin_interval 50 ms: 12 requests arrived over {spread * 1000:.0f} ms")
+    # 11 gaps of 50 ms at least between the permits (tests/streams/test_ratelimit.py checks
+    # them exactly on Redis' clock); arrivals may move by a few ms either way.
+    assert spread >= 0.54
+
+
+async def test_every_request_carries_a_verifiable_signature_over_timestamp_and_body(
+    receiver: Receiver, redis_url: str, keys: Keys
+) -> None:
+    window = Window()
+    entries = [window.entry("k", receiver.url(), {"text": "h\u00e9llo", "n": 1})]
+    async with http_sink(redis_url, keys) as built:
+        assert await built.sink.write(window.batch(entries)) == []
+    (record,) = receiver.records
+    assert orjson.loads(record.body) == {"text": "h\u00e9llo", "n": 1}
+    assert abs(int(record.headers["X-Streamsink-Timestamp"]) - time.time()) < 5
+    assert signed_correctly(record)
+    tampered = Record(record.at, record.path, record.headers, record.body + b" ")
+    assert not signed_correctly(tampered)
