@@ -29,7 +29,7 @@ import redis.asyncio as aredis
 from streamsink.streams.keys import Keys
 
 # KEYS: state hash. ARGV: T µs, tolerance µs ((burst-1)*T), min interval µs.
-# Returns 0 when the send may start now (and records it), else the µs to wait.
+# Returns {0, now} when the send may start now (and records it), else {µs to wait, now}.
 _ACQUIRE = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
@@ -40,11 +40,11 @@ local wait = tat - tolerance - now
 local last, hold = tonumber(state[2]), tonumber(state[3])
 if last then wait = math.max(wait, last + gap - now) end
 if hold then wait = math.max(wait, hold - now) end
-if wait > 0 then return math.ceil(wait) end
+if wait > 0 then return {math.ceil(wait), now} end
 redis.call('HSET', KEYS[1], 'tat', tat + period, 'last', now)
 redis.call('HDEL', KEYS[1], 'hold')
 redis.call('PEXPIRE', KEYS[1], math.ceil((tat + period + gap - now) / 1000) + 1000)
-return 0
+return {0, now}
 """
 
 # KEYS: state hash. ARGV: µs from now. Nobody gets a permit before then.
@@ -103,19 +103,20 @@ class RateLimiter:
         self._acquire = client.register_script(_ACQUIRE)
         self._defer = client.register_script(_DEFER)
 
-    async def try_acquire(self, name: str, rate: Rate) -> float:
-        """Take a permit of `name` if one is free: 0.0, else the seconds to wait first."""
+    async def try_acquire(self, name: str, rate: Rate) -> tuple[float, float]:
+        """Take a permit of `name` if one is free: `(seconds to wait first, or 0.0 if
+        granted; Redis' time in seconds)`."""
         if not rate.limited:
-            return 0.0
-        wait_us = await self._acquire([self._keys.rate(name)], rate.arguments())
-        return int(wait_us) / 1_000_000
+            return 0.0, 0.0
+        wait_us, now_us = await self._acquire([self._keys.rate(name)], rate.arguments())
+        return int(wait_us) / 1_000_000, int(now_us) / 1_000_000
 
-    async def acquire(self, name: str, rate: Rate) -> None:
-        """Wait until a permit of `name` is ours (other workers may take the ones before)."""
+    async def acquire(self, name: str, rate: Rate) -> float:
+        """Wait until a permit of `name` is ours; Redis' time (s) when it was granted."""
         while True:
-            wait = await self.try_acquire(name, rate)
+            wait, now = await self.try_acquire(name, rate)
             if wait <= 0:
-                return
+                return now
             await asyncio.sleep(wait)
 
     async def defer(self, name: str, seconds: float) -> None:

@@ -1,0 +1,143 @@
+"""The shared GCRA rate limit on the real Redis, checked on Redis' own clock.
+
+Several clients (separate connections, as separate workers would have) ask for permits
+at once; the grant times the script reports (Redis `TIME`) are then checked against the
+limit in every sliding window, not only in aligned seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Sequence
+
+import pytest
+import redis
+import redis.asyncio as aredis
+
+from streamsink.streams import Keys
+from streamsink.streams.ratelimit import Rate, RateLimiter
+
+
+def most_in_any_window(times: Sequence[float], window: float = 1.0) -> int:
+    """The largest number of `times` inside any half-open window [t, t + window)."""
+    ordered = sorted(times)
+    best, first = 0, 0
+    for last, at in enumerate(ordered):
+        while at - ordered[first] >= window:
+            first += 1
+        best = max(best, last - first + 1)
+    return best
+
+
+def test_most_in_any_window_slides() -> None:
+    assert most_in_any_window([0.0, 0.5, 0.99, 1.0, 1.5]) == 3
+    assert most_in_any_window([0.9, 0.95, 1.05, 1.1], 1.0) == 4  # across a second boundary
+    assert most_in_any_window([]) == 0
+
+
+async def hammer(
+    redis_url: str, keys: Keys, rate: Rate, clients: int, seconds: float
+) -> list[float]:
+    """Every client takes permits as fast as it can for `seconds`; the grant times."""
+    granted: list[float] = []
+    deadline = time.monotonic() + seconds
+
+    async def client() -> None:
+        connection = aredis.Redis.from_url(redis_url)
+        limiter = RateLimiter(connection, keys)
+        try:
+            while time.monotonic() < deadline:
+                granted.append(await limiter.acquire("endpoint", rate))
+        finally:
+            await connection.aclose()
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return granted
+
+
+async def test_no_sliding_second_holds_more_than_the_rate(redis_url: str, keys: Keys) -> None:
+    granted = await hammer(redis_url, keys, Rate(20.0), clients=4, seconds=3.0)
+    most = most_in_any_window(granted)
+    gaps = [b - a for a, b in itertools.pairwise(sorted(granted))]
+    print(f"\n20/s, 4 clients, 3 s: {len(granted)} permits, at most {most} in any second")
+    assert most <= 20
+    assert min(gaps) >= 0.05 - 1e-6  # T = 1 s / 20, on Redis' clock
+    assert len(granted) >= 45  # the limit is approached, not merely respected by slowness
+
+
+async def test_a_burst_then_the_rate_and_never_rate_plus_burst(redis_url: str, keys: Keys) -> None:
+    granted = await hammer(redis_url, keys, Rate(10.0, burst=5), clients=3, seconds=2.5)
+    ordered = sorted(granted)
+    most = most_in_any_window(granted)
+    print(
+        f"\n10/s burst 5: first five within {1000 * (ordered[4] - ordered[0]):.1f} ms; max {most}"
+    )
+    assert ordered[4] - ordered[0] < 0.05  # the burst goes back to back
+    assert ordered[5] - ordered[0] >= 0.1 - 1e-6  # then one per T
+    assert most <= 10 + 5 - 1
+
+
+async def test_the_guard_paces_as_if_a_second_were_longer(redis_url: str, keys: Keys) -> None:
+    granted = sorted(await hammer(redis_url, keys, Rate(50.0, guard_ms=50.0), 3, 1.5))
+    gaps = [b - a for a, b in itertools.pairwise(granted)]
+    assert min(gaps) >= 0.021 - 1e-6  # (1 s + 50 ms) / 50
+    assert most_in_any_window(granted, 1.05) <= 50
+
+
+async def test_min_interval_on_its_own(redis_url: str, keys: Keys) -> None:
+    granted = sorted(await hammer(redis_url, keys, Rate(min_interval_ms=30.0), 3, 0.6))
+    gaps = [b - a for a, b in itertools.pairwise(granted)]
+    assert min(gaps) >= 0.03 - 1e-6
+    assert len(granted) >= 15
+
+
+async def test_defer_holds_every_permit_until_then(ar: aredis.Redis, keys: Keys) -> None:
+    limiter = RateLimiter(ar, keys)
+    rate = Rate(1000.0)
+    assert (await limiter.try_acquire("e", rate))[0] == 0.0
+    await limiter.defer("e", 0.3)
+    wait, _ = await limiter.try_acquire("e", rate)
+    assert 0.25 < wait <= 0.3
+    started = time.monotonic()
+    await limiter.acquire("e", rate)
+    assert time.monotonic() - started >= 0.25
+    await limiter.defer("e", 0.01)  # a shorter hold does not shorten a longer one
+    await limiter.defer("e", 0.5)
+    await limiter.defer("e", 0.1)
+    assert (await limiter.try_acquire("e", rate))[0] > 0.4
+
+
+async def test_reset_forgets_its_own_limit_only(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys
+) -> None:
+    """Seed 003's limiter deleted the wrong key on reset; this one deletes its own."""
+    limiter = RateLimiter(ar, keys)
+    rate = Rate(1.0)
+    for name in ("user:1", "user:12", "user:2"):
+        assert (await limiter.try_acquire(name, rate))[0] == 0.0
+        assert (await limiter.try_acquire(name, rate))[0] > 0.9
+    await limiter.reset("user:1")
+    assert not r.exists(keys.rate("user:1"))
+    assert (await limiter.try_acquire("user:1", rate))[0] == 0.0
+    assert (await limiter.try_acquire("user:12", rate))[0] > 0.9
+    assert (await limiter.try_acquire("user:2", rate))[0] > 0.9
+
+
+async def test_state_expires_once_idle(ar: aredis.Redis, r: redis.Redis, keys: Keys) -> None:
+    await RateLimiter(ar, keys).try_acquire("e", Rate(10.0, min_interval_ms=200.0))
+    assert 0 < r.pttl(keys.rate("e")) <= 1000 + 100 + 200
+
+
+def test_rate_refuses_nonsense() -> None:
+    for bad in (
+        lambda: Rate(-1.0),
+        lambda: Rate(float("inf")),
+        lambda: Rate(1.0, burst=0),
+        lambda: Rate(1.0, min_interval_ms=-5),
+    ):
+        with pytest.raises(ValueError):
+            bad()
+    assert not Rate().limited
+    assert Rate(min_interval_ms=1).limited
