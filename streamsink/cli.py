@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import replace
@@ -262,9 +263,33 @@ def _status(args: argparse.Namespace, config: Config) -> int:
                 f"{row.shard:>5} {row.length:>8} {lag:>8} {row.pending:>8} {row.dead:>6} "
                 f"{row.epoch:>6}  {row.owner or '-'}"
             )
+    for spec in config.sinks.values():
+        if spec.type == "http":
+            _print_http_sink(client, keys, spec.name)
     if not groups:
         print("\n(give --config to see the groups)")
     return 0
+
+
+def _print_http_sink(client: redis.Redis, keys: Keys, sink: str) -> None:
+    """Per endpoint: callbacks sent, attempts failed and retried, dead-lettered; breaker."""
+    from streamsink.streams.endpoints import endpoint_rows
+
+    rows = endpoint_rows(client, keys, sink)
+    width = max([len(row.endpoint) for row in rows] + [8])
+    print(f"\nhttp sink {sink}")
+    print(f"{'endpoint':<{width}} {'sent':>8} {'failed':>7} {'retried':>7} {'dead':>6}  breaker")
+    for row in rows:
+        breaker = row.breaker
+        if row.breaker_since_ms:
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.breaker_since_ms / 1000))
+            breaker += f" since {since} ({row.breaker_by})"
+        print(
+            f"{row.endpoint:<{width}} {row.sent:>8} {row.failed:>7} {row.retried:>7} "
+            f"{row.dead:>6}  {breaker}"
+        )
+    if not rows:
+        print("(no callbacks yet)")
 
 
 def _dead(args: argparse.Namespace, config: Config) -> int:

@@ -12,10 +12,14 @@ relative to another, a receiver counting arrivals in any one-second window sees 
 most `rate + burst - 1` (with `burst = 1`: `rate`). The guard costs `guard / 1 s` of
 the throughput (50 ms: 5%).
 
-The same script keeps a minimum interval between two sends and a not-before time (a
-receiver's Retry-After). All times are Redis' `TIME`, so workers on hosts with
-different clocks agree; a script run is atomic, so however many workers ask at once,
-permits are handed out one after the other.
+Workers book the next conforming start and sleep until it (rather than asking again
+until a permit is free), so starts are exactly one interval apart under load and the
+rate is reached. The same script keeps a minimum interval between two sends and a
+not-before time (a receiver's Retry-After; starts booked before it keep their time).
+
+All times are Redis' `TIME`, so workers on hosts with different clocks agree; a script
+run is atomic, so however many workers ask at once, permits are handed out one after
+the other.
 """
 
 from __future__ import annotations
@@ -28,23 +32,25 @@ import redis.asyncio as aredis
 
 from streamsink.streams.keys import Keys
 
-# KEYS: state hash. ARGV: T µs, tolerance µs ((burst-1)*T), min interval µs.
-# Returns {0, now} when the send may start now (and records it), else {µs to wait, now}.
+# KEYS: state hash. ARGV: T µs, tolerance µs ((burst-1)*T), min interval µs, reserve (0/1).
+# The earliest conforming start is max(now, tat - tolerance, last + gap, hold). With
+# reserve=0 a permit is taken only if that is now; with reserve=1 that start is booked (the
+# caller sends then). Returns {1 if taken, µs from now to the start, the start in µs}.
 _ACQUIRE = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 local period, tolerance, gap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local state = redis.call('HMGET', KEYS[1], 'tat', 'last', 'hold')
 local tat = math.max(tonumber(state[1]) or now, now)
-local wait = tat - tolerance - now
+local start = math.max(now, tat - tolerance)
 local last, hold = tonumber(state[2]), tonumber(state[3])
-if last then wait = math.max(wait, last + gap - now) end
-if hold then wait = math.max(wait, hold - now) end
-if wait > 0 then return {math.ceil(wait), now} end
-redis.call('HSET', KEYS[1], 'tat', tat + period, 'last', now)
-redis.call('HDEL', KEYS[1], 'hold')
-redis.call('PEXPIRE', KEYS[1], math.ceil((tat + period + gap - now) / 1000) + 1000)
-return {0, now}
+if last then start = math.max(start, last + gap) end
+if hold then start = math.max(start, hold) end
+if start > now and ARGV[4] ~= '1' then return {0, math.ceil(start - now), start} end
+tat = math.max(tat, start) + period
+redis.call('HSET', KEYS[1], 'tat', tat, 'last', start)
+redis.call('PEXPIRE', KEYS[1], math.ceil((math.max(tat, start + gap) - now) / 1000) + 1000)
+return {1, math.ceil(start - now), start}
 """
 
 # KEYS: state hash. ARGV: µs from now. Nobody gets a permit before then.
@@ -104,20 +110,32 @@ class RateLimiter:
         self._defer = client.register_script(_DEFER)
 
     async def try_acquire(self, name: str, rate: Rate) -> tuple[float, float]:
-        """Take a permit of `name` if one is free: `(seconds to wait first, or 0.0 if
-        granted; Redis' time in seconds)`."""
+        """Take a permit of `name` only if one is free now: `(0.0, Redis' time)` when taken,
+        else `(seconds until one may be, 0.0)`. For admission: refuse rather than wait."""
         if not rate.limited:
             return 0.0, 0.0
-        wait_us, now_us = await self._acquire([self._keys.rate(name)], rate.arguments())
-        return int(wait_us) / 1_000_000, int(now_us) / 1_000_000
+        taken, wait, start = await self._call(name, rate, reserve=False)
+        return (0.0, start) if taken else (wait, 0.0)
 
     async def acquire(self, name: str, rate: Rate) -> float:
-        """Wait until a permit of `name` is ours; Redis' time (s) when it was granted."""
-        while True:
-            wait, now = await self.try_acquire(name, rate)
-            if wait <= 0:
-                return now
+        """Book the next free start of `name` and sleep until it; that start on Redis' clock.
+
+        Booking (instead of asking again until a permit is free) keeps the starts exactly
+        one interval apart however many workers wait, so the rate is reached, not only
+        respected. A booking that is not used (the caller was cancelled) is lost, which
+        only makes the limit stricter.
+        """
+        if not rate.limited:
+            return 0.0
+        _, wait, start = await self._call(name, rate, reserve=True)
+        if wait > 0:
             await asyncio.sleep(wait)
+        return start
+
+    async def _call(self, name: str, rate: Rate, reserve: bool) -> tuple[bool, float, float]:
+        args = [*rate.arguments(), 1 if reserve else 0]
+        taken, wait_us, start_us = await self._acquire([self._keys.rate(name)], args)
+        return bool(taken), int(wait_us) / 1_000_000, int(start_us) / 1_000_000
 
     async def defer(self, name: str, seconds: float) -> None:
         """Hand out no permit of `name` for `seconds` (a receiver asked us to wait)."""

@@ -64,7 +64,7 @@ async def test_no_sliding_second_holds_more_than_the_rate(redis_url: str, keys: 
     print(f"\n20/s, 4 clients, 3 s: {len(granted)} permits, at most {most} in any second")
     assert most <= 20
     assert min(gaps) >= 0.05 - 1e-6  # T = 1 s / 20, on Redis' clock
-    assert len(granted) >= 45  # the limit is approached, not merely respected by slowness
+    assert len(granted) >= 57  # booked starts: the rate is reached (61 at most in 3 s)
 
 
 async def test_a_burst_then_the_rate_and_never_rate_plus_burst(redis_url: str, keys: Keys) -> None:
@@ -83,7 +83,7 @@ async def test_the_guard_paces_as_if_a_second_were_longer(redis_url: str, keys: 
     granted = sorted(await hammer(redis_url, keys, Rate(50.0, guard_ms=50.0), 3, 1.5))
     gaps = [b - a for a, b in itertools.pairwise(granted)]
     assert min(gaps) >= 0.021 - 1e-6  # (1 s + 50 ms) / 50
-    assert most_in_any_window(granted, 1.05) <= 50
+    assert most_in_any_window(granted, 1.05 - 1e-6) <= 50  # (float sums of 21 ms steps)
 
 
 async def test_min_interval_on_its_own(redis_url: str, keys: Keys) -> None:

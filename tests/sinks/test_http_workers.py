@@ -1,0 +1,152 @@
+"""Three worker processes, one endpoint limited to 50 requests/s, a backlog of 1000 calls.
+
+The workers are real `streamsink worker` processes built from a TOML config (so the http
+sink comes from `build_sinks`, its secret from the environment); the receiver runs in
+this process and counts arrivals in every sliding one-second window. With burst 1 the
+limit allows 50 in any second; the run lasts over 20 seconds because the limit holds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+import redis
+
+from streamsink.cli import main
+from streamsink.schemas import Event, from_dict
+from streamsink.streams import Keys, Producer, create_stream
+from tests.sinks.receiver import SECRET, SECRET_ENV, Receiver
+from tests.streams.test_ratelimit import most_in_any_window
+
+ROOT = Path(__file__).resolve().parents[2]
+RATE, CALLS, WORKERS, SHARDS = 50, 1000, 3, 6
+
+
+def config_toml(keys: Keys, redis_url: str, endpoint: str) -> str:
+    return f"""
+[redis]
+url = "{redis_url}"
+prefix = "{keys.prefix}"
+
+[streams.hooks]
+shards = {SHARDS}
+
+[sinks.hooks]
+type = "http"
+secret_env = "{SECRET_ENV}"
+allow_private = true   # the receiver is on loopback
+concurrency = 4
+
+[sinks.hooks.endpoints."{endpoint}"]
+rate = {RATE}
+burst = 1
+
+[groups.g]
+stream = "hooks"
+sinks = ["hooks"]
+lease_ttl_ms = 3000
+linger_ms = 20
+max_age_ms = 200
+"""
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver().start()
+    yield server
+    server.stop()
+
+
+def test_three_workers_never_exceed_the_endpoint_rate_in_any_second(
+    tmp_path: Path, keys: Keys, redis_url: str, r: redis.Redis, receiver: Receiver
+) -> None:
+    endpoint = receiver.url("/")
+    path = tmp_path / "streamsink.toml"
+    path.write_text(config_toml(keys, redis_url, endpoint))
+    import tomllib
+
+    config = from_dict(tomllib.loads(path.read_text()))
+    create_stream(r, keys, "hooks", SHARDS)
+    producer = Producer(r, config)
+    events = [
+        Event.make(f"order-{n % 250}", "call", {"url": receiver.url(f"/o/{n}"), "payload": n})
+        for n in range(CALLS)
+    ]
+    producer.publish_many("hooks", events)
+
+    env = {
+        **os.environ,
+        SECRET_ENV: SECRET,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    logs = [tmp_path / f"worker-{n}.err" for n in range(WORKERS)]
+    workers = []
+    for log in logs:
+        with log.open("wb") as err:
+            workers.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "streamsink.cli", "--config", str(path), "worker"],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                )
+            )
+    try:
+        deadline = time.monotonic() + 60
+        while len(receiver.accepted()) < CALLS:
+            assert time.monotonic() < deadline, f"{len(receiver.records)} of {CALLS} arrived"
+            assert all(w.poll() is None for w in workers), "a worker died"
+            time.sleep(0.2)
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        assert [worker.wait(30) for worker in workers] == [0] * WORKERS
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait(10)
+
+    arrivals = [record.at for record in receiver.records]
+    most = most_in_any_window(arrivals)
+    span = max(arrivals) - min(arrivals)
+    print(
+        f"\n{WORKERS} workers, limit {RATE}/s: {len(arrivals)} requests in {span:.1f} s "
+        f"({len(arrivals) / span:.1f}/s); most in any one-second window: {most}"
+    )
+    assert most <= RATE  # burst 1: the limit allows RATE in any second
+    assert most >= RATE * 0.8, "the limit should be approached, not merely respected"
+    assert span >= 20.0  # 1000 requests at <= 50/s
+    assert len(receiver.records) == CALLS  # no failures, so no repeats either
+    assert sorted(record.json() for record in receiver.records) == list(range(CALLS))
+
+    takers = set()
+    for log in logs:
+        lines = [orjson.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+        if any(line["msg"] == "shard taken" for line in lines):
+            takers.add(log)
+    assert len(takers) == WORKERS, "every worker should have owned shards and sent callbacks"
+    for shard in range(SHARDS):
+        assert int(r.xpending(keys.shard("hooks", shard), "g")["pending"]) == 0
+
+    status = _status(path)
+    row = next(line for line in status.splitlines() if line.startswith(endpoint))
+    assert row.split()[1:6] == [str(CALLS), "0", "0", "0", "closed"], status
+
+
+def _status(config: Path) -> str:
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["--config", str(config), "status"]) == 0
+    return out.getvalue()
