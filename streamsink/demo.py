@@ -200,6 +200,19 @@ async def _left(client: aredis.Redis, keys: Keys, config: Config) -> int:
 
 
 def _dump_tasks() -> None:
+    """Every task with its whole chain of awaits, innermost last."""
     for task in asyncio.all_tasks():
-        print(f"--- {task.get_name()}", file=sys.stderr)
-        task.print_stack(file=sys.stderr)
+        print(
+            f"--- {task.get_name()} {'(cancelling)' if task.cancelling() else ''}", file=sys.stderr
+        )
+        awaited: Any = task.get_coro()
+        while awaited is not None:
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+            if frame is not None:
+                print(
+                    f"  {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}",
+                    file=sys.stderr,
+                )
+            else:
+                print(f"  {awaited!r}", file=sys.stderr)
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)

@@ -192,10 +192,13 @@ async def trim_floor(client: aredis.Redis, key: str) -> tuple[int, int] | None:
         return None
     floor: tuple[int, int] | None = None
     for group in groups:
+        oldest = None
         if int(group["pending"]):
             summary: Any = await client.xpending(key, group["name"])
-            point = parse_id(_text(summary["min"]))
-        else:
+            oldest = summary["min"]  # None if acknowledged since XINFO answered
+        if oldest is not None:
+            point = parse_id(_text(oldest))
+        else:  # the delivered ID read above is at most the current one: a safe floor
             ms, seq = parse_id(_text(group["last-delivered-id"]))
             point = (ms, seq + 1)
         floor = point if floor is None else min(floor, point)

@@ -407,6 +407,25 @@ async def test_trim_keeps_everything_from_the_lowest_pending_entry(
     assert await trim_floor(ar, shard(keys)) == parse_id(ids[1])
 
 
+async def test_trim_floor_when_the_pending_entries_are_acknowledged_meanwhile(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """XINFO GROUPS says pending, XPENDING (a moment later) says none: no crash, a safe floor."""
+    a, b = await two_groups(ar, keys)
+    ids = add(r, keys, 4)
+    await a.ack([raw.id for raw in await drain(a)])
+    await b.next(2, 0)  # b: 0 and 1 pending
+    real = ar.xpending
+
+    async def acknowledged_meanwhile(name: Any, group: Any) -> Any:
+        await b.ack(ids[:2])
+        return await real(name, group)
+
+    monkeypatch.setattr(ar, "xpending", acknowledged_meanwhile)
+    ms, seq = parse_id(ids[1])
+    assert await trim_floor(ar, shard(keys)) == (ms, seq + 1)
+
+
 async def test_trim_keeps_what_a_group_has_not_been_delivered(
     ar: aredis.Redis, r: redis.Redis, keys: Keys
 ) -> None:
