@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,9 +22,9 @@ import pytest
 import redis
 
 from streamsink.cli import main
-from streamsink.schemas import Event, from_dict
+from streamsink.schemas import Event, from_dict, shard_of
 from streamsink.streams import Keys, Producer, create_stream
-from tests.sinks.receiver import SECRET, SECRET_ENV, Receiver
+from tests.sinks.receiver import SECRET, SECRET_ENV, Answer, Receiver
 from tests.streams.test_ratelimit import most_in_any_window
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,6 +59,23 @@ max_age_ms = 200
 """
 
 
+def start_worker(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    """`streamsink --config F worker` with the test's signing secret; stderr to `log`."""
+    env = {
+        **os.environ,
+        SECRET_ENV: SECRET,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    with log.open("wb") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "streamsink.cli", "--config", str(config), "worker"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+
+
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
     server = Receiver().start()
@@ -71,8 +89,6 @@ def test_three_workers_never_exceed_the_endpoint_rate_in_any_second(
     endpoint = receiver.url("/")
     path = tmp_path / "streamsink.toml"
     path.write_text(config_toml(keys, redis_url, endpoint))
-    import tomllib
-
     config = from_dict(tomllib.loads(path.read_text()))
     create_stream(r, keys, "hooks", SHARDS)
     producer = Producer(r, config)
@@ -82,24 +98,8 @@ def test_three_workers_never_exceed_the_endpoint_rate_in_any_second(
     ]
     producer.publish_many("hooks", events)
 
-    env = {
-        **os.environ,
-        SECRET_ENV: SECRET,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
     logs = [tmp_path / f"worker-{n}.err" for n in range(WORKERS)]
-    workers = []
-    for log in logs:
-        with log.open("wb") as err:
-            workers.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "streamsink.cli", "--config", str(path), "worker"],
-                    cwd=ROOT,
-                    env=env,
-                    stdout=subprocess.DEVNULL,
-                    stderr=err,
-                )
-            )
+    workers = [start_worker(path, log) for log in logs]
     try:
         deadline = time.monotonic() + 60
         while len(receiver.accepted()) < CALLS:
@@ -150,3 +150,59 @@ def _status(config: Path) -> str:
     with contextlib.redirect_stdout(out):
         assert main(["--config", str(config), "status"]) == 0
     return out.getvalue()
+
+
+def test_a_killed_workers_callbacks_come_again_with_the_same_idempotency_keys(
+    tmp_path: Path, keys: Keys, redis_url: str, r: redis.Redis, receiver: Receiver
+) -> None:
+    """At least once: what a SIGKILLed worker had sent but not acknowledged is sent again by
+    the next owner, with the same key and body, so a deduplicating receiver applies it once."""
+    receiver.answer = lambda record, server: Answer(delay=0.3)  # keeps windows in flight
+    path = tmp_path / "streamsink.toml"
+    path.write_text(config_toml(keys, redis_url, receiver.url("/")))
+    config = from_dict(tomllib.loads(path.read_text()))
+    create_stream(r, keys, "hooks", SHARDS)
+    names = [f"order-{n % 20}" for n in range(60)]
+    events = [
+        Event.make(name, "call", {"url": receiver.url(), "payload": n})
+        for n, name in enumerate(names)
+    ]
+    ids = Producer(r, config).publish_many("hooks", events)
+    expected = {
+        f"hooks:{shard_of(name, SHARDS)}:{entry_id}"
+        for name, entry_id in zip(names, ids, strict=True)
+    }
+    first = start_worker(path, tmp_path / "first.err")
+    second = None
+    try:
+        deadline = time.monotonic() + 30
+        while len(receiver.records) < 10:
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.02)
+        first.kill()
+        first.wait(10)
+        second = start_worker(path, tmp_path / "second.err")
+        while {record.key for record in receiver.accepted()} != expected:
+            assert time.monotonic() < deadline + 30, "not every callback was delivered"
+            assert second.poll() is None, "the second worker died"
+            time.sleep(0.1)
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(30) == 0
+    finally:
+        for worker in (first, second):
+            if worker is not None and worker.poll() is None:
+                worker.kill()
+                worker.wait(10)
+    bodies: dict[str, set[bytes]] = {}
+    for record in receiver.records:
+        bodies.setdefault(record.key, set()).add(record.body)
+    repeated = [key for key, n in receiver.tries.items() if n > 1]
+    print(
+        f"\n{len(receiver.records)} requests for {len(expected)} callbacks; {len(repeated)} "
+        "sent again after the kill"
+    )
+    assert set(bodies) == expected
+    assert repeated, "the kill should have caught requests that were not acknowledged"
+    assert all(len(same) == 1 for same in bodies.values())  # a repeat is byte for byte the same
+    for shard in range(SHARDS):
+        assert int(r.xpending(keys.shard("hooks", shard), "g")["pending"]) == 0
