@@ -119,6 +119,8 @@ def test_plan_refuses_what_cannot_be_sent_and_chains_each_key() -> None:
         window.entry("k5", url, {"n": 6}, headers={"X-Streamsink-Signature": "forged"}),
         window.entry("k6", url, {"n": 7}, headers={"X-Ok": "a\r\nInjected: 1"}),
         window.entry("k7", url, {"blob": "x" * 2000}),
+        window.entry("k8", url, {"n": 8}, headers={"X-Ok": "a\x01b"}),  # aiohttp would raise
+        window.entry("k9", url, {"n": 9}, headers={"Bad Name": "v"}),
     ]
     work = plan(window.batch(entries), settings(max_body_bytes=1000))
     refused = {r.entry_id: (r.endpoint, r.reason) for r in work.refused}
@@ -129,6 +131,8 @@ def test_plan_refuses_what_cannot_be_sent_and_chains_each_key() -> None:
     assert "header 'Host' is set by the sink" in refused[entries[4].id][1]
     assert "'X-Streamsink-Signature' is set by the sink" in refused[entries[5].id][1]
     assert "line break" in refused[entries[6].id][1]
+    assert "control character" in refused[entries[8].id][1]
+    assert "not a valid HTTP token" in refused[entries[9].id][1]
     assert refused[entries[7].id] == (
         "https://a.example:443",
         "payload refused: the body is 2011 bytes; max_body_bytes is 1000",

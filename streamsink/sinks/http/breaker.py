@@ -65,6 +65,10 @@ class Breaker:
         if self.state is not State.CLOSED:
             self._move(State.CLOSED)
 
+    def neutral(self) -> None:
+        """A request ended in a way that tells nothing of the endpoint (a 429, a refusal)."""
+        self._probe_at = None
+
     def failed(self, what: str) -> None:
         """A request failed (error, timeout, 5xx)."""
         self.in_a_row += 1

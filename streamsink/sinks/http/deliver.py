@@ -99,7 +99,7 @@ class Sender:
                 try:
                     reply = await self._attempt(endpoint, request)
                 except Refused as exc:
-                    endpoint.breaker.succeeded()  # nothing was sent: not the endpoint's fault
+                    endpoint.breaker.neutral()  # nothing was sent: not the endpoint's fault
                     return self._dead(endpoint, request, f"URL refused: {exc}")
             if 200 <= reply.status < 300:
                 endpoint.breaker.succeeded()
@@ -127,9 +127,9 @@ class Sender:
         """After a failed attempt: the delay before the next, or why to give up."""
         settings = endpoint.settings
         self.stats.count(endpoint.name, "failed")
-        retry = reply.status in (0, 429) or reply.status >= 500
-        if reply.status == 429:
-            pass  # the endpoint works, it only asks us to slow down: no breaker count
+        retry = not reply.final and (reply.status in (0, 429) or reply.status >= 500)
+        if reply.status == 429 or reply.final:
+            endpoint.breaker.neutral()  # says nothing of the endpoint's health
         elif retry:
             endpoint.breaker.failed(reply.describe())
         else:

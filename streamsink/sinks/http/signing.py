@@ -71,6 +71,6 @@ def header_refusal(headers: dict[str, str]) -> str | None:
             return f"header {name!r} is set by the sink and may not be given by a call"
         if not name.isascii() or not all(c.isalnum() or c in "!#$%&'*+-.^_`|~" for c in name):
             return f"header name {name!r} is not a valid HTTP token"
-        if any(c in value for c in "\r\n\0"):
-            return f"header {name!r} has a line break or NUL in its value"
+        if any((ord(c) < 0x20 and c != "\t") or ord(c) == 0x7F for c in value):
+            return f"header {name!r} has a line break or control character in its value"
     return None

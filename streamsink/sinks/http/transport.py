@@ -23,12 +23,14 @@ USER_AGENT = "streamsink-http-sink"
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """What came back: a status (0 when no response came, then `error` says why)."""
+    """What came back: a status (0 when no response came, then `error` says why; `final`
+    when the request cannot be sent at all, so trying again would not help)."""
 
     status: int
     error: str = ""
     retry_after: str | None = None
     body: bytes = b""
+    final: bool = False
 
     def describe(self) -> str:
         """One line for a log or a dead letter: the status and a body excerpt, or the error."""
@@ -90,6 +92,8 @@ class AiohttpTransport:
             return Reply(0, f"{type(exc).__name__}: {exc}")
         except OSError as exc:
             return Reply(0, f"{type(exc).__name__}: {exc}")
+        except (ValueError, TypeError) as exc:  # the client refuses to build this request
+            return Reply(0, f"the HTTP client refused the request: {exc}", final=True)
 
     async def close(self) -> None:
         """Close the session and its connections."""
