@@ -74,6 +74,8 @@ class ShardRunner:
         settings = self.settings
         try:
             while not self.draining.is_set() and not self.lost:
+                if cancelling():  # a cancellation turned into a timeout on the way
+                    raise asyncio.CancelledError
                 now = time.monotonic()
                 if window.due(settings, now):
                     if flushing is not None:

@@ -20,12 +20,13 @@ import socket
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import redis.asyncio as aredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from streamsink.consumers.retry import TRANSIENT, retrying
+from streamsink.consumers.retry import TRANSIENT, cancelling, retrying
 from streamsink.consumers.settings import GroupSettings
 from streamsink.consumers.shard import ShardRunner
 from streamsink.errors import ShardCountMismatch, StreamNotFound
@@ -74,32 +75,53 @@ class GroupRunner:
         """Balance leases until `stop` is set, then drain every shard and leave."""
         await retrying(self._prepare, "prepare streams")
         interval = self.settings.lease_ttl_ms / 3000
-        async with asyncio.TaskGroup() as tasks:
-            while not (stop.is_set() and not self.runners):
-                for shard in [s for s, (_, task) in self.runners.items() if task.done()]:
-                    del self.runners[shard]  # finished even if Redis failed us below
-                if stop.is_set():  # drain, still renewing the leases until every shard is done
-                    for runner, _ in self.runners.values():
-                        runner.draining.set()
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            async with asyncio.TaskGroup() as tasks:
                 try:
-                    # Bounded, so that one stuck reply cannot hold every renewal back
-                    # until the leases expire under shards that are still running.
-                    async with asyncio.timeout(interval):
-                        await self._balance(tasks, acquire=not stop.is_set())
-                except LEASE_LOOP_ERRORS as exc:
-                    log.warning("lease loop: Redis unavailable", extra={"error": repr(exc)})
-                self._drop_stale_leases()
-                pause = interval * random.uniform(0.8, 1.0)
-                if stop.is_set():
-                    pending = [task for _, task in self.runners.values()]
-                    if pending:
-                        await asyncio.wait(pending, timeout=pause)
-                else:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), pause)
+                    await self._loop(tasks, stop, stopped, interval)
+                except BaseException:
+                    # Crashed or cancelled: every shard stops where it is, flushing and
+                    # acknowledging nothing, even one whose cancellation a library
+                    # swallowed (it sees `lost` at its next read).
+                    for shard in list(self.runners):
+                        self._stop_lost(shard)
+                    raise
+        finally:
+            stopped.cancel()
         with contextlib.suppress(*TRANSIENT, TimeoutError):  # best effort: heartbeats expire
-            await asyncio.wait_for(self.leases.leave(), self.settings.lease_ttl_ms / 1000)
+            async with asyncio.timeout(self.settings.lease_ttl_ms / 1000):
+                await self.leases.leave()
         log.info("group stopped", extra={"group": self.group.name, "worker": self.worker})
+
+    async def _loop(
+        self,
+        tasks: asyncio.TaskGroup,
+        stop: asyncio.Event,
+        stopped: asyncio.Future[Any],
+        interval: float,
+    ) -> None:
+        while not (stop.is_set() and not self.runners):
+            if cancelling():  # a cancellation turned into a timeout on the way: honour it
+                raise asyncio.CancelledError
+            for shard in [s for s, (_, task) in self.runners.items() if task.done()]:
+                del self.runners[shard]  # finished even if Redis failed us below
+            if stop.is_set():  # drain, still renewing the leases until every shard is done
+                for runner, _ in self.runners.values():
+                    runner.draining.set()
+            try:
+                # Bounded, so that one stuck reply cannot hold every renewal back
+                # until the leases expire under shards that are still running.
+                async with asyncio.timeout(interval):
+                    await self._balance(tasks, acquire=not stop.is_set())
+            except LEASE_LOOP_ERRORS as exc:
+                log.warning("lease loop: Redis unavailable", extra={"error": repr(exc)})
+            self._drop_stale_leases()
+            pause = interval * random.uniform(0.8, 1.0)
+            # asyncio.wait, not wait_for: on 3.11 wait_for can swallow a cancellation
+            # that arrives as its timeout fires, and the loop would never end.
+            waiting = [task for _, task in self.runners.values()] if stop.is_set() else []
+            await asyncio.wait(waiting or [stopped], timeout=pause)
 
     async def _prepare(self) -> None:
         """Check the stream, and create every group of the config that reads it on every shard.
@@ -165,9 +187,9 @@ class GroupRunner:
     async def _run_shard(self, runner: ShardRunner) -> None:
         """Run a shard; once it has drained (flushed, acknowledged), give its lease back."""
         await runner.run()
-        release = retrying(lambda: self.leases.release(runner.lease.shard), "release lease")
         with contextlib.suppress(TimeoutError):  # an unreleased lease simply expires
-            await asyncio.wait_for(release, self.settings.lease_ttl_ms / 1000)
+            async with asyncio.timeout(self.settings.lease_ttl_ms / 1000):
+                await retrying(lambda: self.leases.release(runner.lease.shard), "release lease")
         log.info("shard released", extra=self._where(runner.lease.shard))
 
     def _drop_stale_leases(self) -> None:
