@@ -17,6 +17,7 @@ from typing import Any
 import redis.asyncio as aredis
 from redis.exceptions import ResponseError
 
+from streamsink.errors import Fenced
 from streamsink.streams.keys import Keys
 
 # KEYS: shard stream, dead-letter stream. ARGV: group, entry id, reason, deliveries, time ms,
@@ -30,6 +31,29 @@ for i = 6, #ARGV, 2 do
 end
 redis.call('XADD', KEYS[2], '*', unpack(fields))
 return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+# Reads and claims are fenced by the lease, in the same script: a worker whose lease
+# expired while it was paused must not take entries that now belong to the next owner
+# (they would be delivered to it alone, and the next owner's offset would pass them).
+# KEYS: lease, shard stream. ARGV: owner (= consumer), group, count.
+# {0}: not the owner. {1, entries}: entries read. {1, {}, last ID}: nothing new yet.
+_FENCED_READ = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {0} end
+local reply = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[1], 'COUNT', ARGV[3],
+                         'STREAMS', KEYS[2], '>')
+if reply then return {1, reply[1][2]} end
+local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+if last[1] then return {1, {}, last[1][1]} end
+return {1, {}, '0-0'}
+"""
+
+# KEYS: lease, shard stream. ARGV: owner (= consumer), group, cursor, count.
+# {0}: not the owner. {1, next cursor, entries}.
+_FENCED_CLAIM = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {0} end
+local reply = redis.call('XAUTOCLAIM', KEYS[2], ARGV[2], ARGV[1], 0, ARGV[3], 'COUNT', ARGV[4])
+return {1, reply[1], reply[2]}
 """
 
 DEAD_PREFIX = b"f:"
@@ -49,6 +73,11 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _fields(flat: Sequence[bytes]) -> dict[bytes, bytes]:
+    """A script's flat [name, value, ...] reply as the fields dict redis-py gives."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
 def parse_id(entry_id: str) -> tuple[int, int]:
     """An entry ID as (milliseconds, sequence), for comparing IDs."""
     ms, _, seq = entry_id.partition("-")
@@ -66,15 +95,20 @@ class ShardReader:
         shard: int,
         group: str,
         consumer: str,
+        fenced: bool = True,
     ) -> None:
         self._client = client
         self.key = keys.shard(stream, shard)
+        # Fenced (the worker's way): read and claim only while `consumer` holds the lease.
+        self.lease_key = keys.lease(stream, shard, group) if fenced else None
         self.dead_key = keys.dead(stream, shard, group)
         self.group, self.consumer = group, consumer
         self._cursor = "0-0"
         self._claiming = True
         self._last = (0, 0)
         self._dead_letter = client.register_script(_DEAD_LETTER)
+        self._fenced_read = client.register_script(_FENCED_READ)
+        self._fenced_claim = client.register_script(_FENCED_CLAIM)
 
     async def ensure_group(self) -> None:
         """Create the group on this shard (from its first entry) unless it exists."""
@@ -90,15 +124,33 @@ class ShardReader:
             if claimed:
                 self._last = parse_id(claimed[-1].id)
                 return claimed
-        reply: Any = await self._client.xreadgroup(
-            self.group, self.consumer, {self.key: ">"}, count=count, block=block_ms or None
-        )
-        if not reply:
-            return []
-        raws = [Raw(_text(entry_id), fields) for entry_id, fields in reply[0][1] if fields]
+        if self.lease_key is None:
+            reply: Any = await self._client.xreadgroup(
+                self.group, self.consumer, {self.key: ">"}, count=count, block=block_ms or None
+            )
+            raws = [Raw(_text(i), fields) for i, fields in reply[0][1] if fields] if reply else []
+        else:
+            raws = await self._read_fenced(count, block_ms)
         if raws:
             self._last = parse_id(raws[-1].id)
         return raws
+
+    async def _read_fenced(self, count: int, block_ms: int) -> list[Raw]:
+        """XREADGROUP under the lease; a script cannot block, so wait with XREAD and retry."""
+        assert self.lease_key is not None
+        keys = [self.lease_key, self.key]
+        for attempt in range(2):
+            got: Any = await self._fenced_read(keys, [self.consumer, self.group, count])
+            if not int(got[0]):
+                raise Fenced(f"{self.key}: the lease is no longer ours; stopped reading")
+            if got[1]:
+                return [Raw(_text(i), _fields(flat)) for i, flat in got[1] if flat]
+            if attempt or not block_ms:
+                break
+            # Returns as soon as an entry past the newest one exists (no window is lost
+            # between the script and this wait), or after block_ms.
+            await self._client.xread({self.key: _text(got[2])}, count=1, block=block_ms)
+        return []
 
     def recover(self) -> None:
         """After a failed read: claim again what was delivered to us past the last entry seen.
@@ -110,13 +162,22 @@ class ShardReader:
         self._cursor = f"{self._last[0]}-{self._last[1] + 1}"
 
     async def _claim(self, count: int) -> list[Raw]:
-        reply: Any = await self._client.xautoclaim(
-            self.key, self.group, self.consumer, min_idle_time=0, start_id=self._cursor, count=count
-        )
-        self._cursor = _text(reply[0])
+        if self.lease_key is None:
+            reply: Any = await self._client.xautoclaim(
+                self.key, self.group, self.consumer, 0, start_id=self._cursor, count=count
+            )
+            cursor, claimed = reply[0], [(i, f) for i, f in reply[1] if f]
+        else:
+            got: Any = await self._fenced_claim(
+                [self.lease_key, self.key], [self.consumer, self.group, self._cursor, count]
+            )
+            if not int(got[0]):
+                raise Fenced(f"{self.key}: the lease is no longer ours; stopped claiming")
+            cursor, claimed = got[1], [(i, _fields(f)) for i, f in got[2] if f]
+        self._cursor = _text(cursor)
         if self._cursor == "0-0":
             self._claiming = False
-        entries = [(_text(entry_id), fields) for entry_id, fields in reply[1] if fields]
+        entries = [(_text(entry_id), fields) for entry_id, fields in claimed]
         if not entries:
             return []
         pending: Any = await self._client.xpending_range(

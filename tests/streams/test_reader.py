@@ -11,6 +11,7 @@ import pytest
 import redis
 import redis.asyncio as aredis
 
+from streamsink.errors import Fenced
 from streamsink.streams.keys import Keys
 from streamsink.streams.reader import (
     DEAD_PREFIX,
@@ -28,7 +29,8 @@ STREAM, GROUP = "tasks", "pg-writer"
 def reader(
     client: aredis.Redis, keys: Keys, consumer: str = "w1", group: str = GROUP
 ) -> ShardReader:
-    return ShardReader(client, keys, STREAM, 0, group, consumer)
+    """A reader without the lease fence (the fence has tests of its own, at the end)."""
+    return ShardReader(client, keys, STREAM, 0, group, consumer, fenced=False)
 
 
 def shard(keys: Keys) -> str:
@@ -512,3 +514,50 @@ async def test_retention_trims_old_entries_and_keeps_young_ones(
     await b.ack([raw.id for raw in await drain(b)] + [old[1]])
     assert await a.trim(retention_ms=60_000) == 2  # the young ones stay for a minute
     assert ids_in(r, keys) == young
+
+
+# --- the lease fence ------------------------------------------------------------------------
+
+
+async def fenced_reader(ar: aredis.Redis, keys: Keys, worker: str) -> ShardReader:
+    fenced = ShardReader(ar, keys, STREAM, 0, GROUP, worker)
+    await fenced.ensure_group()
+    return fenced
+
+
+async def test_a_fenced_reader_reads_and_claims_only_while_it_holds_the_lease(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys
+) -> None:
+    """A worker paused past its lease must not take entries meant for the next owner."""
+    ids = add(r, keys, 6)
+    lease = keys.lease(STREAM, 0, GROUP)
+    r.set(lease, "w1")
+    old = await fenced_reader(ar, keys, "w1")
+    assert [raw.id for raw in await old.next(2, 0)] == ids[:2]
+    r.set(lease, "w2")  # w1's lease expired; w2 took the shard
+    new = await fenced_reader(ar, keys, "w2")
+    with pytest.raises(Fenced):
+        await old.next(2, 0)
+    assert [raw.id for raw in await new.next(10, 0)] == ids[:2]  # claimed from w1
+    assert [raw.id for raw in await new.next(10, 0)] == ids[2:]  # and every new one
+    old.recover()
+    with pytest.raises(Fenced):  # nor may the old owner claim them back
+        await old.next(2, 0)
+    pending = r.xpending(shard(keys), GROUP)
+    assert pending["consumers"] == [{"name": b"w2", "pending": 6}]
+
+
+async def test_a_fenced_read_waits_for_new_entries_and_wakes_on_them(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys
+) -> None:
+    r.set(keys.lease(STREAM, 0, GROUP), "w1")
+    add(r, keys, 1)
+    fenced = await fenced_reader(ar, keys, "w1")
+    await fenced.next(10, 0)
+    started = time.monotonic()
+    assert await fenced.next(10, 200) == []
+    assert time.monotonic() - started >= 0.15  # it blocked, it did not spin
+    later = asyncio.get_running_loop().call_later(0.1, lambda: add(r, keys, 1))
+    got = await fenced.next(10, 5000)
+    later.cancel()
+    assert len(got) == 1 and got[0].fields
