@@ -57,9 +57,17 @@ class Keys:
         return f"{self.prefix}:{{{stream}}}:workers:{group}"
 
     def rate(self, name: str) -> str:
-        """HASH of one shared rate limit (GCRA): `tat` theoretical arrival time, `last` send,
-        `hold` not-before (a Retry-After), all µs on Redis' clock; expires once idle."""
-        return f"{self.prefix}:rate:{name}"
+        """HASH of one shared rate limit (GCRA): `tat` theoretical arrival time, `last` start,
+        `hold` not-before (a Retry-After), all µs on Redis' clock; expires once idle.
+
+        `name` is a hash tag, so the limit's two keys share a slot (one script uses both).
+        """
+        return f"{self.prefix}:rate:{{{name}}}"
+
+    def rate_window(self, name: str) -> str:
+        """ZSET of the sends of a rate limit in the last second: member = a send, score = when
+        it was done, or (in flight) its start plus its timeout, µs on Redis' clock."""
+        return f"{self.prefix}:rate:{{{name}}}:sends"
 
     def http_endpoints(self, sink: str) -> str:
         """HASH of an HTTP sink's endpoints: `<endpoint>|<counter>` -> count (sent, failed,

@@ -1,59 +1,86 @@
-"""A rate limit shared by every worker: GCRA in one Redis script, on Redis' clock.
+"""A rate limit shared by every worker, in one Redis script, on Redis' clock.
 
-GCRA (the generic cell rate algorithm) keeps one number per limit, the theoretical
-arrival time `tat`: a send is allowed when `tat - now <= (burst - 1) * T` and then
-moves `tat` on by `T`. It is a sliding window, not a fixed one: n permits in a row
-span at least `(n - burst) * T`, wherever one looks, so a burst at the end of one
-second and another at the start of the next cannot add up.
+Two rules, checked together when a send asks for a start time:
 
-`T` is `(1 s + guard) / rate`: the permits of any `1 s + guard` hold at most
-`rate + burst - 1`, so as long as the network delays no request by more than `guard`
-relative to another, a receiver counting arrivals in any one-second window sees at
-most `rate + burst - 1` (with `burst = 1`: `rate`). The guard costs `guard / 1 s` of
-the throughput (50 ms: 5%).
+- **GCRA** (the generic cell rate algorithm) spaces the sends: one number per limit, the
+  theoretical arrival time `tat`; a send may start when `tat - now <= (burst - 1) * T`,
+  `T = 1 s / rate`, and moves `tat` on by `T`. It is a sliding window, not a fixed one:
+  two bursts either side of a second boundary cannot add up.
+- **A sliding one-second window over what a receiver can see.** A request reaches its
+  receiver at some instant between its start and its reply, and the network decides
+  where. So each send is recorded from its start until its reply (`done`), and a new
+  one may start at `s` only while fewer than `cap = rate + burst - 1` sends are in flight
+  or were done after `s - 1 s`. Then no receiver, whatever the delays, counts more than
+  `cap` arrivals in any one-second window (if it did, the last of them to start would
+  have found the others in flight or done within the second before it). The price is
+  latency: an endpoint answering in `L` seconds gets at most `cap / (1 + L)` a second.
+  A send never reported done counts as in flight until its `busy` time is over.
 
-Workers book the next conforming start and sleep until it (rather than asking again
-until a permit is free), so starts are exactly one interval apart under load and the
-rate is reached. The same script keeps a minimum interval between two sends and a
-not-before time (a receiver's Retry-After; starts booked before it keep their time).
-
-All times are Redis' `TIME`, so workers on hosts with different clocks agree; a script
-run is atomic, so however many workers ask at once, permits are handed out one after
-the other.
+Callers book the earliest start that satisfies both rules and sleep until it (rather than
+asking again until a permit is free), so starts are one interval apart under load. The
+same script keeps a minimum gap between two starts and a not-before time (a receiver's
+Retry-After; starts booked before it keep their time). All times are Redis' `TIME`: workers
+on hosts with different clocks agree, and a script run is atomic, so however many workers
+ask at once, starts are handed out one after the other.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import uuid
 from dataclasses import dataclass
 
 import redis.asyncio as aredis
 
 from streamsink.streams.keys import Keys
 
-# KEYS: state hash. ARGV: T µs, tolerance µs ((burst-1)*T), min interval µs, reserve (0/1).
-# The earliest conforming start is max(now, tat - tolerance, last + gap, hold). With
-# reserve=0 a permit is taken only if that is now; with reserve=1 that start is booked (the
-# caller sends then). Returns {1 if taken, µs from now to the start, the start in µs}.
+# KEYS: state hash, window zset. ARGV: T µs, tolerance µs ((burst-1)*T), min gap µs,
+# reserve (0/1), cap (0: no window), busy µs, member. The window holds one member per send:
+# score = when it was done, or (still in flight) start + busy, a time after now.
+# reserve=0 takes a start only if it is now; reserve=1 books the earliest one.
+# Returns {1 if taken, µs from now to the start, the start in µs}.
 _ACQUIRE = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 local period, tolerance, gap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local cap, busy = tonumber(ARGV[5]), tonumber(ARGV[6])
 local state = redis.call('HMGET', KEYS[1], 'tat', 'last', 'hold')
 local tat = math.max(tonumber(state[1]) or now, now)
 local start = math.max(now, tat - tolerance)
 local last, hold = tonumber(state[2]), tonumber(state[3])
 if last then start = math.max(start, last + gap) end
 if hold then start = math.max(start, hold) end
+if cap > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 1000000)
+  local room = cap - redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf')
+  if room <= 0 then return {0, math.max(1000, math.min(period, 50000)), 0} end
+  local done = redis.call('ZREVRANGEBYSCORE', KEYS[2], now, '-inf', 'WITHSCORES',
+                          'LIMIT', room - 1, 1)
+  if done[2] then start = math.max(start, tonumber(done[2]) + 1000000) end
+end
 if start > now and ARGV[4] ~= '1' then return {0, math.ceil(start - now), start} end
 tat = math.max(tat, start) + period
 redis.call('HSET', KEYS[1], 'tat', tat, 'last', start)
 redis.call('PEXPIRE', KEYS[1], math.ceil((math.max(tat, start + gap) - now) / 1000) + 1000)
+if cap > 0 then
+  redis.call('ZADD', KEYS[2], start + busy, ARGV[7])
+  local keep = math.ceil((start + busy - now) / 1000) + 2000
+  if redis.call('PTTL', KEYS[2]) < keep then redis.call('PEXPIRE', KEYS[2], keep) end
+end
 return {1, math.ceil(start - now), start}
 """
 
-# KEYS: state hash. ARGV: µs from now. Nobody gets a permit before then.
+# KEYS: window zset. ARGV: member. The send is done: from now on it counts for one second.
+_DONE = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local score = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]))
+if score and score > now then redis.call('ZADD', KEYS[1], now, ARGV[1]) end
+return 0
+"""
+
+# KEYS: state hash. ARGV: µs from now. No start is handed out before then.
 _DEFER = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
@@ -70,78 +97,101 @@ return 0
 
 @dataclass(frozen=True, slots=True)
 class Rate:
-    """A limit: `per_second` sends (0: none), `burst` back to back, a minimum gap, and the
-    guard against arrival jitter (see the module docstring)."""
+    """A limit: `per_second` sends (0: none), `burst` back to back, and a minimum gap."""
 
     per_second: float = 0.0
     burst: int = 1
     min_interval_ms: float = 0.0
-    guard_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.per_second) and self.per_second >= 0):
             raise ValueError("rate per second must be a finite number >= 0")
         if self.burst < 1:
             raise ValueError("burst must be at least 1")
-        for name in ("min_interval_ms", "guard_ms"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0")
+        if not (math.isfinite(self.min_interval_ms) and self.min_interval_ms >= 0):
+            raise ValueError("min_interval_ms must be a finite number >= 0")
 
     @property
     def limited(self) -> bool:
         """Whether sends need a permit at all."""
         return self.per_second > 0 or self.min_interval_ms > 0
 
+    @property
+    def cap(self) -> int:
+        """Most sends a receiver may see in any one-second window (0: no rate)."""
+        if self.per_second <= 0:
+            return 0
+        return max(1, math.floor(self.per_second + self.burst - 1 + 1e-9))
+
     def arguments(self) -> list[int]:
-        """The script's ARGV: emission interval, tolerance and minimum gap, in µs."""
-        window_us = 1_000_000 + self.guard_ms * 1000
-        period = math.ceil(window_us / self.per_second) if self.per_second > 0 else 0
+        """The script's ARGV: emission interval, tolerance, minimum gap (µs)."""
+        period = math.ceil(1_000_000 / self.per_second) if self.per_second > 0 else 0
         return [period, period * (self.burst - 1), math.ceil(self.min_interval_ms * 1000)]
 
 
+@dataclass(frozen=True, slots=True)
+class Permit:
+    """A start handed out: when (Redis' clock, seconds), and its entry in the window."""
+
+    start: float
+    member: str = ""
+
+
 class RateLimiter:
-    """Permits of named shared limits (e.g. one per HTTP endpoint), kept in Redis."""
+    """Starts of named shared limits (e.g. one per HTTP endpoint), kept in Redis."""
 
     def __init__(self, client: aredis.Redis, keys: Keys) -> None:
         self._keys = keys
         self._client = client
         self._acquire = client.register_script(_ACQUIRE)
+        self._done = client.register_script(_DONE)
         self._defer = client.register_script(_DEFER)
 
     async def try_acquire(self, name: str, rate: Rate) -> tuple[float, float]:
-        """Take a permit of `name` only if one is free now: `(0.0, Redis' time)` when taken,
-        else `(seconds until one may be, 0.0)`. For admission: refuse rather than wait."""
+        """Take a start of `name` only if one is free now (counted as done at once):
+        `(0.0, Redis' time)` when taken, else `(seconds until one may be, 0.0)`. For
+        admission control: refuse rather than wait."""
         if not rate.limited:
             return 0.0, 0.0
-        taken, wait, start = await self._call(name, rate, reserve=False)
+        taken, wait, start, _ = await self._call(name, rate, False, 0.0)
         return (0.0, start) if taken else (wait, 0.0)
 
-    async def acquire(self, name: str, rate: Rate) -> float:
-        """Book the next free start of `name` and sleep until it; that start on Redis' clock.
+    async def acquire(self, name: str, rate: Rate, busy_s: float = 0.0) -> Permit:
+        """Book the earliest start of `name` and sleep until it.
 
-        Booking (instead of asking again until a permit is free) keeps the starts exactly
-        one interval apart however many workers wait, so the rate is reached, not only
-        respected. A booking that is not used (the caller was cancelled) is lost, which
-        only makes the limit stricter.
+        `busy_s` is how long the send may take at most (its timeout): it counts as in
+        flight until `done` or until then. A booking not used (the caller was cancelled)
+        is lost, which only makes the limit stricter.
         """
         if not rate.limited:
-            return 0.0
-        _, wait, start = await self._call(name, rate, reserve=True)
-        if wait > 0:
-            await asyncio.sleep(wait)
-        return start
+            return Permit(0.0)
+        while True:
+            taken, wait, start, member = await self._call(name, rate, True, busy_s)
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if taken:
+                return Permit(start, member)
 
-    async def _call(self, name: str, rate: Rate, reserve: bool) -> tuple[bool, float, float]:
-        args = [*rate.arguments(), 1 if reserve else 0]
-        taken, wait_us, start_us = await self._acquire([self._keys.rate(name)], args)
-        return bool(taken), int(wait_us) / 1_000_000, int(start_us) / 1_000_000
+    async def done(self, name: str, permit: Permit) -> None:
+        """The send of `permit` got its reply (or failed): it is no longer in flight."""
+        if permit.member:
+            await self._done([self._keys.rate_window(name)], [permit.member])
+
+    async def _call(
+        self, name: str, rate: Rate, reserve: bool, busy_s: float
+    ) -> tuple[bool, float, float, str]:
+        member = uuid.uuid4().hex if rate.cap else ""
+        args: list[int | str] = [*rate.arguments(), int(reserve), rate.cap]
+        args += [math.ceil(busy_s * 1_000_000), member]
+        keys = [self._keys.rate(name), self._keys.rate_window(name)]
+        taken, wait_us, start_us = await self._acquire(keys, args)
+        return bool(taken), int(wait_us) / 1_000_000, int(start_us) / 1_000_000, member
 
     async def defer(self, name: str, seconds: float) -> None:
-        """Hand out no permit of `name` for `seconds` (a receiver asked us to wait)."""
+        """Hand out no start of `name` for `seconds` (a receiver asked us to wait)."""
         if seconds > 0:
             await self._defer([self._keys.rate(name)], [math.ceil(seconds * 1_000_000)])
 
     async def reset(self, name: str) -> None:
-        """Forget the state of `name` (its own key, and only that one)."""
-        await self._client.delete(self._keys.rate(name))
+        """Forget the state of `name` (its own keys, and only those)."""
+        await self._client.delete(self._keys.rate(name), self._keys.rate_window(name))

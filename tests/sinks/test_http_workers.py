@@ -3,7 +3,8 @@
 The workers are real `streamsink worker` processes built from a TOML config (so the http
 sink comes from `build_sinks`, its secret from the environment); the receiver runs in
 this process and counts arrivals in every sliding one-second window. With burst 1 the
-limit allows 50 in any second; the run lasts over 20 seconds because the limit holds.
+limit allows 50 in any second, whatever the delays between workers and receiver; the run
+lasts about 20 seconds because the limit holds.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def test_three_workers_never_exceed_the_endpoint_rate_in_any_second(
     )
     assert most <= RATE  # burst 1: the limit allows RATE in any second
     assert most >= RATE * 0.8, "the limit should be approached, not merely respected"
-    assert span >= 20.0  # 1000 requests at <= 50/s
+    assert span >= (CALLS // RATE - 1)  # what <= RATE in every second implies: 19 s
     assert len(receiver.records) == CALLS  # no failures, so no repeats either
     assert sorted(record.json() for record in receiver.records) == list(range(CALLS))
 

@@ -22,7 +22,7 @@ import random
 import time
 from datetime import UTC
 
-from streamsink.consumers.retry import retrying
+from streamsink.consumers.retry import TRANSIENT, retrying
 from streamsink.sinks.base import Rejected
 from streamsink.sinks.http.breaker import Breaker
 from streamsink.sinks.http.plan import Request
@@ -31,7 +31,7 @@ from streamsink.sinks.http.signing import IDEMPOTENCY_HEADER, signed_headers
 from streamsink.sinks.http.transport import Reply, Transport
 from streamsink.sinks.http.urls import Refused, Vetter
 from streamsink.streams.endpoints import EndpointStats
-from streamsink.streams.ratelimit import Rate, RateLimiter
+from streamsink.streams.ratelimit import Permit, Rate, RateLimiter
 
 log = logging.getLogger("streamsink.http")
 
@@ -49,9 +49,7 @@ class Endpoint:
             settings.breaker_cooldown_s,
             on_change=lambda state: stats.breaker(name, state),
         )
-        self.rate = Rate(
-            settings.rate, settings.burst, settings.min_interval_ms, settings.jitter_guard_ms
-        )
+        self.rate = Rate(settings.rate, settings.burst, settings.min_interval_ms)
         digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:16]
         self.limit = f"http:{sink}:{digest}"  # the shared limit's name in Redis
         self.hold_until = 0.0  # time.monotonic() before which nothing is sent (Retry-After)
@@ -158,24 +156,40 @@ class Sender:
             await self.vetter.vet(url.raw_host or "", url.port or 0)
         except OSError as exc:  # the host does not resolve (now): worth another attempt
             return Reply(0, f"cannot resolve {url.raw_host}: {exc}")
-        await self._permit(endpoint)
-        headers = {
-            **request.headers,
-            "Content-Type": "application/json",
-            IDEMPOTENCY_HEADER: request.key,
-            **signed_headers(endpoint.secret, int(time.time()), request.body),
-        }
-        return await self.transport.post(url, request.body, headers, endpoint.settings.timeout_s)
+        timeout = endpoint.settings.timeout_s
+        permit = await self._permit(endpoint, timeout + 1.0)
+        try:
+            headers = {
+                **request.headers,
+                "Content-Type": "application/json",
+                IDEMPOTENCY_HEADER: request.key,
+                **signed_headers(endpoint.secret, int(time.time()), request.body),
+            }
+            return await self.transport.post(url, request.body, headers, timeout)
+        finally:
+            if permit.member:
+                await self._done(endpoint, permit)
 
-    async def _permit(self, endpoint: Endpoint) -> None:
-        """Wait out a Retry-After hold, then for a permit of the endpoint's shared limit."""
+    async def _permit(self, endpoint: Endpoint, busy_s: float) -> Permit:
+        """Wait out a Retry-After hold, then for a start under the endpoint's shared limit."""
         while True:  # a 429 meanwhile may move the hold further
             wait = endpoint.hold_until - time.monotonic()
             if wait <= 0:
                 break
             await asyncio.sleep(wait)
-        if endpoint.rate.limited:
-            await retrying(lambda: self.limiter.acquire(endpoint.limit, endpoint.rate), "permit")
+        if not endpoint.rate.limited:
+            return Permit(0.0)
+        limit, rate = endpoint.limit, endpoint.rate
+        return await retrying(lambda: self.limiter.acquire(limit, rate, busy_s), "permit")
+
+    async def _done(self, endpoint: Endpoint, permit: Permit) -> None:
+        """Tell the limit the send is over; if Redis fails, it counts until its busy time."""
+        try:
+            await self.limiter.done(endpoint.limit, permit)
+        except TRANSIENT as exc:
+            log.warning(
+                "rate limit not told", extra={"endpoint": endpoint.name, "error": repr(exc)}
+            )
 
     async def _hold(self, endpoint: Endpoint, seconds: float) -> None:
         """Send nothing to the endpoint for `seconds`, in this worker and (if limited) all."""

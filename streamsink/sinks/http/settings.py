@@ -31,10 +31,7 @@ class EndpointSettings:
     rate: float = 0.0
     """Requests per second to this endpoint across all workers (0: no limit)."""
     burst: int = 1
-    """Requests that may go back to back; any one-second window holds <= rate + burst - 1."""
-    jitter_guard_ms: float = 50.0
-    """Requests are paced as if a second lasted this much longer, so that network delays up
-    to it cannot make a receiver see more than the rate in a second (costs 5% at 50 ms)."""
+    """Requests that may go back to back; a receiver sees <= rate + burst - 1 in any second."""
     min_interval_ms: float = 0.0
     """Least time between two requests to this endpoint, across all workers."""
     concurrency: int = 4
@@ -83,7 +80,6 @@ _POSITIVE = (
 _NOT_NEGATIVE = (
     "rate",
     "min_interval_ms",
-    "jitter_guard_ms",
     "backoff_ms",
     "max_backoff_ms",
     "max_retry_after_s",
