@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import re
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
 from multidict import CIMultiDict
 
-from streamsink.sinks.http import signature
+from streamsink.sinks.http import HttpSettings, signature
+from streamsink.sinks.http.settings import ENDPOINT_OPTIONS, SINK_OPTIONS
 from streamsink.streams import Keys
 from tests.sinks.receiver import SECRET, Receiver, Window, build_sink
 
@@ -29,6 +31,18 @@ def readme_verify() -> Any:
     namespace: dict[str, Any] = {}
     exec(compile(snippet, "README.md", "exec"), namespace)
     return namespace["verify"]
+
+
+def test_the_readme_config_is_valid_and_every_option_documented() -> None:
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("### The HTTP callback sink") :]
+    (block,) = re.findall(r"```toml\n(.*?)```", section, flags=re.DOTALL)
+    options = dict(tomllib.loads(block)["sinks"]["hooks"])
+    assert options.pop("type") == "http"
+    settings = HttpSettings.from_options("hooks", options)
+    assert settings.endpoints["https://api.example.com/hooks/"].mode == "batch"
+    for name in ENDPOINT_OPTIONS | SINK_OPTIONS:
+        assert re.search(rf"\b{name}\b", block), f"{name} is not in the README's example"
 
 
 def test_the_readme_documents_the_headers_the_sink_sends() -> None:
