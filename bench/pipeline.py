@@ -107,7 +107,7 @@ POLL_S = 0.005
 """How often the bench looks at the consumer groups while a worker drains."""
 
 STALL_S = 60.0
-"""A worker that reads nothing for this long fails the benchmark instead of hanging it."""
+"""A worker that does not move for this long fails the benchmark instead of hanging it."""
 
 
 def events(count: int, keys: int, seed: int) -> Iterator[Event]:
@@ -201,18 +201,20 @@ class Stream:
             pipe.xrevrange(key, count=1)
         return [reply[0][0] if reply else b"0-0" for reply in pipe.execute()]
 
-    def progress(self, group: str, last: Sequence[bytes]) -> tuple[bool, bool]:
-        """(started, done) of `group`: read anything yet; delivered and acknowledged all."""
+    def progress(self, group: str, last: Sequence[bytes]) -> tuple[bool, bool, list[Any]]:
+        """Of `group`: whether it has read anything, whether it has read and acknowledged
+        everything, and where it is (changes whenever it moves)."""
         pipe = self.setup.client.pipeline(transaction=False)
         for key in self.shard_keys():
             pipe.xinfo_groups(key)
-        started, done = False, True
+        started, done, where = False, True, list[Any]()
         for shard, groups in enumerate(pipe.execute()):
             mine = next(g for g in groups if _text(g["name"]) == group)
-            delivered = _text(mine["last-delivered-id"])
+            delivered, pending = _text(mine["last-delivered-id"]), int(mine["pending"])
             started = started or delivered != "0-0"
-            done = done and delivered == _text(last[shard]) and int(mine["pending"]) == 0
-        return started, done
+            done = done and delivered == _text(last[shard]) and pending == 0
+            where += (delivered, pending)
+        return started, done, where
 
     def new_schema(self, conn: Connection) -> str:
         schema = f"{self.keys.prefix}_{len(self.schemas)}"
@@ -336,10 +338,10 @@ class WorkerProcess:
         """Wait until the worker has acknowledged the whole stream; measure it."""
         last = self.stream.last_ids()
         started = cpu = 0.0
-        deadline = time.monotonic() + STALL_S
+        seen, moved = None, time.monotonic()
         while True:
             self.check_alive()
-            read, done = self.stream.progress(self.group, last)
+            read, done, where = self.stream.progress(self.group, last)
             now = time.perf_counter()
             if read and not started:
                 started, cpu = now, self.cpu_s()
@@ -349,8 +351,10 @@ class WorkerProcess:
                     cpu_us=(self.cpu_s() - cpu) * 1e6 / self.stream.count,
                     rss_mb=self.peak_rss_mb(),
                 )
-            if not started and time.monotonic() > deadline:
-                raise RuntimeError(f"the worker read nothing in {STALL_S:.0f} s:\n{self.log()}")
+            if where != seen:
+                seen, moved = where, time.monotonic()
+            elif time.monotonic() - moved > STALL_S:
+                raise RuntimeError(f"the worker made no progress in {STALL_S:.0f} s:\n{self.log()}")
             time.sleep(POLL_S)
 
     def stop(self) -> None:
