@@ -53,7 +53,7 @@ def pack(event: Event, max_data_bytes: int = DEFAULT_MAX_DATA_BYTES) -> tuple[by
     """The values of `event`'s fields in PACKED_FIELDS order, b"" for an absent one."""
     check_shape(event)
     try:
-        data = orjson.dumps(event.data, default=_plain)
+        data = _dumps(event.data)
     except TypeError as exc:
         raise EventError("data", f"cannot be encoded as JSON: {exc}") from None
     if b"null" in data:  # orjson writes NaN and infinities as null: look for them only then
@@ -78,6 +78,18 @@ def encode(event: Event, max_data_bytes: int = DEFAULT_MAX_DATA_BYTES) -> list[b
         if value:
             fields += (name, value)
     return fields
+
+
+def _dumps(data: Mapping[str, Any]) -> bytes:
+    """`data` as JSON, in a copy of its own size.
+
+    orjson hands back its 4 KiB working buffer as the bytes object (tracemalloc: 100 dumps
+    of 55 bytes hold 410 KB). A batch of a thousand pins 4 MB, which the C heap returns to
+    the OS when the batch is freed and faults back in for the next: 2.7 µs a dumps at 1,000
+    alive against 0.2 µs at 10 (measured). The copy frees the buffer at once, so the next
+    dumps reuses it: 0.35 µs, and a pending event holds 60 bytes, not 4 KiB.
+    """
+    return memoryview(orjson.dumps(data, default=_plain)).tobytes()
 
 
 def _plain(value: Any) -> Any:
