@@ -73,6 +73,7 @@ class Table:
     schema: str | None = None
     value_columns: tuple[str, ...] = field(init=False)
     checks: Mapping[str, Callable[[Any], str | None]] = field(init=False, repr=False, compare=False)
+    plain: Mapping[str, frozenset[type]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in (self.name, *self.columns, *([self.schema] if self.schema else [])):
@@ -95,6 +96,8 @@ class Table:
         )
         checks = {name: _TYPE_CHECKS[column.type] for name, column in self.columns.items()}
         object.__setattr__(self, "checks", checks)
+        plain = {name: _PLAIN_TYPES[column.type] for name, column in self.columns.items()}
+        object.__setattr__(self, "plain", plain)
 
     def row_key(self, data: Mapping[str, Any]) -> tuple[Any, ...]:
         """The identity of the row an event touches (its key column values)."""
@@ -248,3 +251,19 @@ _TYPE_CHECKS = {
     ColumnType.TIMESTAMP: _timestamp,
     ColumnType.UUID: _uuid,
 }
+
+PLAIN_INT = frozenset({int})
+"""The plain type of int columns: an int passes once within INT64_MIN..INT64_MAX."""
+
+_PLAIN_TYPES: dict[ColumnType, frozenset[type]] = {
+    ColumnType.INT: PLAIN_INT,
+    ColumnType.FLOAT: frozenset({int, float}),
+    ColumnType.TEXT: frozenset({str}),
+    ColumnType.BOOL: frozenset({bool}),
+    ColumnType.JSON: frozenset({dict, list, str, int, float, bool}),
+    ColumnType.TIMESTAMP: frozenset(),  # must be parsed: never plain
+    ColumnType.UUID: frozenset(),  # must be matched: never plain
+}
+"""Per column type, the exact value types (not subclasses, not None) its check passes as
+they are, given the JSON they encode to holds no NUL (`\\u0000`); int columns also need
+the 64-bit range. `wire.packer` skips the full check for values of these types."""

@@ -17,13 +17,21 @@ Unknown fields are ignored, so newer producers can add fields without breaking w
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
 
 from streamsink.errors import DecodeError, EventError, PayloadTooLarge
-from streamsink.schemas.event import MAX_NUMBER, Event, Op, check_finite, check_shape
+from streamsink.schemas.event import (
+    MAX_KEY_BYTES,
+    MAX_NUMBER,
+    Event,
+    Op,
+    check_finite,
+    check_shape,
+)
+from streamsink.schemas.table import INT64_MAX, INT64_MIN, PLAIN_INT, Table
 
 F_KEY = b"key"  # routing key of the event
 F_OP = b"op"  # operation name
@@ -69,6 +77,62 @@ def pack(event: Event, max_data_bytes: int = DEFAULT_MAX_DATA_BYTES) -> tuple[by
         b"" if event.version is None else str(event.version).encode(),
         b"" if event.id is None else event.id.encode(),
     )
+
+
+def packer(
+    table: Table | None,
+    validate: Callable[[Event], object],
+    max_data_bytes: int = DEFAULT_MAX_DATA_BYTES,
+) -> Callable[[Event], tuple[bytes, ...]]:
+    """`pack` then `validate` (same values, same errors), quick for plain events of `table`.
+
+    Plain: a set or append bound for `table` (no `table`, `ts`, `version` or `id`), an ASCII
+    key, a dict of data holding every key column, each value of a type its column takes as
+    is (`Table.plain`), and JSON free of null and NUL. Those pass every check, so one dict
+    lookup and one type test a field replace them; any other event takes the full path.
+    """
+    plain = table.plain if table is not None else {}
+    key_columns = frozenset(table.key) if table is not None else frozenset()
+    never = object()  # matches no op: the quick path is closed to it
+    first = Op.SET if table is not None and table.key else never  # keyless: append only
+    second = Op.APPEND if table is not None else never
+
+    def pack_validated(event: Event) -> tuple[bytes, ...]:
+        key, op, data = event.key, event.op, event.data
+        if (
+            (op is first or op is second)
+            and type(data) is dict
+            and type(key) is str
+            and 0 < len(key) <= MAX_KEY_BYTES
+            and key.isascii()
+            and event.table is None
+            and event.ts is None
+            and event.version is None
+            and event.id is None
+            and data.keys() >= key_columns
+        ):
+            try:
+                encoded = memoryview(orjson.dumps(data)).tobytes()  # see _dumps
+            except TypeError:
+                encoded = b"null"  # the full path says why
+            if (
+                len(encoded) <= max_data_bytes
+                and b"null" not in encoded  # NaN, infinities and None: the full path
+                and b"\\u0000" not in encoded  # NUL in text: the full path
+            ):
+                for name, value in data.items():
+                    types = plain.get(name)
+                    if types is None or type(value) not in types:
+                        break
+                    if types is PLAIN_INT and not INT64_MIN <= value <= INT64_MAX:
+                        break
+                else:
+                    return (key.encode(), _OP_BYTES[op], encoded, b"", b"", b"", b"")
+        values = pack(event, max_data_bytes)
+        validate(event)
+        return values
+
+    return pack_validated
 
 
 def encode(event: Event, max_data_bytes: int = DEFAULT_MAX_DATA_BYTES) -> list[bytes]:

@@ -14,7 +14,7 @@ from zlib import crc32
 from streamsink.errors import ConfigError, ShardCountMismatch, StreamNotFound
 from streamsink.schemas.config import Config
 from streamsink.schemas.event import Event
-from streamsink.schemas.wire import PACKED_FIELDS, pack
+from streamsink.schemas.wire import PACKED_FIELDS, packer
 from streamsink.streams.keys import Keys
 
 # KEYS[1]: shard stream. ARGV[1]: dedup key prefix, ARGV[2]: dedup TTL (ms), then seven
@@ -119,7 +119,7 @@ class Preparer:
         self.settings = settings
         self.keys = Keys(config.prefix)
         self.shards: dict[str, int] = {}
-        self.validators: dict[str, Callable[[Event], object]] = {}
+        self.packers: dict[str, Callable[[Event], tuple[bytes, ...]]] = {}
 
     def check_shards(self, stream: str, recorded: bytes | str | None) -> int:
         """Remember the shard count Redis recorded for `stream`, or raise if unusable."""
@@ -138,17 +138,23 @@ class Preparer:
         self.shards[stream] = shards
         return shards
 
+    def packer(self, stream: str) -> Callable[[Event], tuple[bytes, ...]]:
+        """Validate and pack one event of `stream` (`wire.packer`, made once a stream)."""
+        pack = self.packers.get(stream)
+        if pack is None:
+            spec = self.config.streams.get(stream)
+            table = self.config.tables.get(spec.table) if spec is not None and spec.table else None
+            validate = self.config.validator(stream)
+            pack = self.packers[stream] = packer(table, validate, self.config.max_data_bytes)
+        return pack
+
     def encode(self, stream: str, events: Iterable[Event]) -> list[Prepared]:
         """Validate and pack every event (all or nothing); pair each with its shard."""
         shards = self.shards[stream]
-        limit = self.config.max_data_bytes
-        validate = self.validators.get(stream) or self.validators.setdefault(
-            stream, self.config.validator(stream)
-        )
+        pack = self.packer(stream)
         prepared = []
         for event in events:
-            values = pack(event, limit)
-            validate(event)
+            values = pack(event)
             prepared.append((crc32(values[0]) % shards, values))  # shard_of, key encoded
         return prepared
 

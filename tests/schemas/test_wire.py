@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import binascii
+import dataclasses
 import json
 import math
 from types import MappingProxyType
+from typing import Any
 
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from streamsink.errors import DecodeError, EventError, PayloadTooLarge
+from streamsink.schemas import wire
+from streamsink.schemas.config import Config, StreamSpec
 from streamsink.schemas.event import Event, Op
-from streamsink.schemas.wire import DEFAULT_MAX_DATA_BYTES, decode, encode, shard_of
+from streamsink.schemas.table import INT64_MAX, INT64_MIN, Column, ColumnType, Policy, Table
+from streamsink.schemas.wire import DEFAULT_MAX_DATA_BYTES, decode, encode, pack, packer, shard_of
 from tests.schemas.expect import expect
-from tests.schemas.strategies import events, keys
+from tests.schemas.strategies import events, json_values, keys, text
 
 FULL = Event(
     key="task:1",
@@ -364,3 +369,167 @@ def test_shard_of_is_in_range_and_matches_binascii(key: str, shards: int) -> Non
     assert shard == binascii.crc32(key.encode("utf-8")) % shards
     assert shard_of(key, shards) == shard
     assert shard_of(key, 1) == 0
+
+
+# --- packer: pack and validate, with a quick path for plain events -------------------------
+
+T = ColumnType
+ROWS = Table(
+    "rows",
+    key=("id",),
+    columns={
+        "id": Column(T.INT, nullable=False),
+        "n": Column(T.INT),
+        "f": Column(T.FLOAT),
+        "s": Column(T.TEXT),
+        "b": Column(T.BOOL),
+        "j": Column(T.JSON),
+        "at": Column(T.TIMESTAMP),
+        "u": Column(T.UUID),
+        "total": Column(T.INT, Policy.SUM),
+        "name": Column(T.TEXT, nullable=False),
+    },
+)
+LOG = Table("log", key=(), columns=ROWS.columns)  # append only
+CONFIG = Config(
+    streams={"rows": StreamSpec("rows", 4, "rows"), "log": StreamSpec("log", 4, "log")},
+    tables={"rows": ROWS, "log": LOG},
+)
+
+
+class Text(str):
+    """A str subclass: not a plain value."""
+
+
+class Obj(dict[str, object]):
+    """A dict subclass: not plain data."""
+
+
+in_range = st.integers(INT64_MIN, INT64_MAX)
+ints = st.one_of(
+    in_range,
+    st.sampled_from([INT64_MIN, INT64_MAX, INT64_MAX + 1, INT64_MIN - 1, 2**64, -(2**70)]),
+)
+floats = st.one_of(st.floats(), st.sampled_from([math.nan, math.inf, -math.inf, 1e308]))
+no_nul = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=12)
+plain_values = {  # values the quick path takes (json_values hold a null now and then)
+    "n": in_range,
+    "f": st.one_of(st.floats(allow_nan=False, allow_infinity=False), in_range),
+    "s": no_nul,
+    "b": st.booleans(),
+    "j": json_values,
+    "total": in_range,
+    "name": no_nul,
+}
+odd = st.sampled_from(
+    [None, True, 0, 1.0, "", "null", "\x00", "\\u0000", Text("x"), Obj(a=1), {1: 2}, (1,), b"x"]
+)
+any_values = st.one_of(ints, floats, text, json_values, odd)
+plain_data = st.fixed_dictionaries({"id": in_range}, optional=plain_values)
+plain_events = st.builds(
+    Event,
+    key=st.text(st.characters(codec="ascii"), min_size=1, max_size=20),
+    op=st.sampled_from([Op.SET, Op.APPEND]),
+    data=plain_data,
+)
+odd_keys = st.sampled_from(["", "x" * 1024, "x" * 1025, "é" * 513, "\ud800", Text("k"), 5])
+odd_columns = {
+    "id": st.one_of(ints, odd),
+    "n": st.one_of(ints, odd),
+    "f": st.one_of(floats, odd),
+    "s": st.one_of(text, odd),
+    "b": odd,
+    "j": st.one_of(json_values, odd),
+    "at": st.sampled_from(["2024-05-01T12:00:00Z", "2024-05-01T12:00:00", "x"]),
+    "u": st.sampled_from(["0b7e3c6a-5c1f-4f0e-9a4e-3f2b1c0d9e8f", "0b7e3c6a"]),
+    "name": st.one_of(text, odd),
+    "extra": any_values,
+    "": any_values,
+}
+changes = st.one_of(  # one thing off plain (or not: some changes keep it plain)
+    st.fixed_dictionaries({"key": st.one_of(odd_keys, keys)}),
+    st.fixed_dictionaries({"op": st.sampled_from(Op)}),
+    st.fixed_dictionaries({"table": st.sampled_from(["rows", "log", "nope", ""])}),
+    st.fixed_dictionaries({"ts": st.sampled_from([0, -1, 2**63])}),
+    st.fixed_dictionaries({"version": st.sampled_from([0, 3, True])}),
+    st.fixed_dictionaries({"id": st.sampled_from(["e-1", "", "é"])}),
+    st.fixed_dictionaries({"data": st.one_of(plain_data.map(Obj), st.sampled_from([[], None]))}),
+    st.fixed_dictionaries(
+        {"data": st.dictionaries(st.sampled_from(list(odd_columns)), any_values)}
+    ),
+    st.fixed_dictionaries(
+        {"value": st.one_of(*(st.tuples(st.just(c), v) for c, v in odd_columns.items()))}
+    ),
+)
+
+
+def changed(event: Event, change: dict[str, Any]) -> Event:
+    """`event` with one field changed, or one value of its data set."""
+    if "value" in change:
+        name, value = change["value"]
+        return dataclasses.replace(event, data={**event.data, name: value})
+    return dataclasses.replace(event, **change)
+
+
+packer_events = st.one_of(plain_events, st.builds(changed, plain_events, changes))
+
+
+def outcome(pack_one: object, event: Event) -> object:
+    """What packing `event` gives: its values, or the exact error (class, field, reason)."""
+    try:
+        return pack_one(event)  # type: ignore[operator]
+    except EventError as exc:
+        return (type(exc), exc.field, exc.reason)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(packer_events, st.sampled_from(["rows", "log"]), st.sampled_from([1000, 100, 30]))
+@example(Event("k", Op.SET, {"id": 1, "s": "a\x00b"}), "rows", 100)
+@example(Event("k", Op.SET, {"id": 1, "n": INT64_MAX + 1}), "rows", 100)
+@example(Event("k", Op.SET, {"id": 1, "f": math.nan}), "rows", 100)
+@example(Event("k", Op.SET, {"id": 1, "j": {"a": ["\x00"]}}), "rows", 100)
+@example(Event("k", Op.SET, {"id": 1, "j": (1, "\x00")}), "rows", 100)
+@example(Event("k", Op.SET, {"n": 1}), "rows", 100)
+@example(Event("k", Op.SET, {"n": 1}), "log", 100)
+@example(Event("k", Op.APPEND, {"n": 1}), "log", 100)
+@example(Event("k", Op.SET, {"id": 1, "s": "x" * 30}), "rows", 30)
+@example(Event("\ud800", Op.SET, {"id": 1}), "rows", 100)
+@example(Event("é" * 513, Op.SET, {"id": 1}), "rows", 100)
+@example(Event("k", Op.SET, {"id": 1}, id="e-1"), "rows", 100)
+@example(Event("k", Op.SET, {"id": 1}, ts=1), "rows", 100)
+@example(Event("k", Op.SET, {"id": 1}, version=1), "rows", 100)
+@example(Event("k", Op.SET, {"id": 1}, table="log"), "rows", 100)
+@example(Event("k", Op.SET, {"id": 1, "f": True}), "rows", 100)
+def test_packer_agrees_with_pack_then_validate(event: Event, stream: str, limit: int) -> None:
+    validate = CONFIG.validator(stream)
+
+    def full(event: Event) -> tuple[bytes, ...]:
+        values = pack(event, limit)
+        validate(event)
+        return values
+
+    quick = packer(CONFIG.tables[stream], validate, limit)
+    assert outcome(quick, event) == outcome(full, event)
+
+
+@pytest.mark.parametrize(
+    ("stream", "event"),
+    [
+        ("rows", Event("task:1", Op.SET, {"id": 7, "n": -5, "f": 1, "s": 'é\t"', "b": False})),
+        ("rows", Event("task:1", Op.APPEND, {"id": INT64_MIN, "j": {"a": [1, 2.5, "x", True]}})),
+        ("rows", Event("k", Op.SET, {"id": INT64_MAX, "f": 2.5, "j": "s", "name": ""})),
+        ("log", Event("k", Op.APPEND, {"n": 1, "j": [1]})),
+        ("log", Event("k", Op.APPEND, {})),
+    ],
+)
+def test_packer_takes_plain_events_the_quick_way(
+    stream: str, event: Event, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expected = pack(event)
+    CONFIG.validator(stream)(event)
+
+    def refuse(event: Event, *_: object) -> None:
+        raise AssertionError("took the full path")
+
+    monkeypatch.setattr(wire, "pack", refuse)
+    assert packer(CONFIG.tables[stream], refuse)(event) == expected
