@@ -242,6 +242,7 @@ class AsyncProducer:
                 await self._read(sent.conn, sent.commands, results, errors)
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 await self._drop_connection(PublishError(_LOST.format(exc)), sent.conn)
+                self._wakeup.set()  # the sender may wait for room in flight: there is some now
                 continue
             if self._inflight and self._inflight[0] is sent:
                 self._inflight.popleft()

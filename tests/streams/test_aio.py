@@ -184,6 +184,25 @@ async def test_redis_down_before_the_first_publish(
     assert [(i, flat(fields)) for i, fields in stored] == [(entry, encode(task(1)))]
 
 
+async def test_publishes_queued_behind_a_batch_lost_in_flight_fail_too(
+    redis_server: RedisServer, own: redis.Redis, aown: aredis.Redis, keys: Keys
+) -> None:
+    settings = ProducerSettings(max_batch=1, max_in_flight=1, max_wait=0.001)
+    producer = AsyncProducer(aown, make_config(keys), settings)
+    await producer.publish("tasks", task(0))
+    assert redis_server.process is not None
+    os.kill(redis_server.process.pid, signal.SIGSTOP)
+    publishes = [asyncio.create_task(producer.publish("tasks", task(n))) for n in range(1, 5)]
+    await asyncio.sleep(0.05)  # the first is in flight, the others queued behind it
+    redis_server.kill()
+    done, stuck = await asyncio.wait(publishes, timeout=2)
+    for publish in stuck:
+        publish.cancel()
+    assert not stuck, f"{len(stuck)} publishes wait for a Redis that is gone"
+    assert all(isinstance(p.exception(), PublishError) for p in done)
+    await producer.close(grace=0.5)
+
+
 async def test_close_when_redis_was_killed_fails_every_publish(
     redis_server: RedisServer, own: redis.Redis, aown: aredis.Redis, keys: Keys
 ) -> None:
