@@ -84,11 +84,12 @@ def packer(
     validate: Callable[[Event], object],
     max_data_bytes: int = DEFAULT_MAX_DATA_BYTES,
 ) -> Callable[[Event], tuple[bytes, ...]]:
-    """`pack` then `validate` (same values, same errors), quick for plain events of `table`.
+    """`pack` then `validate` (same errors), quick for plain events of `table`.
 
-    Plain: a set or append bound for `table` (no `table`, `ts`, `version` or `id`), an ASCII
-    key, a dict of data holding every key column, each value of a type its column takes as
-    is (`Table.plain`), and JSON free of null and NUL. Those pass every check, so one dict
+    The values are `pack`'s, only three (key, op, data) when the event has no table, ts,
+    version or id. Plain: such a set or append bound for `table`, with an ASCII key, a
+    dict of data holding every key column, each value of a type its column takes as is
+    (`Table.plain`), and JSON free of null and NUL. Those pass every check, so one dict
     lookup and one type test a field replace them; any other event takes the full path.
     """
     plain = table.plain if table is not None else {}
@@ -117,9 +118,9 @@ def packer(
                 encoded = b"null"  # the full path says why
             if (
                 len(encoded) <= max_data_bytes
-                and b"null" not in encoded  # NaN, infinities and None: the full path
-                and b"\\u0000" not in encoded  # NUL in text: the full path
-            ):
+                and encoded.find(b"null") < 0  # NaN, infinities and None: the full path
+                and encoded.find(b"\\u0000") < 0  # NUL in text: the full path
+            ):  # (find: `in` costs twice as much on bytes)
                 for name, value in data.items():
                     types = plain.get(name)
                     if types is None or type(value) not in types:
@@ -127,10 +128,10 @@ def packer(
                     if types is PLAIN_INT and not INT64_MIN <= value <= INT64_MAX:
                         break
                 else:
-                    return (key.encode(), _OP_BYTES[op], encoded, b"", b"", b"", b"")
+                    return key.encode(), _OP_BYTES[op], encoded
         values = pack(event, max_data_bytes)
         validate(event)
-        return values
+        return values if values[3] or values[4] or values[5] or values[6] else values[:3]
 
     return pack_validated
 

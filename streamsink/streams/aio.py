@@ -21,7 +21,7 @@ from streamsink.errors import ProducerClosed, PublishError
 from streamsink.schemas.config import Config
 from streamsink.schemas.event import Event
 from streamsink.streams.keys import META_SHARDS
-from streamsink.streams.publish import Command, Prepared, Preparer, ProducerSettings, entry_id
+from streamsink.streams.publish import Command, Prepared, Preparer, ProducerSettings
 
 _LOST = (
     "lost Redis while publishing ({}); the events may or may not be in the stream: "
@@ -210,7 +210,7 @@ class AsyncProducer:
 
     async def _dispatch(self, batch: list[_Request]) -> None:
         """Write a batch and hand it to the reply reader."""
-        commands = self._prep.commands([(r.stream, r.prepared) for r in batch])
+        commands = self._prep.commands([(r.stream, r.prepared, r) for r in batch])
         self._busy = True
         try:
             conn = await self._write(commands)
@@ -261,7 +261,7 @@ class AsyncProducer:
                 self._wakeup.set()
 
     async def _send_batch(self, batch: list[_Request]) -> None:
-        commands = self._prep.commands([(r.stream, r.prepared) for r in batch])
+        commands = self._prep.commands([(r.stream, r.prepared, r) for r in batch])
         results: list[list[str]] = [[""] * len(r.prepared) for r in batch]
         errors: dict[int, Exception] = {}
         try:
@@ -301,10 +301,10 @@ class AsyncProducer:
                 for request_index, _ in command.slots:
                     errors[request_index] = refused
                 continue
-            for (request_index, position), raw in zip(
+            for (request_index, position), entry in zip(
                 command.slots, command.entry_ids(reply), strict=True
             ):
-                results[request_index][position] = entry_id(raw)
+                results[request_index][position] = entry
 
     async def _drop_connection(
         self, error: Exception | None = None, conn: Connection | None = None

@@ -12,7 +12,7 @@ from streamsink.errors import ProducerClosed, PublishError
 from streamsink.schemas.config import Config
 from streamsink.schemas.event import Event
 from streamsink.streams.keys import META_SHARDS
-from streamsink.streams.publish import Preparer, ProducerSettings, entry_id
+from streamsink.streams.publish import Preparer, ProducerSettings
 
 _UNREACHABLE = "cannot reach Redis ({}); nothing was published, so publishing again is safe"
 
@@ -52,12 +52,12 @@ class Producer:
         prepared = self._prep.encode(stream, events)
         if not prepared:
             return []
-        commands = self._prep.commands([(stream, prepared)])
+        commands = self._prep.commands([(stream, prepared, None)])
         replies = self._send([c.args for c in commands])
         ids: list[str] = [""] * len(prepared)
         for command, reply in zip(commands, replies, strict=True):
-            for (_, position), raw in zip(command.slots, command.entry_ids(reply), strict=True):
-                ids[position] = entry_id(raw)
+            for (_, position), entry in zip(command.slots, command.entry_ids(reply), strict=True):
+                ids[position] = entry
         return ids
 
     def _send(self, commands: list[list[Any]]) -> list[list[bytes | str]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from zlib import crc32
 
 from streamsink.errors import ConfigError, ShardCountMismatch, StreamNotFound
@@ -17,41 +18,54 @@ from streamsink.schemas.event import Event
 from streamsink.schemas.wire import PACKED_FIELDS, packer
 from streamsink.streams.keys import Keys
 
-# KEYS[1]: shard stream. ARGV[1]: dedup key prefix, ARGV[2]: dedup TTL (ms), then seven
-# values per event, in wire.PACKED_FIELDS order ('' where absent; the last is the id).
-# Returns the entry ID of each event; a repeated id returns the first publish's entry ID.
-# The type check comes first so that a refused call has written nothing.
+# KEYS[1]: shard stream. ARGV[1]: dedup key prefix, ARGV[2]: dedup TTL (ms), then each
+# event either as `key, op, data` (no table, ts, v or id: most events, three values and one
+# XADD) or as `key, '+', op, data, table, ts, v, id` ('' where absent). Returns the entry
+# ID of each event; a repeated id returns the first publish's entry ID. The type check
+# comes first so that a refused call has written nothing.
 PUBLISH_SCRIPT = b"""
 local names = {%s}
 local kind = redis.call('TYPE', KEYS[1]).ok
 if kind ~= 'stream' and kind ~= 'none' then
   return redis.error_reply('WRONGTYPE ' .. KEYS[1] .. ' holds a ' .. kind .. ', not a stream')
 end
-local ids = {}
-for i = 3, #ARGV, 7 do
-  local eid = ARGV[i + 6]
+local ids, count = {}, 0
+local i, n = 3, #ARGV
+while i <= n do
   local entry = false
-  if eid ~= '' then
-    entry = redis.call('GET', ARGV[1] .. eid)
-  end
-  if not entry then
-    local fields = {}
-    for j = 0, 6 do
-      local value = ARGV[i + j]
-      if value ~= '' then
-        fields[#fields + 1] = names[j + 1]
-        fields[#fields + 1] = value
+  if ARGV[i + 1] ~= '+' then
+    entry = redis.call(
+      'XADD', KEYS[1], '*', names[1], ARGV[i], names[2], ARGV[i + 1], names[3], ARGV[i + 2])
+    i = i + 3
+  else
+    local eid = ARGV[i + 7]
+    if eid ~= '' then
+      entry = redis.call('GET', ARGV[1] .. eid)
+    end
+    if not entry then
+      local fields = {names[1], ARGV[i]}
+      for j = 2, 7 do
+        local value = ARGV[i + j]
+        if value ~= '' then
+          fields[#fields + 1] = names[j]
+          fields[#fields + 1] = value
+        end
+      end
+      entry = redis.call('XADD', KEYS[1], '*', unpack(fields))
+      if eid ~= '' then
+        redis.call('SET', ARGV[1] .. eid, entry, 'PX', ARGV[2])
       end
     end
-    entry = redis.call('XADD', KEYS[1], '*', unpack(fields))
-    if eid ~= '' then
-      redis.call('SET', ARGV[1] .. eid, entry, 'PX', ARGV[2])
-    end
+    i = i + 8
   end
-  ids[#ids + 1] = entry
+  count = count + 1
+  ids[count] = entry
 end
 return ids
 """ % b", ".join(b"'%s'" % name for name in PACKED_FIELDS)
+
+FULL = b"+"
+"""After the key, marks an event sent with all its values (one with a table, ts, v or id)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +98,9 @@ class ProducerSettings:
             )
 
 
-Prepared = tuple[int, tuple[bytes, ...]]
-"""An event ready to send: its shard and its packed field values."""
+Prepared = tuple[bytes, ...]
+"""An event ready to send: its values from `wire.packer` (key, op, data and, if any of
+them is present, table, ts, v and id)."""
 
 
 @dataclass(slots=True)
@@ -98,17 +113,20 @@ class Command:
 
     def plain_xadd(self) -> None:
         """Send a lone event without idempotency id as a plain XADD: the same effect, and
-        Redis runs it five times faster than the script (measured: 5 µs against 25 µs)."""
+        Redis runs it six times faster than the script (measured: 1.6 µs against 9 µs)."""
         values = self.args[6:]
-        fields = [p for pair in zip(PACKED_FIELDS, values, strict=True) if pair[1] for p in pair]
-        self.args = ["XADD", self.args[3], "*", *fields]
+        if values[1] == FULL:
+            del values[1]
+        named = zip(PACKED_FIELDS, values, strict=False)  # three values: no table, ..., id
+        self.args = ["XADD", self.args[3], "*", *[p for pair in named if pair[1] for p in pair]]
         self.plain = True
 
-    def entry_ids(self, reply: object) -> list[bytes | str]:
-        """The entry IDs in this command's reply, one per slot."""
-        if self.plain:
-            return [reply]  # type: ignore[list-item]
-        return reply  # type: ignore[return-value]
+    def entry_ids(self, reply: Any) -> list[str]:
+        """The entry IDs in this command's reply, one per slot, as text."""
+        raws: list[Any] = [reply] if self.plain else reply
+        if raws and type(raws[0]) is bytes:
+            return list(map(bytes.decode, raws))  # whatever the client's decode_responses
+        return raws
 
 
 class Preparer:
@@ -119,7 +137,8 @@ class Preparer:
         self.settings = settings
         self.keys = Keys(config.prefix)
         self.shards: dict[str, int] = {}
-        self.packers: dict[str, Callable[[Event], tuple[bytes, ...]]] = {}
+        self.packers: dict[str, Callable[[Event], Prepared]] = {}
+        """Per stream whose shards are known: validate and pack one event (`wire.packer`)."""
 
     def check_shards(self, stream: str, recorded: bytes | str | None) -> int:
         """Remember the shard count Redis recorded for `stream`, or raise if unusable."""
@@ -136,48 +155,40 @@ class Preparer:
                 f"{declared.shards}; a stream's shard count is fixed when it is created"
             )
         self.shards[stream] = shards
+        table = self.config.tables.get(declared.table) if declared and declared.table else None
+        validate = self.config.validator(stream)
+        self.packers[stream] = packer(table, validate, self.config.max_data_bytes)
         return shards
 
-    def packer(self, stream: str) -> Callable[[Event], tuple[bytes, ...]]:
-        """Validate and pack one event of `stream` (`wire.packer`, made once a stream)."""
-        pack = self.packers.get(stream)
-        if pack is None:
-            spec = self.config.streams.get(stream)
-            table = self.config.tables.get(spec.table) if spec is not None and spec.table else None
-            validate = self.config.validator(stream)
-            pack = self.packers[stream] = packer(table, validate, self.config.max_data_bytes)
-        return pack
-
     def encode(self, stream: str, events: Iterable[Event]) -> list[Prepared]:
-        """Validate and pack every event (all or nothing); pair each with its shard."""
-        shards = self.shards[stream]
-        pack = self.packer(stream)
-        prepared = []
-        for event in events:
-            values = pack(event)
-            prepared.append((crc32(values[0]) % shards, values))  # shard_of, key encoded
-        return prepared
+        """Validate and pack every event (all or nothing)."""
+        return list(map(self.packers[stream], events))
 
-    def commands(self, requests: Sequence[tuple[str, list[Prepared]]]) -> list[Command]:
-        """One script call per (stream, shard), keeping each shard's events in order."""
-        by_shard: dict[tuple[str, int], Command] = {}
-        ttl = self.settings.dedup_ttl_ms
-        keys = self.keys
-        for request_index, (stream, prepared) in enumerate(requests):
-            for position, (shard, values) in enumerate(prepared):
-                command = by_shard.get((stream, shard))
+    def commands(self, requests: Sequence[tuple[str, list[Prepared], object]]) -> list[Command]:
+        """One script call per (stream, shard), keeping each shard's events in order.
+
+        `requests` are (stream, prepared events, anything) for each publish call."""
+        by_stream: dict[str, list[Command | None]] = {}
+        made: list[Command] = []
+        for request_index, (stream, prepared, _) in enumerate(requests):
+            shards = self.shards[stream]
+            by_shard = by_stream.get(stream)
+            if by_shard is None:
+                by_shard = by_stream[stream] = [None] * shards
+            for position, values in enumerate(prepared):
+                shard = crc32(values[0]) % shards  # shard_of, the key encoded
+                command = by_shard[shard]
                 if command is None:
-                    shard_key, dedup = keys.shard(stream, shard), keys.dedup_prefix(stream, shard)
-                    command = Command(["EVAL", PUBLISH_SCRIPT, 1, shard_key, dedup, ttl])
-                    by_shard[(stream, shard)] = command
-                command.args += values
+                    command = by_shard[shard] = self._command(stream, shard)
+                    made.append(command)
+                command.args += values if len(values) == 3 else (values[0], FULL, *values[1:])
                 command.slots.append((request_index, position))
-        for command in by_shard.values():
-            if len(command.slots) == 1 and not command.args[-1]:
-                command.plain_xadd()
-        return list(by_shard.values())
+        for command in made:
+            if len(command.slots) == 1 and (len(command.args) == 9 or not command.args[-1]):
+                command.plain_xadd()  # one event, and without id
+        return made
 
-
-def entry_id(raw: bytes | str) -> str:
-    """An entry ID as text, whatever the client's decode_responses."""
-    return raw.decode() if isinstance(raw, bytes) else raw
+    def _command(self, stream: str, shard: int) -> Command:
+        keys, ttl = self.keys, self.settings.dedup_ttl_ms
+        shard_key, dedup = keys.shard(stream, shard), keys.dedup_prefix(stream, shard)
+        return Command(["EVAL", PUBLISH_SCRIPT, 1, shard_key, dedup, ttl])

@@ -506,7 +506,7 @@ def test_packer_agrees_with_pack_then_validate(event: Event, stream: str, limit:
     def full(event: Event) -> tuple[bytes, ...]:
         values = pack(event, limit)
         validate(event)
-        return values
+        return values if any(values[3:]) else values[:3]
 
     quick = packer(CONFIG.tables[stream], validate, limit)
     assert outcome(quick, event) == outcome(full, event)
@@ -525,7 +525,7 @@ def test_packer_agrees_with_pack_then_validate(event: Event, stream: str, limit:
 def test_packer_takes_plain_events_the_quick_way(
     stream: str, event: Event, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    expected = pack(event)
+    expected = pack(event)[:3]
     CONFIG.validator(stream)(event)
 
     def refuse(event: Event, *_: object) -> None:

@@ -57,6 +57,26 @@ def test_publish_many_lands_every_event_on_its_shard_with_its_fields(
     assert len({shard_of(e.key, SHARDS) for e in events}) == SHARDS  # really spread
 
 
+def test_every_shape_of_event_lands_as_encode_lays_it_out(
+    r: redis.Redis, keys: Keys, config: Config, tasks_stream: str
+) -> None:
+    # One key: one shard, one script call mixing events sent as three values and as eight.
+    shapes = [
+        {},
+        {"ts": 5},
+        {"table": "tasks"},
+        {"version": 0},
+        {"id": "i"},
+        {},
+        {"ts": 1, "version": 2},
+    ]
+    events = [task(1, key="k", **extra) for extra in shapes]
+    ids = Producer(r, config).publish_many("tasks", events)
+    stored = dict(entries(r, keys, "tasks", shard_of("k", SHARDS)))
+    assert [flat(stored[entry]) for entry in ids] == [encode(event) for event in events]
+    assert len(stored) == len(events)
+
+
 def test_order_per_key_is_kept(
     r: redis.Redis, keys: Keys, config: Config, tasks_stream: str
 ) -> None:
