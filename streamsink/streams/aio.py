@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -30,11 +30,9 @@ _LOST = (
 _UNREACHABLE = "cannot reach Redis ({}); nothing was published, so publishing again is safe"
 
 
-@dataclass(slots=True)
-class _Request:
-    stream: str
-    prepared: list[Prepared]
-    future: asyncio.Future[list[str]]
+_Request = tuple[str, list[Prepared], "asyncio.Future[list[str]]"]
+"""A publish call: its stream, its events and the future its caller awaits (a tuple, not
+a class: concurrent publishers make one an event)."""
 
 
 @dataclass(slots=True)
@@ -66,7 +64,8 @@ class AsyncProducer:
         self._client = client
         self._prep = Preparer(config or Config(), settings or ProducerSettings())
         self._settings = self._prep.settings
-        self._pending: deque[_Request] = deque()
+        self._gathers = self._settings.max_wait > 0  # never sends from the caller
+        self._pending: list[_Request] = []
         self._pending_events = 0
         self._room = asyncio.Event()  # set when a publish left the queue
         self._wakeup = asyncio.Event()
@@ -82,43 +81,40 @@ class AsyncProducer:
 
     async def publish(self, stream: str, event: Event) -> str:
         """Publish one event; return its entry ID once Redis has it."""
-        if stream not in self._prep.shards:
-            await self._load_shards(stream)
-        return (await self._submit(self._request(stream, (event,))))[0]
+        pack = self._prep.packers.get(stream)
+        if pack is None:
+            pack = await self._load_shards(stream)
+        if self._closing or self._failure is not None:
+            self._check_open()
+        return (await self._submit(self._request(stream, [pack(event)])))[0]
 
     async def publish_many(self, stream: str, events: Iterable[Event]) -> list[str]:
         """Publish events in order, together; nothing is sent if any is invalid."""
-        if stream not in self._prep.shards:
+        if stream not in self._prep.packers:
             await self._load_shards(stream)
-        request = self._request(stream, events)
-        return await self._submit(request) if request.prepared else []
-
-    def _request(self, stream: str, events: Iterable[Event]) -> _Request:
-        """Validate and encode (raising before anything is queued) into a pending publish."""
         self._check_open()
         prepared = self._prep.encode(stream, events)
+        return await self._submit(self._request(stream, prepared)) if prepared else []
+
+    def _request(self, stream: str, prepared: list[Prepared]) -> _Request:
+        """A pending publish of validated events (the sender starts with the first)."""
         loop = asyncio.get_running_loop()
         if self._task is None:
             self._task = loop.create_task(self._run(), name="streamsink-producer")
-        return _Request(stream, prepared, loop.create_future())
+        return stream, prepared, loop.create_future()
 
     def _submit(self, request: _Request) -> Awaitable[list[str]]:
         """Send at once from the caller when idle; else queue, waiting for room if full."""
-        if (
-            not self._busy
-            and not self._pending
-            and not self._inflight
-            and self._settings.max_wait <= 0
-        ):
-            return self._send_inline(request)  # spares the hop through the sender task
-        if len(self._pending) >= self._settings.queue_size:
-            return self._wait_for_room(request)
-        self._enqueue(request)
-        return request.future
+        if self._pending or self._busy or self._inflight or self._gathers:
+            if len(self._pending) >= self._settings.queue_size:
+                return self._wait_for_room(request)
+            self._enqueue(request)
+            return request[2]
+        return self._send_inline(request)  # spares the hop through the sender task
 
     async def _send_inline(self, request: _Request) -> list[str]:
         await self._send([request])
-        return request.future.result()
+        return request[2].result()
 
     async def _wait_for_room(self, request: _Request) -> list[str]:
         while len(self._pending) >= self._settings.queue_size:
@@ -127,17 +123,18 @@ class AsyncProducer:
             if self._failure is not None:
                 self._check_open()
         self._enqueue(request)
-        return await request.future
+        return await request[2]
 
     def _enqueue(self, request: _Request) -> None:
         self._pending.append(request)
-        self._pending_events += len(request.prepared)
+        self._pending_events += len(request[1])
         if self._pending_events >= self._settings.max_batch:
             self._full.set()
         self._wakeup.set()
 
-    async def _load_shards(self, stream: str) -> None:
-        """Read the stream's shard count once, however many publishers ask at the same time."""
+    async def _load_shards(self, stream: str) -> Callable[[Event], Prepared]:
+        """Read the stream's shard count once, however many publishers ask at the same time;
+        return the stream's packer."""
         lookup = self._lookups.get(stream)
         if lookup is None:
             lookup = asyncio.ensure_future(
@@ -150,6 +147,7 @@ class AsyncProducer:
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise PublishError(_UNREACHABLE.format(exc)) from exc
         self._prep.check_shards(stream, recorded)
+        return self._prep.packers[stream]
 
     def _forget_lookup(self, stream: str, lookup: asyncio.Future[Any]) -> None:
         """A finished lookup is not reused: its failure belongs to those who waited for it."""
@@ -196,12 +194,15 @@ class AsyncProducer:
                 await self._drop_connection(_STOPPED)
 
     def _take(self) -> list[_Request]:
-        batch: list[_Request] = []
-        count = 0
-        while self._pending and (not batch or count < self._settings.max_batch):
-            request = self._pending.popleft()
-            batch.append(request)
-            count += len(request.prepared)
+        pending, most = self._pending, self._settings.max_batch
+        if self._pending_events == len(pending):  # one event each (publish): slice
+            batch, count = pending[:most], min(most, len(pending))
+        else:
+            batch, count = [], 0
+            while len(batch) < len(pending) and (not batch or count < most):
+                batch.append(pending[len(batch)])
+                count += len(batch[-1][1])
+        del pending[: len(batch)]
         self._room.set()
         self._pending_events -= count
         if self._pending_events < self._settings.max_batch:
@@ -210,19 +211,19 @@ class AsyncProducer:
 
     async def _dispatch(self, batch: list[_Request]) -> None:
         """Write a batch and hand it to the reply reader."""
-        commands = self._prep.commands([(r.stream, r.prepared, r) for r in batch])
+        commands = self._prep.commands(batch)
         self._busy = True
         try:
             conn = await self._write(commands)
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             await self._drop_connection(PublishError(_LOST.format(exc)))
-            for request in batch:
-                _settle(request.future, PublishError(_LOST.format(exc)))
+            for _, _, future in batch:
+                _settle(future, PublishError(_LOST.format(exc)))
             return
         except BaseException:
             await self._drop_connection(_STOPPED)
-            for request in batch:
-                _settle(request.future, _STOPPED)
+            for _, _, future in batch:
+                _settle(future, _STOPPED)
             raise
         finally:
             self._busy = False
@@ -236,7 +237,7 @@ class AsyncProducer:
                 self._replied.clear()
                 await self._replied.wait()
             sent = self._inflight[0]
-            results: list[list[str]] = [[""] * len(r.prepared) for r in sent.batch]
+            results = [""] * sum(len(command.slots) for command in sent.commands)
             errors: dict[int, Exception] = {}
             try:
                 await self._read(sent.conn, sent.commands, results, errors)
@@ -246,8 +247,7 @@ class AsyncProducer:
                 continue
             if self._inflight and self._inflight[0] is sent:
                 self._inflight.popleft()
-            for index, request in enumerate(sent.batch):
-                _settle(request.future, errors.get(index), results[index])
+            _settle_all(sent.batch, results, errors)
             self._wakeup.set()
 
     async def _send(self, batch: list[_Request]) -> None:
@@ -261,22 +261,21 @@ class AsyncProducer:
                 self._wakeup.set()
 
     async def _send_batch(self, batch: list[_Request]) -> None:
-        commands = self._prep.commands([(r.stream, r.prepared, r) for r in batch])
-        results: list[list[str]] = [[""] * len(r.prepared) for r in batch]
+        commands = self._prep.commands(batch)
+        results = [""] * sum(len(command.slots) for command in commands)
         errors: dict[int, Exception] = {}
         try:
             conn = await self._write(commands)
             await self._read(conn, commands, results, errors)
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             await self._drop_connection()
-            errors = dict.fromkeys(range(len(batch)), PublishError(_LOST.format(exc)))
+            errors = dict.fromkeys(range(len(results)), PublishError(_LOST.format(exc)))
         except BaseException:
             await self._drop_connection()
-            for request in batch:
-                _settle(request.future, _STOPPED)
+            for _, _, future in batch:
+                _settle(future, _STOPPED)
             raise
-        for index, request in enumerate(batch):
-            _settle(request.future, errors.get(index), results[index])
+        _settle_all(batch, results, errors)
 
     async def _write(self, commands: list[Command]) -> Connection:
         if self._conn is None:
@@ -288,23 +287,18 @@ class AsyncProducer:
 
     @staticmethod
     async def _read(
-        conn: Connection,
-        commands: list[Command],
-        results: list[list[str]],
-        errors: dict[int, Exception],
+        conn: Connection, commands: list[Command], results: list[str], errors: dict[int, Exception]
     ) -> None:
+        """Read each command's reply into `results` (or `errors`), by slot."""
         for command in commands:
             try:
                 reply = await conn.read_response()
             except ResponseError as exc:
                 refused = PublishError(f"Redis refused the publish: {exc}")
-                for request_index, _ in command.slots:
-                    errors[request_index] = refused
+                errors.update(dict.fromkeys(command.slots, refused))
                 continue
-            for (request_index, position), entry in zip(
-                command.slots, command.entry_ids(reply), strict=True
-            ):
-                results[request_index][position] = entry
+            for slot, entry in zip(command.slots, command.entry_ids(reply), strict=True):
+                results[slot] = entry
 
     async def _drop_connection(
         self, error: Exception | None = None, conn: Connection | None = None
@@ -317,16 +311,16 @@ class AsyncProducer:
         lost = [sent for sent in self._inflight if sent.conn is dropped]
         self._inflight = deque(sent for sent in self._inflight if sent.conn is not dropped)
         for sent in lost:
-            for request in sent.batch:
-                _settle(request.future, error or _STOPPED)
+            for _, _, future in sent.batch:
+                _settle(future, error or _STOPPED)
         if dropped is not None:
             await dropped.disconnect(nowait=True)
             await self._client.connection_pool.release(dropped)
 
     def _fail_pending(self, error: Exception) -> None:
-        while self._pending:
-            request = self._pending.popleft()
-            _settle(request.future, error)
+        for _, _, future in self._pending:
+            _settle(future, error)
+        self._pending.clear()
         self._room.set()
         self._pending_events = 0
 
@@ -364,13 +358,26 @@ class AsyncProducer:
         await self.close()
 
 
-def _settle(
-    future: asyncio.Future[list[str]], error: Exception | None, result: list[str] | None = None
-) -> None:
-    """Resolve a publish unless its caller gave up waiting (cancelled it)."""
-    if future.done():
-        return
-    if error is not None:
+def _settle(future: asyncio.Future[list[str]], error: Exception) -> None:
+    """Fail a publish unless its caller gave up waiting (cancelled it)."""
+    if not future.done():
         future.set_exception(error)
-    else:
-        future.set_result(result or [])
+
+
+def _settle_all(batch: list[_Request], results: list[str], errors: dict[int, Exception]) -> None:
+    """Resolve each publish of `batch` with its entry IDs, or with the error of the first of
+    its events that failed (results and errors by slot: the batch's events in order)."""
+    start = 0
+    for _, prepared, future in batch:
+        end = start + len(prepared)
+        if not future.done():  # else its caller gave up waiting (cancelled it)
+            error = _first_error(errors, start, end) if errors else None
+            if error is None:
+                future.set_result(results[start:end])
+            else:
+                future.set_exception(error)
+        start = end
+
+
+def _first_error(errors: dict[int, Exception], start: int, end: int) -> Exception | None:
+    return next((errors[slot] for slot in range(start, end) if slot in errors), None)

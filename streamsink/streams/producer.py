@@ -56,8 +56,8 @@ class Producer:
         replies = self._send([c.args for c in commands])
         ids: list[str] = [""] * len(prepared)
         for command, reply in zip(commands, replies, strict=True):
-            for (_, position), entry in zip(command.slots, command.entry_ids(reply), strict=True):
-                ids[position] = entry
+            for slot, entry in zip(command.slots, command.entry_ids(reply), strict=True):
+                ids[slot] = entry
         return ids
 
     def _send(self, commands: list[list[Any]]) -> list[list[bytes | str]]:

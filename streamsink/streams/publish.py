@@ -105,10 +105,11 @@ them is present, table, ts, v and id)."""
 
 @dataclass(slots=True)
 class Command:
-    """One EVAL for one shard, and which (request, position) each of its replies fills."""
+    """One EVAL for one shard, and which event of the batch each of its replies is for."""
 
     args: list[bytes | str | int]
-    slots: list[tuple[int, int]] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    """Per reply, its event's place in the batch (the requests' events one after another)."""
     plain: bool = False
 
     def plain_xadd(self) -> None:
@@ -170,19 +171,21 @@ class Preparer:
         `requests` are (stream, prepared events, anything) for each publish call."""
         by_stream: dict[str, list[Command | None]] = {}
         made: list[Command] = []
-        for request_index, (stream, prepared, _) in enumerate(requests):
+        slot = 0
+        for stream, prepared, _ in requests:
             shards = self.shards[stream]
             by_shard = by_stream.get(stream)
             if by_shard is None:
                 by_shard = by_stream[stream] = [None] * shards
-            for position, values in enumerate(prepared):
+            for values in prepared:
                 shard = crc32(values[0]) % shards  # shard_of, the key encoded
                 command = by_shard[shard]
                 if command is None:
                     command = by_shard[shard] = self._command(stream, shard)
                     made.append(command)
                 command.args += values if len(values) == 3 else (values[0], FULL, *values[1:])
-                command.slots.append((request_index, position))
+                command.slots.append(slot)
+                slot += 1
         for command in made:
             if len(command.slots) == 1 and (len(command.args) == 9 or not command.args[-1]):
                 command.plain_xadd()  # one event, and without id
