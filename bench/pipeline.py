@@ -96,12 +96,14 @@ BULK = {
     "max_events": 20_000,
     "max_bytes": 8 * 1024 * 1024,
     "linger_ms": 50,
-    "max_age_ms": 250,
+    "max_age_ms": 1000,
     "read_count": 5_000,
     "block_ms": 500,
 }
 """Group settings for bulk throughput: windows of up to 20,000 events (more merging per row,
-fewer transactions), reads of 5,000, and the default age bound (latency stays bounded)."""
+fewer transactions) and 1 s, reads of 5,000. With the default 250 ms a window closes by age
+before it fills (a worker busy with four shards reads each every few hundred ms), so fewer
+events merge per row: measured 31k events/s at 250 ms, 37k at 1 s, 43k at 2 s (hot keys)."""
 
 POLL_S = 0.005
 """How often the bench looks at the consumer groups while a worker drains."""
