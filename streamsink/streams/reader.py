@@ -78,6 +78,8 @@ def _text(value: bytes | str) -> str:
 
 def _fields(flat: Sequence[bytes]) -> dict[bytes, bytes]:
     """A script's flat [name, value, ...] reply as the fields dict redis-py gives."""
+    if len(flat) == 6:  # key, op, data: a dict display takes 0.24 µs, dict(zip(...)) 0.83
+        return {flat[0]: flat[1], flat[2]: flat[3], flat[4]: flat[5]}
     pairs = iter(flat)  # names and values taken in turn: no slices copied
     return dict(zip(pairs, pairs, strict=True))
 
