@@ -56,6 +56,7 @@ class ShardRunner:
         self.lost = False  # the lease is gone: stop without flushing or acknowledging
         self.stats = ShardStats()
         self._where = {"group": reader.group, "stream": stream, "shard": lease.shard}
+        self._validate = config.validator(stream)  # the stream's table looked up once
 
     async def run(self) -> None:
         """Read and flush until draining, then flush what is open and return.
@@ -127,7 +128,7 @@ class ShardRunner:
             return
         try:
             event = decode(raw.fields, self.config.max_data_bytes)
-            table = self.config.validate(self.stream, event)
+            table = self._validate(event)
         except EventError as exc:
             await self._dead_letter(raw, f"{type(exc).__name__}: {exc}")
             return

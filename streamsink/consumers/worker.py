@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -274,6 +275,10 @@ async def serve(config: Config, sinks: Mapping[str, Sink] | None = None) -> int:
     from streamsink.sinks import build_sinks
 
     built = dict(sinks) if sinks is not None else build_sinks(config)
+    # Open windows hold many small objects; the cyclic collector walking them all was a
+    # quarter of the worker's CPU (bench/pipeline.py). What exists now is never garbage.
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
     client = worker_client(config.redis_url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -22,7 +22,7 @@ from streamsink.errors import Fenced
 from streamsink.schemas.event import Event, Op
 from streamsink.schemas.table import Column, ColumnType, Mode, Policy, Table
 from streamsink.sinks.base import Batch, Rejected
-from streamsink.sinks.postgres import PostgresSink
+from streamsink.sinks.postgres import Pool, PostgresSink
 from streamsink.sinks.postgres.statements import target
 from tests.consumers.test_merge import Case, windows
 from tests.sinks.conftest import create, rows, schema_of
@@ -394,3 +394,15 @@ def test_a_missing_table_is_retried_not_dead_lettered(pg: Connection, sink: Post
     table = Table("absent", ("id",), {"id": Column(INT)}, schema=schema_of(pg))
     with pytest.raises(psycopg2.errors.UndefinedTable):
         write(sink, batch(entries(table, [Event("1", Op.SET, {"id": 1})])))
+
+
+def test_the_pool_reuses_connections_and_drops_broken_ones(sink_settings: Any) -> None:
+    pool = Pool(sink_settings)
+    with pool.connection() as conn:
+        first = conn.get_backend_pid()
+    with pool.connection() as conn:
+        assert conn.get_backend_pid() == first  # one connection, not one per window
+        conn.close()  # as a broken link leaves it
+    with pool.connection() as conn:
+        assert not conn.closed and conn.get_backend_pid() != first
+    pool.close()

@@ -15,6 +15,7 @@ import asyncio
 import io
 import itertools
 import logging
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
@@ -22,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import psycopg2
-import psycopg2.pool
 from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
 from psycopg2.extensions import cursor as Cursor
@@ -77,12 +77,19 @@ class PostgresSettings:
 
 
 class Pool:
-    """A small thread-safe pool of psycopg2 connections that drops broken ones."""
+    """Idle psycopg2 connections kept for reuse; broken ones are dropped, not returned.
+
+    At most `pool_size` are in use at once: only the sink's threads take them.
+    """
 
     def __init__(self, settings: PostgresSettings) -> None:
-        self._pool = psycopg2.pool.ThreadedConnectionPool(
-            0,
-            settings.pool_size,
+        self._settings = settings
+        self._idle: list[Connection] = []
+        self._lock = threading.Lock()
+
+    def _connect(self) -> Connection:
+        settings = self._settings
+        conn: Connection = psycopg2.connect(
             settings.dsn,
             connect_timeout=settings.connect_timeout_s,
             application_name="streamsink",
@@ -91,22 +98,31 @@ class Pool:
             keepalives_interval=5,
             keepalives_count=3,
         )
+        return conn
 
     @contextmanager
     def connection(self) -> Iterator[Connection]:
-        """A connection outside any transaction; closed instead of returned if broken."""
-        conn = self._pool.getconn()
+        """A connection outside any transaction; closed instead of kept if broken."""
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            conn = self._connect()
         try:
             yield conn
         finally:
             if not conn.closed:
                 with suppress(psycopg2.Error):
                     conn.rollback()
-            self._pool.putconn(conn, close=bool(conn.closed))
+            if not conn.closed:  # a broken one is dropped: the next use connects again
+                with self._lock:
+                    self._idle.append(conn)
 
     def close(self) -> None:
-        """Close every connection."""
-        self._pool.closeall()
+        """Close every idle connection."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
 
 @dataclass(slots=True)
