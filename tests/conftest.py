@@ -216,3 +216,20 @@ def redis_server() -> Iterator[RedisServer]:
             yield server
         finally:
             server.kill()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, keys: Keys, redis_url: str) -> Iterator[Any]:
+    """`streamsink worker` subprocesses for the test (tests.consumers.test_worker_processes.
+    Cluster); the ones still running are killed at the end, and their logs printed."""
+    from tests.consumers.test_worker_processes import Cluster
+
+    cluster = Cluster(tmp_path, keys, redis_url)
+    try:
+        yield cluster
+    finally:
+        for worker in cluster.started:
+            if worker.alive():
+                worker.process.kill()
+                worker.process.wait(10)
+        cluster.dump()

@@ -14,13 +14,12 @@ import sys
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 import redis
 
 from streamsink.schemas import Config, Event, from_dict, shard_of
@@ -141,20 +140,6 @@ class Cluster:
             print(f"----- worker {number} (pid {worker.pid}, exit {worker.process.poll()})")
             print(worker.stdout.read_text(errors="replace"), end="")
             print(worker.log()[-20_000:])
-
-
-@pytest.fixture
-def cluster(tmp_path: Path, keys: Keys, redis_url: str) -> Iterator[Cluster]:
-    """Starts workers for the test; kills the ones still running at the end, prints logs."""
-    cluster = Cluster(tmp_path, keys, redis_url)
-    try:
-        yield cluster
-    finally:
-        for worker in cluster.started:
-            if worker.alive():
-                worker.process.kill()
-                worker.process.wait(10)
-        cluster.dump()
 
 
 def eventually(

@@ -23,7 +23,7 @@ import threading
 import time
 import tomllib
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,20 +141,6 @@ sinks = ["{SINK}"]
         return Setup(path, config, keys, r, schema)
 
     return make
-
-
-@pytest.fixture
-def cluster(tmp_path: Path, keys: Keys, redis_url: str) -> Iterator[Cluster]:
-    """Worker subprocesses; the ones still running are killed at the end, logs printed."""
-    cluster = Cluster(tmp_path, keys, redis_url)
-    try:
-        yield cluster
-    finally:
-        for worker in cluster.started:
-            if worker.alive():
-                worker.process.kill()
-                worker.process.wait(10)
-        cluster.dump()
 
 
 def logged(workers: Sequence[WorkerProcess], message: str) -> list[dict[str, Any]]:
