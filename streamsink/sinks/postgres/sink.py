@@ -211,16 +211,15 @@ class PostgresSink:
                 self._positions[slot] = seen
                 return rejected
             merged = merge(entries)
-        units = _units(merged)
         try:
-            refused = self._transaction(conn, slot, seen, entries, units, bisect=False)
+            refused = self._transaction(conn, slot, seen, entries, merged, bisect=False)
         except _RowError as error:
             conn.rollback()
             log.warning(
                 "rows refused, isolating them",
                 extra={"sink": self.name, "shard": slot.shard, "error": str(error)},
             )
-            refused = self._transaction(conn, slot, seen, entries, units, bisect=True)
+            refused = self._transaction(conn, slot, seen, entries, merged, bisect=True)
         self._positions[slot] = Position(entries[-1].id, seen.epoch)
         rejected.extend(Rejected(i, reason) for i, reason in refused)
         self.stats.windows += 1
@@ -282,12 +281,13 @@ class PostgresSink:
         slot: Slot,
         seen: Position,
         entries: Sequence[Entry],
-        units: list[_Unit],
+        merged: Merged,
         bisect: bool,
     ) -> list[tuple[str, str]]:
         """Offset compare-and-set, the writes, the refused entries; commit.
 
-        Returns the refused entries with the database's reason.
+        Returns the refused entries with the database's reason. Only bisection splits
+        the window into units; the first attempt writes it as merged.
         """
         with conn.cursor() as cur:
             cur.execute(self._timeout)
@@ -295,12 +295,42 @@ class PostgresSink:
                 conn.rollback()
                 self._moved(conn, slot, seen)
             writer = _Writer(cur)
-            bad = writer.isolate(units) if bisect else writer.apply(units)
+            if bisect:
+                bad = writer.isolate(_units(merged))
+            else:
+                writer.apply(_writes(merged))
+                bad = []
             refused = [(i, reason) for unit, reason in bad for i in _entry_ids(unit, entries)]
             self._offsets.reject(cur, slot, refused)
         conn.commit()
-        writer.counted(self.stats, units, [unit for unit, _ in bad])
+        writer.counted(self.stats, merged, [unit for unit, _ in bad])
         return refused
+
+
+_Writes = tuple[
+    Mapping[str, Table], Mapping[str, Sequence[RowChange]], Mapping[str, Sequence[Entry]]
+]
+"""A window's writes by table name: the tables, their row changes, their appended entries."""
+
+
+def _writes(merged: Merged) -> _Writes:
+    """A merged window's writes, as merging grouped them."""
+    changes = {name: list(rows.values()) for name, rows in merged.rows.items()}
+    return merged.tables, changes, merged.appends
+
+
+def _grouped(units: Sequence[_Unit]) -> _Writes:
+    """Some units' writes, grouped by table again (bisection)."""
+    tables: dict[str, Table] = {}
+    changes: dict[str, list[RowChange]] = {}
+    appends: dict[str, list[Entry]] = {}
+    for unit in units:
+        tables[unit.table.name] = unit.table
+        if unit.change is not None:
+            changes.setdefault(unit.table.name, []).append(unit.change)
+        elif unit.append is not None:
+            appends.setdefault(unit.table.name, []).append(unit.append)
+    return tables, changes, appends
 
 
 def _units(merged: Merged) -> list[_Unit]:
@@ -334,44 +364,51 @@ def _entry_ids(unit: _Unit, entries: Sequence[Entry]) -> list[str]:
 
 
 class _Writer:
-    """Applies units inside the open transaction of a cursor."""
+    """Applies a window's writes inside the open transaction of a cursor."""
 
     def __init__(self, cur: Cursor) -> None:
         self.cur = cur
         self.stats = PostgresStats()  # merged into the sink's once committed
         self._staging = itertools.count()
 
-    def counted(self, into: PostgresStats, units: Sequence[_Unit], bad: Sequence[_Unit]) -> None:
-        """Add what this writer committed to the sink's counts."""
+    def counted(self, into: PostgresStats, merged: Merged, bad: Sequence[_Unit]) -> None:
+        """Add what this writer committed (the window less the refused units) to `into`."""
         into.statements += self.stats.statements
         into.deleted_rows += self.stats.deleted_rows
         into.update_misses += self.stats.update_misses
-        refused = {id(unit) for unit in bad}
-        for unit in units:
-            if id(unit) in refused:
-                continue
+        by_table = into.by_table
+        for name, rows in merged.rows.items():
+            into.rows += len(rows)
+            by_table[name] = by_table.get(name, 0) + len(rows)
+        for name, appended in merged.appends.items():
+            into.appended += len(appended)
+            by_table[name] = by_table.get(name, 0) + len(appended)
+        for unit in bad:
             if unit.change is not None:
-                into.rows += 1
+                into.rows -= 1
             else:
-                into.appended += 1
-            into.by_table[unit.table.name] = into.by_table.get(unit.table.name, 0) + 1
+                into.appended -= 1
+            by_table[unit.table.name] -= 1
 
-    def apply(self, units: Sequence[_Unit]) -> list[tuple[_Unit, str]]:
-        """Write every unit; a refusal raises _RowError (the caller bisects)."""
+    def apply(self, writes: _Writes) -> None:
+        """Write them all; a refusal raises _RowError (the caller bisects)."""
+        tables, changes, appends = writes
         try:
-            self._write(units)
+            for name, rows in changes.items():
+                self._rows(tables[name], rows)
+            for name, entries in appends.items():
+                self._append(tables[name], entries)
         except psycopg2.Error as error:
             if error.pgcode and error.pgcode[:2] in ROW_ERROR_CLASSES:
                 raise _RowError(error) from error
             raise
-        return []
 
     def isolate(self, units: Sequence[_Unit]) -> list[tuple[_Unit, str]]:
         """Write what the database accepts; the refused units, found by bisection."""
         cur = self.cur
         cur.execute("SAVEPOINT streamsink_bisect")
         try:
-            self.apply(units)
+            self.apply(_grouped(units))
         except _RowError as error:
             cur.execute("ROLLBACK TO SAVEPOINT streamsink_bisect")
             cur.execute("RELEASE SAVEPOINT streamsink_bisect")
@@ -381,21 +418,6 @@ class _Writer:
             return self.isolate(units[:middle]) + self.isolate(units[middle:])
         cur.execute("RELEASE SAVEPOINT streamsink_bisect")
         return []
-
-    def _write(self, units: Sequence[_Unit]) -> None:
-        tables: dict[str, Table] = {}
-        changes: dict[str, list[RowChange]] = {}
-        appends: dict[str, list[Entry]] = {}
-        for unit in units:
-            tables[unit.table.name] = unit.table
-            if unit.change is not None:
-                changes.setdefault(unit.table.name, []).append(unit.change)
-            elif unit.append is not None:
-                appends.setdefault(unit.table.name, []).append(unit.append)
-        for name, rows in changes.items():
-            self._rows(tables[name], rows)
-        for name, entries in appends.items():
-            self._append(tables[name], entries)
 
     def _rows(self, table: Table, changes: Sequence[RowChange]) -> None:
         """Stage the row changes of one table, then delete and write them, shape by shape."""
