@@ -13,7 +13,7 @@ from psycopg2.extensions import connection as Connection
 
 from streamsink.schemas.table import Table
 from streamsink.sinks.postgres import Pool, PostgresSettings, PostgresSink
-from streamsink.sinks.postgres.schema import PG_TYPES, ensure_offsets
+from streamsink.sinks.postgres.schema import ensure_offsets, table_ddl
 from streamsink.sinks.postgres.statements import target
 
 
@@ -47,24 +47,10 @@ def schema_of(conn: Connection) -> str:
 
 
 def create(conn: Connection, table: Table) -> None:
-    """Create `table` as declared (drop it first if it exists)."""
-    columns = [
-        sql.SQL("{} {}{}").format(
-            sql.Identifier(name),
-            sql.SQL(PG_TYPES[column.type]),
-            sql.SQL("" if column.nullable and name not in table.key else " NOT NULL"),
-        )
-        for name, column in table.columns.items()
-    ]
-    if table.key:
-        columns.append(
-            sql.SQL("PRIMARY KEY ({})").format(sql.SQL(", ").join(map(sql.Identifier, table.key)))
-        )
+    """Create `table` as `streamsink tables create` would (drop it first if it exists)."""
     with conn.cursor() as cur:
         cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(target(table)))
-        cur.execute(
-            sql.SQL("CREATE TABLE {} ({})").format(target(table), sql.SQL(", ").join(columns))
-        )
+        cur.execute(table_ddl(table))
 
 
 def rows(conn: Connection, table: Table) -> list[dict[str, Any]]:
