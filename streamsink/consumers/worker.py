@@ -106,7 +106,8 @@ class GroupRunner:
             if cancelling():  # a cancellation turned into a timeout on the way: honour it
                 raise asyncio.CancelledError
             for shard in [s for s, (_, task) in self.runners.items() if task.done()]:
-                del self.runners[shard]  # finished even if Redis failed us below
+                del self.runners[shard]  # drained and released, or fenced
+                self._renewed.pop(shard, None)
             if stop.is_set():  # drain, still renewing the leases until every shard is done
                 for runner, _ in self.runners.values():
                     runner.draining.set()
@@ -144,9 +145,6 @@ class GroupRunner:
                 await create_group(self.client, self.keys.shard(self.stream, shard), name)
 
     async def _balance(self, tasks: asyncio.TaskGroup, acquire: bool) -> None:
-        for shard in [s for s, (_, task) in self.runners.items() if task.done()]:
-            del self.runners[shard]
-            self._renewed.pop(shard, None)
         # Heartbeat and every renewal in one round trip: on a loop busy with shards, each
         # await waits its turn, and renewals must not queue behind each other.
         owned = list(self.runners)
@@ -155,7 +153,7 @@ class GroupRunner:
         for shard, ours in zip(owned, renewed, strict=True):
             if ours:
                 self._renewed[shard] = now
-            elif shard in self.runners:
+            else:
                 log.warning("lease lost", extra=self._where(shard))
                 self._stop_lost(shard)
         target = math.ceil(self.shards / max(live, 1))
