@@ -14,10 +14,10 @@ from streamsink.consumers.settings import GroupSettings
 from streamsink.consumers.window import Window
 from streamsink.errors import EventError, Fenced
 from streamsink.schemas.config import Config
-from streamsink.schemas.wire import F_DATA, decode
+from streamsink.schemas.wire import unpacker
 from streamsink.sinks.base import Batch, Rejected, Sink
 from streamsink.streams.leases import Lease
-from streamsink.streams.reader import Raw, ShardReader
+from streamsink.streams.reader import Raw, Read, ShardReader
 
 log = logging.getLogger("streamsink.shard")
 
@@ -56,7 +56,9 @@ class ShardRunner:
         self.lost = False  # the lease is gone: stop without flushing or acknowledging
         self.stats = ShardStats()
         self._where = {"group": reader.group, "stream": stream, "shard": lease.shard}
-        self._validate = config.validator(stream)  # the stream's table looked up once
+        spec = config.streams.get(stream)
+        table = config.tables.get(spec.table) if spec is not None and spec.table else None
+        self._unpack = unpacker(table, config.validator(stream), config.max_data_bytes)
 
     async def run(self) -> None:
         """Read and flush until draining, then flush what is open and return.
@@ -88,8 +90,7 @@ class ShardRunner:
                 if window:
                     block = max(0, min(block, int((window.due_at(settings) - now) * 1000)))
                 count = min(settings.read_count, settings.max_events - len(window))
-                for raw in await self._read(count, block):
-                    await self._take(window, raw)
+                await self._take(window, await self._read(count, block))
             if flushing is not None and not self.lost:
                 await flushing
         finally:
@@ -104,7 +105,7 @@ class ShardRunner:
             await self.flush(window)
         log.info("shard drained", extra=self._where)
 
-    async def _read(self, count: int, block: int) -> list[Raw]:
+    async def _read(self, count: int, block: int) -> Read:
         """Read, riding out Redis restarts; a reply lost in one is claimed back afterwards."""
         backoff = Backoff()
         while True:
@@ -118,22 +119,36 @@ class ShardRunner:
                 log.warning("read failed", extra={**self._where, "error": repr(exc), "in_s": delay})
                 await asyncio.sleep(delay)
 
-    async def _take(self, window: Window, raw: Raw) -> None:
-        self.stats.read += 1
-        if raw.deliveries > self.settings.max_deliveries:
-            reason = (
-                f"delivered {raw.deliveries} times (max_deliveries={self.settings.max_deliveries})"
-            )
-            await self._dead_letter(raw, reason)
-            return
-        try:
-            event = decode(raw.fields, self.config.max_data_bytes)
-            table = self._validate(event)
-        except EventError as exc:
-            await self._dead_letter(raw, f"{type(exc).__name__}: {exc}")
-            return
-        size = len(raw.fields.get(F_DATA, b"")) + 64
-        window.add(Entry(raw.id, event, table), raw, size, time.monotonic())
+    async def _take(self, window: Window, read: Read) -> None:
+        """Decode and check what was read into the window; dead-letter what cannot be applied.
+
+        The hot loop of a worker (every entry passes here once): locals only, no call per
+        entry beyond decoding it, its Entry and three list appends.
+        """
+        unpack, deliveries, most = self._unpack, read.deliveries, self.settings.max_deliveries
+        entries, ids, kept = window.entries, window.ids, window.fields
+        taken, size = len(entries), 0
+        for entry_id, fields in read.entries:
+            if deliveries and deliveries.get(entry_id, 1) > most:
+                times = deliveries[entry_id]
+                reason = f"delivered {times} times (max_deliveries={most})"
+                await self._dead_letter(Raw(entry_id.decode(), fields, times), reason)
+                continue
+            try:
+                event, table = unpack(fields)
+            except EventError as exc:
+                raw = Raw(entry_id.decode(), fields, deliveries.get(entry_id, 1))
+                await self._dead_letter(raw, f"{type(exc).__name__}: {exc}")
+                continue
+            entries.append(Entry(entry_id.decode(), event, table))
+            ids.append(entry_id)
+            kept.append(fields)
+            size += sum(map(len, fields))
+        self.stats.read += len(read.entries)
+        if len(entries) > taken:
+            if deliveries:
+                window.deliveries.update(deliveries)
+            window.grew(size + 64 * (len(entries) - taken), time.monotonic())
 
     async def flush(self, window: Window) -> None:
         """Merge the window, write it to every sink, dead-letter rejects, then acknowledge."""
@@ -152,11 +167,13 @@ class ShardRunner:
         for sink in self.sinks:
             for reject in await self._write(sink, batch):
                 rejected.setdefault(reject.entry_id, reject.reason)
-        for entry_id, reason in rejected.items():
-            raw = window.raws.get(entry_id)
-            if raw is not None:
-                await self._dead_letter(raw, f"sink: {reason}")
-        ids = [entry.id for entry in entries if entry.id not in rejected]
+        ids = window.ids
+        if rejected:
+            at = {entry.id: index for index, entry in enumerate(entries)}
+            for entry_id, reason in rejected.items():
+                if entry_id in at:
+                    await self._dead_letter(window.raw(at[entry_id]), f"sink: {reason}")
+            ids = [ids[at[entry.id]] for entry in entries if entry.id not in rejected]
         await retrying(lambda: self.reader.ack(ids), "ack")
         self.stats.flushed_windows += 1
         self.stats.applied += len(ids)

@@ -74,6 +74,7 @@ class Table:
     value_columns: tuple[str, ...] = field(init=False)
     checks: Mapping[str, Callable[[Any], str | None]] = field(init=False, repr=False, compare=False)
     plain: Mapping[str, frozenset[type]] = field(init=False, repr=False, compare=False)
+    plain_deltas: Mapping[str, frozenset[type]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in (self.name, *self.columns, *([self.schema] if self.schema else [])):
@@ -98,6 +99,16 @@ class Table:
         object.__setattr__(self, "checks", checks)
         plain = {name: _PLAIN_TYPES[column.type] for name, column in self.columns.items()}
         object.__setattr__(self, "plain", plain)
+        deltas = {  # what an incr takes as is: key values, and deltas of lww or sum numbers
+            name: types
+            for name, types in plain.items()
+            if name in self.key
+            or (
+                self.columns[name].type in NUMERIC
+                and self.columns[name].policy in (Policy.LWW, Policy.SUM)
+            )
+        }
+        object.__setattr__(self, "plain_deltas", deltas)
 
     def row_key(self, data: Mapping[str, Any]) -> tuple[Any, ...]:
         """The identity of the row an event touches (its key column values)."""

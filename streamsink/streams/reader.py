@@ -55,43 +55,73 @@ local reply = redis.call('XAUTOCLAIM', KEYS[2], ARGV[2], ARGV[1], 0, ARGV[3], 'C
 return {1, reply[1], reply[2]}
 """
 
+# KEYS: shard stream. ARGV: group, the IDs joined by spaces. Acknowledges them all: the IDs
+# travel as one argument, packed in 0.1 µs an ID instead of redis-py's 1 µs an argument.
+_ACK = """
+local ids, n, acked = {}, 0, 0
+for id in string.gmatch(ARGV[2], '%S+') do
+  n = n + 1
+  ids[n] = id
+  if n == 1000 then
+    acked = acked + redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
+    ids, n = {}, 0
+  end
+end
+if n > 0 then acked = acked + redis.call('XACK', KEYS[1], ARGV[1], unpack(ids)) end
+return acked
+"""
+
 DEAD_PREFIX = b"f:"
 """Dead-letter fields holding the original entry's fields start with this."""
 
 
-class Raw(NamedTuple):
-    """An entry as read: its ID, its fields, and how many times it has been delivered.
+class Read(NamedTuple):
+    """What one `next` gave: entries as Redis sent them, and how often claimed ones went out.
 
-    A named tuple, not a frozen dataclass: one is made for every entry read, and it is
-    built in 0.3 µs instead of 0.8 (a frozen dataclass sets each field through
-    object.__setattr__).
+    `entries` are `[ID, [name, value, name, value, ...]]` pairs, bytes, oldest first: they
+    are handed on as they are, because the worker reads tens of thousands a second and an
+    object made for each costs more than the reading. `deliveries` holds the delivery
+    counts of claimed entries by ID; an entry missing from it was delivered once.
     """
 
+    entries: list[list[Any]]
+    deliveries: dict[bytes, int]
+
+    def raws(self) -> list[Raw]:
+        """The entries as `Raw`s (for tests and tools; the worker reads `entries`)."""
+        return [
+            Raw(entry_id.decode(), fields, self.deliveries.get(entry_id, 1))
+            for entry_id, fields in self.entries
+        ]
+
+
+class Raw(NamedTuple):
+    """One entry: its ID, its fields as Redis sent them, and how often it was delivered."""
+
     id: str
-    fields: dict[bytes, bytes]
+    fields: Sequence[bytes]  # [name, value, name, value, ...]
     deliveries: int = 1
+
+
+NOTHING = Read([], {})
 
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _fields(flat: Sequence[bytes]) -> dict[bytes, bytes]:
-    """A script's flat [name, value, ...] reply as the fields dict redis-py gives."""
-    if len(flat) == 6:  # key, op, data: a dict display takes 0.24 µs, dict(zip(...)) 0.83
-        return {flat[0]: flat[1], flat[2]: flat[3], flat[4]: flat[5]}
-    pairs = iter(flat)  # names and values taken in turn: no slices copied
-    return dict(zip(pairs, pairs, strict=True))
-
-
-def parse_id(entry_id: str) -> tuple[int, int]:
+def parse_id(entry_id: str | bytes) -> tuple[int, int]:
     """An entry ID as (milliseconds, sequence), for comparing IDs."""
-    ms, _, seq = entry_id.partition("-")
+    ms, _, seq = _text(entry_id).partition("-")
     return int(ms), int(seq or 0)
 
 
 class ShardReader:
-    """Reads one shard for one group as one consumer (the worker holding its lease)."""
+    """Reads one shard for one group as one consumer: the worker holding its lease.
+
+    Reads and claims happen only while `consumer` holds the shard's lease (checked in the
+    same script): a worker paused past its lease gets `Fenced` instead of entries.
+    """
 
     def __init__(
         self,
@@ -101,12 +131,10 @@ class ShardReader:
         shard: int,
         group: str,
         consumer: str,
-        fenced: bool = True,
     ) -> None:
         self._client = client
         self.key = keys.shard(stream, shard)
-        # Fenced (the worker's way): read and claim only while `consumer` holds the lease.
-        self.lease_key = keys.lease(stream, shard, group) if fenced else None
+        self.lease_key = keys.lease(stream, shard, group)
         self.dead_key = keys.dead(stream, shard, group)
         self.group, self.consumer = group, consumer
         self._cursor = "0-0"
@@ -115,48 +143,42 @@ class ShardReader:
         self._dead_letter = client.register_script(_DEAD_LETTER)
         self._fenced_read = client.register_script(_FENCED_READ)
         self._fenced_claim = client.register_script(_FENCED_CLAIM)
+        self._ack = client.register_script(_ACK)
 
     async def ensure_group(self) -> None:
         """Create the group on this shard (from its first entry) unless it exists."""
         await create_group(self._client, self.key, self.group)
 
-    async def next(self, count: int, block_ms: int) -> list[Raw]:
+    async def next(self, count: int, block_ms: int) -> Read:
         """The next entries: first the ones left pending by earlier owners, then new ones.
 
-        Waits up to `block_ms` for new entries (not at all when 0); [] when none came.
+        Waits up to `block_ms` for new entries (not at all when 0); no entries when none came.
         """
         while self._claiming:
             claimed = await self._claim(count)
-            if claimed:
-                self._last = parse_id(claimed[-1].id)
+            if claimed.entries:
+                self._last = parse_id(claimed.entries[-1][0])
                 return claimed
-        if self.lease_key is None:
-            reply: Any = await self._client.xreadgroup(
-                self.group, self.consumer, {self.key: ">"}, count=count, block=block_ms or None
-            )
-            raws = [Raw(_text(i), fields) for i, fields in reply[0][1] if fields] if reply else []
-        else:
-            raws = await self._read_fenced(count, block_ms)
-        if raws:
-            self._last = parse_id(raws[-1].id)
-        return raws
+        read = await self._read(count, block_ms)
+        if read.entries:
+            self._last = parse_id(read.entries[-1][0])
+        return read
 
-    async def _read_fenced(self, count: int, block_ms: int) -> list[Raw]:
+    async def _read(self, count: int, block_ms: int) -> Read:
         """XREADGROUP under the lease; a script cannot block, so wait with XREAD and retry."""
-        assert self.lease_key is not None
         keys = [self.lease_key, self.key]
         for attempt in range(2):
             got: Any = await self._fenced_read(keys, [self.consumer, self.group, count])
             if not int(got[0]):
                 raise Fenced(f"{self.key}: the lease is no longer ours; stopped reading")
             if got[1]:
-                return [Raw(_text(i), _fields(flat)) for i, flat in got[1] if flat]
+                return Read(got[1], {})  # (an entry deleted after XADD cannot be new here)
             if attempt or not block_ms:
                 break
             # Returns as soon as an entry past the newest one exists (no window is lost
             # between the script and this wait), or after block_ms.
             await self._client.xread({self.key: _text(got[2])}, count=1, block=block_ms)
-        return []
+        return NOTHING
 
     def recover(self) -> None:
         """After a failed read: claim again what was delivered to us past the last entry seen.
@@ -167,25 +189,18 @@ class ShardReader:
         self._claiming = True
         self._cursor = f"{self._last[0]}-{self._last[1] + 1}"
 
-    async def _claim(self, count: int) -> list[Raw]:
-        if self.lease_key is None:
-            reply: Any = await self._client.xautoclaim(
-                self.key, self.group, self.consumer, 0, start_id=self._cursor, count=count
-            )
-            cursor, claimed = reply[0], [(i, f) for i, f in reply[1] if f]
-        else:
-            got: Any = await self._fenced_claim(
-                [self.lease_key, self.key], [self.consumer, self.group, self._cursor, count]
-            )
-            if not int(got[0]):
-                raise Fenced(f"{self.key}: the lease is no longer ours; stopped claiming")
-            cursor, claimed = got[1], [(i, _fields(f)) for i, f in got[2] if f]
-        self._cursor = _text(cursor)
+    async def _claim(self, count: int) -> Read:
+        got: Any = await self._fenced_claim(
+            [self.lease_key, self.key], [self.consumer, self.group, self._cursor, count]
+        )
+        if not int(got[0]):
+            raise Fenced(f"{self.key}: the lease is no longer ours; stopped claiming")
+        self._cursor = _text(got[1])
         if self._cursor == "0-0":
             self._claiming = False
-        entries = [(_text(entry_id), fields) for entry_id, fields in claimed]
+        entries = [entry for entry in got[2] if entry[1]]  # deleted since: no fields
         if not entries:
-            return []
+            return NOTHING
         pending: Any = await self._client.xpending_range(
             self.key,
             self.group,
@@ -194,21 +209,20 @@ class ShardReader:
             count=len(entries) * 2,
             consumername=self.consumer,
         )
-        deliveries = {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
-        return [Raw(entry_id, fields, deliveries.get(entry_id, 1)) for entry_id, fields in entries]
+        deliveries = {p["message_id"]: int(p["times_delivered"]) for p in pending}
+        return Read(entries, deliveries)
 
-    async def ack(self, ids: Sequence[str]) -> int:
+    async def ack(self, ids: Sequence[bytes]) -> int:
         """Acknowledge entries (after every sink of the group has applied them)."""
         if not ids:
             return 0
-        # Encoded here: redis-py packs a bytes argument in 0.68 µs, a str one in 1.00.
-        return int(await self._client.xack(self.key, self.group, *[i.encode() for i in ids]))
+        return int(await self._ack([self.key], [self.group, b" ".join(ids)]))
 
     async def dead_letter(self, raw: Raw, reason: str) -> None:
         """Move an entry to the group's dead-letter stream with `reason`, and acknowledge it."""
-        original = [part for pair in raw.fields.items() for part in pair]
         now = int(time.time() * 1000)
-        args: list[bytes | str | int] = [self.group, raw.id, reason, raw.deliveries, now, *original]
+        args: list[bytes | str | int] = [self.group, raw.id, reason, raw.deliveries, now]
+        args += raw.fields
         await self._dead_letter([self.key, self.dead_key], args)
 
     async def trim(self, retention_ms: int = 0) -> int:

@@ -18,9 +18,9 @@ EPS = 1e-6
 
 def put(window: Window, n: int, now: float, size: int = 10) -> Raw:
     """Add entry `n` read at `now`, `size` bytes; its raw entry."""
-    entry_id = f"1-{n}"
-    raw = Raw(entry_id, {b"n": str(n).encode()})
-    window.add(Entry(entry_id, Event.make(f"k{n}", "set", {"n": n})), raw, size, now)
+    raw = Raw(f"1-{n}", [b"n", str(n).encode()])
+    entry = Entry(raw.id, Event.make(f"k{n}", "set", {"n": n}))
+    window.add(entry, raw.id.encode(), raw.fields, size, now)
     return raw
 
 
@@ -38,7 +38,10 @@ def test_add_keeps_order_raws_size_and_times() -> None:
     raws = [put(window, n, T0 + n, size=n + 1) for n in range(3)]
     assert len(window) == 3
     assert [entry.id for entry in window.entries] == ["1-0", "1-1", "1-2"]
-    assert window.raws == {raw.id: raw for raw in raws}
+    assert window.ids == [b"1-0", b"1-1", b"1-2"]
+    assert [window.raw(n) for n in range(3)] == raws
+    window.deliveries[b"1-1"] = 4  # a claimed entry remembers how often it went out
+    assert window.raw(1) == raws[1]._replace(deliveries=4)
     assert window.size == 1 + 2 + 3
     assert (window.opened, window.last) == (T0, T0 + 2)
 
