@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable
 from typing import Any, cast
 
 import pytest
@@ -16,21 +16,25 @@ from streamsink.streams.keys import Keys
 from streamsink.streams.reader import (
     DEAD_PREFIX,
     Raw,
+    Read,
     ShardReader,
     create_group,
     parse_id,
     trim_floor,
 )
-from tests.conftest import RedisServer
 
 STREAM, GROUP = "tasks", "pg-writer"
 
 
-def reader(
+async def reader(
     client: aredis.Redis, keys: Keys, consumer: str = "w1", group: str = GROUP
 ) -> ShardReader:
-    """A reader without the lease fence (the fence has tests of its own, at the end)."""
-    return ShardReader(client, keys, STREAM, 0, group, consumer, fenced=False)
+    """A reader of `consumer`, which takes the shard's lease of `group` from whoever held it.
+
+    Every read and claim is fenced by the lease; the fence has tests of its own, at the end.
+    """
+    await client.set(keys.lease(STREAM, 0, group), consumer)
+    return ShardReader(client, keys, STREAM, 0, group, consumer)
 
 
 def shard(keys: Keys) -> str:
@@ -68,16 +72,26 @@ def steal(r: redis.Redis, keys: Keys, consumer: str, count: int, group: str = GR
     return [entry_id.decode() for entry_id, _ in reply[0][1]] if reply else []
 
 
+def encoded(ids: Iterable[str]) -> list[bytes]:
+    """Entry IDs as `ack` takes them: bytes, as Redis sent them."""
+    return [entry_id.encode() for entry_id in ids]
+
+
 def pending(r: redis.Redis, keys: Keys, group: str = GROUP) -> dict[str, str]:
     """Pending entry ID -> consumer holding it."""
     rows: Any = r.xpending_range(shard(keys), group, min="-", max="+", count=100_000)
     return {row["message_id"].decode(): row["consumer"].decode() for row in rows}
 
 
+async def raws(rd: ShardReader, count: int, block_ms: int = 0) -> list[Raw]:
+    """One `next`, its entries as `Raw`s."""
+    return (await rd.next(count, block_ms)).raws()
+
+
 async def drain(rd: ShardReader, count: int = 1000) -> list[Raw]:
     """Everything the reader has to give right now, call after call."""
     got: list[Raw] = []
-    while batch := await rd.next(count, 0):
+    while batch := await raws(rd, count):
         got += batch
     return got
 
@@ -89,52 +103,53 @@ async def test_ensure_group_is_idempotent_and_starts_at_the_first_entry(
     ar: aredis.Redis, r: redis.Redis, keys: Keys
 ) -> None:
     ids = add(r, keys, 3)
-    rd = reader(ar, keys)
+    rd = await reader(ar, keys)
     await rd.ensure_group()
     await rd.ensure_group()
     assert [g["name"] for g in r.xinfo_groups(shard(keys))] == [GROUP.encode()]
     assert await create_group(ar, shard(keys), GROUP) is False
-    assert [raw.id for raw in await rd.next(10, 0)] == ids  # entries older than the group
+    assert [raw.id for raw in await raws(rd, 10)] == ids  # entries older than the group
 
 
 async def test_ensure_group_creates_a_missing_stream(
     ar: aredis.Redis, r: redis.Redis, keys: Keys
 ) -> None:
-    rd = reader(ar, keys)
+    rd = await reader(ar, keys)
     await rd.ensure_group()
     assert r.xlen(shard(keys)) == 0
-    assert await rd.next(10, 0) == []
+    assert await raws(rd, 10) == []
     assert await create_group(ar, shard(keys), "other") is True
 
 
 async def test_next_reads_new_entries_once(ar: aredis.Redis, r: redis.Redis, keys: Keys) -> None:
-    rd = reader(ar, keys)
+    rd = await reader(ar, keys)
     await rd.ensure_group()
     ids = add(r, keys, 5)
-    first = await rd.next(3, 0)
-    assert first == [Raw(i, {b"n": str(n).encode()}, 1) for n, i in enumerate(ids[:3])]
-    assert [raw.id for raw in await rd.next(3, 0)] == ids[3:]
-    assert await rd.next(3, 0) == []
+    read = await rd.next(3, 0)
+    assert read == Read([[i.encode(), [b"n", str(n).encode()]] for n, i in enumerate(ids[:3])], {})
+    assert read.raws() == [Raw(i, [b"n", str(n).encode()], 1) for n, i in enumerate(ids[:3])]
+    assert [raw.id for raw in await raws(rd, 3)] == ids[3:]
+    assert await raws(rd, 3) == []
     assert pending(r, keys) == dict.fromkeys(ids, "w1")
 
 
 async def test_next_blocks_until_an_entry_comes(
     ar: aredis.Redis, r: redis.Redis, keys: Keys
 ) -> None:
-    rd = reader(ar, keys)
+    rd = await reader(ar, keys)
     await rd.ensure_group()
     started = time.monotonic()
-    assert await asyncio.wait_for(rd.next(10, 200), 2) == []
+    assert await asyncio.wait_for(raws(rd, 10, 200), 2) == []
     assert time.monotonic() - started >= 0.15
     started = time.monotonic()
-    assert await asyncio.wait_for(rd.next(10, 0), 2) == []  # 0: no wait (not BLOCK 0 forever)
+    assert await asyncio.wait_for(raws(rd, 10, 0), 2) == []  # 0: no wait (not BLOCK 0 forever)
     assert time.monotonic() - started < 0.1
 
     async def publish_soon() -> list[str]:
         await asyncio.sleep(0.1)
         return add(r, keys, 1)
 
-    got, ids = await asyncio.gather(rd.next(10, 1500), publish_soon())
+    got, ids = await asyncio.gather(raws(rd, 10, 1500), publish_soon())
     assert [raw.id for raw in got] == ids
 
 
@@ -148,13 +163,13 @@ async def test_entries_of_a_dead_consumer_are_claimed_first(
     ids = add(r, keys, 6)
     assert steal(r, keys, "dead", 4) == ids[:4]
     r.xack(shard(keys), GROUP, ids[1])  # the dead one had applied this one
-    rd = reader(ar, keys, "w2")
-    claimed = await rd.next(10, 0)
+    rd = await reader(ar, keys, "w2")
+    claimed = await raws(rd, 10)
     assert [(raw.id, raw.deliveries) for raw in claimed] == [(i, 2) for i in ids[:4] if i != ids[1]]
-    assert claimed[0].fields == {b"n": b"0"}
-    fresh = await rd.next(10, 0)
+    assert claimed[0].fields == [b"n", b"0"]
+    fresh = await raws(rd, 10)
     assert [(raw.id, raw.deliveries) for raw in fresh] == [(i, 1) for i in ids[4:]]
-    assert await rd.next(10, 0) == []
+    assert await raws(rd, 10) == []
     assert pending(r, keys) == {i: "w2" for i in ids if i != ids[1]}
 
 
@@ -163,8 +178,32 @@ async def test_deliveries_count_every_owner(ar: aredis.Redis, r: redis.Redis, ke
     ids = add(r, keys, 2)
     steal(r, keys, "dead", 2)
     for owner, deliveries in (("w1", 2), ("w2", 3), ("w3", 4)):  # each owner dies in turn
-        claimed = await reader(ar, keys, owner).next(10, 0)
+        claimed = await raws(await reader(ar, keys, owner), 10)
         assert [(raw.id, raw.deliveries) for raw in claimed] == [(i, deliveries) for i in ids]
+
+
+async def test_read_deliveries_count_the_deliveries_of_claimed_entries(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys
+) -> None:
+    """`Read.deliveries` has a count for each claimed entry; entries read new are absent (1)."""
+    await create_group(ar, shard(keys), GROUP)
+    ids = encoded(add(r, keys, 3))
+    steal(r, keys, "dead", 2)
+    steal(r, keys, "dead", 1)  # delivered to it once more
+    r.xclaim(shard(keys), GROUP, "dead", 0, [ids[1]])  # XCLAIM counts a delivery too
+    w1 = await reader(ar, keys, "w1")
+    claimed = await w1.next(10, 0)
+    assert [entry_id for entry_id, _ in claimed.entries] == ids
+    assert claimed.deliveries == {ids[0]: 2, ids[1]: 3, ids[2]: 2}
+    new = encoded(add(r, keys, 1, start=3))
+    fresh = await w1.next(10, 0)
+    assert [entry_id for entry_id, _ in fresh.entries] == new
+    assert fresh.deliveries == {}  # read new: delivered once
+    assert [raw.deliveries for raw in fresh.raws()] == [1]
+    w2 = await reader(ar, keys, "w2")  # w1 died holding all four; w2 takes the lease
+    again = await w2.next(10, 0)
+    assert again.deliveries == {ids[0]: 3, ids[1]: 4, ids[2]: 3, new[0]: 2}
+    assert [raw.deliveries for raw in again.raws()] == [3, 4, 3, 2]
 
 
 async def test_claim_pages_through_many_pending_entries(
@@ -173,15 +212,15 @@ async def test_claim_pages_through_many_pending_entries(
     await create_group(ar, shard(keys), GROUP)
     ids = add(r, keys, 2500)
     assert len(steal(r, keys, "dead", 2500)) == 2500
-    rd = reader(ar, keys, "w2")
-    batches = [await rd.next(1000, 0) for _ in range(3)]
+    rd = await reader(ar, keys, "w2")
+    batches = [await raws(rd, 1000) for _ in range(3)]
     assert [len(batch) for batch in batches] == [1000, 1000, 500]
     claimed = [raw for batch in batches for raw in batch]
     assert [raw.id for raw in claimed] == ids  # in order, each once
     assert {raw.deliveries for raw in claimed} == {2}
-    assert await rd.next(1000, 0) == []
+    assert await raws(rd, 1000) == []
     new = add(r, keys, 2, start=2500)
-    assert [(raw.id, raw.deliveries) for raw in await rd.next(1000, 0)] == [(i, 1) for i in new]
+    assert [(raw.id, raw.deliveries) for raw in await raws(rd, 1000)] == [(i, 1) for i in new]
 
 
 async def test_claim_skips_entries_deleted_while_pending(
@@ -191,9 +230,9 @@ async def test_claim_skips_entries_deleted_while_pending(
     ids = add(r, keys, 5)
     steal(r, keys, "dead", 5)
     r.xdel(shard(keys), ids[1], ids[3])
-    rd = reader(ar, keys, "w2")
+    rd = await reader(ar, keys, "w2")
     assert [raw.id for raw in await drain(rd, 2)] == [ids[0], ids[2], ids[4]]
-    await rd.ack([ids[0], ids[2], ids[4]])
+    await rd.ack(encoded([ids[0], ids[2], ids[4]]))
     assert pending(r, keys) == {}  # nothing stranded behind the holes
 
 
@@ -202,43 +241,32 @@ async def _xautoclaim_calls(client: redis.Redis) -> int:
     return int(stats.get("calls", 0))
 
 
-@pytest.fixture
-def own(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    """A sync client of a throwaway server, whose command stats are this test's alone."""
-    client = redis.Redis.from_url(redis_server.url)
-    yield client
-    client.close()
-
-
 async def test_claim_runs_once_per_reader_not_per_read(
-    redis_server: RedisServer, own: redis.Redis, keys: Keys
+    own: redis.Redis, aown: aredis.Redis, keys: Keys
 ) -> None:
-    client = aredis.Redis.from_url(redis_server.url)
-    try:
-        rd = reader(client, keys)
-        await rd.ensure_group()
-        before = await _xautoclaim_calls(own)
-        for _ in range(5):
-            assert await rd.next(10, 0) == []
-        assert await rd.next(10, 50) == []
-        assert await _xautoclaim_calls(own) - before == 1  # empty claim ends, no spin
+    """On a throwaway server (conftest's `own`/`aown`): its command stats are this test's."""
+    rd = await reader(aown, keys)
+    await rd.ensure_group()
+    before = await _xautoclaim_calls(own)
+    for _ in range(5):
+        assert await raws(rd, 10) == []
+    assert await raws(rd, 10, 50) == []
+    assert await _xautoclaim_calls(own) - before == 1  # empty claim ends, no spin
 
-        ids = add(own, keys, 5)
-        steal(own, keys, "dead", 5)
-        before = await _xautoclaim_calls(own)
-        rd2 = reader(client, keys, "w2")
-        assert [raw.id for raw in await drain(rd2, 2)] == ids
-        for _ in range(3):
-            assert await rd2.next(2, 0) == []
-        assert await _xautoclaim_calls(own) - before == 3  # pages of 2, 2, 1, then reads only
+    ids = add(own, keys, 5)
+    steal(own, keys, "dead", 5)
+    before = await _xautoclaim_calls(own)
+    rd2 = await reader(aown, keys, "w2")
+    assert [raw.id for raw in await drain(rd2, 2)] == ids
+    for _ in range(3):
+        assert await raws(rd2, 2) == []
+    assert await _xautoclaim_calls(own) - before == 3  # pages of 2, 2, 1, then reads only
 
-        rd2.recover()
-        before = await _xautoclaim_calls(own)
-        for _ in range(3):
-            assert await rd2.next(2, 0) == []
-        assert await _xautoclaim_calls(own) - before == 1
-    finally:
-        await client.aclose()
+    rd2.recover()
+    before = await _xautoclaim_calls(own)
+    for _ in range(3):
+        assert await raws(rd2, 2) == []
+    assert await _xautoclaim_calls(own) - before == 1
 
 
 # -- recovering a reply lost with the connection ---------------------------------------------
@@ -247,32 +275,32 @@ async def test_claim_runs_once_per_reader_not_per_read(
 async def test_recover_claims_entries_delivered_in_a_lost_reply(
     ar: aredis.Redis, r: redis.Redis, keys: Keys
 ) -> None:
-    rd = reader(ar, keys)
+    rd = await reader(ar, keys)
     await rd.ensure_group()
     ids = add(r, keys, 6)
-    assert [raw.id for raw in await rd.next(3, 0)] == ids[:3]  # in a window, not yet acked
+    assert [raw.id for raw in await raws(rd, 3)] == ids[:3]  # in a window, not yet acked
     assert steal(r, keys, "w1", 10) == ids[3:]  # delivered to us, reply never seen
-    assert await rd.next(10, 0) == []  # XREADGROUP > never gives them again
+    assert await raws(rd, 10) == []  # XREADGROUP > never gives them again
     rd.recover()
-    recovered = await rd.next(10, 0)
+    recovered = await raws(rd, 10)
     assert [(raw.id, raw.deliveries) for raw in recovered] == [(i, 2) for i in ids[3:]]
-    assert await rd.next(10, 0) == []  # and the window's entries are not delivered twice
-    assert await rd.ack(ids) == 6
+    assert await raws(rd, 10) == []  # and the window's entries are not delivered twice
+    assert await rd.ack(encoded(ids)) == 6
     assert pending(r, keys) == {}
 
 
 async def test_recover_with_nothing_lost_reads_on(
     ar: aredis.Redis, r: redis.Redis, keys: Keys
 ) -> None:
-    rd = reader(ar, keys)
+    rd = await reader(ar, keys)
     await rd.ensure_group()
     rd.recover()  # before any read
     ids = add(r, keys, 4)
-    assert [raw.id for raw in await rd.next(2, 0)] == ids[:2]
+    assert [raw.id for raw in await raws(rd, 2)] == ids[:2]
     rd.recover()
-    assert [(raw.id, raw.deliveries) for raw in await rd.next(10, 0)] == [(i, 1) for i in ids[2:]]
+    assert [(raw.id, raw.deliveries) for raw in await raws(rd, 10)] == [(i, 1) for i in ids[2:]]
     rd.recover()
-    assert await rd.next(10, 0) == []
+    assert await raws(rd, 10) == []
 
 
 async def test_recover_while_claiming_does_not_repeat_claimed_entries(
@@ -281,8 +309,8 @@ async def test_recover_while_claiming_does_not_repeat_claimed_entries(
     await create_group(ar, shard(keys), GROUP)
     ids = add(r, keys, 5)
     steal(r, keys, "dead", 5)
-    rd = reader(ar, keys, "w2")
-    assert [raw.id for raw in await rd.next(2, 0)] == ids[:2]
+    rd = await reader(ar, keys, "w2")
+    assert [raw.id for raw in await raws(rd, 2)] == ids[:2]
     rd.recover()
     assert [raw.id for raw in await drain(rd, 2)] == ids[2:]
 
@@ -291,25 +319,44 @@ async def test_recover_while_claiming_does_not_repeat_claimed_entries(
 
 
 async def test_ack(ar: aredis.Redis, r: redis.Redis, keys: Keys) -> None:
-    rd = reader(ar, keys)
+    rd = await reader(ar, keys)
     await rd.ensure_group()
     ids = add(r, keys, 3)
-    await rd.next(10, 0)
+    await raws(rd, 10)
     assert await rd.ack([]) == 0
-    assert await rd.ack(ids[:2]) == 2
-    assert await rd.ack(ids[:2]) == 0  # already acknowledged
+    assert await rd.ack(encoded(ids[:2])) == 2
+    assert await rd.ack(encoded(ids[:2])) == 0  # already acknowledged
     assert pending(r, keys) == {ids[2]: "w1"}
+
+
+async def test_ack_takes_bytes_ids_and_acknowledges_thousands_in_one_call(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys
+) -> None:
+    """The script acknowledges in chunks of 1,000: full chunks, a last partial one, repeats."""
+    rd = await reader(ar, keys)
+    await rd.ensure_group()
+    add(r, keys, 2500)
+    read = await rd.next(5000, 0)
+    ids: list[bytes] = [entry_id for entry_id, _ in read.entries]  # bytes, as Redis sent them
+    assert len(ids) == 2500 and all(isinstance(entry_id, bytes) for entry_id in ids)
+    assert len(pending(r, keys)) == 2500
+    assert await rd.ack(ids[:2000]) == 2000  # two full chunks, nothing left over
+    assert len(pending(r, keys)) == 500
+    assert await rd.ack(ids) == 500  # 2,500 in one call; the acknowledged ones count 0
+    assert pending(r, keys) == {}
+    assert r.xpending(shard(keys), GROUP)["pending"] == 0
+    assert await rd.ack(ids) == 0
 
 
 async def test_dead_letter_keeps_the_entry_byte_for_byte_and_acknowledges_it(
     ar: aredis.Redis, r: redis.Redis, keys: Keys
 ) -> None:
-    rd = reader(ar, keys)
+    rd = await reader(ar, keys)
     await rd.ensure_group()
     fields = {b"key": b"task-1", b"data": b"\xff\xfe\x00not utf-8\x80", b"\xc3(": b"odd name"}
     entry_id = xadd(r, shard(keys), fields)
     other = add(r, keys, 1)[0]
-    raw, _ = await rd.next(10, 0)
+    raw, _ = await raws(rd, 10)
     before = int(time.time() * 1000)
     await rd.dead_letter(raw, "DecodeError: data: not JSON ✗")
     after = int(time.time() * 1000)
@@ -340,8 +387,8 @@ async def test_dead_letter_records_the_deliveries_of_a_claimed_entry(
     await create_group(ar, shard(keys), GROUP)
     add(r, keys, 1)
     steal(r, keys, "dead", 1)
-    rd = reader(ar, keys, "w2")
-    (raw,) = await rd.next(10, 0)
+    rd = await reader(ar, keys, "w2")
+    (raw,) = await raws(rd, 10)
     await rd.dead_letter(raw, "too many deliveries")
     (_, letter), *_ = xrange(r, keys.dead(STREAM, 0, GROUP))
     assert letter[b"deliveries"] == b"2"
@@ -352,15 +399,15 @@ async def test_dead_letter_records_the_deliveries_of_a_claimed_entry(
 async def test_dead_letters_of_groups_are_apart(
     ar: aredis.Redis, r: redis.Redis, keys: Keys
 ) -> None:
-    a, b = reader(ar, keys, group="a"), reader(ar, keys, group="b")
+    a, b = await reader(ar, keys, group="a"), await reader(ar, keys, group="b")
     await a.ensure_group()
     await b.ensure_group()
     add(r, keys, 1)
-    (raw,) = await a.next(10, 0)
+    (raw,) = await raws(a, 10)
     await a.dead_letter(raw, "bad")
     assert r.xlen(keys.dead(STREAM, 0, "a")) == 1
     assert r.exists(keys.dead(STREAM, 0, "b")) == 0
-    assert [x.id for x in await b.next(10, 0)] == [raw.id]  # group b still gets it
+    assert [x.id for x in await raws(b, 10)] == [raw.id]  # group b still gets it
 
 
 # -- consumers of gone workers ---------------------------------------------------------------
@@ -369,7 +416,7 @@ async def test_dead_letters_of_groups_are_apart(
 async def test_remove_gone_consumers_keeps_live_ones_and_pending_entries(
     ar: aredis.Redis, r: redis.Redis, keys: Keys
 ) -> None:
-    rd = reader(ar, keys, "me")
+    rd = await reader(ar, keys, "me")
     await rd.ensure_group()
     key = shard(keys)
     for name in ("me", "live-idle", "gone-idle", "gone-2"):
@@ -389,7 +436,7 @@ async def test_remove_gone_consumers_keeps_live_ones_and_pending_entries(
 
 
 async def two_groups(ar: aredis.Redis, keys: Keys) -> tuple[ShardReader, ShardReader]:
-    a, b = reader(ar, keys, "wa", group="a"), reader(ar, keys, "wb", group="b")
+    a, b = await reader(ar, keys, "wa", group="a"), await reader(ar, keys, "wb", group="b")
     await a.ensure_group()
     await b.ensure_group()
     return a, b
@@ -400,9 +447,9 @@ async def test_trim_keeps_everything_from_the_lowest_pending_entry(
 ) -> None:
     a, b = await two_groups(ar, keys)
     ids = add(r, keys, 10)
-    await a.ack([raw.id for raw in await drain(a)])  # group a has everything
-    assert [raw.id for raw in await b.next(6, 0)] == ids[:6]
-    await b.ack([ids[0], ids[2], ids[3]])  # b: 1, 4, 5 pending; 6..9 never delivered
+    await a.ack(encoded(raw.id for raw in await drain(a)))  # group a has everything
+    assert [raw.id for raw in await raws(b, 6)] == ids[:6]
+    await b.ack(encoded([ids[0], ids[2], ids[3]]))  # b: 1, 4, 5 pending; 6..9 never delivered
     assert await a.trim() == 1
     assert ids_in(r, keys) == ids[1:]
     assert await b.trim() == 0  # the same floor from any group's reader
@@ -415,12 +462,12 @@ async def test_trim_floor_when_the_pending_entries_are_acknowledged_meanwhile(
     """XINFO GROUPS says pending, XPENDING (a moment later) says none: no crash, a safe floor."""
     a, b = await two_groups(ar, keys)
     ids = add(r, keys, 4)
-    await a.ack([raw.id for raw in await drain(a)])
-    await b.next(2, 0)  # b: 0 and 1 pending
+    await a.ack(encoded(raw.id for raw in await drain(a)))
+    await raws(b, 2)  # b: 0 and 1 pending
     real = ar.xpending
 
     async def acknowledged_meanwhile(name: Any, group: Any) -> Any:
-        await b.ack(ids[:2])
+        await b.ack(encoded(ids[:2]))
         return await real(name, group)
 
     monkeypatch.setattr(ar, "xpending", acknowledged_meanwhile)
@@ -433,14 +480,14 @@ async def test_trim_keeps_what_a_group_has_not_been_delivered(
 ) -> None:
     a, b = await two_groups(ar, keys)
     ids = add(r, keys, 10)
-    await a.ack([raw.id for raw in await drain(a)])
-    await b.ack([raw.id for raw in await b.next(6, 0)])  # nothing pending, 6..9 unread
+    await a.ack(encoded(raw.id for raw in await drain(a)))
+    await b.ack(encoded(raw.id for raw in await raws(b, 6)))  # nothing pending, 6..9 unread
     ms, seq = parse_id(ids[5])
     assert await trim_floor(ar, shard(keys)) == (ms, seq + 1)
     assert await b.trim() == 6
     assert ids_in(r, keys) == ids[6:]
 
-    await b.ack([raw.id for raw in await drain(b)])  # b catches up
+    await b.ack(encoded(raw.id for raw in await drain(b)))  # b catches up
     assert await b.trim() == 4
     assert r.xlen(shard(keys)) == 0
     assert await b.trim() == 0
@@ -454,8 +501,8 @@ async def test_trim_keeps_what_the_faster_group_still_holds(
 ) -> None:
     a, b = await two_groups(ar, keys)
     ids = add(r, keys, 10)
-    await a.ack([raw.id for raw in await drain(a) if raw.id != ids[8]])
-    await b.ack([raw.id for raw in await drain(b)])
+    await a.ack(encoded(raw.id for raw in await drain(a) if raw.id != ids[8]))
+    await b.ack(encoded(raw.id for raw in await drain(b)))
     assert await a.trim() == 8
     assert ids_in(r, keys) == ids[8:]
 
@@ -463,7 +510,7 @@ async def test_trim_keeps_what_the_faster_group_still_holds(
 async def test_a_shard_without_groups_is_never_trimmed(
     ar: aredis.Redis, r: redis.Redis, keys: Keys
 ) -> None:
-    rd = reader(ar, keys)
+    rd = await reader(ar, keys)
     assert await rd.trim() == 0  # no stream at all
     assert r.exists(shard(keys)) == 0
     ids = add(r, keys, 3)
@@ -478,7 +525,7 @@ async def test_a_group_that_never_read_keeps_everything(
 ) -> None:
     a, _ = await two_groups(ar, keys)
     ids = add(r, keys, 4)
-    await a.ack([raw.id for raw in await drain(a)])
+    await a.ack(encoded(raw.id for raw in await drain(a)))
     assert await trim_floor(ar, shard(keys)) == (0, 1)
     assert await a.trim() == 0
     assert ids_in(r, keys) == ids
@@ -490,7 +537,7 @@ async def test_retention_keeps_young_entries_acknowledged_by_all(
     a, b = await two_groups(ar, keys)
     ids = add(r, keys, 3)
     for rd in (a, b):
-        await rd.ack([raw.id for raw in await drain(rd)])
+        await rd.ack(encoded(raw.id for raw in await drain(rd)))
     assert await a.trim(retention_ms=3_600_000) == 0
     assert await a.trim(retention_ms=10**15) == 0  # longer than the epoch: keep everything
     assert ids_in(r, keys) == ids
@@ -506,12 +553,12 @@ async def test_retention_trims_old_entries_and_keeps_young_ones(
     old_ms = seconds * 1000 + micros // 1000 - 600_000  # ten minutes ago
     old = [xadd(r, shard(keys), {b"n": b"old"}, f"{old_ms}-{i}") for i in range(3)]
     young = add(r, keys, 2)
-    await a.ack([raw.id for raw in await drain(a)])
-    assert [raw.id for raw in await b.next(2, 0)] == old[:2]
-    await b.ack([old[0]])  # b still holds old[1]: the group floor is below the retention
+    await a.ack(encoded(raw.id for raw in await drain(a)))
+    assert [raw.id for raw in await raws(b, 2)] == old[:2]
+    await b.ack(encoded(old[:1]))  # b still holds old[1]: the group floor is below the retention
     assert await a.trim(retention_ms=60_000) == 1
     assert ids_in(r, keys) == old[1:] + young
-    await b.ack([raw.id for raw in await drain(b)] + [old[1]])
+    await b.ack(encoded([raw.id for raw in await drain(b)] + [old[1]]))
     assert await a.trim(retention_ms=60_000) == 2  # the young ones stay for a minute
     assert ids_in(r, keys) == young
 
@@ -533,13 +580,13 @@ async def test_a_fenced_reader_reads_and_claims_only_while_it_holds_the_lease(
     lease = keys.lease(STREAM, 0, GROUP)
     r.set(lease, "w1")
     old = await fenced_reader(ar, keys, "w1")
-    assert [raw.id for raw in await old.next(2, 0)] == ids[:2]
+    assert [raw.id for raw in await raws(old, 2)] == ids[:2]
     r.set(lease, "w2")  # w1's lease expired; w2 took the shard
     new = await fenced_reader(ar, keys, "w2")
     with pytest.raises(Fenced):
         await old.next(2, 0)
-    assert [raw.id for raw in await new.next(10, 0)] == ids[:2]  # claimed from w1
-    assert [raw.id for raw in await new.next(10, 0)] == ids[2:]  # and every new one
+    assert [raw.id for raw in await raws(new, 10)] == ids[:2]  # claimed from w1
+    assert [raw.id for raw in await raws(new, 10)] == ids[2:]  # and every new one
     old.recover()
     with pytest.raises(Fenced):  # nor may the old owner claim them back
         await old.next(2, 0)
@@ -553,11 +600,11 @@ async def test_a_fenced_read_waits_for_new_entries_and_wakes_on_them(
     r.set(keys.lease(STREAM, 0, GROUP), "w1")
     add(r, keys, 1)
     fenced = await fenced_reader(ar, keys, "w1")
-    await fenced.next(10, 0)
+    await raws(fenced, 10)
     started = time.monotonic()
-    assert await fenced.next(10, 200) == []
+    assert await raws(fenced, 10, 200) == []
     assert time.monotonic() - started >= 0.15  # it blocked, it did not spin
     later = asyncio.get_running_loop().call_later(0.1, lambda: add(r, keys, 1))
-    got = await fenced.next(10, 5000)
+    got = await raws(fenced, 10, 5000)
     later.cancel()
     assert len(got) == 1 and got[0].fields
