@@ -103,9 +103,6 @@ class Raw(NamedTuple):
     deliveries: int = 1
 
 
-NOTHING = Read([], {})
-
-
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -178,7 +175,7 @@ class ShardReader:
             # Returns as soon as an entry past the newest one exists (no window is lost
             # between the script and this wait), or after block_ms.
             await self._client.xread({self.key: _text(got[2])}, count=1, block=block_ms)
-        return NOTHING
+        return Read([], {})
 
     def recover(self) -> None:
         """After a failed read: claim again what was delivered to us past the last entry seen.
@@ -200,7 +197,7 @@ class ShardReader:
             self._claiming = False
         entries = [entry for entry in got[2] if entry[1]]  # deleted since: no fields
         if not entries:
-            return NOTHING
+            return Read([], {})
         pending: Any = await self._client.xpending_range(
             self.key,
             self.group,

@@ -80,10 +80,15 @@ class Offsets:
         row = cur.fetchone()
         return None if row is None else Position(row[0], int(row[1]))
 
-    def advance(self, cur: Cursor, slot: Slot, seen: Position, last_id: str) -> bool:
-        """Move the offset to `last_id` if it still is `seen`; False if someone moved it."""
-        cur.execute(self._advance, (last_id, *slot.values(), seen.last_id, seen.epoch))
-        return cur.rowcount == 1
+    def advance(self, cur: Cursor, slot: Slot, seen: Position, last_id: str) -> str:
+        """The statement moving the offset to `last_id` if it still is `seen`.
+
+        Run it last in the window's transaction: it updates one row, or none if someone
+        moved the offset (then roll back). Its values are bound here (mogrify), so it can
+        travel in one round trip with the statements that write the window.
+        """
+        values = (last_id, *slot.values(), seen.last_id, seen.epoch)
+        return cur.mogrify(self._advance, values).decode()
 
     def reject(self, cur: Cursor, slot: Slot, rejected: Sequence[tuple[str, str]]) -> None:
         """Remember refused entries, so an owner that skips them can dead-letter them again."""

@@ -131,7 +131,7 @@ class PostgresStats:
 
     windows: int = 0
     rows: int = 0
-    deleted_rows: int = 0
+    deletes: int = 0  # rows deleted by a window (whether or not they existed)
     appended: int = 0
     statements: int = 0
     update_misses: int = 0
@@ -147,6 +147,17 @@ class _Unit:
     table: Table
     change: RowChange | None = None
     append: Entry | None = None
+
+
+@dataclass(slots=True)
+class _Stage:
+    """One table's row changes staged: the statements around its COPY, and its data."""
+
+    create: str  # the staging table
+    copy: str  # COPY into it
+    data: bytes  # the staged rows, COPY text
+    statements: list[str] = field(default_factory=list)  # delete, upserts: run together
+    updates: list[tuple[str, int]] = field(default_factory=list)  # update mode: with rows
 
 
 class _RowError(Exception):
@@ -169,9 +180,7 @@ class PostgresSink:
         self._offsets = Offsets(settings.offsets_schema)
         self._positions: dict[Slot, Position] = {}
         self._executor = ThreadPoolExecutor(settings.pool_size, thread_name_prefix=f"pg-{name}")
-        self._timeout = sql.SQL("SET LOCAL statement_timeout = {}").format(
-            sql.Literal(settings.statement_timeout_ms)
-        )
+        self._timeout = f"SET LOCAL statement_timeout = {int(settings.statement_timeout_ms)}"
 
     @classmethod
     def from_options(cls, name: str, options: Mapping[str, Any], dsn: str) -> PostgresSink:
@@ -290,16 +299,17 @@ class PostgresSink:
         the window into units; the first attempt writes it as merged.
         """
         with conn.cursor() as cur:
-            cur.execute(self._timeout)
-            if not self._offsets.advance(cur, slot, seen, entries[-1].id):
+            writer = _Writer(cur, self._timeout)
+            advance = self._offsets.advance(cur, slot, seen, entries[-1].id)
+            if bisect:
+                moved = writer.run(advance) != 1
+                bad = [] if moved else writer.isolate(_units(merged))
+            else:
+                moved = writer.apply(_writes(merged), advance) != 1
+                bad = []
+            if moved:  # an owner that read the offset after us (or a newer lease) moved it
                 conn.rollback()
                 self._moved(conn, slot, seen)
-            writer = _Writer(cur)
-            if bisect:
-                bad = writer.isolate(_units(merged))
-            else:
-                writer.apply(_writes(merged))
-                bad = []
             refused = [(i, reason) for unit, reason in bad for i in _entry_ids(unit, entries)]
             self._offsets.reject(cur, slot, refused)
         conn.commit()
@@ -364,17 +374,34 @@ def _entry_ids(unit: _Unit, entries: Sequence[Entry]) -> list[str]:
 
 
 class _Writer:
-    """Applies a window's writes inside the open transaction of a cursor."""
+    """Applies a window's writes inside the open transaction of a cursor.
 
-    def __init__(self, cur: Cursor) -> None:
+    In as few round trips as it can (each also costs the thread a wait for the GIL
+    while the worker's loop is busy): one creating the staging tables (after `begin`),
+    one COPY a table, one running every statement that applies the staged rows with
+    the offset's compare-and-set last, then the caller's COMMIT.
+    """
+
+    def __init__(self, cur: Cursor, begin: str) -> None:
         self.cur = cur
         self.stats = PostgresStats()  # merged into the sink's once committed
         self._staging = itertools.count()
+        self._begin = begin  # run first, with the first round trip
+
+    def run(self, statement: str) -> int:
+        """Run `statement` (with `begin` if nothing ran yet); its row count."""
+        return self._execute([statement])
+
+    def _execute(self, statements: Sequence[str]) -> int:
+        if self._begin:
+            statements, self._begin = [self._begin, *statements], ""
+        self.cur.execute("; ".join(statements))
+        return int(self.cur.rowcount)
 
     def counted(self, into: PostgresStats, merged: Merged, bad: Sequence[_Unit]) -> None:
         """Add what this writer committed (the window less the refused units) to `into`."""
         into.statements += self.stats.statements
-        into.deleted_rows += self.stats.deleted_rows
+        into.deletes += self.stats.deletes
         into.update_misses += self.stats.update_misses
         by_table = into.by_table
         for name, rows in merged.rows.items():
@@ -390,14 +417,31 @@ class _Writer:
                 into.appended -= 1
             by_table[unit.table.name] -= 1
 
-    def apply(self, writes: _Writes) -> None:
-        """Write them all; a refusal raises _RowError (the caller bisects)."""
+    def apply(self, writes: _Writes, last: str = "") -> int:
+        """Write them all, then `last` in the same round trip; its row count (-1: none).
+
+        A refusal raises _RowError (the caller bisects).
+        """
         tables, changes, appends = writes
         try:
-            for name, rows in changes.items():
-                self._rows(tables[name], rows)
+            staged = [self._stage(tables[name], rows) for name, rows in changes.items()]
+            if staged or self._begin:
+                self._execute([stage.create for stage in staged])
+            for stage in staged:
+                self.cur.copy_expert(stage.copy, io.BytesIO(stage.data))
             for name, entries in appends.items():
                 self._append(tables[name], entries)
+            together = [statement for stage in staged for statement in stage.statements]
+            for stage in staged:
+                for statement, rows in stage.updates:  # each alone: its row count says
+                    self.cur.execute(statement)  # how many rows it missed
+                    self.stats.update_misses += rows - self.cur.rowcount
+            self.stats.statements += (
+                len(staged) * 2 + len(together) + sum(len(stage.updates) for stage in staged)
+            )
+            if last:
+                together.append(last)
+            return self._execute(together) if together else -1
         except psycopg2.Error as error:
             if error.pgcode and error.pgcode[:2] in ROW_ERROR_CLASSES:
                 raise _RowError(error) from error
@@ -419,9 +463,9 @@ class _Writer:
         cur.execute("RELEASE SAVEPOINT streamsink_bisect")
         return []
 
-    def _rows(self, table: Table, changes: Sequence[RowChange]) -> None:
-        """Stage the row changes of one table, then delete and write them, shape by shape."""
-        cur, stats = self.cur, self.stats
+    def _stage(self, table: Table, changes: Sequence[RowChange]) -> _Stage:
+        """The staging of one table's row changes, and the statements that apply them."""
+        conn = self.cur.connection
         staging = f"streamsink_stage_{next(self._staging)}"
         names = list(table.columns)
         shapes: dict[tuple[Any, ...], int] = {}
@@ -451,31 +495,26 @@ class _Writer:
             copy.FORMATTERS[c.type] for c in table.columns.values()
         ]
         formatters += [str, copy.FORMATTERS[ColumnType.BOOL]]
-        data = copy.rows(formatters, staged())
-        cur.execute(statements.create_staging(table, staging))
-        cur.copy_expert(
-            statements.copy_in(
+        stage = _Stage(
+            create=statements.create_staging(table, staging).as_string(conn),
+            copy=statements.copy_in(
                 sql.Identifier(staging), [*names, statements.SHAPE, statements.DELETED]
-            ),
-            io.BytesIO(data),
+            ).as_string(conn),
+            data=copy.rows(formatters, staged()),
         )
-        executed = 2
         if deletes:
-            cur.execute(statements.delete(table, staging))
-            stats.deleted_rows += cur.rowcount
-            executed += 1
+            stage.statements.append(statements.delete(table, staging).as_string(conn))
+            self.stats.deletes += deletes
         for raw, number in shapes.items():
             shape = tuple(sorted(raw))
-            if update_mode:
-                statement = statements.update(table, staging, shape, number)
-                if statement is None:
-                    continue
-                cur.execute(statement)
-                stats.update_misses += counts[number] - cur.rowcount
-            else:
-                cur.execute(statements.upsert(table, staging, shape, number))
-            executed += 1
-        stats.statements += executed
+            if not update_mode:
+                upsert = statements.upsert(table, staging, shape, number)
+                stage.statements.append(upsert.as_string(conn))
+                continue
+            update = statements.update(table, staging, shape, number)
+            if update is not None:
+                stage.updates.append((update.as_string(conn), counts[number]))
+        return stage
 
     def _append(self, table: Table, entries: Sequence[Entry]) -> None:
         """COPY appended rows straight into their table."""
