@@ -55,6 +55,7 @@ class ShardRunner:
         self.draining = asyncio.Event()
         self.lost = False  # the lease is gone: stop without flushing or acknowledging
         self.stats = ShardStats()
+        self.lead = 0.0  # how long flushes take (seconds, smoothed): windows close that early
         self._where = {"group": reader.group, "stream": stream, "shard": lease.shard}
         spec = config.streams.get(stream)
         table = config.tables.get(spec.table) if spec is not None and spec.table else None
@@ -80,7 +81,7 @@ class ShardRunner:
                 if cancelling():  # a cancellation turned into a timeout on the way
                     raise asyncio.CancelledError
                 now = time.monotonic()
-                if window.due(settings, now):
+                if window.due(settings, now, self.lead):
                     if flushing is not None:
                         await flushing  # one flush at a time; a full window waits here
                     flushing = asyncio.create_task(self.flush(window))
@@ -88,7 +89,8 @@ class ShardRunner:
                     continue
                 block = settings.block_ms
                 if window:
-                    block = max(0, min(block, int((window.due_at(settings) - now) * 1000)))
+                    due_at = window.due_at(settings, self.lead)
+                    block = max(0, min(block, int((due_at - now) * 1000)))
                 count = min(settings.read_count, settings.max_events - len(window))
                 await self._take(window, await self._read(count, block))
             if flushing is not None and not self.lost:
@@ -152,6 +154,7 @@ class ShardRunner:
 
     async def flush(self, window: Window) -> None:
         """Merge the window, write it to every sink, dead-letter rejects, then acknowledge."""
+        started, retries = time.monotonic(), self.stats.sink_retries
         entries = window.entries
         batch = Batch(
             group=self.reader.group,
@@ -167,6 +170,8 @@ class ShardRunner:
         for sink in self.sinks:
             for reject in await self._write(sink, batch):
                 rejected.setdefault(reject.entry_id, reject.reason)
+        if self.stats.sink_retries == retries:  # a retried write says nothing of the next
+            self._took(time.monotonic() - started)
         ids = window.ids
         if rejected:
             at = {entry.id: index for index, entry in enumerate(entries)}
@@ -177,6 +182,11 @@ class ShardRunner:
         await retrying(lambda: self.reader.ack(ids), "ack")
         self.stats.flushed_windows += 1
         self.stats.applied += len(ids)
+
+    def _took(self, seconds: float) -> None:
+        """Fold a flush's merge-and-write time into `lead`, at most half the max age."""
+        smoothed = self.lead + (seconds - self.lead) / 4 if self.lead else seconds
+        self.lead = min(smoothed, self.settings.max_age_ms / 2000)
 
     async def _write(self, sink: Sink, batch: Batch) -> Sequence[Rejected]:
         """Write until the sink accepts: any error is retried with backoff, keeping the lease."""

@@ -56,12 +56,18 @@ class Window:
         """Whether the count or byte bound is reached (reading must wait for a flush)."""
         return len(self.entries) >= settings.max_events or self.size >= settings.max_bytes
 
-    def due_at(self, settings: GroupSettings) -> float:
-        """When the window closes by time alone (infinity while empty)."""
+    def due_at(self, settings: GroupSettings, lead: float = 0.0) -> float:
+        """When the window closes by time alone (infinity while empty).
+
+        `lead` (seconds) moves the age bound earlier by how long a flush is expected to
+        take, so that the window's first entry is committed by `max_age_ms`, not only
+        handed to the sinks then.
+        """
         if not self.entries:
             return math.inf
-        return min(self.last + settings.linger_ms / 1000, self.opened + settings.max_age_ms / 1000)
+        closes = self.opened + settings.max_age_ms / 1000 - lead
+        return min(self.last + settings.linger_ms / 1000, closes)
 
-    def due(self, settings: GroupSettings, now: float) -> bool:
+    def due(self, settings: GroupSettings, now: float, lead: float = 0.0) -> bool:
         """Whether the window should close now."""
-        return bool(self.entries) and (self.full(settings) or now >= self.due_at(settings))
+        return bool(self.entries) and (self.full(settings) or now >= self.due_at(settings, lead))

@@ -118,3 +118,15 @@ def test_full_ignores_time() -> None:
     put(window, 0, T0)
     assert not window.full(settings)
     assert window.due(settings, T0 + 1)  # due by time, yet not full: reading may go on
+
+
+def test_a_lead_closes_the_window_that_much_before_its_max_age() -> None:
+    settings = GroupSettings(linger_ms=10_000, max_age_ms=1000)
+    window = Window()
+    put(window, 0, T0)
+    assert window.due_at(settings, lead=0.2) == pytest.approx(T0 + 0.8)
+    assert not window.due(settings, T0 + 0.8 - EPS, lead=0.2)
+    assert window.due(settings, T0 + 0.8 + EPS, lead=0.2)
+    assert not window.due(settings, T0 + 0.8 + EPS)  # without it, at the max age
+    quiet = GroupSettings(linger_ms=50, max_age_ms=1000)
+    assert window.due_at(quiet, lead=0.2) == pytest.approx(T0 + 0.05)  # linger untouched

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import statistics
 import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -371,3 +372,28 @@ async def test_a_lost_lease_stops_the_write_in_flight_and_acknowledges_nothing(
         assert pending(r, keys)[shard] == 5, "a worker that lost the lease acknowledged"
     assert r.get(keys.lease(STREAM, shard, GROUP)) == b"thief"
     assert pending(r, keys)[shard] == 5
+
+
+async def test_windows_close_early_by_the_flush_time_so_commits_land_by_the_max_age(
+    r: redis.Redis, keys: Keys, redis_url: str
+) -> None:
+    """A window closes its flush time before `max_age_ms`: its oldest entry is written by
+    then, not only handed to a sink that takes 250 ms (the lag would be about 0.85 s)."""
+    create_stream(r, keys, STREAM, SHARDS)
+    config = make_config(keys, ["slow"], max_age_ms=600, linger_ms=10_000)
+    producer = Producer(r, config)
+    key = keys_on(0, 1)[0]
+    lags: list[float] = []  # written minus the XADD time of the window's first entry
+
+    async def slow(batch: Batch) -> Sequence[Rejected]:
+        await asyncio.sleep(0.25)
+        lags.append(time.time() - int(batch.first_id.partition("-")[0]) / 1000)
+        return ()
+
+    async with running(redis_url, config, {"slow": FunctionSink(slow)}) as task:
+        for n in range(200):  # an entry every 20 ms for 4 s: windows close on age alone
+            producer.publish(STREAM, item(key, n))
+            await asyncio.sleep(0.02)
+        await eventually(lambda: len(lags) >= 6, task, "six windows written")
+    later = lags[2:]  # the first flushes teach the worker how long a flush takes
+    assert 0.45 <= statistics.median(later) <= 0.72, f"lags {lags}"
