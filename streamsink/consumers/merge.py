@@ -172,11 +172,12 @@ def _plan_for(merged: Merged, plans: dict[str, _Plan], table: Table) -> _Plan:
     set_kinds = {name: _POLICY_KINDS[column.policy] for name, column in table.columns.items()}
     incr_kinds = dict.fromkeys(table.columns, ADD) | dict.fromkeys(table.key, ASSIGN)
     merged.tables[table.name] = table
+    as_is = not table.key_forms  # no uuid or timestamp key: the values are the row key
     plan = plans[table.name] = _Plan(
         table=table,
         rows=merged.rows.setdefault(table.name, {}),
-        key_name=table.key[0] if len(table.key) == 1 else None,
-        row_key=itemgetter(*table.key) if len(table.key) > 1 else table.row_key,
+        key_name=table.key[0] if len(table.key) == 1 and as_is else None,
+        row_key=itemgetter(*table.key) if len(table.key) > 1 and as_is else table.row_key,
         set_kinds=set_kinds,
         incr_kinds=incr_kinds,
         timestamps=_timestamps(table),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -75,6 +75,7 @@ class Table:
     checks: Mapping[str, Callable[[Any], str | None]] = field(init=False, repr=False, compare=False)
     plain: Mapping[str, frozenset[type]] = field(init=False, repr=False, compare=False)
     plain_deltas: Mapping[str, frozenset[type]] = field(init=False, repr=False, compare=False)
+    key_forms: Mapping[str, Callable[[str], str]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in (self.name, *self.columns, *([self.schema] if self.schema else [])):
@@ -88,6 +89,11 @@ class Table:
             column = self.columns[name]
             if column.policy is not Policy.LWW:
                 raise ConfigError(f"table {self.name!r}: key column {name!r} must be lww")
+            if column.type is ColumnType.JSON:
+                raise ConfigError(
+                    f"table {self.name!r}: key column {name!r} cannot be json; "
+                    "use int, text, uuid, timestamp, bool or float"
+                )
         if len(set(self.key)) != len(self.key):
             raise ConfigError(f"table {self.name!r}: key columns repeat")
         for name, column in self.columns.items():
@@ -109,10 +115,16 @@ class Table:
             )
         }
         object.__setattr__(self, "plain_deltas", deltas)
+        forms = {n: _KEY_FORMS[self.columns[n].type] for n in self.key}
+        object.__setattr__(self, "key_forms", {n: f for n, f in forms.items() if f is not None})
 
     def row_key(self, data: Mapping[str, Any]) -> tuple[Any, ...]:
-        """The identity of the row an event touches (its key column values)."""
-        return tuple(data[name] for name in self.key)
+        """The identity of the row an event touches: its key values, as PostgreSQL tells
+        them apart (a uuid in lower case, a timestamp as its instant in UTC)."""
+        forms = self.key_forms
+        if not forms:
+            return tuple(data[name] for name in self.key)
+        return tuple(forms[n](data[n]) if n in forms else data[n] for n in self.key)
 
 
 def _check_policy(table: str, name: str, column: Column) -> None:
@@ -262,6 +274,23 @@ _TYPE_CHECKS = {
     ColumnType.TIMESTAMP: _timestamp,
     ColumnType.UUID: _uuid,
 }
+
+
+def _instant(value: str) -> str:
+    """A valid timestamp text (it has an offset) as its instant, in one spelling (UTC)."""
+    return datetime.fromisoformat(value).astimezone(UTC).isoformat()
+
+
+_KEY_FORMS: dict[ColumnType, Callable[[str], str] | None] = {
+    ColumnType.INT: None,
+    ColumnType.FLOAT: None,  # 1 and 1.0 are one key already
+    ColumnType.TEXT: None,
+    ColumnType.BOOL: None,
+    ColumnType.JSON: None,  # never a key column
+    ColumnType.TIMESTAMP: _instant,  # 12:00Z and 14:00+02:00 are one row in PostgreSQL
+    ColumnType.UUID: str.lower,  # so are A0EE… and a0ee…
+}
+"""How a key value of each column type is spelled in a row key (None: as it is)."""
 
 PLAIN_INT = frozenset({int})
 """The plain type of int columns: an int passes once within INT64_MIN..INT64_MAX."""

@@ -31,20 +31,31 @@ from streamsink.schemas.table import Column, ColumnType, Mode, Policy, Table, va
 
 PROPERTY = settings(max_examples=1000, deadline=None)
 
-INT, FLOAT, TEXT, BOOL, JSON, TS = (
+INT, FLOAT, TEXT, BOOL, JSON, TS, UUID = (
     ColumnType.INT,
     ColumnType.FLOAT,
     ColumnType.TEXT,
     ColumnType.BOOL,
     ColumnType.JSON,
     ColumnType.TIMESTAMP,
+    ColumnType.UUID,
 )
 LWW, SUM, MAXP, MINP = Policy.LWW, Policy.SUM, Policy.MAX, Policy.MIN
 
 # --- strategies ----------------------------------------------------------------------------
 
-KEY_VALUES = {INT: [0, 1, 2], TEXT: ["a", "b"]}
-"""Few key values, so that events of a window collide on keys."""
+KEY_VALUES = {
+    INT: [0, 1, 2],
+    TEXT: ["a", "b"],
+    TS: ["2024-01-01T08:00:00+00:00", "2024-01-01T10:00:00+02:00", "2024-01-01T09:00:00Z"],
+    UUID: [
+        "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+        "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11",
+        "b1eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+    ],
+}
+"""Few key values, so that events of a window collide on keys; the first two timestamps
+are one instant and the first two UUIDs one UUID, spelled apart (one row in PostgreSQL)."""
 
 INSTANTS = [
     datetime(2024, 1, 1, hour, tzinfo=timezone(timedelta(hours=offset))).isoformat()
@@ -82,7 +93,7 @@ VALUE_COLUMNS = [
 ]
 
 
-KEY_TYPES = st.lists(st.sampled_from([INT, TEXT]), min_size=1, max_size=2)
+KEY_TYPES = st.lists(st.sampled_from([INT, TEXT, TS, UUID]), min_size=1, max_size=2)
 MODES = st.sampled_from([Mode.UPSERT, Mode.UPDATE])
 LENGTHS = st.integers(0, 30)
 
@@ -99,9 +110,15 @@ def tables(
     return Table("t", tuple(f"k{i}" for i in range(len(key_types))), columns, draw(MODES))
 
 
-def all_keys(table: Table) -> list[tuple[Any, ...]]:
-    """Every row key the strategies can draw for `table`."""
+def all_spellings(table: Table) -> list[tuple[Any, ...]]:
+    """Every key the strategies can draw for `table`, spelled as events spell it."""
     return list(itertools.product(*(KEY_VALUES[table.columns[k].type] for k in table.key)))
+
+
+def all_keys(table: Table) -> list[tuple[Any, ...]]:
+    """Every row key the strategies can draw for `table` (spellings of one row as one)."""
+    found = (table.row_key(dict(zip(table.key, k, strict=True))) for k in all_spellings(table))
+    return list(dict.fromkeys(found))
 
 
 @dataclass
@@ -126,7 +143,7 @@ class Draws:
         ]
         ops = [Op.SET, Op.DEL, Op.APPEND, *([Op.INCR] if self.increments else [])]
         self.ops = st.sampled_from(ops)
-        self.keys = st.sampled_from(all_keys(self.table))
+        self.keys = st.sampled_from(all_spellings(self.table))
         # Sum, max and min columns take values only; lww ones take null too.
         self.fields = {
             name: self.values[columns[name].type] | st.none()

@@ -65,11 +65,13 @@ def write(sink: PostgresSink, item: Batch) -> Sequence[Rejected]:
 
 
 def normal(table: Table, row: Row) -> dict[str, Any]:
-    """A reference row in the types psycopg2 reads back (timestamps as instants)."""
+    """A reference row as psycopg2 reads it back (timestamps as instants, UUIDs lower case)."""
     out = {}
     for name, value in row.items():
         if value is not None and table.columns[name].type is TS:
             value = datetime.fromisoformat(value)
+        elif value is not None and table.columns[name].type is UUID:
+            value = value.lower()  # as PostgreSQL spells it
         out[name] = value
     return out
 
@@ -84,7 +86,10 @@ def reference(table: Table, starts: dict[Any, Row | None], events: Sequence[Even
 
 
 def by_key(table: Table, found: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return sorted(found, key=lambda row: repr(tuple(row[k] for k in table.key)))
+    def order(value: Any) -> Any:
+        return value.timestamp() if isinstance(value, datetime) else value  # an instant
+
+    return sorted(found, key=lambda row: repr(tuple(order(row[k]) for k in table.key)))
 
 
 def insert(conn: Connection, table: Table, row: Row) -> None:

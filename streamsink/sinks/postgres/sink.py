@@ -369,7 +369,7 @@ def _entry_ids(unit: _Unit, entries: Sequence[Entry]) -> list[str]:
         if e.table is not None
         and e.table.name == table.name
         and e.event.op in (Op.SET, Op.INCR, Op.DEL)
-        and tuple(e.event.data[k] for k in table.key) == key
+        and table.row_key(e.event.data) == key
     ] or [unit.change.last_id]
 
 
