@@ -106,6 +106,36 @@ def test_table_allows_ordered_policies_on_text_and_timestamps(type_: T, policy: 
     Table("t", ("id",), {"id": Column(T.INT), "c": Column(type_, policy)})
 
 
+def test_plain_deltas_are_key_columns_and_lww_or_sum_numbers() -> None:
+    # What an incr takes as is (wire.unpacker): anything else goes through the full check.
+    table = Table(
+        "t",
+        key=("id", "code"),
+        columns={
+            "id": Column(T.INT),
+            "code": Column(T.TEXT),
+            "n": Column(T.INT),
+            "f": Column(T.FLOAT),
+            "total": Column(T.INT, Policy.SUM),
+            "score": Column(T.FLOAT, Policy.SUM),
+            "best": Column(T.INT, Policy.MAX),
+            "low": Column(T.FLOAT, Policy.MIN),
+            "s": Column(T.TEXT),
+            "last": Column(T.TEXT, Policy.MAX),
+            "b": Column(T.BOOL),
+            "j": Column(T.JSON),
+            "at": Column(T.TIMESTAMP),
+            "u": Column(T.UUID),
+        },
+    )
+    assert set(table.plain_deltas) == {"id", "code", "n", "f", "total", "score"}
+    assert {name: table.plain[name] for name in table.plain_deltas} == table.plain_deltas
+    assert table.plain_deltas["code"] == frozenset({str})  # a key column, whatever its type
+    assert set(ITEMS.plain_deltas) == {"id", "price", "views", "score"}
+    assert set(LIKES.plain_deltas) == {"post_id", "user_id"}
+    assert set(LOG.plain_deltas) == {"user_id"}
+
+
 # --- validate: accepted --------------------------------------------------------------------
 
 

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import binascii
+import contextlib
 import dataclasses
 import json
 import math
+import pickle
+from collections.abc import Callable, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NoReturn
 
+import hypothesis
+import orjson
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -18,7 +23,15 @@ from streamsink.schemas import wire
 from streamsink.schemas.config import Config, StreamSpec
 from streamsink.schemas.event import Event, Op
 from streamsink.schemas.table import INT64_MAX, INT64_MIN, Column, ColumnType, Policy, Table
-from streamsink.schemas.wire import DEFAULT_MAX_DATA_BYTES, decode, encode, pack, packer, shard_of
+from streamsink.schemas.wire import (
+    DEFAULT_MAX_DATA_BYTES,
+    decode,
+    encode,
+    pack,
+    packer,
+    shard_of,
+    unpacker,
+)
 from tests.schemas.expect import expect
 from tests.schemas.strategies import events, json_values, keys, text
 
@@ -388,6 +401,8 @@ ROWS = Table(
         "u": Column(T.UUID),
         "total": Column(T.INT, Policy.SUM),
         "name": Column(T.TEXT, nullable=False),
+        "best": Column(T.INT, Policy.MAX),
+        "low": Column(T.FLOAT, Policy.MIN),
     },
 )
 LOG = Table("log", key=(), columns=ROWS.columns)  # append only
@@ -420,6 +435,8 @@ plain_values = {  # values the quick path takes (json_values hold a null now and
     "j": json_values,
     "total": in_range,
     "name": no_nul,
+    "best": in_range,
+    "low": st.floats(allow_nan=False, allow_infinity=False),
 }
 odd = st.sampled_from(
     [None, True, 0, 1.0, "", "null", "\x00", "\\u0000", Text("x"), Obj(a=1), {1: 2}, (1,), b"x"]
@@ -443,6 +460,8 @@ odd_columns = {
     "at": st.sampled_from(["2024-05-01T12:00:00Z", "2024-05-01T12:00:00", "x"]),
     "u": st.sampled_from(["0b7e3c6a-5c1f-4f0e-9a4e-3f2b1c0d9e8f", "0b7e3c6a"]),
     "name": st.one_of(text, odd),
+    "best": st.one_of(ints, odd),
+    "low": st.one_of(floats, odd),
     "extra": any_values,
     "": any_values,
 }
@@ -533,3 +552,355 @@ def test_packer_takes_plain_events_the_quick_way(
 
     monkeypatch.setattr(wire, "pack", refuse)
     assert packer(CONFIG.tables[stream], refuse)(event) == expected
+
+
+# --- unpacker: decode and validate, with a quick path for plain entries ---------------------
+
+incr_data = st.fixed_dictionaries(  # the key, and deltas of lww or sum numbers (maybe none)
+    {"id": in_range}, optional={"n": in_range, "f": plain_values["f"], "total": in_range}
+)
+plain_entries = st.one_of(  # the events of entries the quick path takes (incr: with a delta)
+    plain_events,
+    st.builds(
+        Event,
+        key=st.text(st.characters(codec="ascii"), min_size=1, max_size=20),
+        op=st.just(Op.INCR),
+        data=incr_data,
+    ),
+)
+writers = st.sampled_from(["orjson", "ascii", "utf8"])
+
+
+def fields_of(event: Event, writer: str) -> list[bytes]:
+    """The flat fields an XADD of `event` would hold, checking nothing (unlike `encode`).
+
+    A lone surrogate becomes bytes that are not UTF-8, NaN the literal JSON refuses (or null,
+    from orjson). `writer`: orjson, as producers write (when it can), or the json module's
+    text, ASCII-escaped or UTF-8.
+    """
+    raw = None
+    if writer == "orjson":
+        with contextlib.suppress(TypeError):  # what orjson cannot write, the json module can
+            raw = orjson.dumps(event.data)
+    if raw is None:
+        written = json.dumps(
+            event.data, ensure_ascii=writer == "ascii", separators=(",", ":"), default=repr
+        )
+        raw = written.encode("utf-8", "surrogatepass")
+    flat = [b"key", _raw(event.key), b"op", event.op.value.encode(), b"data", raw]
+    optional = {b"table": event.table, b"ts": event.ts, b"v": event.version, b"id": event.id}
+    for name, value in optional.items():
+        if value is not None:
+            flat += (name, _raw(value))
+    return flat
+
+
+def _raw(value: object) -> bytes:
+    return value.encode("utf-8", "surrogatepass") if isinstance(value, str) else str(value).encode()
+
+
+def entry_of(key: bytes, op: bytes, data: bytes) -> list[bytes]:
+    """The flat fields of an entry as producers lay it out: key, op, data."""
+    return [b"key", key, b"op", op, b"data", data]
+
+
+def reordered(flat: list[bytes], order: Sequence[int]) -> list[bytes]:
+    """`flat` with its first three fields (key, op, data) in `order`."""
+    fields = [flat[at : at + 2] for at in range(0, 6, 2)]
+    return [item for index in order for item in fields[index]] + flat[6:]
+
+
+def with_field(flat: list[bytes], name: bytes, value: bytes, index: int) -> list[bytes]:
+    """`flat` with one more field (a repeat, when `name` is there) before field `index`."""
+    at = 2 * min(index, len(flat) // 2)
+    return [*flat[:at], name, value, *flat[at:]]
+
+
+def without(flat: list[bytes], index: int) -> list[bytes]:
+    """`flat` less its field number `index`."""
+    return flat[: 2 * index] + flat[2 * index + 2 :]
+
+
+def with_value(flat: list[bytes], name: bytes, value: bytes) -> list[bytes]:
+    """`flat` with the value of field `name` replaced."""
+    return [value if at % 2 and flat[at - 1] == name else item for at, item in enumerate(flat)]
+
+
+RAW_KEYS = [
+    b"k",
+    b"",
+    b"k" * 1024,
+    b"k" * 1025,
+    "é".encode() * 512,  # 1024 bytes, not ASCII
+    "é".encode() * 513,
+    "🎉".encode(),
+    b"caf\xe9",  # latin-1
+    b"\xff",
+    b"\xed\xa0\x80",  # an encoded surrogate
+    b"\x00",
+    b"\x7f \t",
+]
+RAW_OPS = [b"set", b"incr", b"append", b"del", b"call", b"upsert", b"SET", b"", b"set ", b"\xff"]
+RAW_DATA = [
+    b'{"id":1}',
+    b'{"id":1,"n":2,"f":0.5,"total":-3}',
+    b'{"id":1,"f":2}',
+    b'{"id":1,"s":"x","b":true,"j":{"a":[null]},"name":""}',
+    b'{"id":1,"best":2,"low":0.5}',
+    b'{"id":1,"at":"2024-05-01T12:00:00Z","u":"0b7e3c6a-5c1f-4f0e-9a4e-3f2b1c0d9e8f"}',
+    b'{"n":1}',
+    b"{}",
+    b' {"id" : 1} ',
+    b'{"id":1,"id":"x"}',
+    b'{"id":"x","id":1}',
+    # not JSON, or not an object
+    b"",
+    b'{"id":',
+    b"{'id': 1}",
+    b'{"id":1,}',
+    b'{"id":1} {}',
+    b'{"id":NaN}',
+    b'{"id":1,"f":Infinity}',
+    b'{"id":1,"f":1e400}',
+    b'\xef\xbb\xbf{"id":1}',
+    b"[1]",
+    b'"text"',
+    b"42",
+    b"null",
+    b"true",
+    # NUL, escaped or raw, and text that only looks like it
+    b'{"id":1,"s":"a\\u0000b"}',
+    b'{"id":1,"j":{"a\\u0000":1}}',
+    b'{"id":1,"j":["\\u0000"]}',
+    b'{"id":1,"s":"a\x00b"}',
+    b'{"id":1,"s":"a\\\\u0000b"}',
+    b'{"id":1,"name":"\\\\u0000"}',
+    b'{"id":1,"s":"\\u00e9\\u2028"}',
+    # not UTF-8, surrogates
+    b'{"id":1,"s":"caf\xe9"}',
+    b'{"id":1,"s":"\xed\xa0\x80"}',
+    b'{"id":1,"s":"\\ud800"}',
+    b'{"id":1,"s":"\\ud83c\\udf89"}',
+    # int64 and beyond
+    b'{"id":9223372036854775807,"n":-9223372036854775808}',
+    b'{"id":9223372036854775808}',
+    b'{"id":-9223372036854775809}',
+    b'{"id":1,"n":18446744073709551615}',
+    b'{"id":1,"total":18446744073709551616}',
+    b'{"id":1,"f":18446744073709551616}',
+    b'{"id":1,"j":18446744073709551615}',
+    # floats for ints, bools for numbers
+    b'{"id":1.0}',
+    b'{"id":1,"n":1.5}',
+    b'{"id":1,"total":1e3}',
+    b'{"id":1,"best":2.0}',
+    b'{"id":true}',
+    b'{"id":1,"n":false}',
+    b'{"id":1,"f":true}',
+    b'{"id":1,"total":true}',
+    b'{"id":1,"b":0}',
+    b'{"id":"1"}',
+    # nulls
+    b'{"id":null}',
+    b'{"id":1,"n":null}',
+    b'{"id":1,"f":null}',
+    b'{"id":1,"total":null}',
+    b'{"id":1,"name":null}',
+    b'{"id":1,"best":null}',
+    b'{"id":1,"j":null}',
+    # incr of columns that take none, names that are no column
+    b'{"id":1,"s":"x"}',
+    b'{"id":1,"b":true}',
+    b'{"id":1,"j":1}',
+    b'{"id":1,"nope":1}',
+    b'{"id":1,"":1}',
+    # calls
+    b'{"url":"https://x","payload":1}',
+    b'{"url":"https://x"}',
+]
+
+
+def sized(size: int) -> bytes:
+    """Valid data of `size` bytes (at least 15)."""
+    return b'{"id":1,"s":"' + b"x" * (size - 15) + b'"}'
+
+
+raw_keys = st.one_of(st.sampled_from(RAW_KEYS), st.binary(max_size=6))
+raw_ops = st.sampled_from(RAW_OPS)
+raw_data = st.one_of(
+    st.sampled_from(RAW_DATA), st.sampled_from([30, 31, 100, 101, 1000, 1001]).map(sized)
+)
+field_names = st.sampled_from(
+    [b"key", b"op", b"data", b"table", b"ts", b"v", b"id", b"trace", b"", b"KEY", b"\xff"]
+)
+field_values = st.one_of(
+    st.sampled_from([b"", b"1", b"-1", b"rows", b"log", b"nope", b"\xff"]),
+    raw_keys,
+    raw_ops,
+    raw_data,
+)
+entry_flats = st.builds(
+    fields_of, st.one_of(plain_entries, st.builds(changed, plain_entries, changes)), writers
+)
+raw_flats = st.builds(entry_of, raw_keys, raw_ops, raw_data)
+some_flats = st.one_of(entry_flats, raw_flats)
+flats = st.one_of(
+    st.builds(fields_of, plain_entries, writers),
+    entry_flats,
+    raw_flats,
+    st.builds(reordered, some_flats, st.permutations(range(3))),
+    st.builds(with_field, some_flats, field_names, field_values, st.integers(0, 3)),
+    st.builds(without, some_flats, st.integers(0, 2)),
+    st.builds(with_value, some_flats, st.just(b"key"), raw_keys),
+    st.builds(with_value, some_flats, st.just(b"op"), raw_ops),
+    st.builds(with_value, some_flats, st.just(b"data"), raw_data),
+)
+
+Unpack = Callable[[list[bytes]], tuple[Event, Table | None]]
+
+
+def unpacked(unpack: Unpack, flat: list[bytes]) -> tuple[object, ...]:
+    """What unpacking `flat` gives: the event (its repr too) and table, or the exact error."""
+    try:
+        event, table = unpack(flat)
+    except EventError as exc:
+        return (type(exc), exc.field, exc.reason)
+    return (repr(event), event, table)  # repr: True == 1 and 1 == 1.0, but not in a repr
+
+
+def set_of(data: bytes, key: bytes = b"k") -> list[bytes]:
+    """The fields of a set of `data` on `key`."""
+    return entry_of(key, b"set", data)
+
+
+def incr_of(data: bytes) -> list[bytes]:
+    """The fields of an incr of `data` on key k."""
+    return entry_of(b"k", b"incr", data)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(flats, st.sampled_from(["rows", "log"]), st.sampled_from([1000, 100, 30]))
+@example(set_of(b'{"id":1,"s":"a\\u0000b"}'), "rows", 100)
+@example(set_of(b'{"id":1,"j":{"a\\u0000":1}}'), "rows", 100)
+@example(set_of(b'{"id":1,"s":"a\\\\u0000b"}'), "rows", 100)
+@example(set_of(b'{"id":1,"s":"a\x00b"}'), "rows", 100)
+@example(set_of(b'{"id":9223372036854775808}'), "rows", 100)
+@example(set_of(b'{"id":1,"n":-9223372036854775809}'), "rows", 100)
+@example(incr_of(b'{"id":1,"total":18446744073709551615}'), "rows", 100)
+@example(incr_of(b'{"id":1,"total":9223372036854775807}'), "rows", 100)
+@example(set_of(b'{"id":1.0}'), "rows", 100)
+@example(incr_of(b'{"id":1,"total":1.5}'), "rows", 100)
+@example(set_of(b'{"id":1,"f":true}'), "rows", 100)
+@example(incr_of(b'{"id":1,"n":false}'), "rows", 100)
+@example(set_of(b'{"id":null}'), "rows", 100)
+@example(set_of(b'{"id":1,"name":null}'), "rows", 100)
+@example(incr_of(b'{"id":1,"n":null}'), "rows", 100)
+@example(incr_of(b'{"id":1,"total":null}'), "rows", 100)
+@example(incr_of(b'{"id":1}'), "rows", 100)
+@example(incr_of(b'{"id":1,"best":1}'), "rows", 100)
+@example(incr_of(b'{"id":1,"low":0.5}'), "rows", 100)
+@example(incr_of(b'{"id":1,"s":"x"}'), "rows", 100)
+@example(incr_of(b'{"id":1,"f":2}'), "rows", 100)
+@example(incr_of(b'{"n":1}'), "log", 100)
+@example(entry_of(b"k", b"del", b'{"id":1}'), "rows", 100)
+@example(entry_of(b"k", b"call", b'{"url":"https://x","payload":1}'), "rows", 100)
+@example(entry_of(b"k", b"upsert", b'{"id":1}'), "rows", 100)
+@example(set_of(b'{"n":1}'), "log", 100)
+@example(entry_of(b"k", b"append", b'{"n":1}'), "log", 100)
+@example(set_of(b'{"id":1}', key=b""), "rows", 100)
+@example(set_of(b'{"id":1}', key=b"k" * 1024), "rows", 100)
+@example(set_of(b'{"id":1}', key=b"k" * 1025), "rows", 100)
+@example(set_of(b'{"id":1}', key="é".encode() * 512), "rows", 100)
+@example(set_of(b'{"id":1}', key=b"caf\xe9"), "rows", 100)
+@example(set_of(b'{"id":'), "rows", 100)
+@example(set_of(b"[1]"), "rows", 100)
+@example(set_of(sized(30)), "rows", 30)
+@example(set_of(sized(31)), "rows", 30)
+@example([b"op", b"set", b"key", b"k", b"data", b'{"id":1}'], "rows", 100)
+@example([*set_of(b'{"id":1}'), b"ts", b"1"], "rows", 100)
+@example([*set_of(b'{"id":1}'), b"table", b"log"], "rows", 100)
+@example([*set_of(b'{"id":1}'), b"trace", b"\xff"], "rows", 100)
+@example([b"key", b"k", b"op", b"set"], "rows", 100)
+@example([*set_of(b'{"id":1}'), b"data", b'{"id":"x"}'], "rows", 100)
+@example([b"key", b"k", *set_of(b'{"id":1}')], "rows", 100)
+def test_unpacker_agrees_with_decode_then_validate(
+    flat: list[bytes], stream: str, limit: int
+) -> None:
+    # Same event and table, or same error; the statistics tell how many took the quick path.
+    validate = CONFIG.validator(stream)
+    validated: list[Event] = []
+
+    def counted(event: Event) -> Table | None:
+        validated.append(event)
+        return validate(event)
+
+    def full(flat: list[bytes]) -> tuple[Event, Table | None]:
+        event = decode(pairs(flat), limit)
+        return event, validate(event)
+
+    expected = unpacked(full, flat)
+    got = unpacked(unpacker(CONFIG.tables[stream], counted, limit), flat)
+    if isinstance(got[0], type):
+        hypothesis.event(f"refused: {got[0].__name__}")
+    else:
+        hypothesis.event("full path" if validated else "quick path")
+    assert got == expected
+
+
+QUICK_FLATS = [
+    ("rows", encode(Event("task:1", Op.SET, {"id": 7, "n": -5, "f": 1, "s": 'é\t"', "b": False}))),
+    ("rows", encode(Event("t:1", Op.APPEND, {"id": INT64_MIN, "j": {"a": [1, 2.5, "x", True]}}))),
+    ("rows", encode(Event("k" * 1024, Op.SET, {"id": INT64_MAX, "best": 3, "low": -0.5}))),
+    ("rows", encode(Event("task:1", Op.INCR, {"id": 7, "n": 1, "f": 0.5, "total": INT64_MAX}))),
+    ("rows", encode(Event("task:1", Op.INCR, {"total": INT64_MIN, "id": 7, "f": 2}))),
+    ("rows", set_of(b'{"id":1,"s":"\\u00e9\\u2028\\/"}')),  # escapes, none of them NUL
+    ("rows", set_of(sized(DEFAULT_MAX_DATA_BYTES))),
+    ("log", encode(Event("k", Op.APPEND, {"n": 1, "j": [1]}))),
+    ("log", encode(Event("k", Op.APPEND, {}))),
+]
+
+
+@pytest.mark.parametrize(("stream", "flat"), QUICK_FLATS)
+def test_unpacker_takes_plain_entries_the_quick_way(
+    stream: str, flat: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expected = decode(pairs(flat))
+    table = CONFIG.validator(stream)(expected)
+
+    def refuse(*_: object) -> NoReturn:
+        raise AssertionError("took the full path")
+
+    monkeypatch.setattr(wire, "decode", refuse)
+    event, got = unpacker(CONFIG.tables[stream], refuse)(flat)
+    assert (repr(event), event) == (repr(expected), expected)
+    assert got is table is CONFIG.tables[stream]
+
+
+def test_unpacked_event_is_an_ordinary_event() -> None:
+    def refuse(_: Event) -> NoReturn:
+        raise AssertionError("took the full path")
+
+    flat = incr_of(b'{"id":7,"total":2,"f":0.5}')
+    event, _ = unpacker(ROWS, refuse)(flat)  # the quick path: its Event is built by hand
+    built = Event("k", Op.INCR, {"id": 7, "total": 2, "f": 0.5})
+    assert type(event) is Event
+    assert event == built and built == event
+    assert (event != built) is False
+    assert dataclasses.astuple(event) == dataclasses.astuple(built)
+    assert repr(event) == repr(built)
+    assert (event.table, event.ts, event.version, event.id) == (None, None, None, None)
+    for one in (event, built):  # dict data: unhashable, both the same way
+        with pytest.raises(TypeError, match="unhashable type: 'dict'"):
+            hash(one)
+    assert pickle.loads(pickle.dumps(event)) == built
+    assert dataclasses.replace(event, key="x") == dataclasses.replace(built, key="x")
+    assert not hasattr(event, "__dict__")
+    for field in dataclasses.fields(Event):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(event, field.name, None)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            delattr(event, field.name)
+    for one in (event, built):  # not a field: refused too (TypeError on CPython 3.11)
+        with pytest.raises((TypeError, AttributeError)):
+            one.extra = 1  # type: ignore[attr-defined]
+    assert event == built  # nothing changed
