@@ -290,3 +290,23 @@ def test_validate_refuses_call_on_a_table() -> None:
 def test_keyless_table_takes_only_append(op: str) -> None:
     with expect(ValidationError, "op", "table 'activity_log' has no key columns: only append"):
         validate(ev(op, user_id=1), LOG)
+
+
+def test_row_keys_spell_uuids_and_timestamps_as_postgresql_compares_them() -> None:
+    table = Table(
+        "seen",
+        key=("at", "ref", "n"),
+        columns={"at": Column(T.TIMESTAMP), "ref": Column(T.UUID), "n": Column(T.INT)},
+    )
+    uuid = "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"
+    one = table.row_key({"at": "2024-05-01T12:00:00Z", "ref": uuid.upper(), "n": 1})
+    same = table.row_key({"at": "2024-05-01T14:00:00+02:00", "ref": uuid, "n": 1})
+    assert one == same == ("2024-05-01T12:00:00+00:00", uuid, 1)
+    other = table.row_key({"at": "2024-05-01T12:00:00.000001Z", "ref": uuid, "n": 1})
+    assert other != one
+    assert ITEMS.row_key({"id": 7, "title": "x"}) == (7,)  # other types as they are
+
+
+def test_a_json_key_column_is_refused() -> None:
+    with pytest.raises(ConfigError, match="key column 'doc' cannot be json"):
+        Table("docs", key=("doc",), columns={"doc": Column(T.JSON)})
