@@ -14,7 +14,7 @@ from streamsink.consumers.settings import GroupSettings
 from streamsink.consumers.window import Window
 from streamsink.errors import EventError, Fenced
 from streamsink.schemas.config import Config
-from streamsink.schemas.wire import unpacker
+from streamsink.schemas.wire import encode, unpacker
 from streamsink.sinks.base import Batch, Rejected, Sink
 from streamsink.streams.leases import Lease
 from streamsink.streams.reader import Raw, Read, ShardReader
@@ -128,7 +128,7 @@ class ShardRunner:
         entry beyond decoding it, its Entry and three list appends.
         """
         unpack, deliveries, most = self._unpack, read.deliveries, self.settings.max_deliveries
-        entries, ids, kept = window.entries, window.ids, window.fields
+        entries, ids = window.entries, window.ids
         taken, size = len(entries), 0
         for entry_id, fields in read.entries:
             if deliveries and deliveries.get(entry_id, 1) > most:
@@ -144,7 +144,6 @@ class ShardRunner:
                 continue
             entries.append(Entry(entry_id.decode(), event, table))
             ids.append(entry_id)
-            kept.append(fields)
             size += sum(map(len, fields))
         self.stats.read += len(read.entries)
         if len(entries) > taken:
@@ -175,9 +174,13 @@ class ShardRunner:
         ids = window.ids
         if rejected:
             at = {entry.id: index for index, entry in enumerate(entries)}
-            for entry_id, reason in rejected.items():
-                if entry_id in at:
-                    await self._dead_letter(window.raw(at[entry_id]), f"sink: {reason}")
+            refused = [at[entry_id] for entry_id in rejected if entry_id in at]
+            stored = await retrying(lambda: self.reader.fields([ids[i] for i in refused]), "read")
+            for index, fields in zip(refused, stored, strict=True):
+                entry = entries[index]
+                # Deleted from the stream since it was read: its event, encoded again.
+                raw = Raw(entry.id, fields or encode(entry.event), window.delivered(index))
+                await self._dead_letter(raw, f"sink: {rejected[entry.id]}")
             ids = [ids[at[entry.id]] for entry in entries if entry.id not in rejected]
         await retrying(lambda: self.reader.ack(ids), "ack")
         self.stats.flushed_windows += 1

@@ -3,27 +3,24 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 from streamsink.consumers.merge import Entry
 from streamsink.consumers.settings import GroupSettings
-from streamsink.streams.reader import Raw
 
 
 class Window:
     """Entries in stream order; closes on count, bytes, quiet time or age, whichever first.
 
-    Beside the decoded entries it keeps each entry's ID and fields as read, in the same
-    order: the IDs to acknowledge it, the fields to dead-letter an entry a sink refuses.
-    The shard's read loop appends to the three lists itself, then calls `grew`.
+    Beside the decoded entries it keeps each entry's ID as read, in the same order, to
+    acknowledge them. The shard's read loop appends to both lists itself, then calls `grew`.
+    What was read is not kept once decoded: an entry a sink refuses is read again.
     """
 
-    __slots__ = ("deliveries", "entries", "fields", "ids", "last", "opened", "size")
+    __slots__ = ("deliveries", "entries", "ids", "last", "opened", "size")
 
     def __init__(self) -> None:
         self.entries: list[Entry] = []
         self.ids: list[bytes] = []  # entry IDs as read, for XACK
-        self.fields: list[Sequence[bytes]] = []  # entry fields as read, for dead letters
         self.deliveries: dict[bytes, int] = {}  # of claimed entries; absent: once
         self.size = 0
         self.opened = self.last = 0.0
@@ -31,13 +28,10 @@ class Window:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def add(
-        self, entry: Entry, entry_id: bytes, fields: Sequence[bytes], size: int, now: float
-    ) -> None:
+    def add(self, entry: Entry, entry_id: bytes, size: int, now: float) -> None:
         """Take one entry read at `now` (seconds, monotonic), `size` bytes."""
         self.entries.append(entry)
         self.ids.append(entry_id)
-        self.fields.append(fields)
         self.grew(size, now)
 
     def grew(self, size: int, now: float) -> None:
@@ -47,10 +41,9 @@ class Window:
         self.size += size
         self.last = now
 
-    def raw(self, index: int) -> Raw:
-        """Entry `index` as read (to dead-letter it)."""
-        entry_id = self.ids[index]
-        return Raw(entry_id.decode(), self.fields[index], self.deliveries.get(entry_id, 1))
+    def delivered(self, index: int) -> int:
+        """How often entry `index` had been delivered when it was read."""
+        return self.deliveries.get(self.ids[index], 1)
 
     def full(self, settings: GroupSettings) -> bool:
         """Whether the count or byte bound is reached (reading must wait for a flush)."""

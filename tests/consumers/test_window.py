@@ -10,18 +10,16 @@ from streamsink.consumers.merge import Entry
 from streamsink.consumers.settings import GroupSettings
 from streamsink.consumers.window import Window
 from streamsink.schemas.event import Event
-from streamsink.streams.reader import Raw
 
 T0 = 1000.0  # a monotonic clock reading, in seconds
 EPS = 1e-6
 
 
-def put(window: Window, n: int, now: float, size: int = 10) -> Raw:
-    """Add entry `n` read at `now`, `size` bytes; its raw entry."""
-    raw = Raw(f"1-{n}", [b"n", str(n).encode()])
-    entry = Entry(raw.id, Event.make(f"k{n}", "set", {"n": n}))
-    window.add(entry, raw.id.encode(), raw.fields, size, now)
-    return raw
+def put(window: Window, n: int, now: float, size: int = 10) -> Entry:
+    """Add entry `n` read at `now`, `size` bytes; its entry."""
+    entry = Entry(f"1-{n}", Event.make(f"k{n}", "set", {"n": n}))
+    window.add(entry, entry.id.encode(), size, now)
+    return entry
 
 
 def test_an_empty_window_is_never_due() -> None:
@@ -33,15 +31,15 @@ def test_an_empty_window_is_never_due() -> None:
     assert not window.due(settings, T0 + 10**9)
 
 
-def test_add_keeps_order_raws_size_and_times() -> None:
+def test_add_keeps_order_ids_size_and_times() -> None:
     window = Window()
-    raws = [put(window, n, T0 + n, size=n + 1) for n in range(3)]
+    added = [put(window, n, T0 + n, size=n + 1) for n in range(3)]
     assert len(window) == 3
-    assert [entry.id for entry in window.entries] == ["1-0", "1-1", "1-2"]
+    assert window.entries == added
     assert window.ids == [b"1-0", b"1-1", b"1-2"]
-    assert [window.raw(n) for n in range(3)] == raws
+    assert [window.delivered(n) for n in range(3)] == [1, 1, 1]
     window.deliveries[b"1-1"] = 4  # a claimed entry remembers how often it went out
-    assert window.raw(1) == raws[1]._replace(deliveries=4)
+    assert [window.delivered(n) for n in range(3)] == [1, 4, 1]
     assert window.size == 1 + 2 + 3
     assert (window.opened, window.last) == (T0, T0 + 2)
 

@@ -216,7 +216,8 @@ async def test_poison_entries_go_to_dead_letters_and_the_rest_of_the_window_goes
     wrong_type = r.xadd(
         stream_key, dict(_pairs(encode(Event.make(key, "set", {"id": key, "seq": "three"}))))
     )
-    rejected = producer.publish(STREAM, item(key, 3, poison=True))
+    spaced = f'{{"id": "{key}",  "seq": 3, "poison": true}}'.encode()  # not as orjson writes
+    rejected = r.xadd(stream_key, {"key": key, "op": "set", "data": spaced}).decode()
     after = producer.publish_many(STREAM, [item(key, n) for n in range(4, 7)])
     bad = {undecodable.decode(), wrong_type.decode()}
 
@@ -243,6 +244,7 @@ async def test_poison_entries_go_to_dead_letters_and_the_rest_of_the_window_goes
     assert letters[undecodable.decode()][b"f:data"] == b'{"id": "x", "seq'
     assert letters[wrong_type.decode()][b"reason"].startswith(b"ValidationError: data.seq")
     assert letters[rejected][b"reason"] == b"sink: no poison here"
+    assert letters[rejected][b"f:data"] == spaced, "the stored bytes, read back from the stream"
     for entry_id, letter in letters.items():
         assert letter[b"group"] == GROUP.encode()
         assert letter[b"source"] == stream_key.encode()
@@ -397,3 +399,31 @@ async def test_windows_close_early_by_the_flush_time_so_commits_land_by_the_max_
         await eventually(lambda: len(lags) >= 6, task, "six windows written")
     later = lags[2:]  # the first flushes teach the worker how long a flush takes
     assert 0.45 <= statistics.median(later) <= 0.72, f"lags {lags}"
+
+
+async def test_a_refused_entry_deleted_meanwhile_is_dead_lettered_from_its_event(
+    r: redis.Redis, keys: Keys, redis_url: str
+) -> None:
+    """Windows keep decoded events only: a refused entry's fields are read back from the
+    stream, or, if someone deleted it meanwhile, its event is encoded again."""
+    create_stream(r, keys, STREAM, SHARDS)
+    config = make_config(keys, ["picky"])
+    shard = 1
+    key = keys_on(shard, 1)[0]
+    stream_key = keys.shard(STREAM, shard)
+    producer = Producer(r, config)
+    gone, kept = producer.publish_many(STREAM, [item(key, 1, poison=True), item(key, 2)])
+
+    async def picky(batch: Batch) -> list[Rejected]:
+        r.xdel(stream_key, gone)  # an operator's XDEL while the window is written
+        return [Rejected(gone, "no poison here")]
+
+    dead = keys.dead(STREAM, shard, GROUP)
+    async with running(redis_url, config, {"picky": FunctionSink(picky)}) as task:
+        await eventually(lambda: bool(r.exists(dead)), task, "a dead letter")
+        await eventually(lambda: pending(r, keys) == [0] * SHARDS, task, "nothing pending")
+    letter = dead_letters(r, keys, shard)[gone]
+    assert letter[b"reason"] == b"sink: no poison here"
+    original = dict(_pairs(encode(item(key, 1, poison=True))))
+    assert {k[2:]: v for k, v in letter.items() if k.startswith(b"f:")} == original
+    assert [i.decode() for i, _ in r.xrange(stream_key)] == [kept]
