@@ -127,10 +127,11 @@ def _fold_window(merged: Merged, entries: Sequence[Entry], calls: list[Entry | N
     key_name: str | None = None
     row_key: Callable[[Mapping[str, Any]], tuple[Any, ...]] = tuple
     assign_only = False
+    set_kinds: dict[str, Kind] = {}
+    incr_kinds: dict[str, Kind] = {}
     for entry in entries:
-        event = entry.event
+        entry_id, event, table = entry
         op = event.op
-        table = entry.table
         if op is _CALL or table is None:
             if op is _CALL:
                 _add_call(calls, newest_call, entry)
@@ -140,7 +141,7 @@ def _fold_window(merged: Merged, entries: Sequence[Entry], calls: list[Entry | N
         if plan is None or table is not plan.table:
             plan = _plan_for(merged, plans, table)
             rows, key_name, row_key = plan.rows, plan.key_name, plan.row_key
-            assign_only = plan.assign_only
+            assign_only, set_kinds, incr_kinds = plan.assign_only, plan.set_kinds, plan.incr_kinds
         if op is _APPEND:
             merged.appends.setdefault(table.name, []).append(entry)
             continue
@@ -150,16 +151,29 @@ def _fold_window(merged: Merged, entries: Sequence[Entry], calls: list[Entry | N
         if change is None:
             change = rows[key] = RowChange(key)
         change.events += 1
-        change.last_id = entry.id
-        if op is _SET and assign_only:
-            fields = change.fields
+        change.last_id = entry_id
+        fields = change.fields
+        if op is _DEL:
+            change.deleted = True
+            fields.clear()
+        elif op is _SET and assign_only:
             for name, value in data.items():
                 fields[name] = (ASSIGN, value)
-        elif op is _DEL:
-            change.deleted = True
-            change.fields.clear()
-        else:
-            _fold(change.fields, data, plan, plan.set_kinds if op is _SET else plan.incr_kinds)
+        else:  # fold each field into the row's merged ones (inlined: this runs per event)
+            kinds = set_kinds if op is _SET else incr_kinds
+            for name, value in data.items():
+                kind = kinds[name]
+                old = fields.get(name)
+                if old is None or kind is ASSIGN:
+                    fields[name] = (kind, value)
+                elif kind is ADD:
+                    fields[name] = (old[0], (old[1] or 0) + value)
+                elif name in plan.timestamps:
+                    fields[name] = (kind, _pick(kind, old[1], value, True))
+                elif kind is MAX:  # as _pick: the older value on a tie
+                    fields[name] = old if value <= old[1] else (kind, value)
+                else:
+                    fields[name] = old if value >= old[1] else (kind, value)
 
 
 def _plan_for(merged: Merged, plans: dict[str, _Plan], table: Table) -> _Plan:
@@ -189,21 +203,6 @@ def _plan_for(merged: Merged, plans: dict[str, _Plan], table: Table) -> _Plan:
 def _timestamps(table: Table) -> frozenset[str]:
     """Columns whose values are ISO 8601 texts: they compare as instants, not as strings."""
     return frozenset(n for n, c in table.columns.items() if c.type is ColumnType.TIMESTAMP)
-
-
-def _fold(
-    fields: dict[str, FieldChange], data: Mapping[str, Any], plan: _Plan, kinds: dict[str, Kind]
-) -> None:
-    """Fold the fields of one set or incr into the row's merged fields."""
-    for name, value in data.items():
-        kind = kinds[name]
-        old = fields.get(name)
-        if old is None or kind is ASSIGN:
-            fields[name] = (kind, value)
-        elif kind is ADD:
-            fields[name] = (old[0], (old[1] or 0) + value)
-        else:
-            fields[name] = (kind, _pick(kind, old[1], value, name in plan.timestamps))
 
 
 def _add_call(calls: list[Entry | None], newest: dict[tuple[str, str], int], entry: Entry) -> None:

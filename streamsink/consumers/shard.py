@@ -130,6 +130,7 @@ class ShardRunner:
         unpack, deliveries, most = self._unpack, read.deliveries, self.settings.max_deliveries
         entries, ids = window.entries, window.ids
         taken, size = len(entries), 0
+        new_entry = tuple.__new__  # Entry(...) without its Python-level __new__
         for entry_id, fields in read.entries:
             if deliveries and deliveries.get(entry_id, 1) > most:
                 times = deliveries[entry_id]
@@ -142,9 +143,9 @@ class ShardRunner:
                 raw = Raw(entry_id.decode(), fields, deliveries.get(entry_id, 1))
                 await self._dead_letter(raw, f"{type(exc).__name__}: {exc}")
                 continue
-            entries.append(Entry(entry_id.decode(), event, table))
+            entries.append(new_entry(Entry, (entry_id.decode(), event, table)))
             ids.append(entry_id)
-            size += sum(map(len, fields))
+            size += len(fields[5]) if len(fields) == 6 else sum(map(len, fields))
         self.stats.read += len(read.entries)
         if len(entries) > taken:
             if deliveries:

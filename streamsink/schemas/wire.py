@@ -219,16 +219,22 @@ def unpacker(
     type its column takes as is. Those pass every check; any other entry takes the full path,
     so both paths give the same event, or the same error.
     """
-    quick: dict[bytes, tuple[Op, Mapping[str, frozenset[type]]]] = {}
-    key_columns: frozenset[str] = frozenset()
-    least = 0  # fields an incr must name: the key columns and one delta
+    # Per op byte string: the op, the exact types each column takes, fields it must name.
+    quick: dict[bytes, tuple[Op, Mapping[str, frozenset[type]], int]] = {}
+    one_key: str | None = None  # every key column must be in data: one `in` for one key
+    all_keys: frozenset[str] | None = None
     if table is not None:
-        quick[_OP_BYTES[Op.APPEND]] = (Op.APPEND, table.plain)
+        quick[_OP_BYTES[Op.APPEND]] = (Op.APPEND, table.plain, 0)
         if table.key:  # keyless: append only
-            quick[_OP_BYTES[Op.SET]] = (Op.SET, table.plain)
-            quick[_OP_BYTES[Op.INCR]] = (Op.INCR, table.plain_deltas)
-        key_columns, least = frozenset(table.key), len(table.key) + 1
-    loads, incr = orjson.loads, Op.INCR
+            quick[_OP_BYTES[Op.SET]] = (Op.SET, table.plain, 0)
+            quick[_OP_BYTES[Op.INCR]] = (Op.INCR, table.plain_deltas, len(table.key) + 1)
+        if len(table.key) == 1:
+            one_key = table.key[0]
+        elif table.key:
+            all_keys = frozenset(table.key)
+    loads = orjson.loads
+    new, set_key, set_op, set_data = object.__new__, _SLOTS[0], _SLOTS[1], _SLOTS[2]
+    set_table, set_ts, set_version, set_id = _SLOTS[3:]
 
     def unpack(flat: Sequence[bytes]) -> tuple[Event, Table | None]:
         if len(flat) == 6 and flat[0] == F_KEY and flat[2] == F_OP and flat[4] == F_DATA:
@@ -240,24 +246,35 @@ def unpacker(
                 and len(raw) <= max_data_bytes
                 and raw.find(b"\\u0000") < 0  # NUL in text: the full path
             ):
-                op, plain = how
+                op, plain, least = how
                 try:
                     data = loads(raw)
                 except orjson.JSONDecodeError:
                     data = None  # the full path says why
                 if (
                     type(data) is dict
-                    and data.keys() >= key_columns
-                    and (op is not incr or len(data) >= least)
+                    and (one_key is None or one_key in data)
+                    and (all_keys is None or data.keys() >= all_keys)
+                    and len(data) >= least  # an incr names a delta
                 ):
                     for name, value in data.items():
                         types = plain.get(name)
                         if types is None or type(value) not in types:
                             break
-                        if types is PLAIN_INT and not INT64_MIN <= value <= INT64_MAX:
+                        # orjson reads integers below -2**63 as floats: only the top can
+                        # overflow (up to 2**64-1). The property test holds this.
+                        if types is PLAIN_INT and value > INT64_MAX:
                             break
-                    else:
-                        return _event(key.decode(), op, data), table
+                    else:  # Event(key, op, data) in half the time: its slots set directly
+                        event = new(Event)
+                        set_key(event, key.decode())
+                        set_op(event, op)
+                        set_data(event, data)
+                        set_table(event, None)
+                        set_ts(event, None)
+                        set_version(event, None)
+                        set_id(event, None)
+                        return event, table
         pairs = iter(flat)  # names and values taken in turn
         event = decode(dict(zip(pairs, pairs, strict=True)), max_data_bytes)
         return event, validate(event)
@@ -265,23 +282,10 @@ def unpacker(
     return unpack
 
 
-def _event(key: str, op: Op, data: dict[str, Any]) -> Event:
-    """Event(key, op, data) in half the time: the frozen class's slots set directly."""
-    event = _new_event(Event)
-    _set_key(event, key)
-    _set_op(event, op)
-    _set_data(event, data)
-    _set_table(event, None)
-    _set_ts(event, None)
-    _set_version(event, None)
-    _set_id(event, None)
-    return event
-
-
-_new_event = object.__new__
-_set_key, _set_op, _set_data, _set_table, _set_ts, _set_version, _set_id = (
+_SLOTS = tuple(
     getattr(Event, name).__set__ for name in ("key", "op", "data", "table", "ts", "version", "id")
 )
+"""Setters of an Event's slots, in field order: they bypass the frozen class's __setattr__."""
 
 
 def _text(fields: Mapping[bytes, bytes], name: bytes) -> str | None:
