@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import redis.asyncio as aredis
-from redis.exceptions import ResponseError
+from redis.exceptions import ResponseError, WatchError
 
 from streamsink.errors import Fenced
 from streamsink.streams.keys import Keys
@@ -32,21 +32,12 @@ redis.call('XADD', KEYS[2], '*', unpack(fields))
 return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 """
 
-# Reads and claims are fenced by the lease, in the same script: a worker whose lease
-# expired while it was paused must not take entries that now belong to the next owner
-# (they would be delivered to it alone, and the next owner's offset would pass them).
-# KEYS: lease, shard stream. ARGV: owner (= consumer), group, count.
-# {0}: not the owner. {1, entries}: entries read. {1, {}, last ID}: nothing new yet.
-_FENCED_READ = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {0} end
-local reply = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[1], 'COUNT', ARGV[3],
-                         'STREAMS', KEYS[2], '>')
-if reply then return {1, reply[1][2]} end
-local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-if last[1] then return {1, {}, last[1][1]} end
-return {1, {}, '0-0'}
-"""
-
+# Reads and claims are fenced by the lease: a worker whose lease expired while it was
+# paused must not take entries that now belong to the next owner (they would be delivered
+# to it alone, and the next owner's offset would pass them). Reads check the lease under
+# WATCH and read in MULTI/EXEC (see ShardReader._read_once); a script would do it in one
+# round trip, but Redis then copies every entry into Lua and back: 6 µs of Redis time an
+# entry instead of 1.5, measured with 5,000-entry reads.
 # KEYS: lease, shard stream. ARGV: owner (= consumer), group, cursor, count.
 # {0}: not the owner. {1, next cursor, entries}.
 _FENCED_CLAIM = """
@@ -81,6 +72,10 @@ end
 return found
 """
 
+_AS_SENT: Any = {}
+"""Response callbacks of the read's transaction: none, so entries come as Redis sent them
+(redis-py would build a dict of each entry's fields)."""
+
 DEAD_PREFIX = b"f:"
 """Dead-letter fields holding the original entry's fields start with this."""
 
@@ -111,6 +106,16 @@ class Raw(NamedTuple):
     id: str
     fields: Sequence[bytes]  # [name, value, name, value, ...]
     deliveries: int = 1
+
+
+def _entries(reply: Any) -> list[list[Any]]:
+    """The entries of a one-stream XREADGROUP reply: a map in RESP3, a list in RESP2."""
+    if not reply:
+        return []
+    entries: list[list[Any]] = (
+        next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
+    )
+    return entries
 
 
 def _text(value: bytes | str) -> str:
@@ -148,7 +153,7 @@ class ShardReader:
         self._claiming = True
         self._last = (0, 0)
         self._dead_letter = client.register_script(_DEAD_LETTER)
-        self._fenced_read = client.register_script(_FENCED_READ)
+        self._owner = consumer.encode()
         self._fenced_claim = client.register_script(_FENCED_CLAIM)
         self._ack = client.register_script(_ACK)
         self._fields = client.register_script(_FIELDS)
@@ -173,20 +178,42 @@ class ShardReader:
         return read
 
     async def _read(self, count: int, block_ms: int) -> Read:
-        """XREADGROUP under the lease; a script cannot block, so wait with XREAD and retry."""
-        keys = [self.lease_key, self.key]
+        """Read new entries under the lease; with none yet, wait with XREAD, and read again."""
         for attempt in range(2):
-            got: Any = await self._fenced_read(keys, [self.consumer, self.group, count])
-            if not int(got[0]):
-                raise Fenced(f"{self.key}: the lease is no longer ours; stopped reading")
-            if got[1]:
-                return Read(got[1], {})  # (an entry deleted after XADD cannot be new here)
+            entries, newest = await self._read_once(count)
+            if entries:
+                return Read(entries, {})  # (an entry deleted after XADD cannot be new here)
             if attempt or not block_ms:
                 break
-            # Returns as soon as an entry past the newest one exists (no window is lost
-            # between the script and this wait), or after block_ms.
-            await self._client.xread({self.key: _text(got[2])}, count=1, block=block_ms)
+            # Returns as soon as an entry past the newest one exists (no entry is missed
+            # between the read and this wait), or after block_ms.
+            await self._client.xread({self.key: newest}, count=1, block=block_ms)
         return Read([], {})
+
+    async def _read_once(self, count: int) -> tuple[list[list[Any]], bytes]:
+        """XREADGROUP if the lease is ours, and the newest ID of the shard.
+
+        The lease key is WATCHed, checked, then the read runs in MULTI/EXEC: EXEC fails if
+        the key changed in between (taken over, or renewed: then check again), so nothing
+        is read unless the lease was ours when the read ran.
+        """
+        while True:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.response_callbacks = _AS_SENT
+                await pipe.watch(self.lease_key)
+                if await pipe.get(self.lease_key) != self._owner:
+                    raise Fenced(f"{self.key}: the lease is no longer ours; stopped reading")
+                pipe.multi()  # type: ignore[no-untyped-call]
+                pipe.execute_command(
+                    "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count,
+                    "STREAMS", self.key, ">",
+                )  # fmt: skip
+                pipe.execute_command("XREVRANGE", self.key, "+", "-", "COUNT", 1)
+                try:
+                    read, newest = await pipe.execute()
+                except WatchError:
+                    continue
+            return _entries(read), (newest[0][0] if newest else b"0-0")
 
     def recover(self) -> None:
         """After a failed read: claim again what was delivered to us past the last entry seen.

@@ -608,3 +608,36 @@ async def test_a_fenced_read_waits_for_new_entries_and_wakes_on_them(
     got = await raws(fenced, 10, 5000)
     later.cancel()
     assert len(got) == 1 and got[0].fields
+
+
+@pytest.mark.parametrize("meanwhile", ["renewed", "taken"])
+async def test_a_lease_changed_between_its_check_and_the_read_is_checked_again(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch, meanwhile: str
+) -> None:
+    """The read runs in MULTI/EXEC under WATCH of the lease: a change after the check
+    voids it. Renewed by its owner: checked again and read; taken over: nothing read."""
+    ids = add(r, keys, 3)
+    lease = keys.lease(STREAM, 0, GROUP)
+    r.set(lease, "w1", px=10_000)
+    rd = await fenced_reader(ar, keys, "w1")
+    multi: Any = aredis.client.Pipeline.multi
+    changes: list[str] = []
+
+    def changed_then_multi(pipe: Any) -> None:
+        if not changes:  # once, between the check (GET) and MULTI ... EXEC
+            changes.append(meanwhile)
+            if meanwhile == "renewed":
+                r.pexpire(lease, 10_000)
+            else:
+                r.set(lease, "w2", px=10_000)
+        multi(pipe)
+
+    monkeypatch.setattr(aredis.client.Pipeline, "multi", changed_then_multi)
+    if meanwhile == "renewed":
+        assert [raw.id for raw in await raws(rd, 10)] == ids
+        assert pending(r, keys) == dict.fromkeys(ids, "w1")
+    else:
+        with pytest.raises(Fenced):
+            await rd.next(10, 0)
+        assert pending(r, keys) == {}, "read after the lease was taken over"
+    assert changes == [meanwhile]
