@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -55,7 +56,8 @@ class ShardRunner:
         self.draining = asyncio.Event()
         self.lost = False  # the lease is gone: stop without flushing or acknowledging
         self.stats = ShardStats()
-        self.lead = 0.0  # how long flushes take (seconds, smoothed): windows close that early
+        self.lead = 0.0  # how long a flush may take (seconds): windows close that early
+        self._flushes: deque[float] = deque(maxlen=8)  # the last flushes' durations
         self._where = {"group": reader.group, "stream": stream, "shard": lease.shard}
         spec = config.streams.get(stream)
         table = config.tables.get(spec.table) if spec is not None and spec.table else None
@@ -188,9 +190,10 @@ class ShardRunner:
         self.stats.applied += len(ids)
 
     def _took(self, seconds: float) -> None:
-        """Fold a flush's merge-and-write time into `lead`, at most half the max age."""
-        smoothed = self.lead + (seconds - self.lead) / 4 if self.lead else seconds
-        self.lead = min(smoothed, self.settings.max_age_ms / 2000)
+        """Note a flush's merge-and-write time: `lead` is the longest of the last eight
+        (the slow ones make the latency's tail), at most half the max age."""
+        self._flushes.append(seconds)
+        self.lead = min(max(self._flushes), self.settings.max_age_ms / 2000)
 
     async def _write(self, sink: Sink, batch: Batch) -> Sequence[Rejected]:
         """Write until the sink accepts: any error is retried with backoff, keeping the lease."""
