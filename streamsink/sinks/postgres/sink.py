@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, NoReturn
 
 import psycopg2
@@ -158,6 +159,11 @@ class _Stage:
     data: bytes  # the staged rows, COPY text
     statements: list[str] = field(default_factory=list)  # delete, upserts: run together
     updates: list[tuple[str, int]] = field(default_factory=list)  # update mode: with rows
+
+
+_first = itemgetter(0)
+_ABSENT = (None, None)
+"""A column a change does not write: staged as null (its shape leaves it untouched)."""
 
 
 class _RowError(Exception):
@@ -474,19 +480,26 @@ class _Writer:
         key_positions = [names.index(k) for k in table.key]
         deletes = 0
 
-        def staged() -> Iterator[list[Any]]:
+        # A change's fields hold its key values as written; the row key (change.key) spells
+        # uuid and timestamp keys as PostgreSQL compares them, and a lone delete has no
+        # fields: then the key goes in from the row key.
+        spelled = bool(table.key_forms)
+
+        def staged() -> Iterator[list[Any]]:  # runs per row, holding the GIL: kept lean
             nonlocal deletes
             for change in changes:
                 fields = change.fields
                 number = -1
                 if fields and not (update_mode and change.deleted):
-                    raw = tuple((name, kind) for name, (kind, _) in fields.items())
-                    number = shapes.setdefault(raw, len(shapes))
+                    flat = (*fields, *map(_first, fields.values()))  # names, then kinds
+                    number = shapes.setdefault(flat, len(shapes))
                     counts[number] = counts.get(number, 0) + 1
                 deletes += change.deleted
-                row = [fields[n][1] if n in fields else None for n in names]
-                for position, value in zip(key_positions, change.key, strict=True):
-                    row[position] = value  # a lone delete has no fields, only its key
+                get = fields.get
+                row = [get(name, _ABSENT)[1] for name in names]
+                if spelled or not fields:
+                    for position, value in zip(key_positions, change.key, strict=True):
+                        row[position] = value
                 row.append(number)
                 row.append(change.deleted)
                 yield row
@@ -505,8 +518,9 @@ class _Writer:
         if deletes:
             stage.statements.append(statements.delete(table, staging).as_string(conn))
             self.stats.deletes += deletes
-        for raw, number in shapes.items():
-            shape = tuple(sorted(raw))
+        for flat, number in shapes.items():
+            half = len(flat) // 2
+            shape = tuple(sorted(zip(flat[:half], flat[half:], strict=True)))
             if not update_mode:
                 upsert = statements.upsert(table, staging, shape, number)
                 stage.statements.append(upsert.as_string(conn))
