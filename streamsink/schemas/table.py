@@ -143,6 +143,12 @@ def validate(event: Event, table: Table) -> None:
         raise ValidationError("op", f"call events go to an endpoint, not to table {table.name!r}")
     if not table.key and op is not Op.APPEND:
         raise ValidationError("op", f"table {table.name!r} has no key columns: only append")
+    if table.key and op is Op.APPEND:
+        raise ValidationError(
+            "op",
+            f"table {table.name!r} has key columns: append adds rows to tables without a key; "
+            "write a row by its key with set",
+        )
     data = event.data
     for name in table.key:
         if name not in data:

@@ -87,16 +87,17 @@ def packer(
     """`pack` then `validate` (same errors), quick for plain events of `table`.
 
     The values are `pack`'s, only three (key, op, data) when the event has no table, ts,
-    version or id. Plain: such a set or append bound for `table`, with an ASCII key, a
-    dict of data holding every key column, each value of a type its column takes as is
-    (`Table.plain`), and JSON free of null and NUL. Those pass every check, so one dict
-    lookup and one type test a field replace them; any other event takes the full path.
+    version or id. Plain: such a set (keyed `table`) or append (keyless one) bound for
+    `table`, with an ASCII key, a dict of data holding every key column, each value of a
+    type its column takes as is (`Table.plain`), and JSON free of null and NUL. Those pass
+    every check, so one dict lookup and one type test a field replace them; any other event
+    takes the full path.
     """
     plain = table.plain if table is not None else {}
     key_columns = frozenset(table.key) if table is not None else frozenset()
     never = object()  # matches no op: the quick path is closed to it
-    first = Op.SET if table is not None and table.key else never  # keyless: append only
-    second = Op.APPEND if table is not None else never
+    first = Op.SET if table is not None and table.key else never  # keyed: set, no append
+    second = Op.APPEND if table is not None and not table.key else never
 
     def pack_validated(event: Event) -> tuple[bytes, ...]:
         key, op, data = event.key, event.op, event.data
@@ -213,21 +214,22 @@ def unpacker(
 
     The mirror of `packer`, for the worker's hot path: the fields come as Redis sent them,
     [name, value, ...], and the result is the event with its table (`validate`'s). Plain:
-    exactly key, op and data in that order (what the producers write), an ASCII key, a set,
-    incr or append that `table` takes (incr: key values and deltas of lww or sum numbers),
-    JSON free of `\\u0000` decoding to a dict that holds every key column, each value of a
-    type its column takes as is. Those pass every check; any other entry takes the full path,
-    so both paths give the same event, or the same error.
+    exactly key, op and data in that order (what the producers write), an ASCII key, a set
+    or incr (keyed `table`; incr: key values and deltas of lww or sum numbers) or append
+    (keyless one), JSON free of `\\u0000` decoding to a dict that holds every key column,
+    each value of a type its column takes as is. Those pass every check; any other entry
+    takes the full path, so both paths give the same event, or the same error.
     """
     # Per op byte string: the op, the exact types each column takes, fields it must name.
     quick: dict[bytes, tuple[Op, Mapping[str, frozenset[type]], int]] = {}
     one_key: str | None = None  # every key column must be in data: one `in` for one key
     all_keys: frozenset[str] | None = None
     if table is not None:
-        quick[_OP_BYTES[Op.APPEND]] = (Op.APPEND, table.plain, 0)
-        if table.key:  # keyless: append only
+        if table.key:  # keyed: set and incr; keyless: append only
             quick[_OP_BYTES[Op.SET]] = (Op.SET, table.plain, 0)
             quick[_OP_BYTES[Op.INCR]] = (Op.INCR, table.plain_deltas, len(table.key) + 1)
+        else:
+            quick[_OP_BYTES[Op.APPEND]] = (Op.APPEND, table.plain, 0)
         if len(table.key) == 1:
             one_key = table.key[0]
         elif table.key:

@@ -141,7 +141,7 @@ class Draws:
             for name in self.table.value_columns
             if columns[name].type in (INT, FLOAT) and columns[name].policy in (LWW, SUM)
         ]
-        ops = [Op.SET, Op.DEL, Op.APPEND, *([Op.INCR] if self.increments else [])]
+        ops = [Op.SET, Op.DEL, *([Op.INCR] if self.increments else [])]  # keyed: no append
         self.ops = st.sampled_from(ops)
         self.keys = st.sampled_from(all_spellings(self.table))
         # Sum, max and min columns take values only; lww ones take null too.
@@ -281,17 +281,31 @@ def test_merged_floats_apply_like_their_events_within_rounding(
     assert all(rows_close(actual[key], expected[key]) for key in expected), (actual, expected)
 
 
+LOG = Table("log", (), {"n": Column(INT), "note": Column(TEXT)})
+"""A table without a key: the one kind appends go to."""
+
+
 @PROPERTY
-@given(windows())
-def test_appends_are_never_merged(
-    case: Case,
-) -> None:
+@given(windows(), st.lists(st.tuples(st.integers(0, 30), st.integers(0, 9)), max_size=10))
+def test_appends_are_never_merged(case: Case, inserts: list[tuple[int, int]]) -> None:
+    """Appends to a keyless table, anywhere among a keyed table's events, stay as they are,
+    in stream order, and change nothing of the keyed table's rows."""
     table, _, entries = case
-    merged = merge(entries)
-    appends = [entry for entry in entries if entry.event.op is Op.APPEND]
-    assert merged.appends.get(table.name, []) == appends
-    touched = {table.row_key(e.event.data) for e in entries if e.event.op is not Op.APPEND}
-    assert set(merged.rows.get(table.name, {})) == touched
+    mixed = list(entries)
+    for at, n in inserts:
+        appended = Event(f"log:{n}", Op.APPEND, {"n": n, "note": "x"})
+        validate(appended, LOG)
+        mixed.insert(min(at, len(mixed)), Entry("", appended, LOG))
+    mixed = [entry._replace(id=f"1700000000000-{i}") for i, entry in enumerate(mixed)]
+    merged = merge(mixed)
+    assert merged.appends.get("log", []) == [e for e in mixed if e.table is LOG]
+    assert set(merged.rows.get(table.name, {})) == {table.row_key(e.event.data) for e in entries}
+
+    def changes(rows: dict[Any, RowChange]) -> dict[Any, tuple[Any, ...]]:
+        return {key: (c.deleted, c.fields, c.events) for key, c in rows.items()}
+
+    alone = merge(entries).rows.get(table.name, {})
+    assert changes(merged.rows.get(table.name, {})) == changes(alone)
 
 
 URLS = ["https://a.example/hook", "https://b.example/hook"]

@@ -152,7 +152,6 @@ def test_plain_deltas_are_key_columns_and_lww_or_sum_numbers() -> None:
         (ITEMS, ev("set", id=1, meta="a string is JSON too")),
         (ITEMS, ev("incr", id=1, views=-3, score=0.5, price=1)),
         (ITEMS, ev("del", id=1)),
-        (ITEMS, ev("append", id=1, title="x")),
         (LIKES, ev("set", post_id=1, user_id=2)),
         (LIKES, ev("del", post_id=1, user_id=2)),
         (LOG, ev("append", user_id=1, meta={"ip": "1.2.3.4"})),
@@ -219,7 +218,13 @@ def test_validate_refuses_unknown_column() -> None:
         validate(ev("set", id=1, colour="red"), ITEMS)
 
 
-@pytest.mark.parametrize("op", ["set", "incr", "del", "append"])
+def test_validate_refuses_an_append_to_a_table_with_a_key() -> None:
+    """Appends add rows to tables without a key (logs); a keyed row is written with set."""
+    with expect(ValidationError, "op", "table 'items' has key columns: append adds rows"):
+        validate(ev("append", id=1, title="x"), ITEMS)
+
+
+@pytest.mark.parametrize("op", ["set", "incr", "del"])
 def test_validate_refuses_missing_key_column(op: str) -> None:
     with expect(ValidationError, "data.user_id", "key column of 'post_likes' is missing"):
         validate(ev(op, post_id=1, liked_at=None), LIKES)

@@ -535,7 +535,7 @@ def test_packer_agrees_with_pack_then_validate(event: Event, stream: str, limit:
     ("stream", "event"),
     [
         ("rows", Event("task:1", Op.SET, {"id": 7, "n": -5, "f": 1, "s": 'é\t"', "b": False})),
-        ("rows", Event("task:1", Op.APPEND, {"id": INT64_MIN, "j": {"a": [1, 2.5, "x", True]}})),
+        ("log", Event("task:1", Op.APPEND, {"id": INT64_MIN, "j": {"a": [1, 2.5, "x", True]}})),
         ("rows", Event("k", Op.SET, {"id": INT64_MAX, "f": 2.5, "j": "s", "name": ""})),
         ("log", Event("k", Op.APPEND, {"n": 1, "j": [1]})),
         ("log", Event("k", Op.APPEND, {})),
@@ -849,7 +849,7 @@ def test_unpacker_agrees_with_decode_then_validate(
 
 QUICK_FLATS = [
     ("rows", encode(Event("task:1", Op.SET, {"id": 7, "n": -5, "f": 1, "s": 'é\t"', "b": False}))),
-    ("rows", encode(Event("t:1", Op.APPEND, {"id": INT64_MIN, "j": {"a": [1, 2.5, "x", True]}}))),
+    ("log", encode(Event("t:1", Op.APPEND, {"id": INT64_MIN, "j": {"a": [1, 2.5, "x", True]}}))),
     ("rows", encode(Event("k" * 1024, Op.SET, {"id": INT64_MAX, "best": 3, "low": -0.5}))),
     ("rows", encode(Event("task:1", Op.INCR, {"id": 7, "n": 1, "f": 0.5, "total": INT64_MAX}))),
     ("rows", encode(Event("task:1", Op.INCR, {"total": INT64_MIN, "id": 7, "f": 2}))),
