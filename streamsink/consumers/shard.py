@@ -127,7 +127,7 @@ class ShardRunner:
         """Decode and check what was read into the window; dead-letter what cannot be applied.
 
         The hot loop of a worker (every entry passes here once): locals only, no call per
-        entry beyond decoding it, its Entry and three list appends.
+        entry beyond decoding it, its Entry and two list appends.
         """
         unpack, deliveries, most = self._unpack, read.deliveries, self.settings.max_deliveries
         entries, ids = window.entries, window.ids
