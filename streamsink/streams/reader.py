@@ -37,7 +37,8 @@ return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 # to it alone, and the next owner's offset would pass them). Reads check the lease under
 # WATCH and read in MULTI/EXEC (see ShardReader._read_once); a script would do it in one
 # round trip, but Redis then copies every entry into Lua and back: 6 µs of Redis time an
-# entry instead of 1.5, measured with 5,000-entry reads.
+# entry instead of 1.5, measured with 5,000-entry reads. Claims (only on a takeover) do
+# use a script:
 # KEYS: lease, shard stream. ARGV: owner (= consumer), group, cursor, count.
 # {0}: not the owner. {1, next cursor, entries}.
 _FENCED_CLAIM = """
@@ -131,8 +132,9 @@ def parse_id(entry_id: str | bytes) -> tuple[int, int]:
 class ShardReader:
     """Reads one shard for one group as one consumer: the worker holding its lease.
 
-    Reads and claims happen only while `consumer` holds the shard's lease (checked in the
-    same script): a worker paused past its lease gets `Fenced` instead of entries.
+    Reads and claims happen only while `consumer` holds the shard's lease (a read checks it
+    under WATCH and reads in MULTI/EXEC, a claim checks it in its script): a worker paused
+    past its lease gets `Fenced` instead of entries.
     """
 
     def __init__(
