@@ -18,7 +18,7 @@ from streamsink.schemas.config import Config
 from streamsink.schemas.wire import encode, unpacker
 from streamsink.sinks.base import Batch, Rejected, Sink
 from streamsink.streams.leases import Lease
-from streamsink.streams.reader import Raw, Read, ShardReader
+from streamsink.streams.reader import Raw, Read, ShardReader, parse_id
 
 log = logging.getLogger("streamsink.shard")
 
@@ -152,7 +152,20 @@ class ShardRunner:
         if len(entries) > taken:
             if deliveries:
                 window.deliveries.update(deliveries)
-            window.grew(size + 64 * (len(entries) - taken), time.monotonic())
+            waited = self._waited(ids[taken], read.newest) if not taken else 0.0
+            window.grew(size + 64 * (len(entries) - taken), time.monotonic(), waited)
+
+    def _waited(self, first: bytes, newest: bytes) -> float:
+        """How long `first` had been in the shard when read, on Redis' own clock (seconds).
+
+        The newest entry's ID, read in the same transaction, stands for "now": no clock of
+        another machine is compared. At most a quarter of the max age, so a window opened
+        on a backlog still fills (its first entry may be hours old).
+        """
+        if not newest:
+            return 0.0
+        ms = parse_id(newest)[0] - parse_id(first)[0]
+        return min(max(ms, 0) / 1000, self.settings.max_age_ms / 4000)
 
     async def flush(self, window: Window) -> None:
         """Merge the window, write it to every sink, dead-letter rejects, then acknowledge."""

@@ -34,10 +34,14 @@ class Window:
         self.ids.append(entry_id)
         self.grew(size, now)
 
-    def grew(self, size: int, now: float) -> None:
-        """Entries of `size` bytes in all were appended, read at `now`."""
+    def grew(self, size: int, now: float, waited: float = 0.0) -> None:
+        """Entries of `size` bytes in all were appended, read at `now`.
+
+        `waited` (seconds): how long the first of them had been in the stream when read;
+        a window that opens with them counts its age from then.
+        """
         if self.last == 0.0:
-            self.opened = now
+            self.opened = now - waited
         self.size += size
         self.last = now
 

@@ -87,11 +87,13 @@ class Read(NamedTuple):
     `entries` are `[ID, [name, value, name, value, ...]]` pairs, bytes, oldest first: they
     are handed on as they are, because the worker reads tens of thousands a second and an
     object made for each costs more than the reading. `deliveries` holds the delivery
-    counts of claimed entries by ID; an entry missing from it was delivered once.
+    counts of claimed entries by ID; an entry missing from it was delivered once. `newest`
+    (reads of new entries only) says how far the shard had grown when they were read.
     """
 
     entries: list[list[Any]]
     deliveries: dict[bytes, int]
+    newest: bytes = b""  # the shard's newest entry ID when new entries were read
 
     def raws(self) -> list[Raw]:
         """The entries as `Raw`s (for tests and tools; the worker reads `entries`)."""
@@ -183,8 +185,8 @@ class ShardReader:
         """Read new entries under the lease; with none yet, wait with XREAD, and read again."""
         for attempt in range(2):
             entries, newest = await self._read_once(count)
-            if entries:
-                return Read(entries, {})  # (an entry deleted after XADD cannot be new here)
+            if entries:  # (an entry deleted after XADD cannot be new here)
+                return Read(entries, {}, newest)
             if attempt or not block_ms:
                 break
             # Returns as soon as an entry past the newest one exists (no entry is missed

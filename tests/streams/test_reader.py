@@ -126,7 +126,8 @@ async def test_next_reads_new_entries_once(ar: aredis.Redis, r: redis.Redis, key
     await rd.ensure_group()
     ids = add(r, keys, 5)
     read = await rd.next(3, 0)
-    assert read == Read([[i.encode(), [b"n", str(n).encode()]] for n, i in enumerate(ids[:3])], {})
+    expected = [[i.encode(), [b"n", str(n).encode()]] for n, i in enumerate(ids[:3])]
+    assert read == Read(expected, {}, ids[-1].encode())  # the newest entry when read
     assert read.raws() == [Raw(i, [b"n", str(n).encode()], 1) for n, i in enumerate(ids[:3])]
     assert [raw.id for raw in await raws(rd, 3)] == ids[3:]
     assert await raws(rd, 3) == []

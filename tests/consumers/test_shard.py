@@ -1,0 +1,59 @@
+"""A shard runner's read loop on its own: how a window's age is counted (no server needed)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis.asyncio as aredis
+
+from streamsink.consumers.settings import GroupSettings
+from streamsink.consumers.shard import ShardRunner
+from streamsink.consumers.window import Window
+from streamsink.schemas import Column, ColumnType, Config, Event, StreamSpec, Table, encode
+from streamsink.streams.keys import Keys
+from streamsink.streams.leases import Lease
+from streamsink.streams.reader import Read, ShardReader
+
+ITEMS = Table("items", ("id",), {"id": Column(ColumnType.INT), "n": Column(ColumnType.INT)})
+CONFIG = Config(streams={"items": StreamSpec("items", 1, "items")}, tables={"items": ITEMS})
+
+
+def runner(max_age_ms: int) -> ShardRunner:
+    """A runner whose reader is never used: `_take` only decodes into the window."""
+    reader = ShardReader(aredis.Redis(), Keys("t"), "items", 0, "g", "w1")
+    settings = GroupSettings(max_age_ms=max_age_ms)
+    return ShardRunner(reader, Lease(0, 1), CONFIG, "items", [], settings)
+
+
+def read(ms: list[int], newest: int | None) -> Read:
+    """New entries with IDs at these milliseconds, read when the newest was `newest`."""
+    entries = [
+        [f"{at}-0".encode(), encode(Event.make("k", "set", {"id": n, "n": n}))]
+        for n, at in enumerate(ms)
+    ]
+    return Read(entries, {}, f"{newest}-0".encode() if newest is not None else b"")
+
+
+@pytest.mark.parametrize(
+    ("first", "newest", "waited"),
+    [
+        (1_700_000_000_000, 1_700_000_000_030, 0.030),  # read 30 ms after it was added
+        (1_700_000_000_000, 1_700_000_000_000, 0.0),  # the newest itself
+        (1_700_000_000_000, 1_700_000_009_000, 0.250),  # a backlog: at most max_age / 4
+        (1_700_000_000_000, 1_699_999_999_000, 0.0),  # explicit IDs out of order: never < 0
+        (1_700_000_000_000, None, 0.0),  # claimed entries: no newest, counted from now
+    ],
+)
+async def test_a_window_counts_its_age_from_when_its_first_entry_was_added(
+    first: int, newest: int | None, waited: float
+) -> None:
+    shard, window = runner(max_age_ms=1000), Window()
+    before = time.monotonic()
+    await shard._take(window, read([first, first + 10], newest))
+    after = time.monotonic()
+    assert len(window) == 2
+    assert before - waited <= window.opened <= after - waited
+    opened = window.opened
+    await shard._take(window, read([first + 20], newest))  # more of the same window
+    assert (len(window), window.opened) == (3, opened)
