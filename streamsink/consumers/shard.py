@@ -94,7 +94,7 @@ class ShardRunner:
                     due_at = window.due_at(settings, self.lead)
                     block = max(0, min(block, int((due_at - now) * 1000)))
                 count = min(settings.read_count, settings.max_events - len(window))
-                await self._take(window, await self._read(count, block))
+                await self._take(window, await self._read(count, block), count)
             if flushing is not None and not self.lost:
                 await flushing
         finally:
@@ -123,8 +123,12 @@ class ShardRunner:
                 log.warning("read failed", extra={**self._where, "error": repr(exc), "in_s": delay})
                 await asyncio.sleep(delay)
 
-    async def _take(self, window: Window, read: Read) -> None:
+    async def _take(self, window: Window, read: Read, asked: int) -> None:
         """Decode and check what was read into the window; dead-letter what cannot be applied.
+
+        `asked`: how many entries the read asked for. Fewer came: the shard is read to its
+        newest entry, and a window opened now counts its age from when its first entry
+        was added. As many came: there is a backlog, and windows fill as large as they may.
 
         The hot loop of a worker (every entry passes here once): locals only, no call per
         entry beyond decoding it, its Entry and two list appends.
@@ -152,7 +156,8 @@ class ShardRunner:
         if len(entries) > taken:
             if deliveries:
                 window.deliveries.update(deliveries)
-            waited = self._waited(ids[taken], read.newest) if not taken else 0.0
+            caught_up = not taken and len(read.entries) < asked
+            waited = self._waited(ids[taken], read.newest) if caught_up else 0.0
             window.grew(size + 64 * (len(entries) - taken), time.monotonic(), waited)
 
     def _waited(self, first: bytes, newest: bytes) -> float:

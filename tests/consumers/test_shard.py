@@ -50,10 +50,19 @@ async def test_a_window_counts_its_age_from_when_its_first_entry_was_added(
 ) -> None:
     shard, window = runner(max_age_ms=1000), Window()
     before = time.monotonic()
-    await shard._take(window, read([first, first + 10], newest))
+    await shard._take(window, read([first, first + 10], newest), asked=100)
     after = time.monotonic()
     assert len(window) == 2
     assert before - waited <= window.opened <= after - waited
     opened = window.opened
-    await shard._take(window, read([first + 20], newest))  # more of the same window
+    await shard._take(window, read([first + 20], newest), asked=100)  # more of the window
     assert (len(window), window.opened) == (3, opened)
+
+
+async def test_a_window_opened_on_a_backlog_counts_its_age_from_its_read() -> None:
+    """A read that got all it asked for stopped short of the newest entry: the first
+    entry's wait says how far behind the reader is, and windows should fill, not close."""
+    shard, window = runner(max_age_ms=1000), Window()
+    before = time.monotonic()
+    await shard._take(window, read([1_700_000_000_000, 1_700_000_000_010], 1_700_000_009_000), 2)
+    assert before <= window.opened <= time.monotonic()
