@@ -59,9 +59,9 @@ class ShardRunner:
         self.lead = 0.0  # how long a flush may take (seconds): windows close that early
         self._flushes: deque[float] = deque(maxlen=8)  # the last flushes' durations
         self._where = {"group": reader.group, "stream": stream, "shard": lease.shard}
-        spec = config.streams.get(stream)
-        table = config.tables.get(spec.table) if spec is not None and spec.table else None
-        self._unpack = unpacker(table, config.validator(stream), config.max_data_bytes)
+        self._unpack = unpacker(
+            config.default_table(stream), config.validator(stream), config.max_data_bytes
+        )
 
     async def run(self) -> None:
         """Read and flush until draining, then flush what is open and return.

@@ -104,10 +104,14 @@ class Config:
             raise ValidationError("table", f"{name!r} is not a declared table")
         return table
 
+    def default_table(self, stream: str) -> Table | None:
+        """The table events of `stream` go to when they name none (None: no default)."""
+        spec = self.streams.get(stream)
+        return self.tables.get(spec.table) if spec is not None and spec.table else None
+
     def validator(self, stream: str) -> Callable[[Event], Table | None]:
         """`validate` for one stream, with its default table looked up once (the hot path)."""
-        spec = self.streams.get(stream)
-        default = self.tables.get(spec.table) if spec is not None and spec.table else None
+        default = self.default_table(stream)
 
         def check(event: Event) -> Table | None:
             if default is not None and event.table is None and event.op is not Op.CALL:

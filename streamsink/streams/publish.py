@@ -156,8 +156,8 @@ class Preparer:
                 f"{declared.shards}; a stream's shard count is fixed when it is created"
             )
         self.shards[stream] = shards
-        table = self.config.tables.get(declared.table) if declared and declared.table else None
         validate = self.config.validator(stream)
+        table = self.config.default_table(stream)
         self.packers[stream] = packer(table, validate, self.config.max_data_bytes)
         return shards
 
