@@ -138,20 +138,20 @@ class ShardRunner:
         taken, size = len(entries), 0
         new_entry = tuple.__new__  # Entry(...) without its Python-level __new__
         for entry_id, fields in read.entries:
-            if deliveries and deliveries.get(entry_id, 1) > most:
-                times = deliveries[entry_id]
+            times = deliveries.get(entry_id, 1) if deliveries else 1  # only claims have them
+            if times > most:
                 reason = f"delivered {times} times (max_deliveries={most})"
-                await self._dead_letter(Raw(entry_id.decode(), fields, times), reason)
-                continue
-            try:
-                event, table = unpack(fields)
-            except EventError as exc:
-                raw = Raw(entry_id.decode(), fields, deliveries.get(entry_id, 1))
-                await self._dead_letter(raw, f"{type(exc).__name__}: {exc}")
-                continue
-            entries.append(new_entry(Entry, (entry_id.decode(), event, table)))
-            ids.append(entry_id)
-            size += len(fields[5]) if len(fields) == 6 else sum(map(len, fields))
+            else:
+                try:
+                    event, table = unpack(fields)
+                except EventError as exc:
+                    reason = f"{type(exc).__name__}: {exc}"
+                else:
+                    entries.append(new_entry(Entry, (entry_id.decode(), event, table)))
+                    ids.append(entry_id)
+                    size += len(fields[5]) if len(fields) == 6 else sum(map(len, fields))
+                    continue
+            await self._dead_letter(Raw(entry_id.decode(), fields, times), reason)
         self.stats.read += len(read.entries)
         if len(entries) > taken:
             if deliveries:
@@ -194,15 +194,14 @@ class ShardRunner:
             self._took(time.monotonic() - started)
         ids = window.ids
         if rejected:
-            at = {entry.id: index for index, entry in enumerate(entries)}
-            refused = [at[entry_id] for entry_id in rejected if entry_id in at]
-            stored = await retrying(lambda: self.reader.fields([ids[i] for i in refused]), "read")
-            for index, fields in zip(refused, stored, strict=True):
-                entry = entries[index]
+            refused = [n for n, entry in enumerate(entries) if entry.id in rejected]
+            stored = await retrying(lambda: self.reader.fields([ids[n] for n in refused]), "read")
+            for n, fields in zip(refused, stored, strict=True):
+                entry = entries[n]
                 # Deleted from the stream since it was read: its event, encoded again.
-                raw = Raw(entry.id, fields or encode(entry.event), window.delivered(index))
+                raw = Raw(entry.id, fields or encode(entry.event), window.delivered(n))
                 await self._dead_letter(raw, f"sink: {rejected[entry.id]}")
-            ids = [ids[at[entry.id]] for entry in entries if entry.id not in rejected]
+            ids = [i for i, entry in zip(ids, entries, strict=True) if entry.id not in rejected]
         await retrying(lambda: self.reader.ack(ids), "ack")
         self.stats.flushed_windows += 1
         self.stats.applied += len(ids)
