@@ -28,12 +28,6 @@ class Window:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def add(self, entry: Entry, entry_id: bytes, size: int, now: float) -> None:
-        """Take one entry read at `now` (seconds, monotonic), `size` bytes."""
-        self.entries.append(entry)
-        self.ids.append(entry_id)
-        self.grew(size, now)
-
     def grew(self, size: int, now: float, waited: float = 0.0) -> None:
         """Entries of `size` bytes in all were appended, read at `now`.
 

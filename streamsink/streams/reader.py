@@ -95,13 +95,6 @@ class Read(NamedTuple):
     deliveries: dict[bytes, int]
     newest: bytes = b""  # the shard's newest entry ID when new entries were read
 
-    def raws(self) -> list[Raw]:
-        """The entries as `Raw`s (for tests and tools; the worker reads `entries`)."""
-        return [
-            Raw(entry_id.decode(), fields, self.deliveries.get(entry_id, 1))
-            for entry_id, fields in self.entries
-        ]
-
 
 class Raw(NamedTuple):
     """One entry: its ID, its fields as Redis sent them, and how often it was delivered."""

@@ -18,7 +18,9 @@ EPS = 1e-6
 def put(window: Window, n: int, now: float, size: int = 10) -> Entry:
     """Add entry `n` read at `now`, `size` bytes; its entry."""
     entry = Entry(f"1-{n}", Event.make(f"k{n}", "set", {"n": n}))
-    window.add(entry, entry.id.encode(), size, now)
+    window.entries.append(entry)  # as the shard's read loop does
+    window.ids.append(entry.id.encode())
+    window.grew(size, now)
     return entry
 
 
