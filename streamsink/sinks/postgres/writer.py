@@ -196,13 +196,12 @@ class Writer:
             for name, entries in appends.items():
                 self._append(tables[name], entries)
             together = [statement for stage in staged for statement in stage.statements]
+            self.stats.statements += len(staged) * 2 + len(together)  # with create and COPY
             for stage in staged:
                 for statement, rows in stage.updates:  # each alone: its row count says
                     self.cur.execute(statement)  # how many rows it missed
                     self.stats.update_misses += rows - self.cur.rowcount
-            self.stats.statements += (
-                len(staged) * 2 + len(together) + sum(len(stage.updates) for stage in staged)
-            )
+                    self.stats.statements += 1
             if last:
                 together.append(last)
             return self._execute(together) if together else -1
