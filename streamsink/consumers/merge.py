@@ -168,12 +168,8 @@ def _fold_window(merged: Merged, entries: Sequence[Entry], calls: list[Entry | N
                     fields[name] = (kind, value)
                 elif kind is ADD:
                     fields[name] = (old[0], (old[1] or 0) + value)
-                elif name in plan.timestamps:
-                    fields[name] = (kind, _pick(kind, old[1], value, True))
-                elif kind is MAX:  # as _pick: the older value on a tie
-                    fields[name] = old if value <= old[1] else (kind, value)
                 else:
-                    fields[name] = old if value >= old[1] else (kind, value)
+                    fields[name] = (kind, _pick(kind, old[1], value, name in plan.timestamps))
 
 
 def _plan_for(merged: Merged, plans: dict[str, _Plan], table: Table) -> _Plan:
