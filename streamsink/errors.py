@@ -9,8 +9,13 @@
     ├── StreamError            a stream is missing or declared differently in Redis
     │   ├── StreamNotFound     create it first (`streamsink streams create`)
     │   └── ShardCountMismatch the shard count recorded in Redis differs from the one given
-    ├── SinkError              a sink failed to write a window; the worker retries it
-    │   └── Fenced             a newer owner holds the shard: this worker stops it
+    ├── SinkError              a sink failed to write a window (any other exception from a
+    │   │                      sink is a bug: tried `max_attempts` times, then isolated)
+    │   ├── Fenced             a newer owner holds the shard: this worker stops it
+    │   ├── SinkUnavailable    transient (connection lost, timeout, deadlock): retried with
+    │   │                      backoff as long as it takes, lease kept, nothing acknowledged
+    │   └── SinkMisconfigured  the sink's target is wrong (missing table or column, permission,
+    │                          credentials, no such database): the group stops until fixed
     ├── PublishError           Redis failed mid-publish; the events may or may not be in the
     │                          stream, so retry only events that carry an idempotency id
     └── ProducerClosed         publish after close(), or pending when close() gave up
@@ -73,6 +78,17 @@ class ProducerClosed(StreamsinkError):
 
 class SinkError(StreamsinkError):
     """A sink could not write a window; the worker retries it, keeping its lease."""
+
+
+class SinkUnavailable(SinkError):
+    """The sink's service is away for now (connection lost, timeout, deadlock, restarting):
+    the worker retries the window with backoff for as long as it takes, keeping its lease."""
+
+
+class SinkMisconfigured(SinkError):
+    """The sink cannot work until an operator fixes something (a missing table or column,
+    a permission, credentials, a database that does not exist): the group stops, nothing
+    is acknowledged or dead-lettered, and the message names the fix."""
 
 
 class Fenced(SinkError):

@@ -52,6 +52,13 @@ class Keys:
         """
         return f"{self.prefix}:{{{stream}:{shard}}}:dead:{group}"
 
+    def state(self, stream: str, shard: int, group: str) -> str:
+        """HASH of (group, shard) as its owner runs it, for status: `state` (running,
+        retrying, stopped), `since_ms`, `error` (the last one, while retrying or stopped),
+        `worker` and `epoch` of the owner that wrote it; trust it only while that worker
+        holds the lease."""
+        return f"{self.prefix}:{{{stream}:{shard}}}:state:{group}"
+
     def workers(self, stream: str, group: str) -> str:
         """ZSET of live workers of a group: member = worker id, score = heartbeat expiry (ms)."""
         return f"{self.prefix}:{{{stream}}}:workers:{group}"
