@@ -52,6 +52,12 @@ class Keys:
         """
         return f"{self.prefix}:{{{stream}:{shard}}}:dead:{group}"
 
+    def applied(self, stream: str, shard: int, group: str) -> str:
+        """STRING: the newest entry ID of the shard that (group) has committed to every sink
+        and acknowledged (the watermark `wait until applied` blocks on); set by the fenced
+        acknowledgement, so it only moves forward under the current lease."""
+        return f"{self.prefix}:{{{stream}:{shard}}}:applied:{group}"
+
     def state(self, stream: str, shard: int, group: str) -> str:
         """HASH of (group, shard) as its owner runs it, for status: `state` (running,
         retrying, stopped), `since_ms`, `error` (the last one, while retrying or stopped),
