@@ -22,7 +22,7 @@ from tqdm import tqdm
 from streamsink.errors import EventError, StreamsinkError
 from streamsink.schemas.config import Config, load
 from streamsink.schemas.event import Event
-from streamsink.schemas.wire import encode
+from streamsink.schemas.wire import decode, encode
 from streamsink.streams.admin import (
     create_stream,
     group_status,
@@ -90,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     dead.add_argument("ids", nargs="*", help="dead-letter IDs (replay/drop), or --all")
     dead.add_argument("--all", action="store_true", help="every dead letter of the group")
     dead.add_argument("--limit", type=int, default=100, help="most listed per shard")
+    dead.add_argument(
+        "--data", help="replay one letter with this JSON data instead of its own (a fix)"
+    )
     dead.set_defaults(run=_dead)
 
     worker = commands.add_parser("worker", help="run every group of the config until SIGTERM")
@@ -294,7 +297,8 @@ def _print_http_sink(client: redis.Redis, keys: Keys, sink: str) -> None:
 
 def _dead(args: argparse.Namespace, config: Config) -> int:
     client, keys = _client(config), Keys(config.prefix)
-    letters = list(dead_letters(client, keys, args.stream, args.group, args.limit))
+    limit = args.limit if args.action == "list" else None
+    letters = list(dead_letters(client, keys, args.stream, args.group, limit))
     if args.action == "list":
         for letter in letters:
             data = letter.fields.get(b"data", b"")[:200].decode("utf-8", "replace")
@@ -306,13 +310,30 @@ def _dead(args: argparse.Namespace, config: Config) -> int:
     missing = set(args.ids) - {x.id for x in chosen}
     if missing:
         raise ValueError(f"no such dead letter: {sorted(missing)[0]}")
+    fix = _fixed_data(args, config, chosen)
     for letter in chosen:
         if args.action == "replay":
-            print(f"{letter.id} -> {replay(client, keys, args.stream, args.group, letter)}")
+            new_id = replay(client, keys, args.stream, args.group, letter, fix)
+            print(f"{letter.id} -> {new_id or 'nothing: replayed or dropped meanwhile'}")
         else:
             drop(client, keys, args.stream, args.group, letter)
     print(f"{args.action}ed {len(chosen)} dead letters", file=sys.stderr)
     return 0
+
+
+def _fixed_data(args: argparse.Namespace, config: Config, chosen: Sequence[Any]) -> bytes | None:
+    """`--data` for a replay, checked as the worker will check the fixed event."""
+    if args.data is None:
+        return None
+    if args.action != "replay" or len(chosen) != 1 or args.all:
+        raise ValueError("--data fixes one dead letter: replay it by its ID")
+    data = orjson.dumps(_json(args.data, "--data"))
+    fields = {**chosen[0].fields, b"data": data}
+    if config.streams.get(args.stream) is not None:
+        config.validate(args.stream, decode(fields, config.max_data_bytes))
+    else:
+        decode(fields, config.max_data_bytes)
+    return data
 
 
 def _worker(args: argparse.Namespace, config: Config) -> int:
