@@ -24,6 +24,7 @@ from streamsink.schemas.config import Config, load
 from streamsink.schemas.event import Event
 from streamsink.schemas.wire import decode, encode
 from streamsink.streams.admin import (
+    ShardStatus,
     create_stream,
     group_status,
     list_streams,
@@ -33,6 +34,7 @@ from streamsink.streams.admin import (
 from streamsink.streams.dead import dead_letters, drop, replay
 from streamsink.streams.keys import Keys
 from streamsink.streams.producer import Producer
+from streamsink.streams.state import ShardState
 
 CHUNK = 1000
 
@@ -256,22 +258,60 @@ def _status(args: argparse.Namespace, config: Config) -> int:
     _print_streams(client, keys, list_streams(client, keys))
     groups = [(g.stream, g.name) for g in config.groups.values()]
     for stream, group in groups:
-        print(f"\ngroup {group} on {stream}")
-        print(
-            f"{'shard':>5} {'length':>8} {'lag':>8} {'pending':>8} {'dead':>6} {'epoch':>6}  owner"
-        )
-        for row in group_status(client, keys, stream, group):
-            lag = "?" if row.lag is None else str(row.lag)
-            print(
-                f"{row.shard:>5} {row.length:>8} {lag:>8} {row.pending:>8} {row.dead:>6} "
-                f"{row.epoch:>6}  {row.owner or '-'}"
-            )
+        _print_group(group_status(client, keys, stream, group), stream, group)
     for spec in config.sinks.values():
         if spec.type == "http":
             _print_http_sink(client, keys, spec.name)
     if not groups:
         print("\n(give --config to see the groups)")
     return 0
+
+
+def _print_group(rows: list[ShardStatus], stream: str, group: str) -> None:
+    """Per shard: length, lag, pending, dead, epoch, state, owner; a retrying or stopped
+    shard's last error on the line below; then what the group has not acknowledged."""
+    now_ms = int(time.time() * 1000)
+    print(f"\ngroup {group} on {stream}")
+    print(
+        f"{'shard':>5} {'length':>8} {'lag':>8} {'pending':>8} {'dead':>6} {'epoch':>6}  "
+        f"{'state':<15} owner"
+    )
+    for row in rows:
+        state = row.state.value
+        if row.since_ms and row.state in (ShardState.RETRYING, ShardState.STOPPED):
+            state += f" {_duration(now_ms - row.since_ms)}"
+        print(
+            f"{row.shard:>5} {row.length:>8} {_lag(row):>8} {row.pending:>8} {row.dead:>6} "
+            f"{row.epoch:>6}  {state:<15} {row.owner or '-'}"
+        )
+        if row.error and row.state in (ShardState.RETRYING, ShardState.STOPPED):
+            print(f"{'':>6}{state}: {_printable(row.error)[:300]}")
+    lags = [row.lag for row in rows if row.lag is not None]
+    pending = sum(row.pending for row in rows)
+    more = "≥" if any(row.lag_capped for row in rows) else ""
+    if sum(lags) + pending:
+        print(f"outstanding {more}{sum(lags) + pending}: lag {more}{sum(lags)} + pending {pending}")
+
+
+def _lag(row: ShardStatus) -> str:
+    if row.lag is None:
+        return "?"
+    return f"≥{row.lag}" if row.lag_capped else str(row.lag)
+
+
+def _duration(ms: int) -> str:
+    """12s, 4m05s, 3h07m."""
+    seconds = max(0, ms) // 1000
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _printable(text: str) -> str:
+    """One line: control characters escaped as Python would write them."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _print_http_sink(client: redis.Redis, keys: Keys, sink: str) -> None:
