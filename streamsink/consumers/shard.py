@@ -412,6 +412,7 @@ class ShardRunner:
                     worker=self.reader.consumer,
                     epoch=self.lease.epoch,
                     error=error,
+                    since=self.state_since,
                 )
 
     async def _dead_letter(

@@ -59,12 +59,14 @@ async def publish_state(
     worker: str,
     epoch: int,
     error: str = "",
+    since: float | None = None,
 ) -> None:
-    """Record the shard's state as of now (`since_ms`), by `worker` under `epoch`."""
+    """Record the shard's state, in it since `since` (Unix seconds; default now), by
+    `worker` under `epoch`."""
     key = keys.state(stream, shard, group)
     fields = {
         "state": state.value,
-        "since_ms": int(time.time() * 1000),
+        "since_ms": int((time.time() if since is None else since) * 1000),
         "error": error[:1000],
         "worker": worker,
         "epoch": epoch,
@@ -79,11 +81,13 @@ def shown_state(stored: Mapping[bytes, bytes], owner: str | None) -> ShownState:
     """The state to show from the stored HASH and the current lease owner.
 
     A stored state counts only if the lease owner wrote it; an owner that wrote none
-    (yet) is running, a shard without owner is idle, whatever a past owner left.
+    (yet) is running, a shard without owner is idle, whatever a past owner left, except
+    when its group stopped on a configuration error: that shows until someone takes it.
     """
-    if owner is None:
+    stopped = stored.get(b"state") == RunState.STOPPED.value.encode()
+    if owner is None and not stopped:
         return ShownState(ShardState.IDLE)
-    if stored.get(b"worker", b"").decode("utf-8", "replace") != owner:
+    if owner is not None and stored.get(b"worker", b"").decode("utf-8", "replace") != owner:
         return ShownState(ShardState.RUNNING)
     since_ms = stored.get(b"since_ms", b"")
     since = int(since_ms) if since_ms.isdigit() else None

@@ -212,6 +212,19 @@ async def test_a_state_outlives_no_owner(r: redis.Redis, ar: aredis.Redis, keys:
     assert _shard0(r, keys).state is ShardState.UNKNOWN
 
 
+async def test_a_stopped_group_shows_stopped_until_a_worker_takes_the_shard(
+    r: redis.Redis, ar: aredis.Redis, keys: Keys
+) -> None:
+    create_stream(r, keys, "tasks", 1)
+    _own(r, keys, "w1")
+    args = (ar, keys, "tasks", 0, "g")
+    await publish_state(*args, state=RunState.STOPPED, worker="w1", epoch=3, error="no table")
+    _own(r, keys, None)  # w1 exited on the configuration error; its lease expired
+    assert _state(_shard0(r, keys))[::2] == ("stopped", "no table")
+    _own(r, keys, "w2", epoch=4)  # fixed and restarted
+    assert _state(_shard0(r, keys)) == ("running", None, "")
+
+
 # After a Redis restart from its AOF
 
 
