@@ -100,6 +100,13 @@ def _parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run every group of the config until SIGTERM")
     worker.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file")
     worker.add_argument("--log-level", default="INFO")
+    worker.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="longest a stop may drain before the worker exits anyway (default 30)",
+    )
     worker.set_defaults(run=_worker)
 
     tables = commands.add_parser("tables", help="create or check the config's PostgreSQL tables")
@@ -383,7 +390,7 @@ def _worker(args: argparse.Namespace, config: Config) -> int:
     if not config.groups:
         raise ValueError("the config declares no [groups]: give --config FILE")
     configure(args.log_level)
-    return asyncio.run(serve(config))
+    return asyncio.run(serve(config, shutdown_timeout_s=args.shutdown_timeout))
 
 
 def _tables_create(args: argparse.Namespace, config: Config) -> int:

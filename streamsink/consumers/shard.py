@@ -9,7 +9,7 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from streamsink.consumers.merge import Entry, Merged, merge
 from streamsink.consumers.retry import TRANSIENT, Backoff, cancelling, retrying
@@ -63,8 +63,10 @@ class ShardRunner:
         stream: str,
         sinks: Mapping[str, Sink],
         settings: GroupSettings,
+        alone: asyncio.Lock | None = None,
     ) -> None:
         self.reader, self.lease, self.config = reader, lease, config
+        self.alone = alone or asyncio.Lock()  # shared by the worker's shards: see flush
         self.stream, self.sinks, self.settings = stream, dict(sinks), settings
         self.draining = asyncio.Event()
         self.lost = False  # the lease is gone: stop without flushing or acknowledging
@@ -101,12 +103,15 @@ class ShardRunner:
 
     async def _run(self) -> None:
         await retrying(self.reader.ensure_group, "create group")
-        window, flushing = Window(), None
+        window, flushing = Window(), cast(asyncio.Task[None] | None, None)
         settings = self.settings
         try:
             while not self.draining.is_set() and not self.lost:
                 if cancelling():  # a cancellation turned into a timeout on the way
                     raise asyncio.CancelledError
+                if flushing is not None and flushing.done():
+                    done, flushing = flushing, None
+                    done.result()  # a flush that failed (fenced, misconfigured) ends the shard
                 now = time.monotonic()
                 if window.due(settings, now, self.lead):
                     if flushing is not None:
@@ -223,11 +228,22 @@ class ShardRunner:
         return min(max(ms, 0) / 1000, self.settings.max_age_ms / 4000)
 
     async def flush(self, window: Window) -> None:
-        """Merge the window, write it to every sink, dead-letter rejects, then acknowledge."""
+        """Merge the window, write it to every sink, dead-letter rejects, then acknowledge.
+
+        A suspect's window waits for the worker's other suspects (`alone`): if the process
+        dies meanwhile, the one suspect in flight is the one to blame.
+        """
+        if not window.suspect:
+            return await self._flush(window)
+        async with self.alone:
+            if await self._may_try_alone(window):
+                await self._flush(window)
+                await self._tried_alone(window.entries[0].id, done=True)
+        return None
+
+    async def _flush(self, window: Window) -> None:
         started, retries = time.monotonic(), self.stats.sink_retries
         entries = window.entries
-        if window.suspect and not await self._may_try_alone(window):
-            return
         refused: dict[str, list[str]] = {}  # entry ID -> the sinks that refused it
         reasons: dict[str, str] = {}
         merged = merge(entries) if len(self.sinks) > 1 and not window.only else None
@@ -246,8 +262,6 @@ class ShardRunner:
             await self._dead_letter_refused(window, refused, reasons)
             ids = [i for i, entry in zip(ids, entries, strict=True) if entry.id not in refused]
         await retrying(lambda: self.reader.ack(ids, entries[-1].id), "ack")
-        if window.suspect:
-            await self._tried_alone(entries[0].id, done=True)
         self.stats.flushed_windows += 1
         self.stats.applied += len(ids)
 

@@ -58,8 +58,10 @@ class GroupRunner:
         group: GroupSpec,
         sinks: Mapping[str, Sink],
         worker: str,
+        alone: asyncio.Lock | None = None,
     ) -> None:
         self.client, self.config, self.group, self.sinks = client, config, group, sinks
+        self.alone = alone or asyncio.Lock()  # one suspect entry at a time in this worker
         self.settings = GroupSettings.from_options(group.name, group.options)
         self.keys = Keys(config.prefix)
         self.stream = group.stream
@@ -220,7 +222,9 @@ class GroupRunner:
                 self.worker,
                 lease.epoch,
             )
-            runner = ShardRunner(reader, lease, self.config, self.stream, self.sinks, self.settings)
+            runner = ShardRunner(
+                reader, lease, self.config, self.stream, self.sinks, self.settings, self.alone
+            )
             task = tasks.create_task(self._run_shard(runner), name=f"shard-{shard}")
             self.runners[shard] = (runner, task)
             self._renewed[shard] = time.monotonic()
@@ -294,8 +298,11 @@ class Worker:
     ) -> None:
         self.client, self.config, self.sinks = client, config, sinks
         self.id = worker or worker_id()
+        alone = asyncio.Lock()
         self.groups = [
-            GroupRunner(client, config, group, {name: sinks[name] for name in group.sinks}, self.id)
+            GroupRunner(
+                client, config, group, {name: sinks[name] for name in group.sinks}, self.id, alone
+            )
             for group in config.groups.values()
         ]
 
