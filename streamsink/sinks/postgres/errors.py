@@ -103,7 +103,8 @@ def classify(error: psycopg2.Error, sink: str, tables: str) -> SinkError | None:
         for pattern, fix in _CONNECT_FIXES:
             if pattern.search(what):
                 return SinkMisconfigured(f"postgres sink {sink!r}: cannot connect ({what}): {fix}")
-        return SinkUnavailable(f"postgres sink {sink!r}: {type(error).__name__}: {what}")
+        lines = "; ".join(line.strip() for line in what.splitlines() if line.strip())
+        return SinkUnavailable(f"postgres sink {sink!r}: {type(error).__name__}: {lines}")
     if code in TRANSIENT or code[:2] in TRANSIENT_CLASSES:
         return SinkUnavailable(f"postgres sink {sink!r}: {what}")
     if code in _FIXES:
