@@ -8,7 +8,6 @@ the rest of its window commits.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 import uuid
