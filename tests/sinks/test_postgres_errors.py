@@ -276,6 +276,30 @@ def test_each_sqlstate_maps_to_its_class(pg: Connection, code: str, expected: An
     assert type(made) is expected if expected else made is None
 
 
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (psycopg2.InterfaceError("connection already closed"), SinkUnavailable),
+        (psycopg2.OperationalError("SSL SYSCALL error: EOF detected"), SinkUnavailable),
+        (
+            psycopg2.DatabaseError("error with status PGRES_TUPLES_OK and no message"),
+            SinkUnavailable,
+        ),
+        (
+            psycopg2.OperationalError('FATAL:  password authentication failed for user "a"'),
+            SinkMisconfigured,
+        ),
+        (psycopg2.OperationalError("FATAL:  no pg_hba.conf entry for host"), SinkMisconfigured),
+        (psycopg2.ProgrammingError("can't execute an empty query"), None),
+    ],
+)
+def test_errors_without_sqlstate_map_by_kind_and_message(
+    error: psycopg2.Error, expected: Any
+) -> None:
+    made = classify(error, "pg", "s.items")
+    assert type(made) is expected if expected else made is None
+
+
 # --- data: only the entry at fault is rejected ---------------------------------------------
 
 

@@ -67,6 +67,11 @@ _FIXES: dict[str, str] = {
 }
 """The SQLSTATEs an operator must fix, with what to do."""
 
+_LINK_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
+"""Without a SQLSTATE: the link failed (connect refused or timed out, server closed the
+connection, connection already closed). A bare DatabaseError without one is a link that
+died oddly ("error with status PGRES_TUPLES_OK and no message from the libpq")."""
+
 _CONNECT_FIXES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r'database "[^"]*" does not exist'), _FIXES["3D000"]),
     (re.compile(r'role "[^"]*" does not exist'), "create the role, or fix the user in the dsn"),
@@ -79,6 +84,7 @@ _CONNECT_FIXES: tuple[tuple[re.Pattern[str], str], ...] = (
     ),
     (re.compile(r"permission denied for database"), _FIXES["42501"]),
     (re.compile(r"invalid dsn|invalid connection option|missing \"=\""), "fix the dsn"),
+    (re.compile(r"SSL was required|does not support SSL"), "fix sslmode in the dsn"),
 )
 """libpq's messages (no SQLSTATE) for connections that waiting will never open."""
 
@@ -97,9 +103,9 @@ def classify(error: psycopg2.Error, sink: str, tables: str) -> SinkError | None:
     message); None for an error of no known class (a bug: raised as it is)."""
     code = error.pgcode
     what = message(error)
-    if code is None:
-        if not isinstance(error, psycopg2.OperationalError | psycopg2.InterfaceError):
-            return None
+    if code is None:  # raised by libpq or psycopg2, not by the server
+        if not isinstance(error, _LINK_ERRORS) and type(error) is not psycopg2.DatabaseError:
+            return None  # a ProgrammingError of ours, say: a bug
         for pattern, fix in _CONNECT_FIXES:
             if pattern.search(what):
                 return SinkMisconfigured(f"postgres sink {sink!r}: cannot connect ({what}): {fix}")
