@@ -99,6 +99,32 @@ def test_a_column_of_another_type_than_declared_is_misconfigured(
     assert "42804" in str(raised.value) and "streamsink tables check" in str(raised.value)
 
 
+def test_a_not_null_column_the_declaration_does_not_name_is_misconfigured(
+    pg: Connection, sink: PostgresSink
+) -> None:
+    """No event can fill a column it cannot name: the table's fault, not the rows'."""
+    table = items(pg)
+    with pg.cursor() as cur:
+        cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN extra int NOT NULL").format(target(table)))
+    with pytest.raises(SinkMisconfigured) as raised:
+        write(sink, window(table))
+    text = str(raised.value)
+    assert "23502" in text and "column extra" in text and f"{table.schema}.items" in text
+    assert sink.stats.rejected == 0
+
+
+def test_a_null_in_a_declared_not_null_column_is_the_rows_fault(
+    pg: Connection, sink: PostgresSink
+) -> None:
+    table = items(pg)
+    with pg.cursor() as cur:
+        cur.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN name SET NOT NULL").format(target(table)))
+    events = [Event(str(i), Op.SET, {"id": i, "name": f"n{i}"}) for i in range(5)]
+    events[2] = Event("2", Op.INCR, {"id": 2, "n": 1})  # a new row without a name
+    made = entries(table, events)
+    assert [r.entry_id for r in write(sink, batch(made))] == [made[2].id]
+
+
 @pytest.fixture
 def role(pg: Connection) -> Iterator[str]:
     """A login role without any right on the test's schema or tables (dropped at the end)."""

@@ -13,7 +13,8 @@
                                      the declared types (42883), the table's types differ
                                      from the declaration (42804, 42846), no unique index on
                                      the key (42P10), no such database (3D000), bad
-                                     credentials (28000, 28P01)
+                                     credentials (28000, 28P01), a NOT NULL column the
+                                     declaration does not name (23502 on that column)
     data          RowError           the database refuses rows (classes 22, 23, P0) or a value
                                      cannot be encoded for COPY: bisected, only those rows
                                      are rejected (writer.py)
@@ -26,10 +27,12 @@ error is recognised there by libpq's message.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 import psycopg2
 
 from streamsink.errors import SinkError, SinkMisconfigured, SinkUnavailable
+from streamsink.schemas.table import Table
 
 TRANSIENT_CLASSES = ("08", "53")
 """Connection exception; insufficient resources (disk full, out of memory, too many
@@ -115,6 +118,27 @@ def classify(error: psycopg2.Error, sink: str, tables: str) -> SinkError | None:
         return SinkUnavailable(f"postgres sink {sink!r}: {what}")
     if code in _FIXES:
         return SinkMisconfigured(f"postgres sink {sink!r} writing {tables}: {what}: {_FIXES[code]}")
+    return None
+
+
+def undeclared_not_null(
+    error: psycopg2.Error, sink: str, tables: Mapping[str, Table]
+) -> SinkMisconfigured | None:
+    """A NOT NULL violation (23502) on a column the declaration does not name: no event
+    can ever fill it, so it is the table's fault, not the rows'."""
+    diag = error.diag
+    if error.pgcode != "23502" or not diag.column_name:
+        return None
+    for table in tables.values():
+        if table.name == diag.table_name and (table.schema or "public") == diag.schema_name:
+            if diag.column_name in table.columns:
+                return None
+            return SinkMisconfigured(
+                f"postgres sink {sink!r} writing {diag.schema_name}.{table.name}: "
+                f"{message(error)}: column {diag.column_name} is NOT NULL without a default but "
+                "not declared: give it a default, drop NOT NULL, or declare it; "
+                f"{CHECK}"
+            )
     return None
 
 

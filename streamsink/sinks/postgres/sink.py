@@ -185,7 +185,7 @@ class PostgresSink:
         the window into units; the first attempt writes it as merged.
         """
         with conn.cursor() as cur:
-            writer = Writer(cur, self._timeout)
+            writer = Writer(cur, self._timeout, self.name)
             advance = self._offsets.advance(cur, slot, seen, entries[-1].id)
             if bisect:
                 moved = writer.run(advance) != 1

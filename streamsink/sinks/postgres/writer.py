@@ -47,7 +47,9 @@ class PostgresStats:
     skipped_entries: int = 0
     rejected: int = 0
     by_table: dict[str, int] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _lock: threading.Lock = field(
+        default_factory=threading.Lock, init=False, repr=False, compare=False
+    )
 
     def add(self, other: PostgresStats) -> None:
         """Add `other`'s counts (a window's) to these; safe from several threads at once."""
@@ -165,8 +167,8 @@ class Writer:
     the offset's compare-and-set last, then the caller's COMMIT.
     """
 
-    def __init__(self, cur: Cursor, begin: str) -> None:
-        self.cur = cur
+    def __init__(self, cur: Cursor, begin: str, sink: str = "") -> None:
+        self.cur, self.sink = cur, sink
         self.stats = PostgresStats()  # merged into the sink's once committed
         self._staging = itertools.count()
         self._begin = begin  # run first, with the first round trip
@@ -227,6 +229,9 @@ class Writer:
             return self._execute(together) if together else -1
         except psycopg2.Error as error:
             if error.pgcode and error.pgcode[:2] in ROW_ERROR_CLASSES:
+                table_fault = errors.undeclared_not_null(error, self.sink, tables)
+                if table_fault is not None:
+                    raise table_fault from error
                 raise RowError(errors.message(error)) from error
             raise
         except copy.EncodeError as error:
