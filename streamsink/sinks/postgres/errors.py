@@ -112,8 +112,8 @@ def classify(error: psycopg2.Error, sink: str, tables: str) -> SinkError | None:
         for pattern, fix in _CONNECT_FIXES:
             if pattern.search(what):
                 return SinkMisconfigured(f"postgres sink {sink!r}: cannot connect ({what}): {fix}")
-        lines = "; ".join(line.strip() for line in what.splitlines() if line.strip())
-        return SinkUnavailable(f"postgres sink {sink!r}: {type(error).__name__}: {lines}")
+        first = next((line.strip() for line in what.splitlines() if line.strip()), what)
+        return SinkUnavailable(f"postgres sink {sink!r}: {type(error).__name__}: {first}")
     if code in TRANSIENT or code[:2] in TRANSIENT_CLASSES:
         return SinkUnavailable(f"postgres sink {sink!r}: {what}")
     if code in _FIXES:
