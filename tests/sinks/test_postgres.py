@@ -318,6 +318,23 @@ def test_a_zombie_owner_cannot_commit(
     assert rows(pg, table)[0]["n"] == 4
 
 
+def test_an_offset_moved_under_the_same_epoch_is_retried_not_fenced(
+    pg: Connection, sink: PostgresSink, sink_settings: Any
+) -> None:
+    """Two writers of one epoch (a cancelled flush and its successor, say): the one whose
+    compare-and-set fails is told to retry (SinkUnavailable), and its retry applies only
+    what the other did not."""
+    table = counters(pg)
+    items = entries(table, [Event("1", Op.INCR, {"id": 1, "n": 1}) for _ in range(4)])
+    other = PostgresSink(sink.pool, sink.name, sink_settings)
+    write(other, batch(items[:1]))
+    write(sink, batch(items[:3]))
+    with pytest.raises(SinkUnavailable, match="the offset moved"):
+        write(other, batch(items[1:]))
+    assert write(other, batch(items[1:])) == []
+    assert rows(pg, table)[0]["n"] == 4
+
+
 class LostReply(psycopg2.OperationalError):
     """What the sink sees when the link dies after COMMIT reached the server."""
 
