@@ -38,8 +38,19 @@ TRANSIENT_CLASSES = ("08", "53")
 """Connection exception; insufficient resources (disk full, out of memory, too many
 connections)."""
 
-TRANSIENT = frozenset({"40001", "40P01", "40003", "57P01", "57P02", "57P03", "57014", "55P03"})
-TRANSIENT |= {"25006"}  # read-only transaction: connected to a standby while it is promoted
+TRANSIENT = frozenset(
+    {
+        "40001",  # serialization failure
+        "40P01",  # deadlock detected
+        "40003",  # statement completion unknown
+        "57P01",  # admin shutdown (pg_terminate_backend, a restart)
+        "57P02",  # crash shutdown
+        "57P03",  # cannot connect now (starting up)
+        "57014",  # query canceled: statement timeout
+        "55P03",  # lock not available
+        "25006",  # read-only transaction: connected to a standby while it is promoted
+    }
+)
 
 CREATE = "run `streamsink tables create --config FILE`"
 CHECK = "`streamsink tables check --config FILE` lists every difference"
