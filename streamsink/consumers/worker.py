@@ -20,7 +20,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import redis.asyncio as aredis
@@ -29,7 +29,7 @@ from redis.backoff import NoBackoff
 
 from streamsink.consumers.retry import TRANSIENT, cancelling, retrying
 from streamsink.consumers.settings import GroupSettings
-from streamsink.consumers.shard import ShardRunner
+from streamsink.consumers.shard import SINK_TRANSIENT, ShardRunner
 from streamsink.errors import ShardCountMismatch, SinkMisconfigured, StreamError, StreamNotFound
 from streamsink.schemas.config import Config, GroupSpec
 from streamsink.sinks.base import Sink
@@ -104,23 +104,40 @@ class GroupRunner:
         log.info("group stopped", extra={"group": self.group.name, "worker": self.worker})
 
     async def _prepared(self, stop: asyncio.Event) -> bool:
-        """Check the stream and create the groups, riding out Redis being away, until done,
-        `stop` (False), or an error that waiting cannot clear (False, the group stopped)."""
-        preparing = asyncio.ensure_future(retrying(self._prepare, "prepare streams"))
-        stopping = asyncio.ensure_future(stop.wait())
+        """Check the stream, create the groups and check the sinks, riding out Redis or a
+        sink being away, until done (True), `stop` (False), or an error that waiting
+        cannot clear (False, the group stopped: stream missing, sink misconfigured)."""
         try:
-            await asyncio.wait([preparing, stopping], return_when=asyncio.FIRST_COMPLETED)
-        finally:  # also when cancelled: neither may outlive the group
-            stopping.cancel()
-            given_up = preparing.cancel()  # False once it is done
-        if given_up:
-            log.info("start-up given up: stopping", extra={"group": self.group.name})
-            return False
-        try:
-            preparing.result()
+            if not await self._until(stop, self._prepare, "prepare streams"):
+                return False
+            for name, sink in self.sinks.items():
+                check = getattr(sink, "check", None)
+                if check is not None and not await self._until(stop, check, f"check {name}"):
+                    return False
         except StreamError as exc:
             self._stop_group(f"{exc}; run `streamsink streams create --config FILE`, then restart")
             return False
+        except SinkMisconfigured as exc:
+            self._stop_group(str(exc))
+            return False
+        return True
+
+    async def _until(
+        self, stop: asyncio.Event, operation: Callable[[], Awaitable[object]], what: str
+    ) -> bool:
+        """`operation`, retried while transient; False if `stop` came first."""
+        transient = (*SINK_TRANSIENT,)
+        doing = asyncio.ensure_future(retrying(operation, what, transient))
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait([doing, stopping], return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when cancelled: neither may outlive the group
+            stopping.cancel()
+            given_up = doing.cancel()  # False once it is done
+        if given_up:
+            log.info("start-up given up: stopping", extra={"group": self.group.name, "at": what})
+            return False
+        doing.result()
         return True
 
     def _stop_group(self, reason: str) -> None:

@@ -164,6 +164,7 @@ async def test_every_event_once_in_order_per_key_with_batch_positions(
     publish(5)  # a backlog before the worker starts...
     sink = TestingSink()
     async with running(redis_url, config, {"mem": sink}) as task:
+        await eventually(lambda: len(delivered_ids(sink)) == 150, task, "the backlog")
         for _ in range(5):  # ... and more while it runs, so windows close on age and quiet
             publish(2)
             await asyncio.sleep(0.05)

@@ -29,6 +29,7 @@ from streamsink.sinks.base import Batch, Rejected
 from streamsink.sinks.postgres.errors import classify
 from streamsink.sinks.postgres.offsets import Offsets, Position, Slot
 from streamsink.sinks.postgres.pool import Pool, PostgresSettings
+from streamsink.sinks.postgres.schema import OFFSETS
 from streamsink.sinks.postgres.writer import (
     PostgresStats,
     RowError,
@@ -64,6 +65,25 @@ class PostgresSink:
         """Apply the window in one transaction (in a thread); return the refused entries."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._write, batch)
+
+    async def check(self) -> None:
+        """Connect and look the offsets table up, so that a database that does not exist,
+        bad credentials or tables never created stop the group at start-up, not at its
+        first window (SinkMisconfigured; SinkUnavailable while the server is away)."""
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._check)
+
+    def _check(self) -> None:
+        offsets = f"{self._offsets.schema}.{OFFSETS}"
+        try:
+            with self.pool.connection() as conn:
+                with conn.cursor() as cur:
+                    self._offsets.probe(cur)
+                conn.rollback()
+        except psycopg2.Error as error:
+            known = classify(error, self.name, offsets)
+            if known is None:
+                raise
+            raise known from error
 
     async def close(self) -> None:
         """Wait for writes in flight, then close the connections."""
