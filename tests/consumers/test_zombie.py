@@ -17,23 +17,41 @@ acknowledge them on B's behalf if the fence let it.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import signal
 import time
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+import redis.asyncio as aredis
 from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
 
-from streamsink.schemas import Event, from_dict, shard_of
+from streamsink.consumers.settings import GroupSettings
+from streamsink.consumers.shard import ShardRunner
+from streamsink.consumers.window import Window
+from streamsink.errors import Fenced
+from streamsink.schemas import (
+    Column,
+    ColumnType,
+    Config,
+    Event,
+    StreamSpec,
+    Table,
+    from_dict,
+    shard_of,
+)
 from streamsink.schemas.event import Op
+from streamsink.sinks import Batch, Rejected
 from streamsink.sinks.postgres.schema import OFFSETS, create_tables
 from streamsink.streams import Keys, Producer, create_stream
-from streamsink.streams.reader import parse_id
+from streamsink.streams.leases import Leases
+from streamsink.streams.reader import ShardReader, parse_id
 from tests.consumers import recording
 from tests.consumers.test_worker_processes import Cluster, eventually
 from tests.sinks.conftest import pg as pg  # the fixture, from tests/sinks
@@ -268,3 +286,124 @@ def test_a_sigstopped_worker_resumed_after_its_lease_passed_dead_letters_and_ack
     codes = [worker.wait(20) for worker in both]
     assert codes == [0, 0], f"exit codes A, B: {codes}"
     assert all(row.pending == 0 for row in setup.status())
+
+
+# --- the same, in this process: the zombie's flush gets to its dead letters and ack ----------
+#
+# Above, the resumed worker's lease loop usually notices the lost lease first and cancels the
+# flush before it reaches Redis. Here the shard runner runs alone (no lease loop), so the
+# flush started under the old epoch does reach its dead-letter and acknowledge calls.
+
+
+class HeldSink:
+    """Holds each write until `gate` is set, then refuses the entries marked poison."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.started = asyncio.Event()
+        self.batches: list[Batch] = []
+
+    async def write(self, batch: Batch) -> Sequence[Rejected]:
+        self.started.set()
+        await self.gate.wait()
+        self.batches.append(batch)
+        return [
+            Rejected(entry.id, "poisoned on purpose")
+            for entry in batch.entries
+            if entry.event.data.get("poison") is True
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+ITEMS = Table(
+    "items",
+    ("id",),
+    {"id": Column(ColumnType.INT), "n": Column(ColumnType.INT), "poison": Column(ColumnType.BOOL)},
+)
+
+
+async def held_shard(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys, sink: HeldSink, refusing: bool
+) -> ShardRunner:
+    """A runner of shard 0 under epoch 1 of worker w1, five entries published (one poison
+    when `refusing`), not started."""
+    config = Config(
+        prefix=keys.prefix,
+        streams={STREAM: StreamSpec(STREAM, 1, table="items")},
+        tables={"items": ITEMS},
+    )
+    create_stream(r, keys, STREAM, 1)
+    events = [Event(f"k{n}", Op.SET, {"id": n, "n": n}) for n in range(5)]
+    if refusing:
+        events[2] = Event("k2", Op.SET, {"id": 2, "poison": True})
+    Producer(r, config).publish_many(STREAM, events)
+    lease = await Leases(ar, keys, STREAM, GROUP, "w1", 60_000).acquire(0)
+    assert lease is not None and lease.epoch == 1
+    reader = ShardReader(ar, keys, STREAM, 0, GROUP, "w1", lease.epoch)
+    settings = GroupSettings(linger_ms=20, max_age_ms=50, block_ms=50)
+    return ShardRunner(reader, lease, config, STREAM, {"held": sink}, settings)
+
+
+async def take_over(ar: aredis.Redis, r: redis.Redis, keys: Keys, taker: str) -> None:
+    """The shard gets a new owner under epoch 2, as if w1 had been paused past its lease."""
+    if taker == "another worker":
+        r.delete(keys.lease(STREAM, 0, GROUP))
+        newer = await Leases(ar, keys, STREAM, GROUP, "w2", 60_000).acquire(0)
+    else:  # its shard task cancelled and started again while the lease key still existed
+        newer = await Leases(ar, keys, STREAM, GROUP, "w1", 60_000).acquire(0)
+    assert newer is not None and newer.epoch == 2
+
+
+def untouched(r: redis.Redis, keys: Keys) -> None:
+    """Nothing dead-lettered, nothing acknowledged, no watermark: as the zombie found it."""
+    assert r.exists(keys.dead(STREAM, 0, GROUP)) == 0, "the zombie dead-lettered"
+    assert int(r.xpending(keys.shard(STREAM, 0), GROUP)["pending"]) == 5, "the zombie acked"
+    assert r.exists(keys.applied(STREAM, 0, GROUP)) == 0, "the zombie moved the watermark"
+
+
+TAKERS = ["another worker", "the same worker"]
+
+
+@pytest.mark.parametrize("refusing", [True, False], ids=["dead-letter", "ack"])
+@pytest.mark.parametrize("taker", TAKERS)
+async def test_a_flush_begun_under_an_old_epoch_neither_dead_letters_nor_acknowledges(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys, taker: str, refusing: bool
+) -> None:
+    """The window read under epoch 1 is flushed after the takeover: the sink's write
+    returns (with a refusal when `refusing`), then dead-lettering / acknowledging is
+    refused with Fenced."""
+    sink = HeldSink()
+    sink.gate.set()
+    runner = await held_shard(ar, r, keys, sink, refusing)
+    await runner.reader.ensure_group()
+    window = Window()
+    await runner._take(window, await runner.reader.next(10, 0), 10)
+    assert len(window) == 5
+    await take_over(ar, r, keys, taker)
+    with pytest.raises(Fenced):
+        await runner.flush(window)
+    assert len(sink.batches) == 1, "the sink's write returned before the fence"
+    untouched(r, keys)
+
+
+@pytest.mark.parametrize("taker", TAKERS)
+async def test_a_shard_runner_paused_in_a_write_past_its_lease_stops_and_touches_nothing(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys, caplog: pytest.LogCaptureFixture, taker: str
+) -> None:
+    """The runner on its own (no lease loop to cancel it): its write is held, the shard is
+    taken over, the write returns with a refusal. Whichever notices first (the next read
+    or the flush's dead letter), the runner stops by itself, touching nothing."""
+    sink = HeldSink()
+    runner = await held_shard(ar, r, keys, sink, refusing=True)
+    task = asyncio.create_task(runner.run())
+    await asyncio.wait_for(sink.started.wait(), 5)
+    await take_over(ar, r, keys, taker)
+    with caplog.at_level(logging.WARNING, logger="streamsink.shard"):
+        sink.gate.set()  # the zombie's write returns
+        await asyncio.wait_for(task, 5)  # and its runner stops by itself
+    messages = [record.getMessage() for record in caplog.records]
+    assert "shard fenced by a newer owner" in messages, messages
+    assert "dead-lettered" not in messages
+    untouched(r, keys)

@@ -16,9 +16,11 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import tomllib
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from streamsink.sinks.postgres.schema import create_tables
 from streamsink.streams import Keys, Producer, create_stream
 from streamsink.streams.admin import ShardStatus, group_status
 from streamsink.streams.dead import DeadLetter, dead_letters, replay
+from tests.consumers import recording
 from tests.consumers.test_worker_processes import ROOT, Cluster, WorkerProcess
 from tests.sinks.conftest import schema_of
 from tests.sinks.test_postgres_faults import STREAM, Setup, _q
@@ -46,10 +49,12 @@ CONSTRAINT = "n_small"
 
 @dataclass
 class TwoGroups(Setup):
-    """`Setup` for two groups: drained means both groups acknowledged every shard."""
+    """`Setup` for several groups: drained means every group acknowledged every shard."""
+
+    groups: tuple[str, ...] = (G1, G2)
 
     def status(self) -> list[ShardStatus]:
-        return [row for g in (G1, G2) for row in group_status(self.client, self.keys, STREAM, g)]
+        return [row for g in self.groups for row in group_status(self.client, self.keys, STREAM, g)]
 
     def letters(self, group: str) -> list[DeadLetter]:
         return list(dead_letters(self.client, self.keys, STREAM, group, 10_000))
@@ -300,5 +305,108 @@ def test_a_replay_reaches_only_the_group_that_dead_lettered_the_entry(
     assert setup.letters(G2) == [] and setup.letters(G1) == []
     assert setup.group_info(fixable.shard, G1)["pending"] == 0
 
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(15) == 0
+
+
+# --- a group of two sinks: a replay reaches only the sinks that refused the entry ----------
+
+
+@pytest.fixture
+def two_sinks(
+    tmp_path: Path, keys: Keys, redis_url: str, database_url: str, pg: Connection, r: redis.Redis
+) -> TwoGroups:
+    """Group g: sinks pg (its table refusing n > 100) then rec (refusing `"poison": true`)."""
+    schema = schema_of(pg)
+    text = f"""
+[redis]
+url = {_q(redis_url)}
+prefix = {_q(keys.prefix)}
+
+[postgres]
+dsn = {_q(database_url)}
+
+[tables.counters]
+schema = {_q(schema)}
+key = ["id"]
+columns = {{ id = "int", n = {{ type = "int", policy = "sum" }}, poison = "bool" }}
+
+[streams.{STREAM}]
+shards = {SHARDS}
+table = "counters"
+
+[sinks.pg]
+type = "postgres"
+pool_size = 2
+statement_timeout_ms = 10000
+offsets_schema = {_q(schema)}
+
+[sinks.rec]
+type = "function"
+function = "tests.consumers.recording:record"
+
+[groups.g]
+stream = "{STREAM}"
+sinks = ["pg", "rec"]
+lease_ttl_ms = 5000
+retention_ms = 600000
+linger_ms = 50
+max_age_ms = 200
+block_ms = 100
+"""
+    path = tmp_path / "streamsink.toml"
+    path.write_text(text)
+    config = from_dict(tomllib.loads(text))
+    create_tables(pg, config, offsets_schema=schema)
+    constrain(pg, schema)
+    create_stream(r, keys, STREAM, SHARDS)
+    return TwoGroups(path, config, keys, r, schema, groups=("g",))
+
+
+def test_a_replay_reaches_only_the_sinks_that_refused_and_keeps_the_first_identity(
+    two_sinks: TwoGroups, cluster: Cluster, pg: Connection
+) -> None:
+    setup, r, keys = two_sinks, two_sinks.client, two_sinks.keys
+    worker = cluster.start(setup.path)
+    ids = publish(setup, [worker], [incr(1, 5), incr(3, 4)])
+    poison = Event("k2", Op.SET, {"id": 2, "poison": True})
+    ids += publish(setup, [worker], [incr(1, 500), poison])  # pg refuses one, rec the other
+    letters = {x.entry: x for x in setup.letters("g")}
+    assert sorted(letters) == sorted(ids[2:])
+    too_big, poisoned = letters[ids[2]], letters[ids[3]]
+    assert too_big.sinks == ("pg",) and CONSTRAINT in too_big.reason
+    assert poisoned.sinks == ("rec",) and "poisoned on purpose" in poisoned.reason
+    assert setup.counters(pg) == {1: 5, 2: None, 3: 4}
+    rec = recording.delivered(r, keys.prefix)
+    assert rec[f"{too_big.shard}:{ids[2]}"] == 1 and f"{poisoned.shard}:{ids[3]}" not in rec
+
+    unconstrain(pg, setup.schema)
+    # Two terminals replay the same letter at once: one publishes.
+    start = threading.Barrier(2)
+
+    def race() -> str | None:
+        start.wait()
+        return replay(r, keys, STREAM, "g", too_big)
+
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = list(pool.map(lambda _: race(), range(2)))
+    published = [x for x in outcomes if x is not None]
+    assert len(published) == 1, outcomes
+    fields = setup.entry(too_big.shard, published[0])
+    assert (fields[b"for"], fields[b"sinks"], fields[b"origin"]) == (b"g", b"pg", ids[2].encode())
+    again = setup.cli("dead", "replay", STREAM, "g", poisoned.id)
+    assert again.returncode == 0, again.stderr
+    poison_replay = replayed_ids(again.stdout)[poisoned.id]
+    assert setup.entry(poisoned.shard, poison_replay)[b"sinks"] == b"rec"
+    setup.wait_drained([worker], 30)
+
+    assert setup.counters(pg) == {1: 505, 2: None, 3: 4}, "pg applies its refused entry once"
+    rec = recording.delivered(r, keys.prefix)
+    assert f"{too_big.shard}:{published[0]}" not in rec, "rec got an entry it had applied"
+    # rec refuses the poison again: its new letter keeps the event's first identity.
+    (letter,) = setup.letters("g")
+    assert letter.entry == poison_replay and letter.sinks == ("rec",)
+    assert letter.origin == ids[3] and letter.identity == ids[3]
+    assert all(row.pending == 0 for row in setup.status())
     worker.signal(signal.SIGTERM)
     assert worker.wait(15) == 0
