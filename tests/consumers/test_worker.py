@@ -455,3 +455,59 @@ async def test_a_refused_entry_deleted_meanwhile_is_dead_lettered_from_its_event
     original = dict(_pairs(encode(item(key, 1, poison=True))))
     assert {k[2:]: v for k, v in letter.items() if k.startswith(b"f:")} == original
     assert [i.decode() for i, _ in r.xrange(stream_key)] == [kept]
+
+
+async def test_replayed_entries_reach_only_their_group_and_sinks_with_their_first_id(
+    r: redis.Redis, keys: Keys, redis_url: str
+) -> None:
+    """Entries as `dead replay` publishes them (`for`, `origin`, `sinks` fields): the named
+    group's named sinks apply them, with Batch.origin giving the first entry ID; every
+    other group, and a group's other sinks, never see them; all are acknowledged."""
+    create_stream(r, keys, STREAM, SHARDS)
+    config = Config(
+        prefix=keys.prefix,
+        streams={STREAM: StreamSpec(STREAM, SHARDS, table="items")},
+        tables={"items": ITEMS},
+        groups={
+            GROUP: GroupSpec(GROUP, STREAM, ("a", "b"), FAST),
+            "h": GroupSpec("h", STREAM, ("c",), FAST),
+        },
+        sinks={name: SinkSpec(name, "function") for name in "abc"},
+    )
+    shard = 2
+    key = keys_on(shard, 1)[0]
+    stream = keys.shard(STREAM, shard)
+
+    def xadd(seq: int, *routing: bytes) -> str:
+        fields = [*encode(item(key, seq)), *routing]
+        reply: Any = r.xadd(stream, dict(zip(fields[::2], fields[1::2], strict=True)))
+        return str(reply.decode())
+
+    plain = xadd(0)
+    for_b = xadd(1, b"for", GROUP.encode(), b"origin", b"1-1", b"sinks", b"b")
+    for_h = xadd(2, b"for", b"h", b"origin", b"1-2")
+    for_nobody = xadd(3, b"for", b"gone", b"origin", b"1-3")
+    last = xadd(4)
+    sinks = {name: TestingSink() for name in "abc"}
+
+    def acknowledged() -> bool:
+        groups: Any = r.xinfo_groups(stream)
+        return len(groups) == 2 and all(
+            group["pending"] == 0 and group["last-delivered-id"].decode() == last
+            for group in groups
+        )
+
+    async with running(redis_url, config, sinks) as task:
+        await eventually(acknowledged, task, "every group read and acknowledged everything")
+
+    def got(name: str) -> dict[str, str]:
+        """Entry ID -> its identity (Batch.origin), of what the sink got."""
+        return {e.id: b.origin(e.id) for b in sinks[name].batches for e in b.entries}
+
+    assert got("a") == {plain: plain, last: last}
+    assert got("b") == {plain: plain, for_b: "1-1", last: last}
+    assert got("c") == {plain: plain, for_h: "1-2", last: last}
+    assert for_nobody not in {**got("a"), **got("b"), **got("c")}
+    assert not r.exists(keys.dead(STREAM, shard, GROUP)) and not r.exists(
+        keys.dead(STREAM, shard, "h")
+    )
