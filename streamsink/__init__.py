@@ -14,12 +14,23 @@ from streamsink.errors import (
     ValidationError,
 )
 from streamsink.schemas import Column, ColumnType, Config, Event, Mode, Op, Policy, Table, load
-from streamsink.streams import AsyncProducer, Keys, Producer, ProducerSettings, create_stream
+from streamsink.streams import (
+    Admission,
+    AsyncProducer,
+    AsyncRateLimiter,
+    Keys,
+    Producer,
+    ProducerSettings,
+    RateLimiter,
+    create_stream,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Admission",
     "AsyncProducer",
+    "AsyncRateLimiter",
     "Column",
     "ColumnType",
     "Config",
@@ -36,6 +47,7 @@ __all__ = [
     "ProducerClosed",
     "ProducerSettings",
     "PublishError",
+    "RateLimiter",
     "ShardCountMismatch",
     "StreamError",
     "StreamNotFound",

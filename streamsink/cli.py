@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import closing
-from dataclasses import replace
+from dataclasses import asdict, replace
 from importlib import resources
 from itertools import islice
 from pathlib import Path
@@ -33,6 +33,7 @@ from streamsink.streams.admin import (
 from streamsink.streams.dead import dead_letters, drop, replay
 from streamsink.streams.keys import Keys
 from streamsink.streams.producer import Producer
+from streamsink.streams.ratelimit import RateLimiter
 
 CHUNK = 1000
 
@@ -91,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
     dead.add_argument("--all", action="store_true", help="every dead letter of the group")
     dead.add_argument("--limit", type=int, default=100, help="most listed per shard")
     dead.set_defaults(run=_dead)
+
+    limits = commands.add_parser("limits", help="show or reset a shared rate limit")
+    limits.add_argument("action", choices=("show", "reset"))
+    limits.add_argument("key", help="the limit's name, as given to RateLimiter.allow")
+    limits.add_argument("--json", action="store_true", help="print the state as JSON")
+    limits.set_defaults(run=_limits)
 
     worker = commands.add_parser("worker", help="run every group of the config until SIGTERM")
     worker.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file")
@@ -312,6 +319,26 @@ def _dead(args: argparse.Namespace, config: Config) -> int:
         else:
             drop(client, keys, args.stream, args.group, letter)
     print(f"{args.action}ed {len(chosen)} dead letters", file=sys.stderr)
+    return 0
+
+
+def _limits(args: argparse.Namespace, config: Config) -> int:
+    with closing(_client(config)) as client:
+        limiter = RateLimiter(client, Keys(config.prefix))
+        if args.action == "reset":
+            limiter.reset(args.key)
+            print(f"limit {args.key!r} reset")
+            return 0
+        state = limiter.show(args.key)
+    if args.json:
+        print(orjson.dumps({"key": args.key, **asdict(state)}).decode())
+    elif not state.exists:
+        print(f"limit {args.key!r}: no state (idle: the full burst is free)")
+    else:
+        print(
+            f"limit {args.key!r}: backlog {state.backlog:.3f} s, hold {state.hold:.3f} s, "
+            f"{state.in_window} sends in the last second, expires in {state.ttl:.1f} s"
+        )
     return 0
 
 

@@ -34,6 +34,11 @@ class StreamSpec:
     name: str
     shards: int
     table: str | None = None
+    max_lag: int | None = None
+    """Publishing refuses (`Backpressure`) while the slowest group has this many entries of a
+    shard not yet committed (None: no limit)."""
+    max_memory: float | None = None
+    """Publishing refuses while Redis uses this fraction of its `maxmemory` or more."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +80,10 @@ class Config:
             _check_name("stream", spec.name)
             if not 1 <= spec.shards <= MAX_SHARDS:
                 raise ConfigError(f"stream {spec.name!r}: shards must be 1..{MAX_SHARDS}")
+            if spec.max_lag is not None and spec.max_lag < 1:
+                raise ConfigError(f"stream {spec.name!r}: max_lag must be a positive integer")
+            if spec.max_memory is not None and not 0 < spec.max_memory <= 1:
+                raise ConfigError(f"stream {spec.name!r}: max_memory must be in (0, 1]")
             if spec.table is not None and spec.table not in self.tables:
                 raise ConfigError(f"stream {spec.name!r}: table {spec.table!r} is not declared")
         for group in self.groups.values():
@@ -217,11 +226,20 @@ def _column(where: str, spec: Any) -> Column:
 def _stream(name: str, spec: Any) -> StreamSpec:
     where = f"stream {name!r}"
     spec = _mapping(spec, where)
-    _only(spec, where, {"shards", "table"})
+    _only(spec, where, {"shards", "table", "max_lag", "max_memory"})
     table = spec.get("table")
     if table is not None and not isinstance(table, str):
         raise ConfigError(f"{where}: table must be a table name")
-    return StreamSpec(name=name, shards=_int(spec, "shards", 1, where), table=table)
+    memory = spec.get("max_memory")
+    if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int | float)):
+        raise ConfigError(f"{where}: max_memory must be a fraction of maxmemory, e.g. 0.9")
+    return StreamSpec(
+        name=name,
+        shards=_int(spec, "shards", 1, where),
+        table=table,
+        max_lag=_int(spec, "max_lag", 0, where) if "max_lag" in spec else None,
+        max_memory=float(memory) if memory is not None else None,
+    )
 
 
 def _sink(name: str, spec: Any) -> SinkSpec:

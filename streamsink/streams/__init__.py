@@ -5,12 +5,16 @@ from streamsink.streams.aio import AsyncProducer
 from streamsink.streams.keys import Keys
 from streamsink.streams.producer import Producer
 from streamsink.streams.publish import ProducerSettings
+from streamsink.streams.ratelimit import Admission, AsyncRateLimiter, RateLimiter
 
 __all__ = [
+    "Admission",
     "AsyncProducer",
+    "AsyncRateLimiter",
     "Keys",
     "Producer",
     "ProducerSettings",
+    "RateLimiter",
     "StreamInfo",
     "create_stream",
     "list_streams",

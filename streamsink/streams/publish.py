@@ -12,25 +12,62 @@ from dataclasses import dataclass, field
 from typing import Any
 from zlib import crc32
 
-from streamsink.errors import ConfigError, ShardCountMismatch, StreamNotFound
+from streamsink.errors import Backpressure, ConfigError, ShardCountMismatch, StreamNotFound
 from streamsink.schemas.config import Config
 from streamsink.schemas.event import Event
 from streamsink.schemas.wire import PACKED_FIELDS, packer
+from streamsink.streams.applied import Receipt
 from streamsink.streams.keys import Keys
 
-# KEYS[1]: shard stream. ARGV[1]: dedup key prefix, ARGV[2]: dedup TTL (ms), then each
+# KEYS[1]: shard stream. ARGV[1]: dedup key prefix, ARGV[2]: dedup TTL (ms), ARGV[3]:
+# max lag (0: none), ARGV[4]: memory ceiling as a fraction of maxmemory (0: none), then each
 # event either as `key, op, data` (no table, ts, v or id: most events, three values and one
 # XADD) or as `key, '+', op, data, table, ts, v, id` ('' where absent). Returns the entry
-# ID of each event; a repeated id returns the first publish's entry ID. The type check
-# comes first so that a refused call has written nothing.
+# ID of each event; a repeated id returns the first publish's entry ID. The type check and
+# the backpressure check come first so that a refused call has written nothing.
+#
+# Lag (see `Backpressure`): per group, the entries it has not acknowledged: Redis' own
+# `lag` (entries added but not yet delivered to the group) plus its pending entries
+# (delivered, not yet committed and acknowledged), both from XINFO GROUPS: O(groups) per
+# call. Where Redis cannot tell a group's lag (entries deleted in the middle) XLEN stands
+# for it, as it does when the shard has no group yet: an upper bound, since the stream is
+# trimmed only below what every group acknowledged. A call is refused while the slowest
+# group's lag is at `max lag` or more, so a shard holds at most `max lag` + one batch.
 PUBLISH_SCRIPT = b"""
 local names = {%s}
 local kind = redis.call('TYPE', KEYS[1]).ok
 if kind ~= 'stream' and kind ~= 'none' then
   return redis.error_reply('WRONGTYPE ' .. KEYS[1] .. ' holds a ' .. kind .. ', not a stream')
 end
+local limit = tonumber(ARGV[3])
+if limit > 0 and kind == 'stream' then
+  local lag, groups = 0, redis.call('XINFO', 'GROUPS', KEYS[1])
+  if #groups == 0 then lag = redis.call('XLEN', KEYS[1]) end
+  for _, group in ipairs(groups) do
+    local info = {}
+    for j = 1, #group, 2 do info[group[j]] = group[j + 1] end
+    local behind = info['lag']
+    if type(behind) ~= 'number' then behind = redis.call('XLEN', KEYS[1]) end
+    lag = math.max(lag, behind + info['pending'])
+  end
+  if lag >= limit then
+    return redis.error_reply('BACKPRESSURE lag ' .. lag .. ' ' .. limit)
+  end
+end
+local ceiling = tonumber(ARGV[4])
+if ceiling > 0 then
+  local info = redis.call('INFO', 'memory')
+  local most = tonumber(string.match(info, 'maxmemory:(%%d+)'))
+  if most and most > 0 then
+    local used = tonumber(string.match(info, 'used_memory:(%%d+)'))
+    if used >= most * ceiling then
+      return redis.error_reply(
+        'BACKPRESSURE memory ' .. used .. ' ' .. math.floor(most * ceiling))
+    end
+  end
+end
 local ids, count = {}, 0
-local i, n = 3, #ARGV
+local i, n = 5, #ARGV
 while i <= n do
   local entry = false
   if ARGV[i + 1] ~= '+' then
@@ -63,6 +100,14 @@ while i <= n do
 end
 return ids
 """ % b", ".join(b"'%s'" % name for name in PACKED_FIELDS)
+
+FIRST_RETRY = 0.005
+LAST_RETRY = 0.1
+"""Under backpressure with a timeout, producers try again after 5 ms, doubling to 100 ms."""
+
+FIRST_EVENT = 8
+"""Where the first event's values start in a command's arguments (EVAL, script, 1, shard,
+dedup prefix, dedup TTL, max lag, memory ceiling)."""
 
 FULL = b"+"
 """After the key, marks an event sent with all its values (one with a table, ts, v or id)."""
@@ -111,11 +156,13 @@ class Command:
     slots: list[int] = field(default_factory=list)
     """Per reply, its event's place in the batch (the requests' events one after another)."""
     plain: bool = False
+    guarded: bool = False
+    """The script checks backpressure: never sent as a plain XADD."""
 
     def plain_xadd(self) -> None:
         """Send a lone event without idempotency id as a plain XADD: the same effect, and
         Redis runs it six times faster than the script (measured: 1.6 µs against 9 µs)."""
-        values = self.args[6:]
+        values = self.args[FIRST_EVENT:]
         if values[1] == FULL:
             del values[1]
         named = zip(PACKED_FIELDS, values, strict=False)  # three values: no table, ..., id
@@ -187,11 +234,33 @@ class Preparer:
                 command.slots.append(slot)
                 slot += 1
         for command in made:
-            if len(command.slots) == 1 and (len(command.args) == 9 or not command.args[-1]):
+            if (
+                len(command.slots) == 1
+                and not command.guarded
+                and (len(command.args) == FIRST_EVENT + 3 or not command.args[-1])
+            ):
                 command.plain_xadd()  # one event, and without id
         return made
+
+    def receipts(self, stream: str, prepared: list[Prepared], ids: list[str]) -> list[Receipt]:
+        """The receipt of each published event (prepared values start with the key)."""
+        shards = self.shards[stream]
+        return [Receipt.of(stream, shards, v[0], i) for v, i in zip(prepared, ids, strict=True)]
 
     def _command(self, stream: str, shard: int) -> Command:
         keys, ttl = self.keys, self.settings.dedup_ttl_ms
         shard_key, dedup = keys.shard(stream, shard), keys.dedup_prefix(stream, shard)
-        return Command(["EVAL", PUBLISH_SCRIPT, 1, shard_key, dedup, ttl])
+        spec = self.config.streams.get(stream)
+        lag = spec.max_lag if spec is not None and spec.max_lag else 0
+        memory = spec.max_memory if spec is not None and spec.max_memory else 0
+        args: list[bytes | str | int] = ["EVAL", PUBLISH_SCRIPT, 1, shard_key, dedup, ttl]
+        args += [lag, repr(memory) if memory else 0]
+        return Command(args, guarded=bool(lag or memory))
+
+
+def refusal(error: Exception) -> Backpressure | None:
+    """The Backpressure a script error stands for, or None for any other error."""
+    words = str(error).split()
+    if len(words) != 4 or words[0] != "BACKPRESSURE":
+        return None
+    return Backpressure(words[1], int(words[2]), int(words[3]))
