@@ -14,7 +14,8 @@ from zlib import crc32
 
 from streamsink.errors import Backpressure, ConfigError, ShardCountMismatch, StreamNotFound
 from streamsink.schemas.config import Config
-from streamsink.schemas.event import Event
+from streamsink.schemas.event import Event, Op
+from streamsink.schemas.readmodel import changes
 from streamsink.schemas.wire import PACKED_FIELDS, packer
 from streamsink.streams.applied import Receipt
 from streamsink.streams.keys import Keys
@@ -22,7 +23,9 @@ from streamsink.streams.keys import Keys
 # KEYS[1]: shard stream. ARGV[1]: dedup key prefix, ARGV[2]: dedup TTL (ms), ARGV[3]:
 # max lag (0: none), ARGV[4]: memory ceiling as a fraction of maxmemory (0: none), then each
 # event either as `key, op, data` (no table, ts, v or id: most events, three values and one
-# XADD) or as `key, '+', op, data, table, ts, v, id` ('' where absent). Returns the entry
+# XADD) or as `key, '+', op, data, table, ts, v, id` ('' where absent), or, for a table
+# with a read model, as `key, '#', op, data, table, ts, v, id, row hash key, then
+# schemas.readmodel.changes` (the hash is changed only by a fresh publish). Returns the entry
 # ID of each event; a repeated id returns the first publish's entry ID. The type check and
 # the backpressure check come first so that a refused call has written nothing.
 #
@@ -66,11 +69,58 @@ if ceiling > 0 then
     end
   end
 end
+local function before(a, b)  -- a < b by bytes (Lua's < follows the server's locale)
+  local n = math.min(#a, #b)
+  for k = 1, n do
+    local x, y = string.byte(a, k), string.byte(b, k)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+local function better(kind, order, old)  -- is `order` past `old` (max: greater, min: less)?
+  if not old then return true end
+  if string.sub(order, 1, 1) == 'n' then
+    local x, y = tonumber(string.sub(order, 2)), tonumber(string.sub(old, 2))
+    if kind == '>' then return x > y else return x < y end
+  end
+  if kind == '>' then return before(old, order) else return before(order, old) end
+end
+local function model(row, at)  -- the read model: apply one event's changes to its hash
+  local ttl, count = tonumber(ARGV[at]), tonumber(ARGV[at + 1])
+  if ARGV[at + 3] == '!' then
+    redis.call('DEL', row)
+    redis.call('HSET', row, '~del', '1')
+  else
+    if redis.call('HEXISTS', row, '~del') == 1 then redis.call('DEL', row) end
+    for j = at + 2, at + 4 * count - 2, 4 do
+      local name, kind, value, order = ARGV[j], ARGV[j + 1], ARGV[j + 2], ARGV[j + 3]
+      if kind == '=' then
+        redis.call('HSET', row, name, value)
+      elseif kind == 'i' or kind == 'f' then
+        local old = redis.call('HGET', row, name)
+        if not old or old == 'null' then
+          redis.call('HSET', row, name, value)
+        elseif kind == 'i' then
+          redis.call('HINCRBY', row, name, value)
+        else
+          redis.call('HINCRBYFLOAT', row, name, value)
+        end
+      elseif better(kind, order, redis.call('HGET', row, '~o:' .. name)) then
+        redis.call('HSET', row, name, value, '~o:' .. name, order)
+      end
+    end
+  end
+  if ttl < 0 then ttl = tonumber(redis.call('HGET', row, '~ttl')) or -ttl
+  else redis.call('HSET', row, '~ttl', ttl) end
+  redis.call('PEXPIRE', row, ttl)
+  return at + 2 + 4 * count
+end
 local ids, count = {}, 0
 local i, n = 5, #ARGV
 while i <= n do
   local entry = false
-  if ARGV[i + 1] ~= '+' then
+  local form = ARGV[i + 1]
+  if form ~= '+' and form ~= '#' then
     entry = redis.call(
       'XADD', KEYS[1], '*', names[1], ARGV[i], names[2], ARGV[i + 1], names[3], ARGV[i + 2])
     i = i + 3
@@ -79,7 +129,8 @@ while i <= n do
     if eid ~= '' then
       entry = redis.call('GET', ARGV[1] .. eid)
     end
-    if not entry then
+    local fresh = not entry
+    if fresh then
       local fields = {names[1], ARGV[i]}
       for j = 2, 7 do
         local value = ARGV[i + j]
@@ -93,13 +144,23 @@ while i <= n do
         redis.call('SET', ARGV[1] .. eid, entry, 'PX', ARGV[2])
       end
     end
-    i = i + 8
+    if form == '#' then  -- then: the row's hash key, TTL, number of fields, the changes
+      if fresh then
+        i = model(ARGV[i + 8], i + 9)
+      else  -- a repeated publish: its changes are in the hash already
+        i = i + 11 + 4 * tonumber(ARGV[i + 10])
+      end
+    else
+      i = i + 8
+    end
   end
   count = count + 1
   ids[count] = entry
 end
 return ids
 """ % b", ".join(b"'%s'" % name for name in PACKED_FIELDS)
+
+_ROW_OPS = frozenset({Op.SET, Op.INCR, Op.DEL})
 
 FIRST_RETRY = 0.005
 LAST_RETRY = 0.1
@@ -111,6 +172,8 @@ dedup prefix, dedup TTL, max lag, memory ceiling)."""
 
 FULL = b"+"
 """After the key, marks an event sent with all its values (one with a table, ts, v or id)."""
+MODEL = b"#"
+"""After the key, marks an event sent with all its values and its read-model changes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +220,7 @@ class Command:
     """Per reply, its event's place in the batch (the requests' events one after another)."""
     plain: bool = False
     guarded: bool = False
-    """The script checks backpressure: never sent as a plain XADD."""
+    """The script checks backpressure or writes a read model: never sent as a plain XADD."""
 
     def plain_xadd(self) -> None:
         """Send a lone event without idempotency id as a plain XADD: the same effect, and
@@ -205,8 +268,32 @@ class Preparer:
         self.shards[stream] = shards
         validate = self.config.validator(stream)
         table = self.config.default_table(stream)
-        self.packers[stream] = packer(table, validate, self.config.max_data_bytes)
+        pack = packer(table, validate, self.config.max_data_bytes)
+        if self.config.read_models:
+            pack = self._with_read_model(stream, shards, pack)
+        self.packers[stream] = pack
         return shards
+
+    def _with_read_model(
+        self, stream: str, shards: int, pack: Callable[[Event], Prepared]
+    ) -> Callable[[Event], Prepared]:
+        """`pack`, adding the read-model changes to events of tables that have one."""
+        config, keys = self.config, self.keys
+        default = config.streams[stream].table if stream in config.streams else None
+        models = config.read_models
+
+        def pack_with_model(event: Event) -> Prepared:
+            values = pack(event)
+            name = event.table or default
+            model = models.get(name) if name is not None else None
+            if model is None or event.op not in _ROW_OPS:
+                return values
+            if len(values) == 3:
+                values = (*values, b"", b"", b"", b"")
+            row = keys.row(stream, crc32(values[0]) % shards, name, event.key)  # type: ignore[arg-type]
+            return (*values, row.encode(), *changes(event, config.tables[name], model))  # type: ignore[index]
+
+        return pack_with_model
 
     def encode(self, stream: str, events: Iterable[Event]) -> list[Prepared]:
         """Validate and pack every event (all or nothing)."""
@@ -230,7 +317,14 @@ class Preparer:
                 if command is None:
                     command = by_shard[shard] = self._command(stream, shard)
                     made.append(command)
-                command.args += values if len(values) == 3 else (values[0], FULL, *values[1:])
+                size = len(values)
+                if size == 3:
+                    command.args += values
+                elif size == 7:
+                    command.args += (values[0], FULL, *values[1:])
+                else:
+                    command.args += (values[0], MODEL, *values[1:])
+                    command.guarded = True
                 command.slots.append(slot)
                 slot += 1
         for command in made:
