@@ -6,6 +6,7 @@ from streamsink.streams.keys import Keys
 from streamsink.streams.producer import Producer
 from streamsink.streams.publish import ProducerSettings
 from streamsink.streams.ratelimit import Admission, AsyncRateLimiter, RateLimiter
+from streamsink.streams.rows import Rows
 
 __all__ = [
     "Admission",
@@ -15,6 +16,7 @@ __all__ = [
     "Producer",
     "ProducerSettings",
     "RateLimiter",
+    "Rows",
     "StreamInfo",
     "create_stream",
     "list_streams",
