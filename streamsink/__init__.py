@@ -1,9 +1,11 @@
 """streamsink: a write-behind stream processor from Redis Streams to PostgreSQL and HTTP."""
 
 from streamsink.errors import (
+    Backpressure,
     ConfigError,
     DecodeError,
     EventError,
+    NotYetApplied,
     PayloadTooLarge,
     ProducerClosed,
     PublishError,
@@ -22,8 +24,10 @@ from streamsink.streams import (
     Producer,
     ProducerSettings,
     RateLimiter,
+    Rows,
     create_stream,
 )
+from streamsink.streams.applied import Receipt
 
 __version__ = "0.1.0"
 
@@ -31,6 +35,7 @@ __all__ = [
     "Admission",
     "AsyncProducer",
     "AsyncRateLimiter",
+    "Backpressure",
     "Column",
     "ColumnType",
     "Config",
@@ -40,6 +45,7 @@ __all__ = [
     "EventError",
     "Keys",
     "Mode",
+    "NotYetApplied",
     "Op",
     "PayloadTooLarge",
     "Policy",
@@ -48,6 +54,8 @@ __all__ = [
     "ProducerSettings",
     "PublishError",
     "RateLimiter",
+    "Receipt",
+    "Rows",
     "ShardCountMismatch",
     "StreamError",
     "StreamNotFound",

@@ -34,6 +34,7 @@ from streamsink.streams.dead import dead_letters, drop, replay
 from streamsink.streams.keys import Keys
 from streamsink.streams.producer import Producer
 from streamsink.streams.ratelimit import RateLimiter
+from streamsink.streams.rows import Rows
 
 CHUNK = 1000
 
@@ -259,6 +260,7 @@ def _status(args: argparse.Namespace, config: Config) -> int:
     client, keys = _client(config), Keys(config.prefix)
     _print_streams(client, keys, list_streams(client, keys))
     groups = [(g.stream, g.name) for g in config.groups.values()]
+    behind: dict[str, dict[int, int]] = {}  # per stream and shard: the slowest group's lag
     for stream, group in groups:
         print(f"\ngroup {group} on {stream}")
         print(
@@ -266,16 +268,33 @@ def _status(args: argparse.Namespace, config: Config) -> int:
         )
         for row in group_status(client, keys, stream, group):
             lag = "?" if row.lag is None else str(row.lag)
+            shards = behind.setdefault(stream, {})
+            uncommitted = (row.length if row.lag is None else row.lag) + row.pending
+            shards[row.shard] = max(shards.get(row.shard, 0), uncommitted)
             print(
                 f"{row.shard:>5} {row.length:>8} {lag:>8} {row.pending:>8} {row.dead:>6} "
                 f"{row.epoch:>6}  {row.owner or '-'}"
             )
+    _print_backpressure(config, behind)
     for spec in config.sinks.values():
         if spec.type == "http":
             _print_http_sink(client, keys, spec.name)
     if not groups:
         print("\n(give --config to see the groups)")
     return 0
+
+
+def _print_backpressure(config: Config, behind: Mapping[str, Mapping[int, int]]) -> None:
+    """Per stream with a max_lag: its most lagging shard, and whether publishing refuses."""
+    for name, spec in config.streams.items():
+        if not spec.max_lag or not behind.get(name):
+            continue
+        shard, lag = max(behind[name].items(), key=lambda item: item[1])
+        state = "publishing refused (Backpressure)" if lag >= spec.max_lag else "ok"
+        print(
+            f"\nbackpressure {name}: max_lag {spec.max_lag}, most behind shard {shard} with "
+            f"{lag} uncommitted ({100 * lag / spec.max_lag:.0f}%): {state}"
+        )
 
 
 def _print_http_sink(client: redis.Redis, keys: Keys, sink: str) -> None:
@@ -417,6 +436,9 @@ def _demo(args: argparse.Namespace, config: Config) -> int:
         print(f"  {name:<18} {count:>7}")
     print()
     _print_streams(client, keys, config.streams)
+    if "tasks" in config.read_models:
+        task = Rows(client, config).read("tasks", 1)
+        print(f"\nthe read model, before any worker ran: Rows.read('tasks', 1) = {task}")
     return _demo_drain(config, counts)
 
 

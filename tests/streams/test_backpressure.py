@@ -9,14 +9,16 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import redis
 import redis.asyncio as aredis
 
+from streamsink.cli import main
 from streamsink.errors import Backpressure, ConfigError
 from streamsink.schemas import Config, Event, GroupSpec, SinkSpec, StreamSpec, shard_of
-from streamsink.schemas.config import from_dict
+from streamsink.schemas.config import from_dict, load
 from streamsink.sinks import TestingSink
 from streamsink.streams import AsyncProducer, Keys, Producer, create_stream
 from tests.conftest import RedisServer
@@ -209,3 +211,28 @@ def _item(key: str) -> Event:
 
 def _got(sink: TestingSink) -> int:
     return sum(len(batch.entries) for batch in sink.batches)
+
+
+def test_status_shows_the_most_lagging_shard_and_the_refusal(
+    r: redis.Redis,
+    grouped: Keys,
+    redis_url: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = tmp_path / "streamsink.toml"
+    path.write_text(
+        f'[redis]\nurl = "{redis_url}"\nprefix = "{grouped.prefix}"\n'
+        f"[streams.tasks]\nshards = {SHARDS}\nmax_lag = {LIMIT}\n"
+        '[sinks.noop]\ntype = "function"\nfunction = "json:dumps"\n'
+        '[groups.g1]\nstream = "tasks"\nsinks = ["noop"]\n'
+    )
+    producer = Producer(r, load(path))
+    producer.publish_many("tasks", [Event.make(f"task-{n}", "set", {}) for n in on_shard(1, 3)])
+    assert main(["--config", str(path), "status"]) == 0
+    out = capsys.readouterr().out
+    assert f"backpressure tasks: max_lag {LIMIT}, most behind shard 1 with 3 uncommitted" in out
+    assert out.rstrip().endswith("ok") or ": ok" in out
+    producer.publish_many("tasks", [Event.make(f"task-{n}", "set", {}) for n in on_shard(1, 2)])
+    assert main(["--config", str(path), "status"]) == 0
+    assert "publishing refused (Backpressure)" in capsys.readouterr().out
