@@ -8,24 +8,26 @@ XADD; the rules are the merge's (`consumers/merge.py`, `apply_event`), field by 
       or any incr                                               'f' (float: HINCRBYFLOAT)
     set of a max/min column the greater/lesser; a tie keeps     '>' / '<'
                             the older; nulls ignored
-    del                     the hash is replaced by a tombstone (`~del`); a later set or
-                            incr re-creates the row from nothing, as the sink does
+    del                     the hash is replaced by a tombstone (only `~del`: a hash
+                            without the key column); a later set or incr re-creates the
+                            row from nothing, as the sink does
 
 Each field holds its value as JSON text. Max and min compare an order key held beside the
 field (`~o:<field>`): a float as itself, an int as a fixed-width number, a text as its
 UTF-8 bytes, a timestamp as its instant in UTC, so the script compares bytes (code point
 order, as PostgreSQL's "C" collation) or numbers, never locale text.
 
-TTL by status (`ttl_by`): each write sets the hash's expiry to the TTL of the status it
-holds (`ttl`, seconds per status value, `default` for a key without status or with one
-not listed); the TTL chosen is kept in `~ttl`, so a write that does not set the status
-keeps it. Reserved fields start with `~`, which no column name can.
+TTL by status (`ttl_by`): a write that sets the status (re)starts the hash's expiry with
+the TTL of that status (`ttl`, seconds per status value, `default` for one not listed); a
+write that does not set it leaves the expiry running, and gives a new hash `default`. A
+table without `ttl_by` restarts `default` at each write. Reserved fields start with `~`,
+which no column name can.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -34,12 +36,11 @@ import orjson
 
 from streamsink.errors import ConfigError, ValidationError
 from streamsink.schemas.event import Event, Op
-from streamsink.schemas.table import INT64_MIN, ColumnType, Mode, Policy, Table
+from streamsink.schemas.table import INT64_MIN, Column, ColumnType, Mode, Policy, Table
 
 TOMBSTONE = b"~del"
-"""Field of a hash whose row was deleted (the only field it then has)."""
-TTL_FIELD = b"~ttl"
-"""Field holding the TTL (ms) chosen by the key's status."""
+"""Field of a hash whose row was deleted (the only field it then has: a live row's hash
+always has its key column, which every set, incr and del carries)."""
 ORDER_PREFIX = b"~o:"
 """Prefix of the fields holding the order key of a max or min column."""
 
@@ -99,44 +100,74 @@ def key_value(table: Table, key: str) -> Any:
     return key
 
 
-def changes(event: Event, table: Table, model: ReadModel) -> list[bytes]:
-    """What `event` does to its key's hash: [TTL ms (negative: keep the TTL the hash holds,
-    this one if none), how many changes, then (field, kind, JSON value, order key) per
-    change]; one change of kind '!' for a del. The event is valid for `table`; its routing
-    key must be its row's key (ValidationError otherwise)."""
-    op, data = event.op, event.data
-    name = table.key[0]
-    if name not in data or key_text(table, data[name]) != event.key:
-        raise ValidationError(
-            "key",
-            f"table {table.name!r} has a read model: the routing key must be the row's "
-            f"{name} ({event.key!r} is not {data.get(name)!r})",
-        )
-    if op is Op.DEL:
-        return [str(model.ttl_ms(None)).encode(), b"1", b"", b"!", b"", b""]
-    status = model.ttl_by
-    if status is None:
-        ttl = model.ttl_ms(None)
-    elif status in data:
-        ttl = model.ttl_ms(data[status])
-    else:
-        ttl = -model.ttl_ms(None)  # the status is not set here: keep the TTL it chose
-    out = [str(ttl).encode(), str(len(data)).encode()]
-    for column, value in data.items():
-        out += _change(table, column, value, op is Op.INCR and column != name)
-    return out
+def changer(table: Table, model: ReadModel) -> Callable[[Event], list[bytes]]:
+    """`changes(event)` for events of `table`, with what it needs worked out once.
+
+    What an event does to its key's hash: [TTL ms (negative: only if the hash has none),
+    how many assignments (-1: a del), then (field, JSON value) per assignment, how many
+    other changes, then (field, kind, JSON value, order key) per other change]. The event
+    is valid for `table`; its routing key must be its row's key (ValidationError)."""
+    key = table.key[0]
+    as_text = str.lower if table.columns[key].type is ColumnType.UUID else str
+    names = {name: name.encode() for name in table.columns}
+    set_kinds = {name: _set_kind(column) for name, column in table.columns.items()}
+    incr_kinds = {
+        name: b"=" if name == key else (b"i" if c.type is ColumnType.INT else b"f")
+        for name, c in table.columns.items()
+    }
+    types = {name: column.type for name, column in table.columns.items()}
+    assign_only = all(kind == b"=" for kind in set_kinds.values())
+    status, ttls, default = model.ttl_by, model.ttl_ms, str(model.ttl_ms(None)).encode()
+    delete = [default, b"-1"]
+    dumps = orjson.dumps
+
+    def changes(event: Event) -> list[bytes]:
+        op, data = event.op, event.data
+        if key not in data or as_text(data[key]) != event.key:
+            raise ValidationError(
+                "key",
+                f"table {table.name!r} has a read model: the routing key must be the row's "
+                f"{key} ({event.key!r} is not {data.get(key)!r})",
+            )
+        if op is Op.DEL:
+            return delete
+        if status is None:
+            ttl = default
+        elif status in data:
+            ttl = str(ttls(data[status])).encode()
+        else:
+            ttl = b"-" + default  # the status is not set here: keep the TTL it chose
+        if op is Op.SET and assign_only:
+            out = [ttl, str(len(data)).encode()]
+            for name, value in data.items():
+                out += (names[name], dumps(value))
+            out.append(b"0")
+            return out
+        kinds = set_kinds if op is Op.SET else incr_kinds
+        assigns: list[bytes] = []
+        others: list[bytes] = []
+        for name, value in data.items():
+            kind = kinds[name]
+            if kind == b"=" or value is None:
+                assigns += (names[name], dumps(value))
+            elif kind == b"i" or kind == b"f":
+                others += (names[name], kind, dumps(value), b"")
+            else:
+                others += (names[name], kind, dumps(value), order_key(types[name], value))
+        head = [ttl, str(len(assigns) // 2).encode()]
+        return [*head, *assigns, str(len(others) // 4).encode(), *others]
+
+    return changes
 
 
-def _change(table: Table, name: str, value: Any, delta: bool) -> list[bytes]:
-    column = table.columns[name]
-    text = orjson.dumps(value)
-    if delta or column.policy is Policy.SUM:
-        kind = b"i" if column.type is ColumnType.INT else b"f"
-        return [name.encode(), kind, text, b""]
-    if column.policy is Policy.LWW or value is None:
-        return [name.encode(), b"=", text, b""]
-    kind = b">" if column.policy is Policy.MAX else b"<"
-    return [name.encode(), kind, text, order_key(column.type, value)]
+def _set_kind(column: Column) -> bytes:
+    if column.policy is Policy.SUM:
+        return b"i" if column.type is ColumnType.INT else b"f"
+    if column.policy is Policy.MAX:
+        return b">"
+    if column.policy is Policy.MIN:
+        return b"<"
+    return b"="
 
 
 def order_key(kind: ColumnType, value: Any) -> bytes:
@@ -167,8 +198,8 @@ def to_hash(table: Table, row: Mapping[str, Any]) -> list[bytes]:
 
 def from_hash(table: Table, fields: Mapping[bytes, bytes]) -> Row | None:
     """The row a hash holds (every column; None where unset), or None for a tombstone."""
-    if not fields or TOMBSTONE in fields:
-        return None
+    if not fields or table.key[0].encode() not in fields:
+        return None  # absent, or a tombstone
     row: Row = dict.fromkeys(table.columns)
     for name, column in table.columns.items():
         raw = fields.get(name.encode())

@@ -15,7 +15,7 @@ from zlib import crc32
 from streamsink.errors import Backpressure, ConfigError, ShardCountMismatch, StreamNotFound
 from streamsink.schemas.config import Config
 from streamsink.schemas.event import Event, Op
-from streamsink.schemas.readmodel import changes
+from streamsink.schemas.readmodel import changer
 from streamsink.schemas.wire import PACKED_FIELDS, packer
 from streamsink.streams.applied import Receipt
 from streamsink.streams.keys import Keys
@@ -85,18 +85,25 @@ local function better(kind, order, old)  -- is `order` past `old` (max: greater,
   end
   if kind == '>' then return before(old, order) else return before(order, old) end
 end
-local function model(row, at)  -- the read model: apply one event's changes to its hash
-  local ttl, count = tonumber(ARGV[at]), tonumber(ARGV[at + 1])
-  if ARGV[at + 3] == '!' then
-    redis.call('DEL', row)
-    redis.call('HSET', row, '~del', '1')
-  else
-    if redis.call('HEXISTS', row, '~del') == 1 then redis.call('DEL', row) end
-    for j = at + 2, at + 4 * count - 2, 4 do
-      local name, kind, value, order = ARGV[j], ARGV[j + 1], ARGV[j + 2], ARGV[j + 3]
-      if kind == '=' then
-        redis.call('HSET', row, name, value)
-      elseif kind == 'i' or kind == 'f' then
+local function model(row, at, apply)  -- the read model: one event's changes to its hash
+  local ttl, assigns = tonumber(ARGV[at]), tonumber(ARGV[at + 1])
+  if assigns < 0 then
+    if apply then
+      redis.call('DEL', row)
+      redis.call('HSET', row, '~del', '1')
+      redis.call('PEXPIRE', row, ttl)
+    end
+    return at + 2
+  end
+  local j = at + 2
+  if apply and assigns > 0 then redis.call('HSET', row, unpack(ARGV, j, j + 2 * assigns - 1)) end
+  j = j + 2 * assigns
+  local others = tonumber(ARGV[j])
+  j = j + 1
+  if apply then
+    for k = j, j + 4 * others - 4, 4 do
+      local name, kind, value, order = ARGV[k], ARGV[k + 1], ARGV[k + 2], ARGV[k + 3]
+      if kind == 'i' or kind == 'f' then
         local old = redis.call('HGET', row, name)
         if not old or old == 'null' then
           redis.call('HSET', row, name, value)
@@ -109,11 +116,9 @@ local function model(row, at)  -- the read model: apply one event's changes to i
         redis.call('HSET', row, name, value, '~o:' .. name, order)
       end
     end
+    if ttl > 0 then redis.call('PEXPIRE', row, ttl) else redis.call('PEXPIRE', row, -ttl, 'NX') end
   end
-  if ttl < 0 then ttl = tonumber(redis.call('HGET', row, '~ttl')) or -ttl
-  else redis.call('HSET', row, '~ttl', ttl) end
-  redis.call('PEXPIRE', row, ttl)
-  return at + 2 + 4 * count
+  return j + 4 * others
 end
 local ids, count = {}, 0
 local i, n = 5, #ARGV
@@ -144,12 +149,8 @@ while i <= n do
         redis.call('SET', ARGV[1] .. eid, entry, 'PX', ARGV[2])
       end
     end
-    if form == '#' then  -- then: the row's hash key, TTL, number of fields, the changes
-      if fresh then
-        i = model(ARGV[i + 8], i + 9)
-      else  -- a repeated publish: its changes are in the hash already
-        i = i + 11 + 4 * tonumber(ARGV[i + 10])
-      end
+    if form == '#' then  -- then the row's hash key and its changes (a repeated publish's
+      i = model(ARGV[i + 8], i + 9, fresh)  -- are in the hash already: skipped)
     else
       i = i + 8
     end
@@ -280,18 +281,21 @@ class Preparer:
         """`pack`, adding the read-model changes to events of tables that have one."""
         config, keys = self.config, self.keys
         default = config.streams[stream].table if stream in config.streams else None
-        models = config.read_models
+        changers = {
+            name: changer(config.tables[name], model) for name, model in config.read_models.items()
+        }
+        row_prefixes = [keys.row_prefix(stream, shard) for shard in range(shards)]
 
         def pack_with_model(event: Event) -> Prepared:
             values = pack(event)
             name = event.table or default
-            model = models.get(name) if name is not None else None
-            if model is None or event.op not in _ROW_OPS:
+            changes = changers.get(name) if name is not None else None
+            if changes is None or event.op not in _ROW_OPS:
                 return values
             if len(values) == 3:
                 values = (*values, b"", b"", b"", b"")
-            row = keys.row(stream, crc32(values[0]) % shards, name, event.key)  # type: ignore[arg-type]
-            return (*values, row.encode(), *changes(event, config.tables[name], model))  # type: ignore[index]
+            row = f"{row_prefixes[crc32(values[0]) % shards]}{name}:{event.key}"  # Keys.row
+            return (*values, row.encode(), *changes(event))
 
         return pack_with_model
 

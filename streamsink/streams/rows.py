@@ -34,7 +34,7 @@ JSON-ready (timestamps as ISO text, uuids as text); missing rows are left out.""
 # not exist: a publish since the miss holds newer changes.
 _REPOPULATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], '~ttl', ARGV[1], unpack(ARGV, 2))
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return 1
 """
