@@ -12,10 +12,11 @@ XADD; the rules are the merge's (`consumers/merge.py`, `apply_event`), field by 
                             without the key column); a later set or incr re-creates the
                             row from nothing, as the sink does
 
-Each field holds its value as JSON text. Max and min compare an order key held beside the
-field (`~o:<field>`): a float as itself, an int as a fixed-width number, a text as its
-UTF-8 bytes, a timestamp as its instant in UTC, so the script compares bytes (code point
-order, as PostgreSQL's "C" collation) or numbers, never locale text.
+Each field holds its value as the client sends it (text as UTF-8, numbers in decimal; bools
+and json encoded, see ENCODERS), a null as no field. Max and min compare an order key held
+beside the field (`~o:<field>`): a float as itself, an int as a fixed-width number, a text
+as its UTF-8 bytes, a timestamp as its instant in UTC, so the script compares bytes (code
+point order, as PostgreSQL's "C" collation) or numbers, never locale text.
 
 TTL by status (`ttl_by`): a write that sets the status (re)starts the hash's expiry with
 the TTL of that status (`ttl`, seconds per status value, `default` for one not listed); a
@@ -26,7 +27,6 @@ which no column name can.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -100,28 +100,29 @@ def key_value(table: Table, key: str) -> Any:
     return key
 
 
-def changer(table: Table, model: ReadModel) -> Callable[[Event], list[bytes]]:
+def changer(table: Table, model: ReadModel) -> Callable[[Event], list[Any]]:
     """`changes(event)` for events of `table`, with what it needs worked out once.
 
     What an event does to its key's hash: [TTL ms (negative: only if the hash has none),
-    how many assignments (-1: a del), then (field, JSON value) per assignment, how many
-    other changes, then (field, kind, JSON value, order key) per other change]. The event
-    is valid for `table`; its routing key must be its row's key (ValidationError)."""
+    how many assignments (-1: a del), then (field, value) per assignment, how many other
+    changes, then (field, kind, value, order key) per other change]. Values go as the
+    client sends them (text, int and float as they are: no encoding in Python), see
+    `encode`. The event is valid for `table`; its routing key must be its row's key."""
     key = table.key[0]
     as_text = str.lower if table.columns[key].type is ColumnType.UUID else str
-    names = {name: name.encode() for name in table.columns}
     set_kinds = {name: _set_kind(column) for name, column in table.columns.items()}
     incr_kinds = {
-        name: b"=" if name == key else (b"i" if c.type is ColumnType.INT else b"f")
+        name: "=" if name == key else ("i" if c.type is ColumnType.INT else "f")
         for name, c in table.columns.items()
     }
     types = {name: column.type for name, column in table.columns.items()}
-    assign_only = all(kind == b"=" for kind in set_kinds.values())
-    status, ttls, default = model.ttl_by, model.ttl_ms, str(model.ttl_ms(None)).encode()
-    delete = [default, b"-1"]
-    dumps = orjson.dumps
+    coded = {name: ENCODERS[kind] for name, kind in types.items() if kind in ENCODERS}
+    plain = all(kind == "=" for kind in set_kinds.values()) and not coded
+    status, default = model.ttl_by, model.ttl_ms(None)
+    ttls = {value: model.ttl_ms(value) for value in model.ttl}
+    delete = [default, -1]
 
-    def changes(event: Event) -> list[bytes]:
+    def changes(event: Event) -> list[Any]:
         op, data = event.op, event.data
         if key not in data or as_text(data[key]) != event.key:
             raise ValidationError(
@@ -134,40 +135,68 @@ def changer(table: Table, model: ReadModel) -> Callable[[Event], list[bytes]]:
         if status is None:
             ttl = default
         elif status in data:
-            ttl = str(ttls(data[status])).encode()
+            value = data[status]
+            ttl = ttls.get(value, default) if type(value) is str else default
         else:
-            ttl = b"-" + default  # the status is not set here: keep the TTL it chose
-        if op is Op.SET and assign_only:
-            out = [ttl, str(len(data)).encode()]
-            for name, value in data.items():
-                out += (names[name], dumps(value))
-            out.append(b"0")
+            ttl = -default  # the status is not set here: keep the TTL it chose
+        if op is Op.SET and plain and None not in data.values():
+            out: list[Any] = [ttl, len(data)]
+            for pair in data.items():
+                out += pair
+            out.append(0)
             return out
         kinds = set_kinds if op is Op.SET else incr_kinds
-        assigns: list[bytes] = []
-        others: list[bytes] = []
+        assigns: list[Any] = []
+        others: list[Any] = []
         for name, value in data.items():
             kind = kinds[name]
-            if kind == b"=" or value is None:
-                assigns += (names[name], dumps(value))
-            elif kind == b"i" or kind == b"f":
-                others += (names[name], kind, dumps(value), b"")
+            if value is None:
+                others += (name, "x", "", "")
+                continue
+            if name in coded:
+                value = coded[name](value)
+            if kind == "=":
+                assigns += (name, value)
+            elif kind == "i" or kind == "f":
+                others += (name, kind, value, "")
             else:
-                others += (names[name], kind, dumps(value), order_key(types[name], value))
-        head = [ttl, str(len(assigns) // 2).encode()]
-        return [*head, *assigns, str(len(others) // 4).encode(), *others]
+                others += (name, kind, value, order_key(types[name], data[name]))
+        return [ttl, len(assigns) // 2, *assigns, len(others) // 4, *others]
 
     return changes
 
 
-def _set_kind(column: Column) -> bytes:
+def _bool(value: Any) -> str:
+    return "true" if value else "false"
+
+
+ENCODERS: dict[ColumnType, Callable[[Any], Any]] = {
+    ColumnType.BOOL: _bool,
+    ColumnType.JSON: orjson.dumps,
+}
+"""How a value of these column types is held in a hash field; any other (text, int, float,
+uuid, timestamp) is held as the client writes it: text as UTF-8, numbers in decimal. A
+null is no field at all."""
+
+DECODERS: dict[ColumnType, Callable[[bytes], Any]] = {
+    ColumnType.INT: int,
+    ColumnType.FLOAT: float,
+    ColumnType.TEXT: bytes.decode,
+    ColumnType.UUID: bytes.decode,
+    ColumnType.TIMESTAMP: bytes.decode,
+    ColumnType.BOOL: lambda raw: raw == b"true",
+    ColumnType.JSON: orjson.loads,
+}
+
+
+def _set_kind(column: Column) -> str:
     if column.policy is Policy.SUM:
-        return b"i" if column.type is ColumnType.INT else b"f"
+        return "i" if column.type is ColumnType.INT else "f"
     if column.policy is Policy.MAX:
-        return b">"
+        return ">"
     if column.policy is Policy.MIN:
-        return b"<"
-    return b"="
+        return "<"
+    return "="
 
 
 def order_key(kind: ColumnType, value: Any) -> bytes:
@@ -183,14 +212,15 @@ def order_key(kind: ColumnType, value: Any) -> bytes:
     return str(value).encode()
 
 
-def to_hash(table: Table, row: Mapping[str, Any]) -> list[bytes]:
+def to_hash(table: Table, row: Mapping[str, Any]) -> list[Any]:
     """A row (as PostgreSQL holds it, values JSON-ready) as hash fields, for repopulating."""
-    out: list[bytes] = []
+    out: list[Any] = []
     for name, value in row.items():
         if value is None:
             continue
         column = table.columns[name]
-        out += [name.encode(), orjson.dumps(value)]
+        encode = ENCODERS.get(column.type)
+        out += (name, encode(value) if encode else value)
         if column.policy in (Policy.MAX, Policy.MIN):
             out += [ORDER_PREFIX + name.encode(), order_key(column.type, value)]
     return out
@@ -203,12 +233,6 @@ def from_hash(table: Table, fields: Mapping[bytes, bytes]) -> Row | None:
     row: Row = dict.fromkeys(table.columns)
     for name, column in table.columns.items():
         raw = fields.get(name.encode())
-        if raw is None:
-            continue
-        value = orjson.loads(raw)
-        if value is not None and column.type is ColumnType.FLOAT:
-            value = float(value)
-        elif value is not None and column.type is ColumnType.INT and isinstance(value, float):
-            value = int(value) if math.isfinite(value) else value
-        row[name] = value
+        if raw is not None:
+            row[name] = DECODERS[column.type](raw)
     return row

@@ -103,9 +103,11 @@ local function model(row, at, apply)  -- the read model: one event's changes to 
   if apply then
     for k = j, j + 4 * others - 4, 4 do
       local name, kind, value, order = ARGV[k], ARGV[k + 1], ARGV[k + 2], ARGV[k + 3]
-      if kind == 'i' or kind == 'f' then
+      if kind == 'x' then  -- null: no field
+        redis.call('HDEL', row, name, '~o:' .. name)
+      elseif kind == 'i' or kind == 'f' then
         local old = redis.call('HGET', row, name)
-        if not old or old == 'null' then
+        if not old then
           redis.call('HSET', row, name, value)
         elseif kind == 'i' then
           redis.call('HINCRBY', row, name, value)
@@ -295,7 +297,7 @@ class Preparer:
             if len(values) == 3:
                 values = (*values, b"", b"", b"", b"")
             row = f"{row_prefixes[crc32(values[0]) % shards]}{name}:{event.key}"  # Keys.row
-            return (*values, row.encode(), *changes(event))
+            return (*values, row, *changes(event))
 
         return pack_with_model
 

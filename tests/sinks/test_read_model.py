@@ -253,7 +253,7 @@ def test_a_miss_falls_back_to_postgresql_and_repopulates(
     assert same(Rows(r, config).read("jobs", 1)) == same(after[0])  # from Redis now
     producer.publish("jobs", Event.make("1", "incr", {"id": 1, "n": 1}))
     r.delete(names[2])
-    r.hset(names[2], mapping={"id": "2", "status": '"success"'})  # a publish since the miss
+    r.hset(names[2], mapping={"id": "2", "status": "success"})  # a publish since the miss
     assert rows.read("jobs", 2)["status"] == "success"  # type: ignore[index]
     assert rows.read("jobs", 1)["n"] == 8  # type: ignore[index]
     pool.close()
