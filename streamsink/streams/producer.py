@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
+import hiredis
 import redis
 
 from streamsink.errors import Backpressure, ProducerClosed, PublishError
@@ -139,7 +140,9 @@ class Producer:
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             raise PublishError(_UNREACHABLE.format(exc)) from exc
         try:
-            packed = conn.pack_commands(commands)  # type: ignore[no-untyped-call]
+            packed = [
+                hiredis.pack_command(tuple(c)) for c in commands
+            ]  # C, not per-argument Python
             conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
             replies: list[Any] = []
             failure: redis.ResponseError | None = None

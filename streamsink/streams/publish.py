@@ -24,8 +24,9 @@ from streamsink.streams.keys import Keys
 # max lag (0: none), ARGV[4]: memory ceiling as a fraction of maxmemory (0: none), then each
 # event either as `key, op, data` (no table, ts, v or id: most events, three values and one
 # XADD) or as `key, '+', op, data, table, ts, v, id` ('' where absent), or, for a table
-# with a read model, as `key, '#', op, data, table, ts, v, id, row hash key, then
-# schemas.readmodel.changes` (the hash is changed only by a fresh publish). Returns the entry
+# with a read model, as `key, '*', op, data, row hash key, changes` (no table, ts, v or id)
+# or `key, '#', op, data, table, ts, v, id, row hash key, changes` (schemas.readmodel's
+# changer; the hash is changed only by a fresh publish, not a repeated one). Returns the entry
 # ID of each event; a repeated id returns the first publish's entry ID. The type check and
 # the backpressure check come first so that a refused call has written nothing.
 #
@@ -127,7 +128,11 @@ local i, n = 5, #ARGV
 while i <= n do
   local entry = false
   local form = ARGV[i + 1]
-  if form ~= '+' and form ~= '#' then
+  if form == '*' then  -- key, '*', op, data, the row's hash key, its changes (read model)
+    entry = redis.call(
+      'XADD', KEYS[1], '*', names[1], ARGV[i], names[2], ARGV[i + 2], names[3], ARGV[i + 3])
+    i = model(ARGV[i + 4], i + 5, true)
+  elseif form ~= '+' and form ~= '#' then
     entry = redis.call(
       'XADD', KEYS[1], '*', names[1], ARGV[i], names[2], ARGV[i + 1], names[3], ARGV[i + 2])
     i = i + 3
@@ -177,6 +182,8 @@ FULL = b"+"
 """After the key, marks an event sent with all its values (one with a table, ts, v or id)."""
 MODEL = b"#"
 """After the key, marks an event sent with all its values and its read-model changes."""
+MODEL_SHORT = b"*"
+"""After the key, marks an event with only op and data, and its read-model changes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,10 +301,10 @@ class Preparer:
             changes = changers.get(name) if name is not None else None
             if changes is None or event.op not in _ROW_OPS:
                 return values
-            if len(values) == 3:
-                values = (*values, b"", b"", b"", b"")
             row = f"{row_prefixes[crc32(values[0]) % shards]}{name}:{event.key}"  # Keys.row
-            return (*values, row, *changes(event))
+            if len(values) == 3:
+                return (values[0], MODEL_SHORT, values[1], values[2], row, *changes(event))
+            return (values[0], MODEL, *values[1:], row, *changes(event))
 
         return pack_with_model
 
@@ -328,8 +335,8 @@ class Preparer:
                     command.args += values
                 elif size == 7:
                     command.args += (values[0], FULL, *values[1:])
-                else:
-                    command.args += (values[0], MODEL, *values[1:])
+                else:  # with the read model: laid out by the packer, marker included
+                    command.args += values
                     command.guarded = True
                 command.slots.append(slot)
                 slot += 1
