@@ -330,14 +330,13 @@ class Preparer:
                 if command is None:
                     command = by_shard[shard] = self._command(stream, shard)
                     made.append(command)
-                size = len(values)
-                if size == 3:
+                if len(values) == 3:
                     command.args += values
-                elif size == 7:
-                    command.args += (values[0], FULL, *values[1:])
-                else:  # with the read model: laid out by the packer, marker included
-                    command.args += values
+                elif values[1] == MODEL_SHORT or values[1] == MODEL:
+                    command.args += values  # read model: laid out by the packer, marker too
                     command.guarded = True
+                else:
+                    command.args += (values[0], FULL, *values[1:])
                 command.slots.append(slot)
                 slot += 1
         for command in made:

@@ -301,3 +301,16 @@ def test_a_repeated_idempotent_publish_changes_the_hash_once(
     for _ in range(3):
         producer.publish("jobs", Event.make("4", "incr", {"id": 4, "n": 5}, id="once"))
     assert Rows(r, setup).read("jobs", 4)["n"] == 5  # type: ignore[index]
+
+
+def test_a_lone_del_leaves_a_tombstone_and_a_set_re_creates(
+    r: redis.Redis, keys: Keys, pg: Connection, setup: Config
+) -> None:
+    producer = Producer(r, setup)
+    producer.publish("jobs", Event.make("5", "set", {"id": 5, "status": "success", "n": 3}))
+    producer.publish("jobs", Event.make("5", "del", {"id": 5}))  # one event: its own command
+    name = Keys(setup.prefix).row("jobs", _shard(5), "jobs", "5")
+    assert r.hgetall(name) == {b"~del": b"1"} and 0 < r.pttl(name) <= 3_600_000
+    assert Rows(r, setup).read("jobs", 5) is None
+    producer.publish("jobs", Event.make("5", "incr", {"id": 5, "n": 2}))
+    assert Rows(r, setup).read("jobs", 5) == {**dict.fromkeys(JOBS.columns), "id": 5, "n": 2}
