@@ -75,5 +75,5 @@ async def test_with_the_workers_stopped_the_wait_times_out_published(
         producer.publish(
             "items", Event.make("x", "set", {"id": "x", "seq": 1}), wait=True, timeout=0.3
         )
-    assert 0.3 <= time.monotonic() - started < 1.0
+    assert 0.3 <= time.monotonic() - started < 3.0
     assert sum(r.xlen(keys.shard("items", s)) for s in range(SHARDS)) == 1

@@ -114,7 +114,7 @@ def test_a_timeout_waits_for_room_and_retries_only_the_refused_shards(
     started = time.monotonic()
     with pytest.raises(Backpressure):  # and a timeout that runs out still says why
         producer.publish("tasks", task(full), timeout=0.05)
-    assert 0.05 <= time.monotonic() - started < 0.5
+    assert 0.05 <= time.monotonic() - started < 1.5
 
 
 async def test_the_asyncio_producer_refuses_and_waits_too(
