@@ -29,6 +29,7 @@ from streamsink.schemas import (
     SinkSpec,
     StreamSpec,
     Table,
+    shard_of,
 )
 from streamsink.schemas.config import from_dict
 from streamsink.schemas.readmodel import ReadModel
@@ -192,7 +193,7 @@ def test_after_a_drain_every_hash_equals_its_row_and_ttls_follow_the_status(
     base = 100 * next(_examples)  # each example its own rows
     producer = Producer(r, config)
     events = [Event.make(str(base + k), op, {"id": base + k, **data}) for k, (op, data) in workload]
-    with _worker(redis_url, config, sink):
+    with WorkerThread(redis_url, config, sink):
         producer.publish_many("jobs", events)
         wait_drained(r, keys)
     ids = sorted({base + k for k, _ in workload})
@@ -206,14 +207,8 @@ def test_after_a_drain_every_hash_equals_its_row_and_ttls_follow_the_status(
         assert MODEL.ttl_ms(status) - 60_000 < ttl <= MODEL.ttl_ms(status), (key, status, ttl)
 
 
-def _worker(redis_url: str, config: Config, sink: PostgresSink) -> WorkerThread:
-    return WorkerThread(redis_url, config, sink)
-
-
 def _shard(key: int) -> int:
-    from zlib import crc32
-
-    return crc32(str(key).encode()) % SHARDS
+    return shard_of(str(key), SHARDS)
 
 
 def test_a_miss_falls_back_to_postgresql_and_repopulates(
@@ -237,7 +232,7 @@ def test_a_miss_falls_back_to_postgresql_and_repopulates(
             ),
         ],
     )
-    with _worker(redis_url, config, sink):
+    with WorkerThread(redis_url, config, sink):
         wait_drained(r, keys)
     names = {k: Keys(config.prefix).row("jobs", _shard(k), "jobs", str(k)) for k in (1, 2, 3)}
     before = Rows(r, config).read_many("jobs", [1, 2])
