@@ -15,9 +15,12 @@ from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
+import orjson
+import pytest
 import redis
 import redis.asyncio as aredis
 
+from streamsink.consumers.shard import SUSPECT_TRIES
 from streamsink.consumers.worker import Worker, worker_client
 from streamsink.schemas import (
     Column,
@@ -32,7 +35,7 @@ from streamsink.schemas import (
     shard_of,
 )
 from streamsink.sinks import Batch, FunctionSink, Rejected, Sink, TestingSink
-from streamsink.streams import Keys, Producer, create_stream
+from streamsink.streams import Keys, Producer, create_stream, dead
 
 SHARDS = 6
 STREAM = "items"
@@ -163,6 +166,7 @@ async def test_every_event_once_in_order_per_key_with_batch_positions(
     publish(5)  # a backlog before the worker starts...
     sink = TestingSink()
     async with running(redis_url, config, {"mem": sink}) as task:
+        await eventually(lambda: len(delivered_ids(sink)) == 150, task, "the backlog")
         for _ in range(5):  # ... and more while it runs, so windows close on age and quiet
             publish(2)
             await asyncio.sleep(0.05)
@@ -258,18 +262,12 @@ def _pairs(flat: list[bytes]) -> list[tuple[bytes, bytes]]:
     return list(zip(flat[::2], flat[1::2], strict=True))
 
 
-async def test_an_entry_delivered_too_often_goes_to_dead_letters(
-    r: redis.Redis, keys: Keys, redis_url: str
-) -> None:
-    create_stream(r, keys, STREAM, SHARDS)
-    config = make_config(keys, ["mem"], max_deliveries=3)
-    producer = Producer(r, config)
-    shard = 4
-    stream_key = keys.shard(STREAM, shard)
-    one, two, three = keys_on(shard, 3)
+async def _worn_and_fine(r: redis.Redis, keys: Keys, producer: Producer) -> tuple[str, str, str]:
+    """Entries of shard 4: `worn` claimed back and forth 3 times, `fine` twice (the
+    worker's own claim makes them 4 and 3: over and at max_deliveries=3), then `fresh`."""
+    stream_key = keys.shard(STREAM, 4)
+    one, two, three = keys_on(4, 3)
     r.xgroup_create(stream_key, GROUP, id="0", mkstream=True)
-    # A consumer that is gone read two entries, and they were claimed back and forth since.
-    # The worker's own claim is one more delivery: 3 for `fine` (the max), 4 for `worn`.
     worn = producer.publish(STREAM, item(one, 0))
     fine = producer.publish(STREAM, item(two, 0))
     r.xreadgroup(GROUP, "gone-consumer", {stream_key: ">"})
@@ -281,17 +279,49 @@ async def test_an_entry_delivered_too_often_goes_to_dead_letters(
         for p in r.xpending_range(stream_key, GROUP, "-", "+", 10)
     }
     assert counts == {worn: 3, fine: 2}
+    return worn, fine, fresh
 
+
+async def test_an_entry_delivered_too_often_is_tried_alone_and_applied_if_it_can_be(
+    r: redis.Redis, keys: Keys, redis_url: str
+) -> None:
+    """Its owners died (or lost the lease) while it was in flight: maybe because of it,
+    maybe not. Alone in its window, only it is blamed if that happens again."""
+    create_stream(r, keys, STREAM, SHARDS)
+    config = make_config(keys, ["mem"], max_deliveries=3)
+    worn, fine, fresh = await _worn_and_fine(r, keys, Producer(r, config))
     sink = TestingSink()
     async with running(redis_url, config, {"mem": sink}) as task:
         await eventually(lambda: {fine, fresh} <= set(delivered_ids(sink)), task, "delivered")
         await eventually(lambda: pending(r, keys) == [0] * SHARDS, task, "nothing pending")
 
-    assert delivered_ids(sink) == [fine, fresh]
-    letters = dead_letters(r, keys, shard)
+    assert delivered_ids(sink) == [worn, fine, fresh]
+    assert [e.id for e in sink.batches[0].entries] == [worn], "a window of its own"
+    assert dead_letters(r, keys, 4) == {}
+    assert not r.exists(keys.suspects(STREAM, 4, GROUP)), "its tries forgotten once applied"
+
+
+async def test_an_entry_that_stopped_its_worker_whenever_tried_alone_goes_to_dead_letters(
+    r: redis.Redis, keys: Keys, redis_url: str
+) -> None:
+    create_stream(r, keys, STREAM, SHARDS)
+    config = make_config(keys, ["mem"], max_deliveries=3)
+    worn, fine, fresh = await _worn_and_fine(r, keys, Producer(r, config))
+    r.hset(keys.suspects(STREAM, 4, GROUP), worn, SUSPECT_TRIES)  # as its last owners left it
+    sink = TestingSink()
+    async with running(redis_url, config, {"mem": sink}) as task:
+        await eventually(lambda: {fine, fresh} <= set(delivered_ids(sink)), task, "delivered")
+        await eventually(lambda: pending(r, keys) == [0] * SHARDS, task, "nothing pending")
+
+    assert delivered_ids(sink) == [fine, fresh], "its neighbours applied, never dead-lettered"
+    letters = dead_letters(r, keys, 4)
     assert set(letters) == {worn}
-    assert letters[worn][b"reason"] == b"delivered 4 times (max_deliveries=3)"
+    assert letters[worn][b"reason"] == (
+        b"delivered 4 times (max_deliveries=3); its worker stopped or lost the shard "
+        b"2 times while applying it alone"
+    )
     assert letters[worn][b"deliveries"] == b"4"
+    assert not r.exists(keys.suspects(STREAM, 4, GROUP))
 
 
 class FlakySink:
@@ -427,3 +457,100 @@ async def test_a_refused_entry_deleted_meanwhile_is_dead_lettered_from_its_event
     original = dict(_pairs(encode(item(key, 1, poison=True))))
     assert {k[2:]: v for k, v in letter.items() if k.startswith(b"f:")} == original
     assert [i.decode() for i, _ in r.xrange(stream_key)] == [kept]
+
+
+async def test_replayed_entries_reach_only_their_group_and_sinks_with_their_first_id(
+    r: redis.Redis, keys: Keys, redis_url: str
+) -> None:
+    """Entries as `dead replay` publishes them (`for`, `origin`, `sinks` fields): the named
+    group's named sinks apply them, with Batch.origin giving the first entry ID; every
+    other group, and a group's other sinks, never see them; all are acknowledged."""
+    create_stream(r, keys, STREAM, SHARDS)
+    config = Config(
+        prefix=keys.prefix,
+        streams={STREAM: StreamSpec(STREAM, SHARDS, table="items")},
+        tables={"items": ITEMS},
+        groups={
+            GROUP: GroupSpec(GROUP, STREAM, ("a", "b"), FAST),
+            "h": GroupSpec("h", STREAM, ("c",), FAST),
+        },
+        sinks={name: SinkSpec(name, "function") for name in "abc"},
+    )
+    shard = 2
+    key = keys_on(shard, 1)[0]
+    stream = keys.shard(STREAM, shard)
+
+    def xadd(seq: int, *routing: bytes) -> str:
+        fields = [*encode(item(key, seq)), *routing]
+        reply: Any = r.xadd(stream, dict(zip(fields[::2], fields[1::2], strict=True)))
+        return str(reply.decode())
+
+    plain = xadd(0)
+    for_b = xadd(1, b"for", GROUP.encode(), b"origin", b"1-1", b"sinks", b"b")
+    for_h = xadd(2, b"for", b"h", b"origin", b"1-2")
+    for_nobody = xadd(3, b"for", b"gone", b"origin", b"1-3")
+    last = xadd(4)
+    sinks = {name: TestingSink() for name in "abc"}
+
+    def acknowledged() -> bool:
+        groups: Any = r.xinfo_groups(stream)
+        return len(groups) == 2 and all(
+            group["pending"] == 0 and group["last-delivered-id"].decode() == last
+            for group in groups
+        )
+
+    async with running(redis_url, config, sinks) as task:
+        await eventually(acknowledged, task, "every group read and acknowledged everything")
+
+    def got(name: str) -> dict[str, str]:
+        """Entry ID -> its identity (Batch.origin), of what the sink got."""
+        return {e.id: b.origin(e.id) for b in sinks[name].batches for e in b.entries}
+
+    assert got("a") == {plain: plain, last: last}
+    assert got("b") == {plain: plain, for_b: "1-1", last: last}
+    assert got("c") == {plain: plain, for_h: "1-2", last: last}
+    assert for_nobody not in {**got("a"), **got("b"), **got("c")}
+    assert not r.exists(keys.dead(STREAM, shard, GROUP)) and not r.exists(
+        keys.dead(STREAM, shard, "h")
+    )
+
+
+@pytest.mark.parametrize("why", ["invalid", "delivered too often"])
+async def test_a_replay_dead_lettered_again_still_names_its_sinks_and_first_id(
+    r: redis.Redis, keys: Keys, redis_url: str, why: str
+) -> None:
+    """A replay for sink b only (sink a applied the event the first time) is dead-lettered
+    again, before any sink sees it: the new letter must still say `sinks=b` and keep the
+    first entry ID, or its next replay reaches sink a too, which then applies it twice."""
+    create_stream(r, keys, STREAM, SHARDS)
+    config = make_config(keys, ["a", "b"], max_deliveries=3)
+    shard = 5
+    key = keys_on(shard, 1)[0]
+    stream = keys.shard(STREAM, shard)
+    r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    data = {"id": key, "seq": "not a number" if why == "invalid" else 1}
+    fields = {b"key": key.encode(), b"op": b"set", b"data": orjson.dumps(data)}
+    routing = {b"for": GROUP.encode(), b"origin": b"1-1", b"sinks": b"b"}
+    replayed: Any = r.xadd(stream, {**fields, **routing})
+    entry = replayed.decode()
+    if why == "delivered too often":  # its owners died while applying it alone, as often
+        r.xreadgroup(GROUP, "gone-consumer", {stream: ">"})  # as allowed
+        r.xclaim(stream, GROUP, "gone-consumer", 0, [entry])
+        r.xclaim(stream, GROUP, "gone-consumer", 0, [entry])
+        r.hset(keys.suspects(STREAM, shard, GROUP), entry, SUSPECT_TRIES)
+    sinks = {"a": TestingSink(), "b": TestingSink()}
+    async with running(redis_url, config, sinks) as task:
+        await eventually(lambda: r.exists(keys.dead(STREAM, shard, GROUP)) == 1, task, "letter")
+        await eventually(lambda: pending(r, keys) == [0] * SHARDS, task, "acknowledged")
+
+    assert delivered_ids(sinks["a"]) == delivered_ids(sinks["b"]) == []
+    (letter,) = dead.dead_letters(r, keys, STREAM, GROUP)
+    assert letter.entry == entry
+    again = dead.replay(r, keys, STREAM, GROUP, letter)  # the operator replays it once more
+    assert again is not None
+    ((_, published),) = r.xrange(stream, again, again)
+    routed = {name: published.get(name) for name in (b"for", b"origin", b"sinks")}
+    assert routed == {b"for": b"g", b"origin": b"1-1", b"sinks": b"b"}, (
+        f"the replay of the letter reaches sink a too, which applied the event already; "
+        f"the letter: sinks={letter.sinks}, origin={letter.origin!r}"
+    )
