@@ -4,8 +4,7 @@
 
 One worker (this process, default group options) writes `tasks` to PostgreSQL (a schema of
 the run's own, dropped after); one caller publishes events one after another with
-`wait=True` and times each call. Prints p50 / p99 / max per run and their medians. Needs the
-worker to set `Keys.applied` after each window (the fenced acknowledgement).
+`wait=True` and times each call. Prints p50 / p99 / max per run and their medians.
 """
 
 from __future__ import annotations
