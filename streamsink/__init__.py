@@ -1,9 +1,11 @@
 """streamsink: a write-behind stream processor from Redis Streams to PostgreSQL and HTTP."""
 
 from streamsink.errors import (
+    Backpressure,
     ConfigError,
     DecodeError,
     EventError,
+    NotYetApplied,
     PayloadTooLarge,
     ProducerClosed,
     PublishError,
@@ -14,12 +16,26 @@ from streamsink.errors import (
     ValidationError,
 )
 from streamsink.schemas import Column, ColumnType, Config, Event, Mode, Op, Policy, Table, load
-from streamsink.streams import AsyncProducer, Keys, Producer, ProducerSettings, create_stream
+from streamsink.streams import (
+    Admission,
+    AsyncProducer,
+    AsyncRateLimiter,
+    Keys,
+    Producer,
+    ProducerSettings,
+    RateLimiter,
+    Rows,
+    create_stream,
+)
+from streamsink.streams.applied import Receipt
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Admission",
     "AsyncProducer",
+    "AsyncRateLimiter",
+    "Backpressure",
     "Column",
     "ColumnType",
     "Config",
@@ -29,6 +45,7 @@ __all__ = [
     "EventError",
     "Keys",
     "Mode",
+    "NotYetApplied",
     "Op",
     "PayloadTooLarge",
     "Policy",
@@ -36,6 +53,9 @@ __all__ = [
     "ProducerClosed",
     "ProducerSettings",
     "PublishError",
+    "RateLimiter",
+    "Receipt",
+    "Rows",
     "ShardCountMismatch",
     "StreamError",
     "StreamNotFound",

@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import closing
-from dataclasses import replace
+from dataclasses import asdict, replace
 from importlib import resources
 from itertools import islice
 from pathlib import Path
@@ -34,6 +34,8 @@ from streamsink.streams.admin import (
 from streamsink.streams.dead import dead_letters, drop, replay
 from streamsink.streams.keys import Keys
 from streamsink.streams.producer import Producer
+from streamsink.streams.ratelimit import RateLimiter
+from streamsink.streams.rows import Rows
 from streamsink.streams.state import ShardState
 
 CHUNK = 1000
@@ -96,6 +98,12 @@ def _parser() -> argparse.ArgumentParser:
         "--data", help="replay one letter with this JSON data instead of its own (a fix)"
     )
     dead.set_defaults(run=_dead)
+
+    limits = commands.add_parser("limits", help="show or reset a shared rate limit")
+    limits.add_argument("action", choices=("show", "reset"))
+    limits.add_argument("key", help="the limit's name, as given to RateLimiter.allow")
+    limits.add_argument("--json", action="store_true", help="print the state as JSON")
+    limits.set_defaults(run=_limits)
 
     worker = commands.add_parser("worker", help="run every group of the config until SIGTERM")
     worker.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file")
@@ -264,14 +272,34 @@ def _status(args: argparse.Namespace, config: Config) -> int:
     client, keys = _client(config), Keys(config.prefix)
     _print_streams(client, keys, list_streams(client, keys))
     groups = [(g.stream, g.name) for g in config.groups.values()]
+    behind: dict[str, dict[int, int]] = {}  # per stream and shard: the slowest group's lag
     for stream, group in groups:
-        _print_group(group_status(client, keys, stream, group), stream, group)
+        rows = group_status(client, keys, stream, group)
+        _print_group(rows, stream, group)
+        shards = behind.setdefault(stream, {})
+        for row in rows:
+            uncommitted = (row.length if row.lag is None else row.lag) + row.pending
+            shards[row.shard] = max(shards.get(row.shard, 0), uncommitted)
+    _print_backpressure(config, behind)
     for spec in config.sinks.values():
         if spec.type == "http":
             _print_http_sink(client, keys, spec.name)
     if not groups:
         print("\n(give --config to see the groups)")
     return 0
+
+
+def _print_backpressure(config: Config, behind: Mapping[str, Mapping[int, int]]) -> None:
+    """Per stream with a max_lag: its most lagging shard, and whether publishing refuses."""
+    for name, spec in config.streams.items():
+        if not spec.max_lag or not behind.get(name):
+            continue
+        shard, lag = max(behind[name].items(), key=lambda item: item[1])
+        state = "publishing refused (Backpressure)" if lag >= spec.max_lag else "ok"
+        print(
+            f"\nbackpressure {name}: max_lag {spec.max_lag}, most behind shard {shard} with "
+            f"{lag} uncommitted ({100 * lag / spec.max_lag:.0f}%): {state}"
+        )
 
 
 def _print_group(rows: list[ShardStatus], stream: str, group: str) -> None:
@@ -368,6 +396,26 @@ def _dead(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _limits(args: argparse.Namespace, config: Config) -> int:
+    with closing(_client(config)) as client:
+        limiter = RateLimiter(client, Keys(config.prefix))
+        if args.action == "reset":
+            limiter.reset(args.key)
+            print(f"limit {args.key!r} reset")
+            return 0
+        state = limiter.show(args.key)
+    if args.json:
+        print(orjson.dumps({"key": args.key, **asdict(state)}).decode())
+    elif not state.exists:
+        print(f"limit {args.key!r}: no state (idle: the full burst is free)")
+    else:
+        print(
+            f"limit {args.key!r}: backlog {state.backlog:.3f} s, hold {state.hold:.3f} s, "
+            f"{state.in_window} sends in the last second, expires in {state.ttl:.1f} s"
+        )
+    return 0
+
+
 def _fixed_data(args: argparse.Namespace, config: Config, chosen: Sequence[Any]) -> bytes | None:
     """`--data` for a replay, checked as the worker will check the fixed event."""
     if args.data is None:
@@ -458,6 +506,9 @@ def _demo(args: argparse.Namespace, config: Config) -> int:
         print(f"  {name:<18} {count:>7}")
     print()
     _print_streams(client, keys, config.streams)
+    if "tasks" in config.read_models:
+        task = Rows(client, config).read("tasks", 1)
+        print(f"\nthe read model, before any worker ran: Rows.read('tasks', 1) = {task}")
     return _demo_drain(config, counts)
 
 

@@ -56,7 +56,7 @@ def _tasks(rng: random.Random, count: int, start: datetime) -> Iterator[tuple[st
             data["updated_at"] = _at(start, step)
             if status == "done":
                 data["result_url"] = f"https://cdn.example.com/results/{task}.png"
-            yield "tasks", Event(f"task:{task}", Op.SET, data)
+            yield "tasks", Event(str(task), Op.SET, data)  # the id: tasks has a read model
 
 
 def _likes(

@@ -18,6 +18,11 @@
     │                          credentials, no such database): the group stops until fixed
     ├── PublishError           Redis failed mid-publish; the events may or may not be in the
     │                          stream, so retry only events that carry an idempotency id
+    ├── Backpressure           a shard is over its stream's `max_lag` (or Redis over its
+    │                          memory ceiling): nothing of the refused shards was published;
+    │                          slow down, or publish with a timeout to wait for room
+    ├── NotYetApplied          wait-until-applied timed out: the event IS published and will
+    │                          be applied; only the wait is over (do not publish it again)
     └── ProducerClosed         publish after close(), or pending when close() gave up
 
 EventError names the field at fault and the reason, so a dead-letter entry or a
@@ -70,6 +75,32 @@ class ShardCountMismatch(StreamError):
 
 class PublishError(StreamsinkError):
     """Redis failed while publishing; the outcome of the events is unknown."""
+
+
+class Backpressure(StreamsinkError):
+    """A shard's lag (or Redis' memory) is over its limit: the publish was refused.
+
+    `what` is "lag" (entries the slowest group has not committed) or "memory" (bytes);
+    `lag` the value measured, `limit` the configured limit. `ids` has, per event of the
+    refused publish, its entry ID if its shard took it, or "" if it was not published
+    (only those are to be published again).
+    """
+
+    def __init__(self, what: str, lag: int, limit: int, ids: list[str] | None = None) -> None:
+        unit = "entries not yet committed" if what == "lag" else "bytes of Redis memory used"
+        super().__init__(
+            f"backpressure: {lag} {unit}, limit {limit}; nothing of the refused shards was "
+            "published: slow down, or publish with a timeout to wait for room"
+        )
+        self.what = what
+        self.lag = lag
+        self.limit = limit
+        self.ids = ids or []
+
+
+class NotYetApplied(StreamsinkError):
+    """Waiting until an event is applied timed out. The event is published and will be
+    applied when the groups catch up; publishing it again would apply it twice."""
 
 
 class ProducerClosed(StreamsinkError):

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from streamsink.errors import ConfigError, ValidationError
 from streamsink.schemas.event import Event, Op, check_call
+from streamsink.schemas.readmodel import DEFAULT_TTL, ReadModel
 from streamsink.schemas.table import Column, ColumnType, Mode, Policy, Table, validate
 from streamsink.schemas.wire import DEFAULT_MAX_DATA_BYTES
 
@@ -34,6 +35,11 @@ class StreamSpec:
     name: str
     shards: int
     table: str | None = None
+    max_lag: int | None = None
+    """Publishing refuses (`Backpressure`) while the slowest group has this many entries of a
+    shard not yet committed (None: no limit)."""
+    max_memory: float | None = None
+    """Publishing refuses while Redis uses this fraction of its `maxmemory` or more."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +73,8 @@ class Config:
     prefix: str = DEFAULT_PREFIX
     postgres_dsn: str = DEFAULT_POSTGRES_DSN
     max_data_bytes: int = DEFAULT_MAX_DATA_BYTES
+    read_models: Mapping[str, ReadModel] = field(default_factory=dict)
+    """Tables with a Redis read model, by table name (`read_model = true` in the file)."""
 
     def __post_init__(self) -> None:
         if not NAME.match(self.prefix):
@@ -75,6 +83,10 @@ class Config:
             _check_name("stream", spec.name)
             if not 1 <= spec.shards <= MAX_SHARDS:
                 raise ConfigError(f"stream {spec.name!r}: shards must be 1..{MAX_SHARDS}")
+            if spec.max_lag is not None and spec.max_lag < 1:
+                raise ConfigError(f"stream {spec.name!r}: max_lag must be a positive integer")
+            if spec.max_memory is not None and not 0 < spec.max_memory <= 1:
+                raise ConfigError(f"stream {spec.name!r}: max_memory must be in (0, 1]")
             if spec.table is not None and spec.table not in self.tables:
                 raise ConfigError(f"stream {spec.name!r}: table {spec.table!r} is not declared")
         for group in self.groups.values():
@@ -86,6 +98,20 @@ class Config:
                     raise ConfigError(f"group {group.name!r}: sink {sink!r} is not declared")
         for sink_spec in self.sinks.values():
             _check_name("sink", sink_spec.name)
+        for name, model in self.read_models.items():
+            if name not in self.tables:
+                raise ConfigError(f"read model of {name!r}: the table is not declared")
+            model.check(self.tables[name])
+
+    def read_model_stream(self, table: str) -> str:
+        """The stream whose events feed the read model of `table` (its default table)."""
+        streams = [s.name for s in self.streams.values() if s.table == table]
+        if len(streams) != 1:
+            raise ConfigError(
+                f"table {table!r}: a read needs the one stream whose default table it is; "
+                f"found {streams or 'none'}"
+            )
+        return streams[0]
 
     def table_for(self, stream: str, event: Event) -> Table | None:
         """The table `event` goes to on `stream`, or None for calls and table-less streams."""
@@ -155,6 +181,11 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
     postgres = _section(raw, "postgres", {"dsn"})
     limits = _section(raw, "limits", {"max_data_bytes"})
     tables = {name: _table(name, spec) for name, spec in _section(raw, "tables").items()}
+    read_models = {
+        name: model
+        for name, spec in _section(raw, "tables").items()
+        if (model := _read_model(name, spec)) is not None
+    }
     streams = {name: _stream(name, spec) for name, spec in _section(raw, "streams").items()}
     sinks = {name: _sink(name, spec) for name, spec in _section(raw, "sinks").items()}
     groups = {name: _group(name, spec) for name, spec in _section(raw, "groups").items()}
@@ -169,13 +200,14 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
             postgres.get("dsn") or os.environ.get("DATABASE_URL") or DEFAULT_POSTGRES_DSN
         ),
         max_data_bytes=_int(limits, "max_data_bytes", DEFAULT_MAX_DATA_BYTES, "limits"),
+        read_models=read_models,
     )
 
 
 def _table(name: str, spec: Any) -> Table:
     where = f"table {name!r}"
     spec = _mapping(spec, where)
-    _only(spec, where, {"key", "columns", "mode", "schema"})
+    _only(spec, where, {"key", "columns", "mode", "schema", "read_model", "ttl_by", "ttl"})
     key = spec.get("key", [])
     if not isinstance(key, list) or not all(isinstance(k, str) for k in key):
         raise ConfigError(f"{where}: key must be a list of column names")
@@ -195,6 +227,24 @@ def _table(name: str, spec: Any) -> Table:
         mode=_enum(Mode, spec.get("mode", "upsert"), f"{where}: mode"),
         schema=schema,
     )
+
+
+def _read_model(name: str, spec: Any) -> ReadModel | None:
+    where = f"table {name!r}"
+    spec = _mapping(spec, where)
+    enabled = spec.get("read_model", False)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{where}: read_model must be true or false")
+    if not enabled:
+        if "ttl_by" in spec or "ttl" in spec:
+            raise ConfigError(f"{where}: ttl_by and ttl need read_model = true")
+        return None
+    ttl_by = spec.get("ttl_by")
+    if ttl_by is not None and not isinstance(ttl_by, str):
+        raise ConfigError(f"{where}: ttl_by must be a column name")
+    ttl = dict(_mapping(spec.get("ttl", {}), f"{where} ttl"))
+    default = ttl.pop("default", DEFAULT_TTL)
+    return ReadModel(ttl_by=ttl_by, ttl=ttl, default=default)
 
 
 def _column(where: str, spec: Any) -> Column:
@@ -217,11 +267,20 @@ def _column(where: str, spec: Any) -> Column:
 def _stream(name: str, spec: Any) -> StreamSpec:
     where = f"stream {name!r}"
     spec = _mapping(spec, where)
-    _only(spec, where, {"shards", "table"})
+    _only(spec, where, {"shards", "table", "max_lag", "max_memory"})
     table = spec.get("table")
     if table is not None and not isinstance(table, str):
         raise ConfigError(f"{where}: table must be a table name")
-    return StreamSpec(name=name, shards=_int(spec, "shards", 1, where), table=table)
+    memory = spec.get("max_memory")
+    if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int | float)):
+        raise ConfigError(f"{where}: max_memory must be a fraction of maxmemory, e.g. 0.9")
+    return StreamSpec(
+        name=name,
+        shards=_int(spec, "shards", 1, where),
+        table=table,
+        max_lag=_int(spec, "max_lag", 0, where) if "max_lag" in spec else None,
+        max_memory=float(memory) if memory is not None else None,
+    )
 
 
 def _sink(name: str, spec: Any) -> SinkSpec:

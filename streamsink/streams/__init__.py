@@ -5,12 +5,18 @@ from streamsink.streams.aio import AsyncProducer
 from streamsink.streams.keys import Keys
 from streamsink.streams.producer import Producer
 from streamsink.streams.publish import ProducerSettings
+from streamsink.streams.ratelimit import Admission, AsyncRateLimiter, RateLimiter
+from streamsink.streams.rows import Rows
 
 __all__ = [
+    "Admission",
     "AsyncProducer",
+    "AsyncRateLimiter",
     "Keys",
     "Producer",
     "ProducerSettings",
+    "RateLimiter",
+    "Rows",
     "StreamInfo",
     "create_stream",
     "list_streams",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -17,11 +17,25 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from streamsink.errors import ProducerClosed, PublishError
+from streamsink.errors import Backpressure, ProducerClosed, PublishError
 from streamsink.schemas.config import Config
 from streamsink.schemas.event import Event
+from streamsink.streams.applied import (
+    DEFAULT_TIMEOUT,
+    Receipt,
+    configured_groups,
+    wait_applied_async,
+)
 from streamsink.streams.keys import META_SHARDS
-from streamsink.streams.publish import Command, Prepared, Preparer, ProducerSettings
+from streamsink.streams.publish import (
+    FIRST_RETRY,
+    LAST_RETRY,
+    Command,
+    Prepared,
+    Preparer,
+    ProducerSettings,
+    refusal,
+)
 
 _LOST = (
     "lost Redis while publishing ({}); the events may or may not be in the stream: "
@@ -82,8 +96,18 @@ class AsyncProducer:
         self._inflight: deque[_InFlight] = deque()
         self._replied = asyncio.Event()
 
-    async def publish(self, stream: str, event: Event) -> str:
-        """Publish one event; return its entry ID once Redis has it."""
+    async def publish(
+        self,
+        stream: str,
+        event: Event,
+        *,
+        wait: bool = False,
+        timeout: float | None = None,  # noqa: ASYNC109 (the same API as the sync producer)
+    ) -> str:
+        """Publish one event; return its entry ID once Redis has it (with `wait`, once every
+        group applied it; see `publish_many`)."""
+        if wait or timeout is not None:
+            return (await self.publish_many(stream, (event,), wait=wait, timeout=timeout))[0]
         pack = self._prep.packers.get(stream)
         if pack is None:
             pack = await self._load_shards(stream)
@@ -91,13 +115,81 @@ class AsyncProducer:
             self._check_open()
         return (await self._submit(self._request(stream, [pack(event)])))[0]
 
-    async def publish_many(self, stream: str, events: Iterable[Event]) -> list[str]:
-        """Publish events in order, together; nothing is sent if any is invalid."""
+    async def publish_many(
+        self,
+        stream: str,
+        events: Iterable[Event],
+        *,
+        wait: bool = False,
+        timeout: float | None = None,  # noqa: ASYNC109 (the same API as the sync producer)
+    ) -> list[str]:
+        """Publish events in order, together; nothing is sent if any is invalid.
+
+        Under backpressure, raises Backpressure at once, or with `timeout` (seconds) keeps
+        trying the refused shards until then. With `wait`, returns only once every group
+        of the stream has applied the events (NotYetApplied after `timeout`, 30 s if None).
+        """
         if stream not in self._prep.packers:
             await self._load_shards(stream)
         self._check_open()
         prepared = self._prep.encode(stream, events)
-        return await self._submit(self._request(stream, prepared)) if prepared else []
+        if not prepared:
+            return []
+        if not wait and timeout is None:
+            return await self._submit(self._request(stream, prepared))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        ids = await self._publish_until(stream, prepared, started + (timeout or 0.0))
+        if wait:
+            limit = DEFAULT_TIMEOUT if timeout is None else timeout
+            left = max(0.0, started + limit - loop.time())
+            await self.wait_applied(self._prep.receipts(stream, prepared, ids), timeout=left)
+        return ids
+
+    async def _publish_until(
+        self, stream: str, prepared: list[Prepared], deadline: float
+    ) -> list[str]:
+        """Publish, and publish the shards refused under backpressure again until `deadline`."""
+        ids = [""] * len(prepared)
+        todo = list(range(len(prepared)))
+        pause = FIRST_RETRY
+        loop = asyncio.get_running_loop()
+        while True:
+            self._check_open()
+            try:
+                got = await self._submit(self._request(stream, [prepared[i] for i in todo]))
+            except Backpressure as refused:
+                got = refused.ids
+                for i, entry in zip(todo, got, strict=True):
+                    ids[i] = entry
+                todo = [i for i in todo if not ids[i]]
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise Backpressure(refused.what, refused.lag, refused.limit, ids) from None
+                await asyncio.sleep(min(pause, left))
+                pause = min(pause * 2, LAST_RETRY)
+                continue
+            for i, entry in zip(todo, got, strict=True):
+                ids[i] = entry
+            return ids
+
+    def receipt(self, stream: str, key: str, entry_id: str) -> Receipt:
+        """The receipt of an event of `key` published on `stream` as `entry_id`."""
+        return Receipt.of(stream, self._prep.shards[stream], key, entry_id)
+
+    async def wait_applied(
+        self,
+        receipts: Receipt | Sequence[Receipt],
+        groups: Sequence[str] = (),
+        timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109 (the same API as the sync producer)
+    ) -> None:
+        """Return once every group of the stream (or the named ones) applied the receipts'
+        entries; NotYetApplied after `timeout` seconds (the events stay published)."""
+        if isinstance(receipts, Receipt):
+            receipts = [receipts]
+        if not groups and receipts:
+            groups = configured_groups(self._prep.config, receipts[0].stream)
+        await wait_applied_async(self._client, self._prep.keys, receipts, groups, timeout)
 
     def _request(self, stream: str, prepared: list[Prepared]) -> _Request:
         """A pending publish of validated events (the sender starts with the first)."""
@@ -297,7 +389,9 @@ class AsyncProducer:
             try:
                 reply = await conn.read_response()
             except ResponseError as exc:
-                refused = PublishError(f"Redis refused the publish: {exc}")
+                refused: Exception | None = refusal(exc)  # then the script wrote nothing
+                if refused is None:
+                    refused = PublishError(f"Redis refused the publish: {exc}")
                 errors.update(dict.fromkeys(command.slots, refused))
                 continue
             for slot, entry in zip(command.slots, command.entry_ids(reply), strict=True):
@@ -389,6 +483,10 @@ def _settle_all(batch: list[_Request], results: list[str], errors: dict[int, Exc
             error = _first_error(errors, start, end) if errors else None
             if error is None:
                 future.set_result(results[start:end])
+            elif isinstance(error, Backpressure):  # with what the other shards took
+                future.set_exception(
+                    Backpressure(error.what, error.lag, error.limit, results[start:end])
+                )
             else:
                 future.set_exception(_own(error))
         start = end

@@ -37,6 +37,16 @@ class Keys:
         """
         return f"{self.prefix}:{{{stream}:{shard}}}:dedup:"
 
+    def row(self, stream: str, shard: int, table: str, key: str) -> str:
+        """HASH of the read model: the merged state of `key`'s row of `table`, written by
+        the publish script with the XADD (same slot); fields per `schemas.readmodel`, the
+        expiry chosen by the row's status."""
+        return f"{self.row_prefix(stream, shard)}{table}:{key}"
+
+    def row_prefix(self, stream: str, shard: int) -> str:
+        """Prefix of the read model's HASH keys of a shard: `<prefix><table>:<key>`."""
+        return f"{self.prefix}:{{{stream}:{shard}}}:row:"
+
     def lease(self, stream: str, shard: int, group: str) -> str:
         """STRING: id of the worker owning (group, shard), with the lease TTL as its expiry."""
         return f"{self.prefix}:{{{stream}:{shard}}}:lease:{group}"

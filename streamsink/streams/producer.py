@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
+import hiredis
 import redis
 
-from streamsink.errors import ProducerClosed, PublishError
+from streamsink.errors import Backpressure, ProducerClosed, PublishError
 from streamsink.schemas.config import Config
 from streamsink.schemas.event import Event
+from streamsink.streams.applied import (
+    DEFAULT_TIMEOUT,
+    Receipt,
+    configured_groups,
+    wait_applied,
+)
 from streamsink.streams.keys import META_SHARDS
-from streamsink.streams.publish import Preparer, ProducerSettings
+from streamsink.streams.publish import (
+    FIRST_RETRY,
+    LAST_RETRY,
+    Prepared,
+    Preparer,
+    ProducerSettings,
+    refusal,
+)
 
 _UNREACHABLE = "cannot reach Redis ({}); nothing was published, so publishing again is safe"
 
@@ -35,12 +50,26 @@ class Producer:
         self._prep = Preparer(config or Config(), settings or ProducerSettings())
         self._closed = False
 
-    def publish(self, stream: str, event: Event) -> str:
-        """Publish one event; return its entry ID."""
-        return self.publish_many(stream, (event,))[0]
+    def publish(
+        self, stream: str, event: Event, *, wait: bool = False, timeout: float | None = None
+    ) -> str:
+        """Publish one event; return its entry ID (see `publish_many` for wait and timeout)."""
+        return self.publish_many(stream, (event,), wait=wait, timeout=timeout)[0]
 
-    def publish_many(self, stream: str, events: Iterable[Event]) -> list[str]:
-        """Publish events in order in one round trip; nothing is sent if any is invalid."""
+    def publish_many(
+        self,
+        stream: str,
+        events: Iterable[Event],
+        *,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> list[str]:
+        """Publish events in order in one round trip; nothing is sent if any is invalid.
+
+        Under backpressure, raises Backpressure at once, or with `timeout` (seconds) keeps
+        trying the refused shards until then. With `wait`, returns only once every group
+        of the stream has applied the events (NotYetApplied after `timeout`, 30 s if None).
+        """
         if self._closed:
             raise ProducerClosed("this producer is closed")
         if stream not in self._prep.shards:
@@ -52,22 +81,68 @@ class Producer:
         prepared = self._prep.encode(stream, events)
         if not prepared:
             return []
-        commands = self._prep.commands([(stream, prepared, None)])
-        replies = self._send([c.args for c in commands])
-        ids: list[str] = [""] * len(prepared)
-        for command, reply in zip(commands, replies, strict=True):
-            for slot, entry in zip(command.slots, command.entry_ids(reply), strict=True):
-                ids[slot] = entry
+        started = time.monotonic()
+        ids = self._publish(stream, prepared, started + (timeout or 0.0))
+        if wait:
+            limit = DEFAULT_TIMEOUT if timeout is None else timeout
+            left = max(0.0, started + limit - time.monotonic())
+            receipts = self._prep.receipts(stream, prepared, ids)
+            self.wait_applied(receipts, timeout=left)
         return ids
 
-    def _send(self, commands: list[list[Any]]) -> list[list[bytes | str]]:
+    def _publish(self, stream: str, prepared: list[Prepared], deadline: float) -> list[str]:
+        """Send, and send the shards refused under backpressure again until `deadline`."""
+        ids = [""] * len(prepared)
+        todo = list(range(len(prepared)))
+        pause = FIRST_RETRY
+        while True:
+            commands = self._prep.commands([(stream, [prepared[i] for i in todo], None)])
+            replies = self._send([c.args for c in commands])
+            refused: Backpressure | None = None
+            for command, reply in zip(commands, replies, strict=True):
+                if isinstance(reply, Backpressure):
+                    refused = reply
+                    continue
+                for slot, entry in zip(command.slots, command.entry_ids(reply), strict=True):
+                    ids[todo[slot]] = entry
+            if refused is None:
+                return ids
+            todo = [i for i in todo if not ids[i]]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Backpressure(refused.what, refused.lag, refused.limit, ids)
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, LAST_RETRY)
+
+    def receipt(self, stream: str, key: str, entry_id: str) -> Receipt:
+        """The receipt of an event of `key` published on `stream` as `entry_id`."""
+        return Receipt.of(stream, self._prep.shards[stream], key, entry_id)
+
+    def wait_applied(
+        self,
+        receipts: Receipt | Sequence[Receipt],
+        groups: Sequence[str] = (),
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        """Return once every group of the stream (or the named ones) applied the receipts'
+        entries; NotYetApplied after `timeout` seconds (the events stay published)."""
+        if isinstance(receipts, Receipt):
+            receipts = [receipts]
+        if not groups and receipts:
+            groups = configured_groups(self._prep.config, receipts[0].stream)
+        wait_applied(self._client, self._prep.keys, receipts, groups, timeout)
+
+    def _send(self, commands: list[list[Any]]) -> list[Any]:
+        """Each command's reply, or the Backpressure that refused it."""
         pool = self._client.connection_pool
         try:
             conn = pool.get_connection()
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             raise PublishError(_UNREACHABLE.format(exc)) from exc
         try:
-            packed = conn.pack_commands(commands)  # type: ignore[no-untyped-call]
+            packed = [
+                hiredis.pack_command(tuple(c)) for c in commands
+            ]  # C, not per-argument Python
             conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
             replies: list[Any] = []
             failure: redis.ResponseError | None = None
@@ -75,7 +150,10 @@ class Producer:
                 try:
                     replies.append(conn.read_response())
                 except redis.ResponseError as exc:
-                    failure = failure or exc
+                    refused = refusal(exc)  # the script wrote nothing: the caller may retry
+                    if refused is None:
+                        failure = failure or exc
+                    replies.append(refused)
             if failure is not None:
                 raise PublishError(
                     f"Redis refused part of the publish ({failure}); events of other shards "

@@ -12,28 +12,127 @@ from dataclasses import dataclass, field
 from typing import Any
 from zlib import crc32
 
-from streamsink.errors import ConfigError, ShardCountMismatch, StreamNotFound
+from streamsink.errors import Backpressure, ConfigError, ShardCountMismatch, StreamNotFound
 from streamsink.schemas.config import Config
-from streamsink.schemas.event import Event
+from streamsink.schemas.event import Event, Op
+from streamsink.schemas.readmodel import changer
 from streamsink.schemas.wire import PACKED_FIELDS, packer
+from streamsink.streams.applied import Receipt
 from streamsink.streams.keys import Keys
 
-# KEYS[1]: shard stream. ARGV[1]: dedup key prefix, ARGV[2]: dedup TTL (ms), then each
+# KEYS[1]: shard stream. ARGV[1]: dedup key prefix, ARGV[2]: dedup TTL (ms), ARGV[3]:
+# max lag (0: none), ARGV[4]: memory ceiling as a fraction of maxmemory (0: none), then each
 # event either as `key, op, data` (no table, ts, v or id: most events, three values and one
-# XADD) or as `key, '+', op, data, table, ts, v, id` ('' where absent). Returns the entry
-# ID of each event; a repeated id returns the first publish's entry ID. The type check
-# comes first so that a refused call has written nothing.
+# XADD) or as `key, '+', op, data, table, ts, v, id` ('' where absent), or, for a table
+# with a read model, as `key, '*', op, data, row hash key, changes` (no table, ts, v or id)
+# or `key, '#', op, data, table, ts, v, id, row hash key, changes` (schemas.readmodel's
+# changer; the hash is changed only by a fresh publish, not a repeated one). Returns the entry
+# ID of each event; a repeated id returns the first publish's entry ID. The type check and
+# the backpressure check come first so that a refused call has written nothing.
+#
+# Lag (see `Backpressure`): per group, the entries it has not acknowledged: Redis' own
+# `lag` (entries added but not yet delivered to the group) plus its pending entries
+# (delivered, not yet committed and acknowledged), both from XINFO GROUPS: O(groups) per
+# call. Where Redis cannot tell a group's lag (entries deleted in the middle) XLEN stands
+# for it, as it does when the shard has no group yet: an upper bound, since the stream is
+# trimmed only below what every group acknowledged. A call is refused while the slowest
+# group's lag is at `max lag` or more, so a shard holds at most `max lag` + one batch.
 PUBLISH_SCRIPT = b"""
 local names = {%s}
 local kind = redis.call('TYPE', KEYS[1]).ok
 if kind ~= 'stream' and kind ~= 'none' then
   return redis.error_reply('WRONGTYPE ' .. KEYS[1] .. ' holds a ' .. kind .. ', not a stream')
 end
+local limit = tonumber(ARGV[3])
+if limit > 0 and kind == 'stream' then
+  local lag, groups = 0, redis.call('XINFO', 'GROUPS', KEYS[1])
+  if #groups == 0 then lag = redis.call('XLEN', KEYS[1]) end
+  for _, group in ipairs(groups) do
+    local info = {}
+    for j = 1, #group, 2 do info[group[j]] = group[j + 1] end
+    local behind = info['lag']
+    if type(behind) ~= 'number' then behind = redis.call('XLEN', KEYS[1]) end
+    lag = math.max(lag, behind + info['pending'])
+  end
+  if lag >= limit then
+    return redis.error_reply('BACKPRESSURE lag ' .. lag .. ' ' .. limit)
+  end
+end
+local ceiling = tonumber(ARGV[4])
+if ceiling > 0 then
+  local info = redis.call('INFO', 'memory')
+  local most = tonumber(string.match(info, 'maxmemory:(%%d+)'))
+  if most and most > 0 then
+    local used = tonumber(string.match(info, 'used_memory:(%%d+)'))
+    if used >= most * ceiling then
+      return redis.error_reply(
+        'BACKPRESSURE memory ' .. used .. ' ' .. math.floor(most * ceiling))
+    end
+  end
+end
+local function before(a, b)  -- a < b by bytes (Lua's < follows the server's locale)
+  local n = math.min(#a, #b)
+  for k = 1, n do
+    local x, y = string.byte(a, k), string.byte(b, k)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+local function better(kind, order, old)  -- is `order` past `old` (max: greater, min: less)?
+  if not old then return true end
+  if string.sub(order, 1, 1) == 'n' then
+    local x, y = tonumber(string.sub(order, 2)), tonumber(string.sub(old, 2))
+    if kind == '>' then return x > y else return x < y end
+  end
+  if kind == '>' then return before(old, order) else return before(order, old) end
+end
+local function model(row, at, apply)  -- the read model: one event's changes to its hash
+  local ttl, assigns = tonumber(ARGV[at]), tonumber(ARGV[at + 1])
+  if assigns < 0 then
+    if apply then
+      redis.call('DEL', row)
+      redis.call('HSET', row, '~del', '1')
+      redis.call('PEXPIRE', row, ttl)
+    end
+    return at + 2
+  end
+  local j = at + 2
+  if apply and assigns > 0 then redis.call('HSET', row, unpack(ARGV, j, j + 2 * assigns - 1)) end
+  j = j + 2 * assigns
+  local others = tonumber(ARGV[j])
+  j = j + 1
+  if apply then
+    for k = j, j + 4 * others - 4, 4 do
+      local name, kind, value, order = ARGV[k], ARGV[k + 1], ARGV[k + 2], ARGV[k + 3]
+      if kind == 'x' then  -- null: no field
+        redis.call('HDEL', row, name, '~o:' .. name)
+      elseif kind == 'i' or kind == 'f' then
+        local old = redis.call('HGET', row, name)
+        if not old then
+          redis.call('HSET', row, name, value)
+        elseif kind == 'i' then
+          redis.call('HINCRBY', row, name, value)
+        else
+          redis.call('HINCRBYFLOAT', row, name, value)
+        end
+      elseif better(kind, order, redis.call('HGET', row, '~o:' .. name)) then
+        redis.call('HSET', row, name, value, '~o:' .. name, order)
+      end
+    end
+    if ttl > 0 then redis.call('PEXPIRE', row, ttl) else redis.call('PEXPIRE', row, -ttl, 'NX') end
+  end
+  return j + 4 * others
+end
 local ids, count = {}, 0
-local i, n = 3, #ARGV
+local i, n = 5, #ARGV
 while i <= n do
   local entry = false
-  if ARGV[i + 1] ~= '+' then
+  local form = ARGV[i + 1]
+  if form == '*' then  -- key, '*', op, data, the row's hash key, its changes (read model)
+    entry = redis.call(
+      'XADD', KEYS[1], '*', names[1], ARGV[i], names[2], ARGV[i + 2], names[3], ARGV[i + 3])
+    i = model(ARGV[i + 4], i + 5, true)
+  elseif form ~= '+' and form ~= '#' then
     entry = redis.call(
       'XADD', KEYS[1], '*', names[1], ARGV[i], names[2], ARGV[i + 1], names[3], ARGV[i + 2])
     i = i + 3
@@ -42,7 +141,8 @@ while i <= n do
     if eid ~= '' then
       entry = redis.call('GET', ARGV[1] .. eid)
     end
-    if not entry then
+    local fresh = not entry
+    if fresh then
       local fields = {names[1], ARGV[i]}
       for j = 2, 7 do
         local value = ARGV[i + j]
@@ -56,7 +156,11 @@ while i <= n do
         redis.call('SET', ARGV[1] .. eid, entry, 'PX', ARGV[2])
       end
     end
-    i = i + 8
+    if form == '#' then  -- then the row's hash key and its changes (a repeated publish's
+      i = model(ARGV[i + 8], i + 9, fresh)  -- are in the hash already: skipped)
+    else
+      i = i + 8
+    end
   end
   count = count + 1
   ids[count] = entry
@@ -64,8 +168,22 @@ end
 return ids
 """ % b", ".join(b"'%s'" % name for name in PACKED_FIELDS)
 
+_ROW_OPS = frozenset({Op.SET, Op.INCR, Op.DEL})
+
+FIRST_RETRY = 0.005
+LAST_RETRY = 0.1
+"""Under backpressure with a timeout, producers try again after 5 ms, doubling to 100 ms."""
+
+FIRST_EVENT = 8
+"""Where the first event's values start in a command's arguments (EVAL, script, 1, shard,
+dedup prefix, dedup TTL, max lag, memory ceiling)."""
+
 FULL = b"+"
 """After the key, marks an event sent with all its values (one with a table, ts, v or id)."""
+MODEL = b"#"
+"""After the key, marks an event sent with all its values and its read-model changes."""
+MODEL_SHORT = b"*"
+"""After the key, marks an event with only op and data, and its read-model changes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,11 +229,13 @@ class Command:
     slots: list[int] = field(default_factory=list)
     """Per reply, its event's place in the batch (the requests' events one after another)."""
     plain: bool = False
+    guarded: bool = False
+    """The script checks backpressure or writes a read model: never sent as a plain XADD."""
 
     def plain_xadd(self) -> None:
         """Send a lone event without idempotency id as a plain XADD: the same effect, and
         Redis runs it six times faster than the script (measured: 1.6 µs against 9 µs)."""
-        values = self.args[6:]
+        values = self.args[FIRST_EVENT:]
         if values[1] == FULL:
             del values[1]
         named = zip(PACKED_FIELDS, values, strict=False)  # three values: no table, ..., id
@@ -158,8 +278,35 @@ class Preparer:
         self.shards[stream] = shards
         validate = self.config.validator(stream)
         table = self.config.default_table(stream)
-        self.packers[stream] = packer(table, validate, self.config.max_data_bytes)
+        pack = packer(table, validate, self.config.max_data_bytes)
+        if self.config.read_models:
+            pack = self._with_read_model(stream, shards, pack)
+        self.packers[stream] = pack
         return shards
+
+    def _with_read_model(
+        self, stream: str, shards: int, pack: Callable[[Event], Prepared]
+    ) -> Callable[[Event], Prepared]:
+        """`pack`, adding the read-model changes to events of tables that have one."""
+        config, keys = self.config, self.keys
+        default = config.streams[stream].table if stream in config.streams else None
+        changers = {
+            name: changer(config.tables[name], model) for name, model in config.read_models.items()
+        }
+        row_prefixes = [keys.row_prefix(stream, shard) for shard in range(shards)]
+
+        def pack_with_model(event: Event) -> Prepared:
+            values = pack(event)
+            name = event.table or default
+            changes = changers.get(name) if name is not None else None
+            if changes is None or event.op not in _ROW_OPS:
+                return values
+            row = f"{row_prefixes[crc32(values[0]) % shards]}{name}:{event.key}"  # Keys.row
+            if len(values) == 3:
+                return (values[0], MODEL_SHORT, values[1], values[2], row, *changes(event))
+            return (values[0], MODEL, *values[1:], row, *changes(event))
+
+        return pack_with_model
 
     def encode(self, stream: str, events: Iterable[Event]) -> list[Prepared]:
         """Validate and pack every event (all or nothing)."""
@@ -183,15 +330,43 @@ class Preparer:
                 if command is None:
                     command = by_shard[shard] = self._command(stream, shard)
                     made.append(command)
-                command.args += values if len(values) == 3 else (values[0], FULL, *values[1:])
+                if len(values) == 3:
+                    command.args += values
+                elif values[1] == MODEL_SHORT or values[1] == MODEL:
+                    command.args += values  # read model: laid out by the packer, marker too
+                    command.guarded = True
+                else:
+                    command.args += (values[0], FULL, *values[1:])
                 command.slots.append(slot)
                 slot += 1
         for command in made:
-            if len(command.slots) == 1 and (len(command.args) == 9 or not command.args[-1]):
+            if (
+                len(command.slots) == 1
+                and not command.guarded
+                and (len(command.args) == FIRST_EVENT + 3 or not command.args[-1])
+            ):
                 command.plain_xadd()  # one event, and without id
         return made
+
+    def receipts(self, stream: str, prepared: list[Prepared], ids: list[str]) -> list[Receipt]:
+        """The receipt of each published event (prepared values start with the key)."""
+        shards = self.shards[stream]
+        return [Receipt.of(stream, shards, v[0], i) for v, i in zip(prepared, ids, strict=True)]
 
     def _command(self, stream: str, shard: int) -> Command:
         keys, ttl = self.keys, self.settings.dedup_ttl_ms
         shard_key, dedup = keys.shard(stream, shard), keys.dedup_prefix(stream, shard)
-        return Command(["EVAL", PUBLISH_SCRIPT, 1, shard_key, dedup, ttl])
+        spec = self.config.streams.get(stream)
+        lag = spec.max_lag if spec is not None and spec.max_lag else 0
+        memory = spec.max_memory if spec is not None and spec.max_memory else 0
+        args: list[bytes | str | int] = ["EVAL", PUBLISH_SCRIPT, 1, shard_key, dedup, ttl]
+        args += [lag, repr(memory) if memory else 0]
+        return Command(args, guarded=bool(lag or memory))
+
+
+def refusal(error: Exception) -> Backpressure | None:
+    """The Backpressure a script error stands for, or None for any other error."""
+    words = str(error).split()
+    if len(words) != 4 or words[0] != "BACKPRESSURE":
+        return None
+    return Backpressure(words[1], int(words[2]), int(words[3]))

@@ -17,7 +17,10 @@ Two rules, checked together when a send asks for a start time:
   A send never reported done counts as in flight until its `busy` time is over.
 
 Callers book the earliest start that satisfies both rules and sleep until it (rather than
-asking again until a permit is free), so starts are one interval apart under load. The
+asking again until a permit is free), so starts are one interval apart under load. Admission
+control (`allow`: a service refusing a user's request with a Retry-After) uses the same
+script without booking: a permit now, or how long until one; admissions take no time, so
+they use GCRA alone, and in any interval of `t` seconds at most `burst + rate * t` pass. The
 same script keeps a minimum gap between two starts and a not-before time (a receiver's
 Retry-After; starts booked before it keep their time). All times are Redis' `TIME`: workers
 on hosts with different clocks agree, and a script run is atomic, so however many workers
@@ -31,6 +34,7 @@ import math
 import uuid
 from dataclasses import dataclass
 
+import redis
 import redis.asyncio as aredis
 
 from streamsink.streams.keys import Keys
@@ -95,6 +99,19 @@ return 0
 """
 
 
+# KEYS: state hash, window zset. Returns {exists, tat - now µs, hold - now µs, window
+# count, PTTL ms}: what `limits show` prints.
+_SHOW = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local state = redis.call('HMGET', KEYS[1], 'tat', 'hold')
+local tat, hold = tonumber(state[1]) or now, tonumber(state[2]) or now
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 1000000)
+return {redis.call('EXISTS', KEYS[1]), math.max(0, tat - now), math.max(0, hold - now),
+        redis.call('ZCARD', KEYS[2]), redis.call('PTTL', KEYS[1])}
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Rate:
     """A limit: `per_second` sends (0: none), `burst` back to back, and a minimum gap."""
@@ -130,6 +147,41 @@ class Rate:
 
 
 @dataclass(frozen=True, slots=True)
+class Admission:
+    """The answer of `allow`: admitted or not, and if not, seconds until a request may be."""
+
+    allowed: bool
+    retry_after: float
+    at: float = 0.0
+    """When admitted, on Redis' clock (seconds since the epoch); 0.0 when refused."""
+
+    def __bool__(self) -> bool:
+        return self.allowed
+
+
+@dataclass(frozen=True, slots=True)
+class LimitState:
+    """A limit as Redis holds it; `exists` is False once it was idle long enough to expire."""
+
+    exists: bool
+    backlog: float
+    """Seconds the theoretical arrival time is ahead of now (0: the full burst is free)."""
+    hold: float
+    """Seconds until the not-before time (a receiver's Retry-After) is over (0: none)."""
+    in_window: int
+    """Sends in flight or done in the last second (HTTP sends; admissions leave none)."""
+    ttl: float
+    """Seconds until the state expires (-1: it does not exist)."""
+
+    @classmethod
+    def of(cls, reply: list[int]) -> LimitState:
+        """From the reply of the show script: µs and counts."""
+        exists, backlog, hold, window, ttl_ms = (int(v) for v in reply)
+        ttl = ttl_ms / 1000 if ttl_ms >= 0 else -1.0
+        return cls(bool(exists), backlog / 1_000_000, hold / 1_000_000, window, ttl)
+
+
+@dataclass(frozen=True, slots=True)
 class Permit:
     """A start handed out: when (Redis' clock, seconds), and its entry in the window."""
 
@@ -137,15 +189,30 @@ class Permit:
     member: str = ""
 
 
-class RateLimiter:
-    """Starts of named shared limits (e.g. one per HTTP endpoint), kept in Redis."""
+class AsyncRateLimiter:
+    """Shared limits by name (one per HTTP endpoint, per user...), kept in Redis, for asyncio:
+    admission (`allow`) and booked starts (`acquire`, as the HTTP sink sends)."""
 
-    def __init__(self, client: aredis.Redis, keys: Keys) -> None:
+    def __init__(self, client: aredis.Redis, keys: Keys | None = None) -> None:
+        keys = keys or Keys()
         self._keys = keys
         self._client = client
         self._acquire = client.register_script(_ACQUIRE)
         self._done = client.register_script(_DONE)
         self._defer = client.register_script(_DEFER)
+        self._show = client.register_script(_SHOW)
+
+    async def allow(self, name: str, rate: float, burst: int = 1) -> Admission:
+        """Admit one request of `name` now, or say how long until one may be (Retry-After)."""
+        args = _admission_arguments(rate, burst)
+        return _admission(
+            await self._acquire([self._keys.rate(name), self._keys.rate_window(name)], args)
+        )
+
+    async def show(self, name: str) -> LimitState:
+        """What Redis holds for `name` (for `streamsink limits show`)."""
+        reply = await self._show([self._keys.rate(name), self._keys.rate_window(name)])
+        return LimitState.of(reply)
 
     async def try_acquire(self, name: str, rate: Rate) -> tuple[float, float]:
         """Take a start of `name` only if one is free now (counted as done at once):
@@ -195,3 +262,45 @@ class RateLimiter:
     async def reset(self, name: str) -> None:
         """Forget the state of `name` (its own keys, and only those)."""
         await self._client.delete(self._keys.rate(name), self._keys.rate_window(name))
+
+
+class RateLimiter:
+    """Admission control for synchronous code: the same limits and script as
+    `AsyncRateLimiter`, so a sync and an asyncio service may share one limit."""
+
+    def __init__(self, client: redis.Redis, keys: Keys | None = None) -> None:
+        self._keys = keys or Keys()
+        self._client = client
+        self._acquire = client.register_script(_ACQUIRE)
+        self._show = client.register_script(_SHOW)
+
+    def allow(self, name: str, rate: float, burst: int = 1) -> Admission:
+        """Admit one request of `name` now, or say how long until one may be (Retry-After).
+
+        At most `burst` at once, then `rate` a second; refused requests cost nothing."""
+        args = _admission_arguments(rate, burst)
+        return _admission(
+            self._acquire([self._keys.rate(name), self._keys.rate_window(name)], args)
+        )
+
+    def reset(self, name: str) -> None:
+        """Forget the state of `name` (its own keys, and only those)."""
+        self._client.delete(self._keys.rate(name), self._keys.rate_window(name))
+
+    def show(self, name: str) -> LimitState:
+        """What Redis holds for `name` (for `streamsink limits show`)."""
+        return LimitState.of(self._show([self._keys.rate(name), self._keys.rate_window(name)]))
+
+
+def _admission_arguments(rate: float, burst: int) -> list[int | str]:
+    """The acquire script's ARGV for an admission: take now or refuse, no sending window."""
+    if not (math.isfinite(rate) and rate > 0):
+        raise ValueError(f"rate must be a finite number of requests a second > 0, got {rate!r}")
+    return [*Rate(rate, burst).arguments(), 0, 0, 0, ""]
+
+
+def _admission(reply: list[int]) -> Admission:
+    taken, wait_us, start_us = (int(v) for v in reply)
+    if taken:
+        return Admission(True, 0.0, start_us / 1_000_000)
+    return Admission(False, wait_us / 1_000_000)

@@ -28,7 +28,7 @@ from streamsink.sinks.http import AiohttpTransport, HttpSettings, HttpSink, Repl
 from streamsink.sinks.http.deliver import Sender
 from streamsink.streams import Keys
 from streamsink.streams.endpoints import EndpointStats
-from streamsink.streams.ratelimit import RateLimiter
+from streamsink.streams.ratelimit import AsyncRateLimiter
 
 SECRET_ENV = "STREAMSINK_TEST_SECRET"
 SECRET = "test-secret-\u00e9"
@@ -195,7 +195,7 @@ def build_sink(
     vetter = Vetter(settings.allow_private, settings.dns_cache_s)
     transport = CountingTransport(vetter)
     stats = EndpointStats(client, keys, name)
-    sender = Sender(transport, vetter, RateLimiter(client, keys), stats)
+    sender = Sender(transport, vetter, AsyncRateLimiter(client, keys), stats)
     secrets = settings.secrets(name, {SECRET_ENV: SECRET})
     sink = HttpSink(name, settings, secrets, sender, on_close=[transport.close, client.aclose])
     return Built(sink, transport, vetter, client)

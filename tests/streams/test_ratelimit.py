@@ -18,7 +18,7 @@ import redis
 import redis.asyncio as aredis
 
 from streamsink.streams import Keys
-from streamsink.streams.ratelimit import Rate, RateLimiter
+from streamsink.streams.ratelimit import AsyncRateLimiter, Rate
 
 
 def most_in_any_window(times: Sequence[float], window: float = 1.0) -> int:
@@ -47,7 +47,7 @@ async def hammer(
 
     async def client() -> None:
         connection = aredis.Redis.from_url(redis_url)
-        limiter = RateLimiter(connection, keys)
+        limiter = AsyncRateLimiter(connection, keys)
         try:
             while time.monotonic() < deadline:
                 granted.append((await limiter.acquire("endpoint", rate)).start)
@@ -92,7 +92,7 @@ async def test_no_receiver_sees_more_than_the_cap_whatever_the_delays(
 
     async def sender() -> None:
         connection = aredis.Redis.from_url(redis_url)
-        limiter = RateLimiter(connection, keys)
+        limiter = AsyncRateLimiter(connection, keys)
         try:
             while time.monotonic() < deadline:
                 permit = await limiter.acquire("endpoint", rate, busy_s=2.0)
@@ -114,7 +114,7 @@ async def test_no_receiver_sees_more_than_the_cap_whatever_the_delays(
 async def test_a_send_never_reported_done_counts_until_its_busy_time(
     ar: aredis.Redis, keys: Keys
 ) -> None:
-    limiter = RateLimiter(ar, keys)
+    limiter = AsyncRateLimiter(ar, keys)
     rate = Rate(2.0)  # cap 2
     first = await limiter.acquire("e", rate, busy_s=0.5)
     await limiter.acquire("e", rate, busy_s=0.5)  # neither is ever reported done (a crash)
@@ -131,7 +131,7 @@ async def test_min_interval_on_its_own(redis_url: str, keys: Keys) -> None:
 
 
 async def test_defer_holds_every_permit_until_then(ar: aredis.Redis, keys: Keys) -> None:
-    limiter = RateLimiter(ar, keys)
+    limiter = AsyncRateLimiter(ar, keys)
     rate = Rate(1000.0)
     assert (await limiter.try_acquire("e", rate))[0] == 0.0
     await limiter.defer("e", 0.3)
@@ -150,7 +150,7 @@ async def test_reset_forgets_its_own_limit_only(
     ar: aredis.Redis, r: redis.Redis, keys: Keys
 ) -> None:
     """Seed 003's limiter deleted the wrong key on reset; this one deletes its own."""
-    limiter = RateLimiter(ar, keys)
+    limiter = AsyncRateLimiter(ar, keys)
     rate = Rate(1.0)
     for name in ("user:1", "user:12", "user:2"):
         assert (await limiter.try_acquire(name, rate))[0] == 0.0
@@ -164,7 +164,7 @@ async def test_reset_forgets_its_own_limit_only(
 
 
 async def test_state_expires_once_idle(ar: aredis.Redis, r: redis.Redis, keys: Keys) -> None:
-    await RateLimiter(ar, keys).try_acquire("e", Rate(10.0, min_interval_ms=200.0))
+    await AsyncRateLimiter(ar, keys).try_acquire("e", Rate(10.0, min_interval_ms=200.0))
     assert 0 < r.pttl(keys.rate("e")) <= 1000 + 100 + 200
 
 

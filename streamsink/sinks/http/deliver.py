@@ -31,7 +31,7 @@ from streamsink.sinks.http.signing import IDEMPOTENCY_HEADER, signed_headers
 from streamsink.sinks.http.transport import Reply, Transport
 from streamsink.sinks.http.urls import Refused, Vetter
 from streamsink.streams.endpoints import EndpointStats
-from streamsink.streams.ratelimit import Permit, Rate, RateLimiter
+from streamsink.streams.ratelimit import AsyncRateLimiter, Permit, Rate
 
 log = logging.getLogger("streamsink.http")
 
@@ -81,7 +81,7 @@ class Sender:
     """Delivers requests with retries, honouring each endpoint's breaker and limits."""
 
     def __init__(
-        self, transport: Transport, vetter: Vetter, limiter: RateLimiter, stats: EndpointStats
+        self, transport: Transport, vetter: Vetter, limiter: AsyncRateLimiter, stats: EndpointStats
     ) -> None:
         self.transport, self.vetter, self.limiter, self.stats = transport, vetter, limiter, stats
 

@@ -27,7 +27,7 @@ from streamsink.sinks.http.transport import AiohttpTransport
 from streamsink.sinks.http.urls import Vetter
 from streamsink.streams.endpoints import EndpointStats
 from streamsink.streams.keys import Keys
-from streamsink.streams.ratelimit import RateLimiter
+from streamsink.streams.ratelimit import AsyncRateLimiter
 
 log = logging.getLogger("streamsink.http")
 
@@ -63,7 +63,7 @@ class HttpSink:
         vetter = Vetter(settings.allow_private, settings.dns_cache_s)
         transport = AiohttpTransport(vetter)
         stats = EndpointStats(client, keys, name)
-        sender = Sender(transport, vetter, RateLimiter(client, keys), stats)
+        sender = Sender(transport, vetter, AsyncRateLimiter(client, keys), stats)
         return cls(name, settings, secrets, sender, on_close=[transport.close, client.aclose])
 
     async def write(self, batch: Batch) -> Sequence[Rejected]:
