@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import io
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -81,6 +83,17 @@ def _parser() -> argparse.ArgumentParser:
     publish.set_defaults(run=_publish)
 
     status = commands.add_parser("status", help="streams, groups, lag, pending, leases, dead")
+    status.add_argument(
+        "--json", action="store_true", help="the status document (schema in the README)"
+    )
+    status.add_argument(
+        "--watch",
+        type=float,
+        nargs="?",
+        const=2.0,
+        metavar="SECONDS",
+        help="redraw every SECONDS (default 2) until Ctrl-C",
+    )
     status.set_defaults(run=_status)
 
     dead = commands.add_parser("dead", help="list, replay or drop a group's dead letters")
@@ -95,6 +108,14 @@ def _parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run every group of the config until SIGTERM")
     worker.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file")
     worker.add_argument("--log-level", default="INFO")
+    worker.add_argument(
+        "--log-format", choices=("json", "text"), default="json", help="log lines (default json)"
+    )
+    worker.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="serve /metrics, /healthz, /readyz and the status page (or [worker] http)",
+    )
     worker.set_defaults(run=_worker)
 
     tables = commands.add_parser("tables", help="create or check the config's PostgreSQL tables")
@@ -249,7 +270,28 @@ def _event(record: Any, where: str) -> Event:
 
 
 def _status(args: argparse.Namespace, config: Config) -> int:
+    if args.watch is None:
+        return _status_once(args, config)
+    while True:  # until Ctrl-C (exit 130)
+        started = time.monotonic()
+        shown = io.StringIO()
+        with contextlib.redirect_stdout(shown):
+            _status_once(args, config)
+        sys.stdout.write("\x1b[H\x1b[2J" if sys.stdout.isatty() else "\n")
+        sys.stdout.write(f"every {args.watch:g} s, {time.strftime('%H:%M:%S')}\n")
+        sys.stdout.write(shown.getvalue())
+        sys.stdout.flush()
+        time.sleep(max(0.0, args.watch - (time.monotonic() - started)))
+
+
+def _status_once(args: argparse.Namespace, config: Config) -> int:
     client, keys = _client(config), Keys(config.prefix)
+    if args.json:
+        from streamsink.ops.status import status_document
+
+        document = status_document(client, keys, config)
+        sys.stdout.write(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
     _print_streams(client, keys, list_streams(client, keys))
     groups = [(g.stream, g.name) for g in config.groups.values()]
     for stream, group in groups:
@@ -316,13 +358,26 @@ def _dead(args: argparse.Namespace, config: Config) -> int:
 
 
 def _worker(args: argparse.Namespace, config: Config) -> int:
-    from streamsink.consumers.worker import serve
-    from streamsink.logs import configure
+    from streamsink.consumers.worker import Worker, serve
+    from streamsink.logs import configure, route_loop_errors
 
     if not config.groups:
         raise ValueError("the config declares no [groups]: give --config FILE")
-    configure(args.log_level)
-    return asyncio.run(serve(config))
+    configure(args.log_level, args.log_format)
+    address = args.http or config.http
+
+    async def run() -> int:
+        route_loop_errors(asyncio.get_running_loop())
+        if address is None:
+            return await serve(config)
+        from streamsink.ops.http import endpoint
+
+        def around(worker: Worker) -> contextlib.AbstractAsyncContextManager[object]:
+            return endpoint(worker, address)
+
+        return await serve(config, around=around)
+
+    return asyncio.run(run())
 
 
 def _tables_create(args: argparse.Namespace, config: Config) -> int:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from streamsink.consumers.merge import Entry, merge
 from streamsink.consumers.retry import TRANSIENT, Backoff, cancelling, retrying
 from streamsink.consumers.settings import GroupSettings
+from streamsink.consumers.telemetry import Telemetry
 from streamsink.consumers.window import Window
 from streamsink.errors import EventError, Fenced
 from streamsink.schemas.config import Config
@@ -56,6 +57,7 @@ class ShardRunner:
         self.draining = asyncio.Event()
         self.lost = False  # the lease is gone: stop without flushing or acknowledging
         self.stats = ShardStats()
+        self.telemetry: Telemetry | None = None  # ops: set by the worker when measuring
         self.lead = 0.0  # how long a flush may take (seconds): windows close that early
         self._flushes: deque[float] = deque(maxlen=8)  # the last flushes' durations
         self._where = {"group": reader.group, "stream": stream, "shard": lease.shard}
@@ -205,6 +207,8 @@ class ShardRunner:
         await retrying(lambda: self.reader.ack(ids), "ack")
         self.stats.flushed_windows += 1
         self.stats.applied += len(ids)
+        if self.telemetry is not None:  # ops: one note per committed window
+            self.telemetry.flushed(batch.merged, ids, time.monotonic() - started)
 
     def _took(self, seconds: float) -> None:
         """Note a flush's merge-and-write time: `lead` is the longest of the last eight

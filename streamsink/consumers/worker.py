@@ -20,7 +20,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aredis
@@ -30,6 +30,7 @@ from redis.backoff import NoBackoff
 from streamsink.consumers.retry import TRANSIENT, cancelling, retrying
 from streamsink.consumers.settings import GroupSettings
 from streamsink.consumers.shard import ShardRunner
+from streamsink.consumers.telemetry import Telemetry
 from streamsink.errors import ShardCountMismatch, StreamNotFound
 from streamsink.schemas.config import Config, GroupSpec
 from streamsink.sinks.base import Sink
@@ -69,6 +70,7 @@ class GroupRunner:
             client, self.keys, self.stream, group.name, worker, self.settings.lease_ttl_ms
         )
         self.runners: dict[int, tuple[ShardRunner, asyncio.Task[None]]] = {}
+        self.telemetry: dict[int, Telemetry] | None = None  # ops: per shard, when measuring
         self._renewed: dict[int, float] = {}
         self._maintained = 0.0
 
@@ -178,6 +180,8 @@ class GroupRunner:
                 self.client, self.keys, self.stream, shard, self.group.name, self.worker
             )
             runner = ShardRunner(reader, lease, self.config, self.stream, self.sinks, self.settings)
+            if self.telemetry is not None:  # ops: kept across owners of the shard in this process
+                runner.telemetry = self.telemetry.setdefault(shard, Telemetry())
             task = tasks.create_task(self._run_shard(runner), name=f"shard-{shard}")
             self.runners[shard] = (runner, task)
             self._renewed[shard] = time.monotonic()
@@ -239,6 +243,7 @@ class Worker:
         config: Config,
         sinks: Mapping[str, Sink],
         worker: str | None = None,
+        telemetry: bool = False,
     ) -> None:
         self.client, self.config, self.sinks = client, config, sinks
         self.id = worker or worker_id()
@@ -246,6 +251,8 @@ class Worker:
             GroupRunner(client, config, group, [sinks[name] for name in group.sinks], self.id)
             for group in config.groups.values()
         ]
+        for group in self.groups if telemetry else ():  # ops: measure windows for the endpoint
+            group.telemetry = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until `stop`; a crash in any group or shard ends it with that error."""
@@ -268,8 +275,16 @@ def worker_client(url: str) -> aredis.Redis:
     )
 
 
-async def serve(config: Config, sinks: Mapping[str, Sink] | None = None) -> int:
-    """Run a worker until SIGTERM or SIGINT; 0 after a clean drain, 1 after a crash."""
+async def serve(
+    config: Config,
+    sinks: Mapping[str, Sink] | None = None,
+    around: Callable[[Worker], contextlib.AbstractAsyncContextManager[object]] | None = None,
+) -> int:
+    """Run a worker until SIGTERM or SIGINT; 0 after a clean drain, 1 after a crash.
+
+    `around(worker)`, when given, is entered before the worker runs and left after it
+    stopped (the CLI serves the HTTP endpoint in it; the worker then measures windows).
+    """
     from streamsink.sinks import build_sinks
 
     built = dict(sinks) if sinks is not None else build_sinks(config)
@@ -283,7 +298,11 @@ async def serve(config: Config, sinks: Mapping[str, Sink] | None = None) -> int:
     client = worker_client(config.redis_url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    running = asyncio.ensure_future(Worker(client, config, built).run(stop))
+    worker = Worker(client, config, built, telemetry=around is not None)
+    ops = contextlib.AsyncExitStack()  # ops: the HTTP endpoint, when asked for
+    if around is not None:
+        await ops.enter_async_context(around(worker))
+    running = asyncio.ensure_future(worker.run(stop))
 
     def on_signal() -> None:
         """First signal: drain. Second: give up draining (e.g. Redis stays down) and exit."""
@@ -309,6 +328,7 @@ async def serve(config: Config, sinks: Mapping[str, Sink] | None = None) -> int:
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        await ops.aclose()
         for sink in built.values():
             await sink.close()
         await client.aclose()

@@ -67,6 +67,8 @@ class Config:
     prefix: str = DEFAULT_PREFIX
     postgres_dsn: str = DEFAULT_POSTGRES_DSN
     max_data_bytes: int = DEFAULT_MAX_DATA_BYTES
+    http: str | None = None
+    """`host:port` of the worker's HTTP endpoint (metrics, probes, the page); None: off."""
 
     def __post_init__(self) -> None:
         if not NAME.match(self.prefix):
@@ -150,10 +152,15 @@ def load(path: str | os.PathLike[str]) -> Config:
 
 def from_dict(raw: Mapping[str, Any]) -> Config:
     """Build a Config from the parsed TOML layout (see docs/config.md)."""
-    _only(raw, "config", {"redis", "postgres", "limits", "streams", "tables", "groups", "sinks"})
+    _only(
+        raw,
+        "config",
+        {"redis", "postgres", "limits", "streams", "tables", "groups", "sinks", "worker"},
+    )
     redis = _section(raw, "redis", {"url", "prefix"})
     postgres = _section(raw, "postgres", {"dsn"})
     limits = _section(raw, "limits", {"max_data_bytes"})
+    worker = _section(raw, "worker", {"http"})
     tables = {name: _table(name, spec) for name, spec in _section(raw, "tables").items()}
     streams = {name: _stream(name, spec) for name, spec in _section(raw, "streams").items()}
     sinks = {name: _sink(name, spec) for name, spec in _section(raw, "sinks").items()}
@@ -169,7 +176,20 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
             postgres.get("dsn") or os.environ.get("DATABASE_URL") or DEFAULT_POSTGRES_DSN
         ),
         max_data_bytes=_int(limits, "max_data_bytes", DEFAULT_MAX_DATA_BYTES, "limits"),
+        http=_address(worker.get("http"), "[worker] http"),
     )
+
+
+def _address(value: Any, where: str) -> str | None:
+    """A `host:port` to listen on (None stays None)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f'{where}: expected "host:port", got {value!r}')
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f'{where}: expected "host:port" (e.g. 127.0.0.1:9464), got {value!r}')
+    return value
 
 
 def _table(name: str, spec: Any) -> Table:
