@@ -95,7 +95,7 @@ def _thread_uncaught(args: threading.ExceptHookArgs) -> None:
     log.error(
         "uncaught exception in a thread",
         exc_info=(args.exc_type, error, args.exc_traceback) if error is not None else None,
-        extra={"thread": getattr(args.thread, "name", None), "error": repr(error)},
+        extra={"thread_name": getattr(args.thread, "name", None), "error": repr(error)},
     )
 
 

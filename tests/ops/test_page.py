@@ -56,9 +56,9 @@ def worker(setup: Setup, tmp_path: Path) -> Iterator[tuple[str, Path]]:
     address = f"127.0.0.1:{free_port()}"
     log = tmp_path / "worker.log"
     with log.open("wb") as out:
+        command = [sys.executable, "-m", "streamsink.cli", "--config", str(setup.path)]
         process = subprocess.Popen(
-            [sys.executable, "-m", "streamsink.cli", "--config", str(setup.path), "worker"]
-            + ["--http", address],
+            [*command, "worker", "--http", address],
             stdout=out,
             stderr=out,
         )
