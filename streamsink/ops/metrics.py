@@ -7,7 +7,6 @@ from when this process first owned it (a shard taken by another worker goes on t
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -216,9 +215,6 @@ class WorkerCollector(Collector):
                 breaker.add_metric([sink_name, row.endpoint], value)
         yield callbacks
         yield breaker
-        yield GaugeMetricFamily(
-            "streamsink_scrape_timestamp_seconds", "When this scrape was made.", value=time.time()
-        )
 
 
 def _histogram(family: HistogramMetricFamily, labels: list[str], histogram: Histogram) -> None:

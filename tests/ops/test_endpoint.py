@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -106,6 +107,7 @@ async def test_metrics_count_what_was_published_and_written(setup: Setup, r: red
     assert total(parsed, "streamsink_leases_held", group=GROUP) == SHARDS
     assert total(parsed, "streamsink_group_stopped") == 0
     assert total(parsed, "streamsink_shard_state", state="running") == SHARDS
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     for (name, labels), _ in parsed.items():  # bounded labels only: never a key
         assert name.startswith("streamsink_"), name
         assert not {key for key, _ in labels} - {
