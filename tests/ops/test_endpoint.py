@@ -24,6 +24,9 @@ from tests.ops.conftest import GROUP, KEYS, PER_KEY, SHARDS, STREAM, Setup, publ
 from tests.ops.proxy import Proxy
 
 PUBLISHED = KEYS * PER_KEY
+README = Path(__file__).resolve().parents[2] / "README.md"
+LABELS = {"group", "stream", "shard", "table", "sink", "endpoint", "state", "error_class"}
+LABELS |= {"outcome", "le"}
 
 
 @contextlib.asynccontextmanager
@@ -107,21 +110,11 @@ async def test_metrics_count_what_was_published_and_written(setup: Setup, r: red
     assert total(parsed, "streamsink_leases_held", group=GROUP) == SHARDS
     assert total(parsed, "streamsink_group_stopped") == 0
     assert total(parsed, "streamsink_shard_state", state="running") == SHARDS
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     for (name, labels), _ in parsed.items():  # bounded labels only: never a key
         assert name.startswith("streamsink_"), name
-        assert not {key for key, _ in labels} - {
-            "group",
-            "stream",
-            "shard",
-            "table",
-            "sink",
-            "endpoint",
-            "state",
-            "error_class",
-            "outcome",
-            "le",
-        }
+        assert not {key for key, _ in labels} - LABELS, name
+        family = name.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum")
+        assert family.removesuffix("_total") in README.read_text(), f"{name} not in the README"
 
 
 async def test_readyz_follows_postgresql_and_healthz_stays(
