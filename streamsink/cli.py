@@ -8,7 +8,7 @@ import contextlib
 import io
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import replace
 from importlib import resources
@@ -133,6 +133,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--keep", action="store_true", help="keep earlier demo data")
     demo.add_argument("--publish-only", action="store_true", help="publish, show nothing")
+    demo.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="status page and /metrics while draining ([worker] http)",
+    )
     demo.set_defaults(run=_demo)
     return parser
 
@@ -445,23 +450,43 @@ def _demo(args: argparse.Namespace, config: Config) -> int:
         print(f"  {name:<18} {count:>7}")
     print()
     _print_streams(client, keys, config.streams)
-    return _demo_drain(config, counts)
+    return _demo_drain(config, counts, args.http or config.http)
 
 
-def _demo_drain(config: Config, counts: Mapping[str, int]) -> int:
+def _demo_drain(config: Config, counts: Mapping[str, int], address: str | None) -> int:
     """Drain the burst into PostgreSQL with one worker; show the writes saved and the rows."""
     import psycopg2
 
-    from streamsink.consumers.worker import worker_client
+    from streamsink.consumers.worker import Worker, worker_client
     from streamsink.demo import drain, report
     from streamsink.sinks.postgres import PostgresSink
 
     sink = PostgresSink.from_options("db", config.sinks["db"].options, config.postgres_dsn)
+    served: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def around(worker: Worker) -> AsyncIterator[None]:
+        """The worker's endpoint while it drains, if its port is free."""
+        from streamsink.ops.http import endpoint
+
+        assert address is not None
+        try:
+            async with endpoint(worker, address):
+                served.append(address)
+                print(f"\nwhile it drains: status page http://{address}/, metrics at /metrics")
+                yield
+        except ValueError as exc:  # the port is taken: drain without it
+            if served:
+                raise
+            print(f"\n(no status page: {exc})")
+            yield
 
     async def work() -> float:
         async_client = worker_client(config.redis_url)
         try:
-            return await drain(async_client, config, {"db": sink})
+            return await drain(
+                async_client, config, {"db": sink}, around=around if address else None
+            )
         finally:
             await async_client.aclose()
             await sink.close()
@@ -474,19 +499,29 @@ def _demo_drain(config: Config, counts: Mapping[str, int]) -> int:
     written = sink.stats.by_table
     print(f"\na worker drained them into PostgreSQL in {seconds:.2f} s; one write per event")
     print("would have been this many row writes; merged per key in windows, they were:")
-    print(f"\n  {'table':<14} {'events':>8} {'writes':>8}  saved")
+    print(f"\n  {'table':<14} {'events':>8} {'writes':>8} {'coalescing':>10} {'saved':>8}")
     for table in sorted(events):
-        ratio = events[table] / max(written.get(table, 0), 1)
-        print(f"  {table:<14} {events[table]:>8} {written.get(table, 0):>8}  {ratio:5.1f}x")
+        n, w = events[table], written.get(table, 0)
+        print(f"  {table:<14} {n:>8} {w:>8} {n / max(w, 1):>9.1f}x {n - w:>8}")
     all_events, all_writes = sum(events.values()), sum(written.values())
-    print(f"  {'all':<14} {all_events:>8} {all_writes:>8}  {all_events / max(all_writes, 1):5.1f}x")
     print(
-        f"\nin {sink.stats.windows} transactions and {sink.stats.statements} SQL statements "
+        f"  {'all':<14} {all_events:>8} {all_writes:>8} "
+        f"{all_events / max(all_writes, 1):>9.1f}x {all_events - all_writes:>8}"
+    )
+    print(
+        f"\ncoalescing ratio {all_events / max(all_writes, 1):.1f} events per row write: "
+        f"{all_events - all_writes} writes saved, "
+        f"in {sink.stats.windows} transactions and {sink.stats.statements} SQL statements "
         f"(instead of {all_events}). In PostgreSQL now (schema streamsink_demo):\n"
     )
     with closing(psycopg2.connect(config.postgres_dsn, connect_timeout=10)) as conn:
         for line in report(conn):
             print(line)
+    if served:
+        print(
+            f"\nRun `streamsink worker --config streamsink/demo.toml` to keep the status page at "
+            f"http://{served[0]}/ and metrics at http://{served[0]}/metrics."
+        )
     return 0
 
 

@@ -143,10 +143,12 @@ def test_demo_drains_the_burst_into_postgresql_exactly(
     assert main([*args, "demo"]) == 0
     out = capsys.readouterr().out
     total = next(line for line in out.splitlines() if line.strip().startswith("all "))
-    _, events, writes, saved = total.split()
+    _, events, writes, ratio, saved = total.split()
     assert int(events) == 141_966
     assert 0 < int(writes) < int(events)
-    assert float(saved.rstrip("x")) > 2
+    assert float(ratio.rstrip("x")) > 2
+    assert int(saved) == int(events) - int(writes)
+    assert "writes saved" in out
     for group, stream in (("tasks-writer", "tasks"), ("stats-writer", "stats")):
         for shard in range(2):
             assert r.xpending(keys.shard(stream, shard), group)["pending"] == 0

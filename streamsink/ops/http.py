@@ -37,6 +37,8 @@ CHECK_TIMEOUT_S = 2.0
 """A readiness check that has not answered by then has failed."""
 PUBLISH_EVERY_S = 1.0
 """How often each owned shard's measurements are written to Redis."""
+PUBLISH_TIMEOUT_S = 10.0
+"""A busy worker's loop may take a while to get to the reply; the next write replaces it."""
 PAGE = ("index.html", "page.css", "page.js")
 
 
@@ -111,7 +113,7 @@ class Ops:
         with contextlib.suppress(redis.RedisError, OSError, TimeoutError):
             async with asyncio.timeout(CHECK_TIMEOUT_S):
                 await self._read_facts()
-        body = await asyncio.to_thread(generate_latest, self.registry)
+        body = generate_latest(self.registry)  # on the loop: it reads what the loop changes
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -222,12 +224,12 @@ class Ops:
         while True:
             await asyncio.sleep(PUBLISH_EVERY_S)
             try:
-                async with asyncio.timeout(CHECK_TIMEOUT_S):
+                async with asyncio.timeout(PUBLISH_TIMEOUT_S):
                     await self.publish()
                 failing = False
             except (redis.RedisError, OSError, TimeoutError) as exc:
                 if not failing:  # once per outage, not every second
-                    log.warning("telemetry not saved", extra={"error": repr(exc)})
+                    log.warning(f"telemetry not saved: {exc!r}", extra={"error": repr(exc)})
                 failing = True
 
     async def publish(self) -> None:
