@@ -215,6 +215,24 @@ class WorkerCollector(Collector):
                 breaker.add_metric([sink_name, row.endpoint], value)
         yield callbacks
         yield breaker
+        requests = CounterMetricFamily(
+            "streamsink_http_requests",
+            "HTTP sink requests this worker sent, by reply status class (error: no reply).",
+            labels=("sink", "endpoint", "status_class"),
+        )
+        waited = CounterMetricFamily(
+            "streamsink_http_rate_limit_wait_seconds",
+            "Time this worker's requests waited for the endpoint's rate limit or Retry-After.",
+            labels=("sink", "endpoint"),
+        )
+        for name, sink in sorted(self.worker.sinks.items()):
+            sender: Any = getattr(sink, "sender", None)
+            for (endpoint, status), count in sorted(getattr(sender, "requests", {}).items()):
+                requests.add_metric([name, endpoint, status], count)
+            for endpoint, seconds in sorted(getattr(sender, "permit_wait_s", {}).items()):
+                waited.add_metric([name, endpoint], seconds)
+        yield requests
+        yield waited
 
 
 def _histogram(family: HistogramMetricFamily, labels: list[str], histogram: Histogram) -> None:

@@ -26,7 +26,7 @@ from tests.ops.proxy import Proxy
 PUBLISHED = KEYS * PER_KEY
 README = Path(__file__).resolve().parents[2] / "README.md"
 LABELS = {"group", "stream", "shard", "table", "sink", "endpoint", "state", "error_class"}
-LABELS |= {"outcome", "le"}
+LABELS |= {"outcome", "status_class", "le"}
 
 
 @contextlib.asynccontextmanager
