@@ -127,7 +127,7 @@ async def test_readyz_follows_postgresql_and_healthz_stays(
     config = replace(setup.config, postgres_dsn=proxied)
     publish_mix(r, setup)
     try:
-        async with running(config) as (_, url), aiohttp.ClientSession() as http:
+        async with running(config) as (worker, url), aiohttp.ClientSession() as http:
 
             async def probe(path: str) -> tuple[int, Any]:
                 async with http.get(f"{url}{path}") as reply:
@@ -154,5 +154,12 @@ async def test_readyz_follows_postgresql_and_healthz_stays(
             status, body = await probe("/readyz")
             assert body["checks"]["postgresql db"] == "ok"
             assert (await probe("/healthz"))[0] == 200
+
+            # A group stopped on a configuration error (GroupRunner.stopped) is not ready.
+            worker.groups[0].stopped = "SinkMisconfigured: table tasks has no column views"  # type: ignore[attr-defined]
+            status, body = await probe("/readyz")
+            assert status == 503
+            assert body["failed"] == [f"group {GROUP}: stopped: {worker.groups[0].stopped}"]  # type: ignore[attr-defined]
+            worker.groups[0].stopped = None  # type: ignore[attr-defined]
     finally:
         await proxy.close()
