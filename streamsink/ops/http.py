@@ -198,10 +198,11 @@ class Ops:
             owned = sorted(group.runners)
             if not owned:
                 continue
-            pipe = client.pipeline(transaction=False)
-            for shard in owned:
-                pipe.xinfo_groups(keys.shard(group.stream, shard))
-            for shard, infos in zip(owned, await pipe.execute(), strict=True):
+            async with client.pipeline(transaction=False) as pipe:  # reset on exit
+                for shard in owned:
+                    pipe.xinfo_groups(keys.shard(group.stream, shard))
+                replies = await pipe.execute()
+            for shard, infos in zip(owned, replies, strict=True):
                 for info in infos:
                     name = info["name"]
                     if (name.decode() if isinstance(name, bytes) else name) == group.group.name:

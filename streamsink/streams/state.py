@@ -48,7 +48,9 @@ async def publish_state(
         "worker": worker,
         "epoch": epoch,
     }
-    pipe = client.pipeline(transaction=True)
-    pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
-    pipe.expire(key, STATE_TTL_S)
-    await pipe.execute()
+    async with client.pipeline(
+        transaction=True
+    ) as pipe:  # reset on exit: never left holding a connection
+        pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
+        pipe.expire(key, STATE_TTL_S)
+        await pipe.execute()

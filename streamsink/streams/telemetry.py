@@ -30,10 +30,14 @@ async def publish_telemetry(
     """Write the documents of the shards (by number) this worker owns, in one round trip."""
     if not documents:
         return
-    pipe = client.pipeline(transaction=False)
-    for shard, document in documents.items():
-        pipe.set(keys.telemetry(stream, shard, group), orjson.dumps(document), ex=TELEMETRY_TTL_S)
-    await pipe.execute()
+    async with client.pipeline(
+        transaction=False
+    ) as pipe:  # reset on exit: never left holding a connection
+        for shard, document in documents.items():
+            pipe.set(
+                keys.telemetry(stream, shard, group), orjson.dumps(document), ex=TELEMETRY_TTL_S
+            )
+        await pipe.execute()
 
 
 def read_telemetry(
