@@ -24,8 +24,9 @@ from tqdm import tqdm
 from streamsink.errors import EventError, StreamsinkError
 from streamsink.schemas.config import Config, load
 from streamsink.schemas.event import Event
-from streamsink.schemas.wire import encode
+from streamsink.schemas.wire import decode, encode
 from streamsink.streams.admin import (
+    ShardStatus,
     create_stream,
     group_status,
     list_streams,
@@ -35,6 +36,7 @@ from streamsink.streams.admin import (
 from streamsink.streams.dead import dead_letters, drop, replay
 from streamsink.streams.keys import Keys
 from streamsink.streams.producer import Producer
+from streamsink.streams.state import ShardState
 
 CHUNK = 1000
 
@@ -103,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     dead.add_argument("ids", nargs="*", help="dead-letter IDs (replay/drop), or --all")
     dead.add_argument("--all", action="store_true", help="every dead letter of the group")
     dead.add_argument("--limit", type=int, default=100, help="most listed per shard")
+    dead.add_argument(
+        "--data", help="replay one letter with this JSON data instead of its own (a fix)"
+    )
     dead.set_defaults(run=_dead)
 
     worker = commands.add_parser("worker", help="run every group of the config until SIGTERM")
@@ -115,6 +120,13 @@ def _parser() -> argparse.ArgumentParser:
         "--http",
         metavar="HOST:PORT",
         help="serve /metrics, /healthz, /readyz and the status page (or [worker] http)",
+    )
+    worker.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="longest a stop may drain before the worker exits anyway (default 30)",
     )
     worker.set_defaults(run=_worker)
 
@@ -300,22 +312,60 @@ def _status_once(args: argparse.Namespace, config: Config) -> int:
     _print_streams(client, keys, list_streams(client, keys))
     groups = [(g.stream, g.name) for g in config.groups.values()]
     for stream, group in groups:
-        print(f"\ngroup {group} on {stream}")
-        print(
-            f"{'shard':>5} {'length':>8} {'lag':>8} {'pending':>8} {'dead':>6} {'epoch':>6}  owner"
-        )
-        for row in group_status(client, keys, stream, group):
-            lag = "?" if row.lag is None else str(row.lag)
-            print(
-                f"{row.shard:>5} {row.length:>8} {lag:>8} {row.pending:>8} {row.dead:>6} "
-                f"{row.epoch:>6}  {row.owner or '-'}"
-            )
+        _print_group(group_status(client, keys, stream, group), stream, group)
     for spec in config.sinks.values():
         if spec.type == "http":
             _print_http_sink(client, keys, spec.name)
     if not groups:
         print("\n(give --config to see the groups)")
     return 0
+
+
+def _print_group(rows: list[ShardStatus], stream: str, group: str) -> None:
+    """Per shard: length, lag, pending, dead, epoch, state, owner; a retrying or stopped
+    shard's last error on the line below; then what the group has not acknowledged."""
+    now_ms = int(time.time() * 1000)
+    print(f"\ngroup {group} on {stream}")
+    print(
+        f"{'shard':>5} {'length':>8} {'lag':>8} {'pending':>8} {'dead':>6} {'epoch':>6}  "
+        f"{'state':<15} owner"
+    )
+    for row in rows:
+        state = row.state.value
+        if row.since_ms and row.state in (ShardState.RETRYING, ShardState.STOPPED):
+            state += f" {_duration(now_ms - row.since_ms)}"
+        print(
+            f"{row.shard:>5} {row.length:>8} {_lag(row):>8} {row.pending:>8} {row.dead:>6} "
+            f"{row.epoch:>6}  {state:<15} {row.owner or '-'}"
+        )
+        if row.error and row.state in (ShardState.RETRYING, ShardState.STOPPED):
+            print(f"{'':>6}{state}: {_printable(row.error)[:300]}")
+    lags = [row.lag for row in rows if row.lag is not None]
+    pending = sum(row.pending for row in rows)
+    more = "≥" if any(row.lag_capped for row in rows) else ""
+    if sum(lags) + pending:
+        print(f"outstanding {more}{sum(lags) + pending}: lag {more}{sum(lags)} + pending {pending}")
+
+
+def _lag(row: ShardStatus) -> str:
+    if row.lag is None:
+        return "?"
+    return f"≥{row.lag}" if row.lag_capped else str(row.lag)
+
+
+def _duration(ms: int) -> str:
+    """12s, 4m05s, 3h07m."""
+    seconds = max(0, ms) // 1000
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _printable(text: str) -> str:
+    """One line: control characters escaped as Python would write them."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _print_http_sink(client: redis.Redis, keys: Keys, sink: str) -> None:
@@ -341,7 +391,8 @@ def _print_http_sink(client: redis.Redis, keys: Keys, sink: str) -> None:
 
 def _dead(args: argparse.Namespace, config: Config) -> int:
     client, keys = _client(config), Keys(config.prefix)
-    letters = list(dead_letters(client, keys, args.stream, args.group, args.limit))
+    limit = args.limit if args.action == "list" else None
+    letters = list(dead_letters(client, keys, args.stream, args.group, limit))
     if args.action == "list":
         for letter in letters:
             data = letter.fields.get(b"data", b"")[:200].decode("utf-8", "replace")
@@ -353,13 +404,30 @@ def _dead(args: argparse.Namespace, config: Config) -> int:
     missing = set(args.ids) - {x.id for x in chosen}
     if missing:
         raise ValueError(f"no such dead letter: {sorted(missing)[0]}")
+    fix = _fixed_data(args, config, chosen)
     for letter in chosen:
         if args.action == "replay":
-            print(f"{letter.id} -> {replay(client, keys, args.stream, args.group, letter)}")
+            new_id = replay(client, keys, args.stream, args.group, letter, fix)
+            print(f"{letter.id} -> {new_id or 'nothing: replayed or dropped meanwhile'}")
         else:
             drop(client, keys, args.stream, args.group, letter)
     print(f"{args.action}ed {len(chosen)} dead letters", file=sys.stderr)
     return 0
+
+
+def _fixed_data(args: argparse.Namespace, config: Config, chosen: Sequence[Any]) -> bytes | None:
+    """`--data` for a replay, checked as the worker will check the fixed event."""
+    if args.data is None:
+        return None
+    if args.action != "replay" or len(chosen) != 1 or args.all:
+        raise ValueError("--data fixes one dead letter: replay it by its ID")
+    data = orjson.dumps(_json(args.data, "--data"))
+    fields = {**chosen[0].fields, b"data": data}
+    if config.streams.get(args.stream) is not None:
+        config.validate(args.stream, decode(fields, config.max_data_bytes))
+    else:
+        decode(fields, config.max_data_bytes)
+    return data
 
 
 def _worker(args: argparse.Namespace, config: Config) -> int:
@@ -374,13 +442,13 @@ def _worker(args: argparse.Namespace, config: Config) -> int:
     async def run() -> int:
         route_loop_errors(asyncio.get_running_loop())
         if address is None:
-            return await serve(config)
+            return await serve(config, shutdown_timeout_s=args.shutdown_timeout)
         from streamsink.ops.http import endpoint
 
         def around(worker: Worker) -> contextlib.AbstractAsyncContextManager[object]:
             return endpoint(worker, address)
 
-        return await serve(config, around=around)
+        return await serve(config, shutdown_timeout_s=args.shutdown_timeout, around=around)
 
     return asyncio.run(run())
 

@@ -12,6 +12,7 @@ from typing import Any
 import psycopg2
 import pytest
 import redis
+import redis.asyncio as aredis
 
 from streamsink.cli import main
 from streamsink.consumers.merge import apply_event
@@ -20,6 +21,7 @@ from streamsink.schemas.config import Config, load
 from streamsink.schemas.event import Op
 from streamsink.schemas.wire import decode
 from streamsink.streams.keys import Keys
+from streamsink.streams.state import RunState, publish_state
 
 CONFIG = """
 [redis]
@@ -129,6 +131,44 @@ def test_status_and_dead_letters(
     assert main(["--config", config, "dead", "drop", "tasks", "g", second]) == 0
     assert r.xlen(dead) == 0
     assert main(["--config", config, "dead", "drop", "tasks", "g", "9-9"]) == 2
+
+
+async def test_status_shows_lag_pending_and_each_shards_state(
+    config: str,
+    r: redis.Redis,
+    ar: aredis.Redis,
+    keys: Keys,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for shard in range(2):
+        r.xgroup_create(keys.shard("tasks", shard), "g", id="0", mkstream=True)
+    key = keys.shard("tasks", 0)
+    for n in range(5):
+        r.xadd(key, {"n": n})
+    r.xreadgroup("g", "c", {key: ">"}, count=2)  # 2 pending, 3 not delivered yet
+    r.set(keys.lease("tasks", 0, "g"), "w1", px=10_000)
+    r.set(keys.epoch("tasks", 0, "g"), 4)
+    await publish_state(
+        ar,
+        keys,
+        "tasks",
+        0,
+        "g",
+        state=RunState.RETRYING,
+        worker="w1",
+        epoch=4,
+        error="connection refused\n(is PostgreSQL up?)",
+    )
+    assert main(["--config", config, "status"]) == 0
+    out = capsys.readouterr().out
+    lines = out[out.index("group g on tasks") :].splitlines()
+    header, shard0, error, shard1 = (line.split() for line in lines[1:5])
+    assert header == ["shard", "length", "lag", "pending", "dead", "epoch", "state", "owner"]
+    assert shard0[:7] == ["0", "5", "3", "2", "0", "4", "retrying"]
+    assert shard0[7] in {"0s", "1s", "2s"} and shard0[8] == "w1"
+    assert " ".join(error) == f"retrying {shard0[7]}: connection refused\\n(is PostgreSQL up?)"
+    assert shard1 == ["1", "0", "0", "0", "0", "0", "idle", "-"]
+    assert lines[5] == "outstanding 5: lag 3 + pending 2"
 
 
 def test_demo_drains_the_burst_into_postgresql_exactly(

@@ -30,6 +30,10 @@ class GroupSettings:
     max_deliveries: int = 5
     """An entry delivered more often than this goes to the dead-letter stream (>= 2: a
     takeover's claim counts as a delivery)."""
+    max_attempts: int = 3
+    """A sink raising an unexpected exception (a bug, not `SinkUnavailable`) gets this many
+    tries at a window; then the window is split to find the entries it fails on, which go
+    to the dead-letter stream. A sink's own `max_attempts` option overrides it."""
     retention_ms: int = 0
     """Keep acknowledged entries this long for replays (0: trim once every group has them)."""
     maintenance_ms: int = 5000
@@ -51,7 +55,7 @@ class GroupSettings:
         settings = cls(**values)
         # read_count 0 is refused by Redis (XAUTOCLAIM COUNT 0); block_ms 0 reads without
         # waiting, so an idle shard would poll Redis in a busy loop.
-        at_least_one = ("max_events", "max_deliveries", "read_count", "block_ms")
+        at_least_one = ("max_events", "max_deliveries", "read_count", "block_ms", "max_attempts")
         if settings.lease_ttl_ms < 300 or any(getattr(settings, n) < 1 for n in at_least_one):
             raise ConfigError(
                 f"group {group!r}: {', '.join(at_least_one)} must be >= 1, lease_ttl_ms >= 300"

@@ -3,25 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
-from streamsink.consumers.merge import Entry, merge
+from streamsink.consumers.merge import Entry, Merged, merge
 from streamsink.consumers.retry import TRANSIENT, Backoff, cancelling, retrying
 from streamsink.consumers.settings import GroupSettings
 from streamsink.consumers.telemetry import Telemetry
 from streamsink.consumers.window import Window
-from streamsink.errors import EventError, Fenced
+from streamsink.errors import EventError, Fenced, SinkMisconfigured, SinkUnavailable
 from streamsink.schemas.config import Config
-from streamsink.schemas.wire import encode, unpacker
+from streamsink.schemas.wire import encode, replayed, unpacker
 from streamsink.sinks.base import Batch, Rejected, Sink
+from streamsink.streams.keys import Keys
 from streamsink.streams.leases import Lease
 from streamsink.streams.reader import Raw, Read, ShardReader, parse_id
+from streamsink.streams.state import RunState, publish_state
 
 log = logging.getLogger("streamsink.shard")
+
+SINK_TRANSIENT: tuple[type[BaseException], ...] = (*TRANSIENT, SinkUnavailable, TimeoutError)
+"""What a sink may raise that passes by waiting: retried as long as it takes."""
+
+SUSPECT_TRIES = 2
+"""How often an entry delivered more than `max_deliveries` times is tried alone: if its
+worker dies (or loses the lease) that often while applying it, it is dead-lettered."""
 
 
 @dataclass(slots=True)
@@ -33,6 +44,8 @@ class ShardStats:
     applied: int = 0
     dead_lettered: int = 0
     sink_retries: int = 0
+    skipped: int = 0  # replays addressed to another group
+    isolated: int = 0  # entries a failing sink was split down to and dead-lettered
 
 
 class ShardRunner:
@@ -49,41 +62,58 @@ class ShardRunner:
         lease: Lease,
         config: Config,
         stream: str,
-        sinks: Sequence[Sink],
+        sinks: Mapping[str, Sink],
         settings: GroupSettings,
+        alone: asyncio.Lock | None = None,
     ) -> None:
         self.reader, self.lease, self.config = reader, lease, config
-        self.stream, self.sinks, self.settings = stream, sinks, settings
+        self.alone = alone or asyncio.Lock()  # shared by the worker's shards: see flush
+        self.stream, self.sinks, self.settings = stream, dict(sinks), settings
         self.draining = asyncio.Event()
         self.lost = False  # the lease is gone: stop without flushing or acknowledging
         self.stats = ShardStats()
+        self.state, self.state_since, self.last_error = RunState.RUNNING, time.time(), ""
         self.telemetry: Telemetry | None = None  # ops: set by the worker when measuring
         self.lead = 0.0  # how long a flush may take (seconds): windows close that early
         self._flushes: deque[float] = deque(maxlen=8)  # the last flushes' durations
         self._where = {"group": reader.group, "stream": stream, "shard": lease.shard}
+        self._keys = Keys(config.prefix)
         self._unpack = unpacker(
             config.default_table(stream), config.validator(stream), config.max_data_bytes
         )
+        self._stash: Read | None = None  # entries read but left for the next window
+        self._attempts = {
+            name: _attempts(config, name, settings.max_attempts) for name in self.sinks
+        }
 
     async def run(self) -> None:
         """Read and flush until draining, then flush what is open and return.
 
-        Returns early, acknowledging nothing more, when a sink says a newer owner has
-        fenced the shard: the lease loop then finds the lease gone.
+        Returns early, acknowledging nothing more, when a sink or Redis says a newer owner
+        has fenced the shard: the lease loop then finds the lease gone. Raises
+        SinkMisconfigured (the group stops) with nothing of the window acknowledged.
         """
         try:
+            await self._publish(RunState.RUNNING)
             await self._run()
         except Fenced as exc:
             log.warning("shard fenced by a newer owner", extra={**self._where, "error": str(exc)})
+        except SinkMisconfigured as exc:
+            self.state, self.state_since, self.last_error = RunState.STOPPED, time.time(), str(exc)
+            await self._publish(RunState.STOPPED, str(exc))
+            raise
 
     async def _run(self) -> None:
         await retrying(self.reader.ensure_group, "create group")
-        window, flushing = Window(), None
+        window, flushing = Window(), cast(asyncio.Task[None] | None, None)
         settings = self.settings
         try:
             while not self.draining.is_set() and not self.lost:
                 if cancelling():  # a cancellation turned into a timeout on the way
                     raise asyncio.CancelledError
+                if flushing is not None and flushing.done():
+                    done, flushing = flushing, None
+                    done.result()  # a flush that failed (fenced, misconfigured) ends the shard
                 now = time.monotonic()
                 if window.due(settings, now, self.lead):
                     if flushing is not None:
@@ -96,7 +126,8 @@ class ShardRunner:
                     due_at = window.due_at(settings, self.lead)
                     block = max(0, min(block, int((due_at - now) * 1000)))
                 count = min(settings.read_count, settings.max_events - len(window))
-                await self._take(window, await self._read(count, block), count)
+                read, self._stash = self._stash or await self._read(count, block), None
+                await self._take(window, read, count)
             if flushing is not None and not self.lost:
                 await flushing
         finally:
@@ -132,6 +163,10 @@ class ShardRunner:
         newest entry, and a window opened now counts its age from when its first entry
         was added. As many came: there is a backlog, and windows fill as large as they may.
 
+        An entry delivered more than `max_deliveries` times (its owners died or lost the
+        lease while applying it) is a suspect: it gets a window of its own, so that only
+        it is blamed if that happens again. The entries after it wait in `_stash`.
+
         The hot loop of a worker (every entry passes here once): locals only, no call per
         entry beyond decoding it, its Entry and two list appends.
         """
@@ -139,28 +174,48 @@ class ShardRunner:
         entries, ids = window.entries, window.ids
         taken, size = len(entries), 0
         new_entry = tuple.__new__  # Entry(...) without its Python-level __new__
-        for entry_id, fields in read.entries:
+        for n, (entry_id, fields) in enumerate(read.entries):
             times = deliveries.get(entry_id, 1) if deliveries else 1  # only claims have them
-            if times > most:
-                reason = f"delivered {times} times (max_deliveries={most})"
+            if times > most and not window.suspect:
+                if entries:  # the window so far closes first; the suspect opens the next
+                    self._stash = Read(read.entries[n:], deliveries, read.newest)
+                    window.closing = True
+                    break
+                window.suspect = window.closing = True
+                self._stash = Read(read.entries[n + 1 :], deliveries, read.newest)
+            elif window.suspect:  # the suspect stays alone; the rest wait for the next window
+                self._stash = Read(read.entries[n:], deliveries, read.newest)
+                break
+            route = replayed(fields) if len(fields) != 6 else None
+            if route is not None and route.group != self.reader.group:
+                await self._skip(entry_id)  # another group's replay: not ours to apply
+                self.stats.skipped += 1
+                continue
+            try:
+                event, table = unpack(fields)
+            except EventError as exc:
+                reason = f"{type(exc).__name__}: {exc}"
             else:
-                try:
-                    event, table = unpack(fields)
-                except EventError as exc:
-                    reason = f"{type(exc).__name__}: {exc}"
-                else:
-                    entries.append(new_entry(Entry, (entry_id.decode(), event, table)))
-                    ids.append(entry_id)
-                    size += len(fields[5]) if len(fields) == 6 else sum(map(len, fields))
-                    continue
-            await self._dead_letter(Raw(entry_id.decode(), fields, times), reason)
-        self.stats.read += len(read.entries)
+                entries.append(new_entry(Entry, (entry_id.decode(), event, table)))
+                ids.append(entry_id)
+                size += len(fields[5]) if len(fields) == 6 else sum(map(len, fields))
+                if route is not None:
+                    window.origins[entries[-1].id] = route.origin
+                    if route.sinks:
+                        window.only[entries[-1].id] = route.sinks
+                continue
+            origin = route.origin if route is not None else ""
+            await self._dead_letter(Raw(entry_id.decode(), fields, times), reason, origin=origin)
+        self.stats.read += len(read.entries) - (len(self._stash.entries) if self._stash else 0)
         if len(entries) > taken:
             if deliveries:
                 window.deliveries.update(deliveries)
             caught_up = not taken and len(read.entries) < asked
             waited = self._waited(ids[taken], read.newest) if caught_up else 0.0
             window.grew(size + 64 * (len(entries) - taken), time.monotonic(), waited)
+
+    async def _skip(self, entry_id: bytes) -> None:
+        await retrying(lambda: self.reader.ack([entry_id]), "ack")
 
     def _waited(self, first: bytes, newest: bytes) -> float:
         """How long `first` had been in the shard when read, on Redis' own clock (seconds).
@@ -175,10 +230,51 @@ class ShardRunner:
         return min(max(ms, 0) / 1000, self.settings.max_age_ms / 4000)
 
     async def flush(self, window: Window) -> None:
-        """Merge the window, write it to every sink, dead-letter rejects, then acknowledge."""
+        """Merge the window, write it to every sink, dead-letter rejects, then acknowledge.
+
+        A suspect's window waits for the worker's other suspects (`alone`): if the process
+        dies meanwhile, the one suspect in flight is the one to blame.
+        """
+        if not window.suspect:
+            return await self._flush(window)
+        async with self.alone:
+            if await self._may_try_alone(window):
+                await self._flush(window)
+                await self._tried_alone(window.entries[0].id, done=True)
+        return None
+
+    async def _flush(self, window: Window) -> None:
         started, retries = time.monotonic(), self.stats.sink_retries
         entries = window.entries
-        batch = Batch(
+        refused: dict[str, list[str]] = {}  # entry ID -> the sinks that refused it
+        reasons: dict[str, str] = {}
+        merged = merge(entries) if len(self.sinks) > 1 and not window.only else None
+        for name, sink in self.sinks.items():
+            mine = window.for_sink(name)
+            if not mine:
+                continue
+            batch = self._batch(mine, window.origins, merged if mine is entries else None)
+            merged = batch.merged if mine is entries else merged  # the window's, for the next
+            for reject in await self._write(name, sink, batch, self._attempts[name]):
+                refused.setdefault(reject.entry_id, []).append(name)
+                reasons.setdefault(reject.entry_id, reject.reason)
+        if self.stats.sink_retries == retries:  # a retried write says nothing of the next
+            self._took(time.monotonic() - started)
+        ids = window.ids
+        if refused:
+            await self._dead_letter_refused(window, refused, reasons)
+            ids = [i for i, entry in zip(ids, entries, strict=True) if entry.id not in refused]
+        await retrying(lambda: self.reader.ack(ids, entries[-1].id), "ack")
+        self.stats.flushed_windows += 1
+        self.stats.applied += len(ids)
+        if self.telemetry is not None:  # ops: one note per committed window
+            whole = merged if merged is not None else merge(entries)
+            self.telemetry.flushed(whole, ids, time.monotonic() - started)
+
+    def _batch(
+        self, entries: Sequence[Entry], origins: Mapping[str, str], merged: Merged | None = None
+    ) -> Batch:
+        return Batch(
             group=self.reader.group,
             stream=self.stream,
             shard=self.lease.shard,
@@ -186,29 +282,59 @@ class ShardRunner:
             first_id=entries[0].id,
             last_id=entries[-1].id,
             entries=entries,
-            merged=merge(entries),
+            merged=merge(entries) if merged is None else merged,
+            origins={e.id: origins[e.id] for e in entries if e.id in origins} if origins else {},
         )
-        rejected: dict[str, str] = {}
-        for sink in self.sinks:
-            for reject in await self._write(sink, batch):
-                rejected.setdefault(reject.entry_id, reject.reason)
-        if self.stats.sink_retries == retries:  # a retried write says nothing of the next
-            self._took(time.monotonic() - started)
-        ids = window.ids
-        if rejected:
-            refused = [n for n, entry in enumerate(entries) if entry.id in rejected]
-            stored = await retrying(lambda: self.reader.fields([ids[n] for n in refused]), "read")
-            for n, fields in zip(refused, stored, strict=True):
-                entry = entries[n]
-                # Deleted from the stream since it was read: its event, encoded again.
-                raw = Raw(entry.id, fields or encode(entry.event), window.delivered(n))
-                await self._dead_letter(raw, f"sink: {rejected[entry.id]}")
-            ids = [i for i, entry in zip(ids, entries, strict=True) if entry.id not in rejected]
-        await retrying(lambda: self.reader.ack(ids), "ack")
-        self.stats.flushed_windows += 1
-        self.stats.applied += len(ids)
-        if self.telemetry is not None:  # ops: one note per committed window
-            self.telemetry.flushed(batch.merged, ids, time.monotonic() - started)
+
+    async def _dead_letter_refused(
+        self, window: Window, refused: Mapping[str, list[str]], reasons: Mapping[str, str]
+    ) -> None:
+        """Dead-letter what sinks refused, naming the refusing sinks when others applied it."""
+        entries, ids = window.entries, window.ids
+        picked = [n for n, entry in enumerate(entries) if entry.id in refused]
+        stored = await retrying(lambda: self.reader.fields([ids[n] for n in picked]), "read")
+        everyone = set(self.sinks)
+        for n, fields in zip(picked, stored, strict=True):
+            entry = entries[n]
+            # Deleted from the stream since it was read: its event, encoded again.
+            raw = Raw(entry.id, fields or encode(entry.event), window.delivered(n))
+            sinks = refused[entry.id]
+            await self._dead_letter(
+                raw,
+                f"sink: {reasons[entry.id]}",
+                sinks=() if set(sinks) == everyone else sinks,
+                origin=window.origins.get(entry.id, ""),
+            )
+
+    async def _may_try_alone(self, window: Window) -> bool:
+        """For a suspect's window: count this try; dead-letter it once it has had its tries."""
+        entry = window.entries[0]
+        tries = await self._tried_alone(entry.id)
+        if tries <= SUSPECT_TRIES:
+            log.warning(
+                "entry delivered too often: trying it alone",
+                extra={**self._where, "entry": entry.id, "try": tries},
+            )
+            return True
+        fields = (await retrying(lambda: self.reader.fields(window.ids), "read"))[0]
+        times = window.delivered(0)
+        reason = (
+            f"delivered {times} times (max_deliveries={self.settings.max_deliveries}); its "
+            f"worker stopped or lost the shard {tries - 1} times while applying it alone"
+        )
+        raw = Raw(entry.id, fields or encode(entry.event), times)
+        await self._dead_letter(raw, reason, origin=window.origins.get(entry.id, ""))
+        await self._tried_alone(entry.id, done=True)
+        return False
+
+    async def _tried_alone(self, entry_id: str, done: bool = False) -> int:
+        """Count a try of a suspect entry (its tries so far), or forget it once `done`."""
+        key = self._keys.suspects(self.stream, self.lease.shard, self.reader.group)
+        client = self.reader.client
+        if done:
+            await retrying(lambda: client.hdel(key, entry_id), "forget suspect")
+            return 0
+        return int(await retrying(lambda: client.hincrby(key, entry_id, 1), "count suspect"))
 
     def _took(self, seconds: float) -> None:
         """Note a flush's merge-and-write time: `lead` is the longest of the last eight
@@ -216,31 +342,109 @@ class ShardRunner:
         self._flushes.append(seconds)
         self.lead = min(max(self._flushes), self.settings.max_age_ms / 2000)
 
-    async def _write(self, sink: Sink, batch: Batch) -> Sequence[Rejected]:
-        """Write until the sink accepts: any error is retried with backoff, keeping the lease."""
-        backoff = Backoff()
+    async def _write(self, name: str, sink: Sink, batch: Batch, tries: int) -> list[Rejected]:
+        """Write until the sink accepts, by the class of what it raises (errors.py).
+
+        Transient: retried with backoff as long as it takes, the lease kept, the shard
+        *retrying* in status. SinkMisconfigured and Fenced: raised (the group stops, the
+        shard is gone). Anything else is a bug: after `tries` the batch is split in two,
+        each half written on its own, down to the entries the sink fails on alone, which
+        come back as refused.
+        """
+        backoff, failures = Backoff(), 0
         while True:
             try:
-                return await sink.write(batch)
-            except (asyncio.CancelledError, Fenced):
+                result = await sink.write(batch)
+            except (asyncio.CancelledError, Fenced, SinkMisconfigured):
                 raise
             except Exception as exc:
                 if cancelling():
                     raise asyncio.CancelledError from exc
+                if not isinstance(exc, SINK_TRANSIENT):
+                    failures += 1
+                    if failures >= tries:
+                        return await self._isolate(name, sink, batch, exc, failures)
                 self.stats.sink_retries += 1
                 delay = backoff.next()
-                log.warning(
-                    "sink write failed, retrying",
-                    extra={
-                        **self._where,
-                        "sink": type(sink).__name__,
-                        "error": repr(exc),
-                        "in_s": round(delay, 3),
-                    },
-                )
+                await self._retrying(name, exc, delay)
                 await asyncio.sleep(delay)
+                continue
+            await self._recovered(name)
+            return list(result)
 
-    async def _dead_letter(self, raw: Raw, reason: str) -> None:
-        await retrying(lambda: self.reader.dead_letter(raw, reason), "dead-letter")
+    async def _isolate(
+        self, name: str, sink: Sink, batch: Batch, exc: Exception, tries: int
+    ) -> list[Rejected]:
+        """Split a batch the sink keeps failing on; an entry that fails alone is refused."""
+        entries = batch.entries
+        await self._recovered(name)
+        if len(entries) == 1:
+            self.stats.isolated += 1
+            reason = f"{name} raised {type(exc).__name__}: {exc} ({tries} attempts)"
+            log.error(
+                "sink fails on an entry: dead-lettering it",
+                extra={**self._where, "sink": name, "entry": entries[0].id, "error": repr(exc)},
+            )
+            return [Rejected(entries[0].id, reason)]
+        log.warning(
+            "sink keeps failing: splitting the window to find the entries it fails on",
+            extra={**self._where, "sink": name, "entries": len(entries), "error": repr(exc)},
+        )
+        middle = len(entries) // 2
+        rejected: list[Rejected] = []
+        for half in (entries[:middle], entries[middle:]):
+            tries = self._attempts[name] if len(half) == 1 else 1
+            rejected += await self._write(name, sink, self._batch(half, batch.origins), tries)
+        return rejected
+
+    async def _retrying(self, name: str, exc: BaseException, delay: float) -> None:
+        """A write failed and will be tried again: say so once, and keep status current."""
+        error = f"{name}: {type(exc).__name__}: {exc}"
+        extra = {**self._where, "sink": name, "error": error, "in_s": round(delay, 3)}
+        if self.state is not RunState.RETRYING:
+            self.state, self.state_since = RunState.RETRYING, time.time()
+            log.warning("sink write failed: retrying", extra=extra)
+        else:
+            log.debug("sink write failed again", extra=extra)
+        self.last_error = error
+        await self._publish(RunState.RETRYING, error)
+
+    async def _recovered(self, name: str) -> None:
+        """A write went through (or was given up on): end the retrying state, if any."""
+        if self.state is not RunState.RETRYING:
+            return
+        took = round(time.time() - self.state_since, 3)
+        self.state, self.state_since = RunState.RUNNING, time.time()
+        log.info("sink recovered", extra={**self._where, "sink": name, "after_s": took})
+        await self._publish(RunState.RUNNING)
+
+    async def _publish(self, state: RunState, error: str = "") -> None:
+        """Best effort: status is told the shard's state (Redis may be what is failing)."""
+        with contextlib.suppress(*TRANSIENT, TimeoutError):
+            async with asyncio.timeout(2):
+                await publish_state(
+                    self.reader.client,
+                    self._keys,
+                    self.stream,
+                    self.lease.shard,
+                    self.reader.group,
+                    state=state,
+                    worker=self.reader.consumer,
+                    epoch=self.lease.epoch,
+                    error=error,
+                    since=self.state_since,
+                )
+
+    async def _dead_letter(
+        self, raw: Raw, reason: str, sinks: Sequence[str] = (), origin: str = ""
+    ) -> None:
+        await retrying(lambda: self.reader.dead_letter(raw, reason, sinks, origin), "dead-letter")
         self.stats.dead_lettered += 1
         log.warning("dead-lettered", extra={**self._where, "entry": raw.id, "reason": reason})
+
+
+def _attempts(config: Config, sink: str, default: int) -> int:
+    """A sink's `max_attempts` option, else the group's."""
+    spec = config.sinks.get(sink)
+    value: Any = spec.options.get("max_attempts", default) if spec is not None else default
+    return int(value)

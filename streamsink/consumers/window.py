@@ -16,14 +16,29 @@ class Window:
     What was read is not kept once decoded: an entry a sink refuses is read again.
     """
 
-    __slots__ = ("deliveries", "entries", "ids", "last", "opened", "size")
+    __slots__ = (
+        "closing",
+        "deliveries",
+        "entries",
+        "ids",
+        "last",
+        "only",
+        "opened",
+        "origins",
+        "size",
+        "suspect",
+    )
 
     def __init__(self) -> None:
         self.entries: list[Entry] = []
         self.ids: list[bytes] = []  # entry IDs as read, for XACK
         self.deliveries: dict[bytes, int] = {}  # of claimed entries; absent: once
+        self.origins: dict[str, str] = {}  # replayed entries: ID -> their first entry ID
+        self.only: dict[str, tuple[str, ...]] = {}  # replayed entries for some sinks only
         self.size = 0
         self.opened = self.last = 0.0
+        self.closing = False  # closes now, whatever its size and age
+        self.suspect = False  # one entry delivered too often, tried alone
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -45,7 +60,18 @@ class Window:
 
     def full(self, settings: GroupSettings) -> bool:
         """Whether the count or byte bound is reached (reading must wait for a flush)."""
-        return len(self.entries) >= settings.max_events or self.size >= settings.max_bytes
+        return (
+            self.closing
+            or len(self.entries) >= settings.max_events
+            or self.size >= settings.max_bytes
+        )
+
+    def for_sink(self, name: str) -> list[Entry]:
+        """The entries sink `name` writes: all, but replays addressed to other sinks."""
+        if not self.only:
+            return self.entries
+        only = self.only
+        return [e for e in self.entries if e.id not in only or name in only[e.id]]
 
     def due_at(self, settings: GroupSettings, lead: float = 0.0) -> float:
         """When the window closes by time alone (infinity while empty).

@@ -20,7 +20,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import redis.asyncio as aredis
@@ -29,9 +29,9 @@ from redis.backoff import NoBackoff
 
 from streamsink.consumers.retry import TRANSIENT, cancelling, retrying
 from streamsink.consumers.settings import GroupSettings
-from streamsink.consumers.shard import ShardRunner
+from streamsink.consumers.shard import SINK_TRANSIENT, ShardRunner
 from streamsink.consumers.telemetry import Telemetry
-from streamsink.errors import ShardCountMismatch, StreamNotFound
+from streamsink.errors import ShardCountMismatch, SinkMisconfigured, StreamError, StreamNotFound
 from streamsink.schemas.config import Config, GroupSpec
 from streamsink.sinks.base import Sink
 from streamsink.streams.keys import META_SHARDS, Keys
@@ -57,10 +57,12 @@ class GroupRunner:
         client: aredis.Redis,
         config: Config,
         group: GroupSpec,
-        sinks: Sequence[Sink],
+        sinks: Mapping[str, Sink],
         worker: str,
+        alone: asyncio.Lock | None = None,
     ) -> None:
         self.client, self.config, self.group, self.sinks = client, config, group, sinks
+        self.alone = alone or asyncio.Lock()  # one suspect entry at a time in this worker
         self.settings = GroupSettings.from_options(group.name, group.options)
         self.keys = Keys(config.prefix)
         self.stream = group.stream
@@ -70,13 +72,19 @@ class GroupRunner:
             client, self.keys, self.stream, group.name, worker, self.settings.lease_ttl_ms
         )
         self.runners: dict[int, tuple[ShardRunner, asyncio.Task[None]]] = {}
+        self.stopped: str | None = None  # why the group stopped (a configuration error)
         self.telemetry: dict[int, Telemetry] | None = None  # ops: per shard, when measuring
         self._renewed: dict[int, float] = {}
         self._maintained = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Balance leases until `stop` is set, then drain every shard and leave."""
-        await retrying(self._prepare, "prepare streams")
+        """Balance leases until `stop` is set, then drain every shard and leave.
+
+        Returns early, with `stopped` saying why, when the group cannot work until an
+        operator fixes something (its stream missing, a sink misconfigured).
+        """
+        if not await self._prepared(stop):
+            return
         interval = self.settings.lease_ttl_ms / 3000
         stopped = asyncio.ensure_future(stop.wait())
         try:
@@ -97,6 +105,54 @@ class GroupRunner:
                 await self.leases.leave()
         log.info("group stopped", extra={"group": self.group.name, "worker": self.worker})
 
+    async def _prepared(self, stop: asyncio.Event) -> bool:
+        """Check the stream, create the groups and check the sinks, riding out Redis or a
+        sink being away, until done (True), `stop` (False), or an error that waiting
+        cannot clear (False, the group stopped: stream missing, sink misconfigured)."""
+        try:
+            if not await self._until(stop, self._prepare, "prepare streams"):
+                return False
+            for name, sink in self.sinks.items():
+                check = getattr(sink, "check", None)
+                if check is not None and not await self._until(stop, check, f"check {name}"):
+                    return False
+        except StreamError as exc:
+            self._stop_group(f"{exc}; run `streamsink streams create --config FILE`, then restart")
+            return False
+        except SinkMisconfigured as exc:
+            self._stop_group(str(exc))
+            return False
+        return True
+
+    async def _until(
+        self, stop: asyncio.Event, operation: Callable[[], Awaitable[object]], what: str
+    ) -> bool:
+        """`operation`, retried while transient; False if `stop` came first."""
+        transient = (*SINK_TRANSIENT,)
+        doing = asyncio.ensure_future(retrying(operation, what, transient))
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait([doing, stopping], return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when cancelled: neither may outlive the group
+            stopping.cancel()
+            given_up = doing.cancel()  # False once it is done
+        if given_up:
+            log.info("start-up given up: stopping", extra={"group": self.group.name, "at": what})
+            return False
+        doing.result()
+        return True
+
+    def _stop_group(self, reason: str) -> None:
+        """Stop the group on an error only an operator can fix: loudly, acknowledging nothing."""
+        if self.stopped is None:
+            self.stopped = reason
+            log.error(
+                "group stopped: fix the cause and restart the worker",
+                extra={"group": self.group.name, "stream": self.stream, "error": reason},
+            )
+        for shard in list(self.runners):
+            self._stop_lost(shard)
+
     async def _loop(
         self,
         tasks: asyncio.TaskGroup,
@@ -104,7 +160,7 @@ class GroupRunner:
         stopped: asyncio.Future[Any],
         interval: float,
     ) -> None:
-        while not (stop.is_set() and not self.runners):
+        while not (stop.is_set() and not self.runners) and self.stopped is None:
             if cancelling():  # a cancellation turned into a timeout on the way: honour it
                 raise asyncio.CancelledError
             for shard in [s for s, (_, task) in self.runners.items() if task.done()]:
@@ -177,9 +233,17 @@ class GroupRunner:
             if lease is None:
                 continue
             reader = ShardReader(
-                self.client, self.keys, self.stream, shard, self.group.name, self.worker
+                self.client,
+                self.keys,
+                self.stream,
+                shard,
+                self.group.name,
+                self.worker,
+                lease.epoch,
             )
-            runner = ShardRunner(reader, lease, self.config, self.stream, self.sinks, self.settings)
+            runner = ShardRunner(
+                reader, lease, self.config, self.stream, self.sinks, self.settings, self.alone
+            )
             if self.telemetry is not None:  # ops: kept across owners of the shard in this process
                 runner.telemetry = self.telemetry.setdefault(shard, Telemetry())
             task = tasks.create_task(self._run_shard(runner), name=f"shard-{shard}")
@@ -188,8 +252,16 @@ class GroupRunner:
             log.info("shard taken", extra={**self._where(shard), "epoch": lease.epoch})
 
     async def _run_shard(self, runner: ShardRunner) -> None:
-        """Run a shard; once it has drained (flushed, acknowledged), give its lease back."""
-        await runner.run()
+        """Run a shard; once it has drained (flushed, acknowledged), give its lease back.
+
+        A sink misconfigured stops the whole group: its other shards stop where they are.
+        """
+        try:
+            await runner.run()
+        except SinkMisconfigured as exc:
+            self._stop_group(str(exc))
+        if runner.lost:
+            return
         with contextlib.suppress(TimeoutError):  # an unreleased lease simply expires
             async with asyncio.timeout(self.settings.lease_ttl_ms / 1000):
                 await retrying(lambda: self.leases.release(runner.lease.shard), "release lease")
@@ -209,7 +281,8 @@ class GroupRunner:
         runner, task = self.runners.pop(shard)
         self._renewed.pop(shard, None)
         runner.lost = True
-        task.cancel()
+        if task is not asyncio.current_task():
+            task.cancel()
 
     async def _maintain(self) -> None:
         """Trim owned shards below what every group acknowledged; remove gone consumers."""
@@ -247,8 +320,11 @@ class Worker:
     ) -> None:
         self.client, self.config, self.sinks = client, config, sinks
         self.id = worker or worker_id()
+        alone = asyncio.Lock()
         self.groups = [
-            GroupRunner(client, config, group, [sinks[name] for name in group.sinks], self.id)
+            GroupRunner(
+                client, config, group, {name: sinks[name] for name in group.sinks}, self.id, alone
+            )
             for group in config.groups.values()
         ]
         for group in self.groups if telemetry else ():  # ops: measure windows for the endpoint
@@ -261,6 +337,11 @@ class Worker:
             for group in self.groups:
                 tasks.create_task(group.run(stop), name=f"group-{group.group.name}")
         log.info("worker stopped", extra={"worker": self.id})
+
+    @property
+    def stopped(self) -> dict[str, str]:
+        """The groups stopped by an error only an operator can fix, with why."""
+        return {g.group.name: g.stopped for g in self.groups if g.stopped is not None}
 
 
 def worker_client(url: str) -> aredis.Redis:
@@ -275,15 +356,26 @@ def worker_client(url: str) -> aredis.Redis:
     )
 
 
+EXIT_STOPPED = 3
+"""Exit code of a worker one of whose groups stopped on an error only an operator can fix."""
+
+SHUTDOWN_TIMEOUT_S = 30.0
+"""How long a stop may drain (flush, acknowledge, release) before the worker gives up and
+exits anyway; what was not committed stays pending for the next owner."""
+
+
 async def serve(
     config: Config,
     sinks: Mapping[str, Sink] | None = None,
+    shutdown_timeout_s: float = SHUTDOWN_TIMEOUT_S,
     around: Callable[[Worker], contextlib.AbstractAsyncContextManager[object]] | None = None,
 ) -> int:
-    """Run a worker until SIGTERM or SIGINT; 0 after a clean drain, 1 after a crash.
+    """Run a worker until SIGTERM or SIGINT, or until every group has stopped.
 
-    `around(worker)`, when given, is entered before the worker runs and left after it
-    stopped (the CLI serves the HTTP endpoint in it; the worker then measures windows).
+    0 after a stop (drained, or given up after `shutdown_timeout_s`), 3 when a group
+    stopped on a configuration error, 1 after a crash or a second signal. `around(worker)`,
+    when given, is entered before the worker runs and left after it stopped (the CLI serves
+    the HTTP endpoint in it; the worker then measures windows).
     """
     from streamsink.sinks import build_sinks
 
@@ -303,32 +395,58 @@ async def serve(
     if around is not None:
         await ops.enter_async_context(around(worker))
     running = asyncio.ensure_future(worker.run(stop))
+    gave_up: list[asyncio.TimerHandle] = []
+    forced = False
 
-    def on_signal() -> None:
-        """First signal: drain. Second: give up draining (e.g. Redis stays down) and exit."""
+    def give_up() -> None:
+        log.warning(
+            "shutdown timeout: stopping without draining the rest",
+            extra={"shutdown_timeout_s": shutdown_timeout_s},
+        )
+        running.cancel()
+
+    def on_signal(signum: int) -> None:
+        """First signal: drain, for at most the shutdown timeout. Second: stop at once."""
+        nonlocal forced
+        name = signal.Signals(signum).name
         if stop.is_set():
-            log.warning("second signal: stopping without draining")
+            log.warning("second signal: stopping without draining", extra={"signal": name})
+            forced = True
             running.cancel()
+            return
+        log.info("signal: draining", extra={"signal": name, "timeout_s": shutdown_timeout_s})
         stop.set()
+        gave_up.append(loop.call_later(shutdown_timeout_s, give_up))
 
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal)
+        loop.add_signal_handler(signum, on_signal, signum)
     try:
         await running
-        return 0
+        return EXIT_STOPPED if worker.stopped else 0
     except asyncio.CancelledError:
         if not running.cancelled():
             raise
-        return 1
+        return 1 if forced else (EXIT_STOPPED if worker.stopped else 0)
     except Exception as exc:  # an ExceptionGroup from the TaskGroup, most often
         errors = exc.exceptions if isinstance(exc, BaseExceptionGroup) else (exc,)
         for error in errors:
             log.error("worker crashed", exc_info=error, extra={"error": repr(error)})
         return 1
     finally:
+        for handle in gave_up:
+            handle.cancel()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         await ops.aclose()
-        for sink in built.values():
-            await sink.close()
-        await client.aclose()
+        await _close(built.values(), client)
+
+
+async def _close(sinks: Iterable[Sink], client: aredis.Redis, timeout_s: float = 10.0) -> None:
+    """Close the sinks and the client; a sink stuck in a write is left after `timeout_s`."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            for sink in sinks:
+                await sink.close()
+    except TimeoutError:
+        log.warning("sinks did not close in time", extra={"timeout_s": timeout_s})
+    await client.aclose()

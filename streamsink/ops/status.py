@@ -32,7 +32,13 @@ HOT_KEYS = 10
 def plain(record: Any) -> Any:
     """A dataclass record as a JSON-ready dict (every field, present and future)."""
     if dataclasses.is_dataclass(record) and not isinstance(record, type):
-        return {f.name: plain(getattr(record, f.name)) for f in dataclasses.fields(record)}
+        fields = {f.name: plain(getattr(record, f.name)) for f in dataclasses.fields(record)}
+        derived = {  # its properties too (ShardStatus.outstanding)
+            name: plain(getattr(record, name))
+            for name, value in vars(type(record)).items()
+            if isinstance(value, property) and not name.startswith("_")
+        }
+        return {**fields, **derived}
     if isinstance(record, Mapping):
         return {str(k): plain(v) for k, v in record.items()}
     if isinstance(record, list | tuple):
@@ -90,7 +96,9 @@ def _group(
             "length": sum(row.length for row in rows),
             "lag": sum(row.lag or 0 for row in rows),
             "lag_known": all(row.lag is not None for row in rows),
+            "lag_capped": any(getattr(row, "lag_capped", False) for row in rows),
             "pending": sum(row.pending for row in rows),
+            "outstanding": sum((row.lag or 0) + row.pending for row in rows),
             "dead": sum(row.dead for row in rows),
             "owned": sum(1 for row in rows if row.owner),
             "read": sum(doc.get("stats", {}).get("read", 0) for doc in docs),

@@ -10,6 +10,9 @@ a few flat fields, readable with `redis-cli XRANGE` and writable with a plain `X
     ts     optional: producer clock, integer milliseconds since the Unix epoch
     v      optional: schema version of `data`, a non-negative integer
     id     optional: idempotency id (producers de-duplicate on it)
+    for    set by `dead replay` only: the group the entry is replayed for
+    origin set by `dead replay` only: the entry ID the event first had
+    sinks  set by `dead replay` only: the sinks of that group that apply it
 
 Unknown fields are ignored, so newer producers can add fields without breaking workers.
 """
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -40,6 +43,11 @@ F_TABLE = b"table"  # target table, when not the stream's default
 F_TS = b"ts"  # producer timestamp, ms
 F_VERSION = b"v"  # schema version of data
 F_ID = b"id"  # idempotency id
+F_FOR = b"for"  # a replayed entry: the one group that applies it (the others skip it)
+F_ORIGIN = b"origin"  # a replayed entry: the entry ID its event first had (its identity)
+F_SINKS = b"sinks"  # a replayed entry: the group's sinks that apply it (comma-separated)
+ROUTING_FIELDS = frozenset((F_FOR, F_ORIGIN, F_SINKS))
+"""Fields a replay adds to an entry; a dead letter's replay replaces them."""
 
 DEFAULT_MAX_DATA_BYTES = 256 * 1024
 """Largest encoded `data` accepted by default: events are changes, not documents."""
@@ -141,6 +149,28 @@ def _as_is(data: dict[str, Any], plain: Mapping[str, frozenset[type]]) -> bool:
         if types is PLAIN_INT and not INT64_MIN <= value <= INT64_MAX:
             return False
     return True
+
+
+class Replayed(NamedTuple):
+    """Where a replayed entry goes: one group (some of its sinks), and its first ID."""
+
+    group: str
+    origin: str
+    sinks: tuple[str, ...]  # empty: every sink of the group
+
+
+def replayed(flat: Sequence[bytes]) -> Replayed | None:
+    """The routing of a replayed entry from its flat fields; None for an ordinary entry."""
+    names = flat[0::2]
+    if F_FOR not in names:
+        return None
+    fields = dict(zip(names, flat[1::2], strict=True))
+    sinks = fields.get(F_SINKS, b"").decode("utf-8", "replace")
+    return Replayed(
+        fields[F_FOR].decode("utf-8", "replace"),
+        fields.get(F_ORIGIN, b"").decode("utf-8", "replace"),
+        tuple(name for name in sinks.split(",") if name),
+    )
 
 
 def encode(event: Event, max_data_bytes: int = DEFAULT_MAX_DATA_BYTES) -> list[bytes]:

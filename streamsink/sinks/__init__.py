@@ -18,6 +18,9 @@ def build_sinks(config: Config) -> dict[str, Sink]:
 
 def _build(spec: SinkSpec, config: Config) -> Sink:
     options = dict(spec.options)
+    attempts = options.pop("max_attempts", 1)  # the worker's, not the sink's: see shard.py
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+        raise ConfigError(f"sink {spec.name!r}: max_attempts must be an integer >= 1")
     if spec.type == "postgres":
         from streamsink.sinks.postgres import PostgresSink
 

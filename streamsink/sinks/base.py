@@ -4,14 +4,16 @@ A sink is a small class (or anything with these two methods). The worker calls
 `write` once per closed window of a shard, in order, never two at a time for one
 shard, and acknowledges the window's entries only after every sink of the group has
 returned. Entries a sink cannot apply come back as `Rejected` and go to the group's
-dead-letter stream; raising means "try the whole window again later" (the worker
-retries with backoff and keeps its lease).
+dead-letter stream. Raising says why the window failed (errors.py): `SinkUnavailable`
+is retried with backoff as long as it takes, keeping the lease; `SinkMisconfigured`
+stops the group; anything else is taken for a bug, tried `max_attempts` times, then the
+window is split until the entries the sink fails on are found and dead-lettered.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from streamsink.consumers.merge import Entry, Merged
@@ -23,6 +25,8 @@ class Batch:
 
     `epoch` is the fencing epoch of the lease under which it was read; with `stream`,
     `shard` and `last_id` it is what a sink needs to store an exactly-once offset.
+    `origins` maps the IDs of replayed entries to the ID their event first had: its
+    identity for receivers (a callback's idempotency key), the same on every replay.
     """
 
     group: str
@@ -33,6 +37,11 @@ class Batch:
     last_id: str
     entries: Sequence[Entry]
     merged: Merged
+    origins: Mapping[str, str] = field(default_factory=dict)
+
+    def origin(self, entry_id: str) -> str:
+        """The ID that identifies an entry's event: its first one if it was replayed."""
+        return self.origins.get(entry_id, entry_id)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,10 +7,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.exceptions import ResponseError
 
 from streamsink.errors import ShardCountMismatch, StreamNotFound
 from streamsink.schemas.config import MAX_SHARDS, NAME
 from streamsink.streams.keys import META_CREATED, META_SHARDS, Keys
+from streamsink.streams.reader import parse_id
+from streamsink.streams.state import ShardState, shown_state
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +75,20 @@ def stream_info(client: redis.Redis, keys: Keys, name: str) -> StreamInfo:
     return StreamInfo(name, shards, tuple(int(n) for n in pipe.execute()))
 
 
+LAG_COUNT_LIMIT = 1000
+"""Status counts at most this many entries per shard to find a lag; beyond, it says "≥"."""
+
+
 @dataclass(frozen=True, slots=True)
 class ShardStatus:
-    """One shard as one group sees it: backlog, pending, owner, epoch, dead letters."""
+    """One shard as one group sees it: backlog, pending, owner, epoch, dead letters, state.
+
+    `lag` counts the entries not yet delivered to the group (None: the group does not
+    exist on the shard yet); with `lag_capped` it is a lower bound, the count having
+    stopped there. `pending` were delivered but not acknowledged, so a shard is done
+    only when `outstanding` is 0. `state` is the owner's run state (see ShardState),
+    since `since_ms` (epoch ms, None when unknown) with the last `error`.
+    """
 
     shard: int
     length: int
@@ -83,10 +97,25 @@ class ShardStatus:
     owner: str | None
     epoch: int
     dead: int
+    state: ShardState = ShardState.UNKNOWN
+    since_ms: int | None = None
+    error: str = ""
+    lag_capped: bool = False
+
+    @property
+    def outstanding(self) -> int | None:
+        """Entries the group has not acknowledged yet: lag + pending (None like lag)."""
+        return None if self.lag is None else self.lag + self.pending
 
 
-def group_status(client: redis.Redis, keys: Keys, stream: str, group: str) -> list[ShardStatus]:
-    """Every shard of `stream` for `group` (lag is None where Redis cannot tell it)."""
+def group_status(
+    client: redis.Redis,
+    keys: Keys,
+    stream: str,
+    group: str,
+    count_limit: int = LAG_COUNT_LIMIT,
+) -> list[ShardStatus]:
+    """Every shard of `stream` for `group`: one pipeline per shard, plus a bounded count."""
     rows = []
     for shard in range(shard_count(client, keys, stream)):
         key = keys.shard(stream, shard)
@@ -95,14 +124,24 @@ def group_status(client: redis.Redis, keys: Keys, stream: str, group: str) -> li
         pipe.get(keys.lease(stream, shard, group))
         pipe.get(keys.epoch(stream, shard, group))
         pipe.xlen(keys.dead(stream, shard, group))
-        length, owner, epoch, dead = pipe.execute()
-        lag, pending = None, 0
-        if length or client.exists(key):
-            info: Any = client.xinfo_groups(key)
-            for entry in info:
-                if _text(entry["name"]) == group:
-                    pending = int(entry["pending"])
-                    lag = None if entry.get("lag") is None else int(entry["lag"])
+        pipe.hgetall(keys.state(stream, shard, group))
+        pipe.xinfo_stream(key)
+        pipe.xinfo_groups(key)
+        length, owner, epoch, dead, stored, info, groups = pipe.execute(raise_on_error=False)
+        for reply in (length, owner, epoch, dead, stored):
+            if isinstance(reply, Exception):
+                raise reply
+        for reply in (info, groups):
+            if isinstance(reply, Exception) and "no such key" not in str(reply):
+                raise reply
+        lag, capped, pending = None, False, 0
+        if not isinstance(info, ResponseError):  # else the shard does not exist (yet)
+            mine = [g for g in groups if _text(g["name"]) == group]
+            if mine:
+                pending = int(mine[0]["pending"])
+                delivered = parse_id(mine[0]["last-delivered-id"])
+                lag, capped = _lag(client, key, info, delivered, count_limit)
+        shown = shown_state(stored, _text(owner) if owner else None)
         rows.append(
             ShardStatus(
                 shard,
@@ -112,9 +151,40 @@ def group_status(client: redis.Redis, keys: Keys, stream: str, group: str) -> li
                 _text(owner) if owner else None,
                 int(epoch or 0),
                 int(dead),
+                shown.state,
+                shown.since_ms,
+                shown.error,
+                capped,
             )
         )
     return rows
+
+
+def _lag(
+    client: redis.Redis, key: str, info: Any, delivered: tuple[int, int], limit: int
+) -> tuple[int, bool]:
+    """Entries after the group's last-delivered ID, counted (at most `limit` fetched).
+
+    Not XINFO's `lag`: it rests on the group's `entries-read` counter, which Redis 7.0
+    leaves behind after reloading an AOF whose tail has XREADGROUP replayed as XCLAIM
+    (which moves the last-delivered ID but not the counter), so it stays too high for
+    good. IDs cannot drift like that: nothing after last-delivered has been read.
+    """
+    length = int(info["length"])
+    if length == 0 or delivered >= parse_id(info["last-generated-id"]):
+        return 0, False
+    first = info.get("first-entry")
+    if first and parse_id(first[0]) > delivered:
+        return length, False  # every entry held is after last-delivered
+    bound = f"{delivered[0]}-{delivered[1]}"
+    after = len(client.xrange(key, min=f"({bound}", max="+", count=limit) or ())
+    if after < limit:
+        return after, False
+    # A big backlog: the entries up to last-delivered (pending, not yet trimmed) are few.
+    before = len(client.xrange(key, min="-", max=bound, count=limit) or ())
+    if before < limit:
+        return length - before, False
+    return limit, True
 
 
 def _text(value: bytes | str) -> str:

@@ -42,7 +42,10 @@ class _InFlight:
     conn: Connection
 
 
-_STOPPED = PublishError("the producer was stopped while sending these events")
+def _stopped() -> PublishError:
+    """A new error each time: one instance raised in many tasks would pile up their
+    tracebacks and contexts, and every caller would hold (and could change) the same one."""
+    return PublishError("the producer was stopped while sending these events")
 
 
 class AsyncProducer:
@@ -191,7 +194,7 @@ class AsyncProducer:
             replies.cancel()
             await asyncio.gather(replies, return_exceptions=True)
             if self._inflight:
-                await self._drop_connection(_STOPPED)
+                await self._drop_connection(_stopped())
 
     def _take(self) -> list[_Request]:
         pending, most = self._pending, self._settings.max_batch
@@ -221,9 +224,9 @@ class AsyncProducer:
                 _settle(future, PublishError(_LOST.format(exc)))
             return
         except BaseException:
-            await self._drop_connection(_STOPPED)
+            await self._drop_connection(_stopped())
             for _, _, future in batch:
-                _settle(future, _STOPPED)
+                _settle(future, _stopped())
             raise
         finally:
             self._busy = False
@@ -273,7 +276,7 @@ class AsyncProducer:
         except BaseException:
             await self._drop_connection()
             for _, _, future in batch:
-                _settle(future, _STOPPED)
+                _settle(future, _stopped())
             raise
         _settle_all(batch, results, errors)
 
@@ -312,7 +315,7 @@ class AsyncProducer:
         self._inflight = deque(sent for sent in self._inflight if sent.conn is not dropped)
         for sent in lost:
             for _, _, future in sent.batch:
-                _settle(future, error or _STOPPED)
+                _settle(future, error or _stopped())
         if dropped is not None:
             await dropped.disconnect(nowait=True)
             await self._client.connection_pool.release(dropped)
@@ -361,7 +364,19 @@ class AsyncProducer:
 def _settle(future: asyncio.Future[list[str]], error: Exception) -> None:
     """Fail a publish unless its caller gave up waiting (cancelled it)."""
     if not future.done():
-        future.set_exception(error)
+        future.set_exception(_own(error))
+
+
+def _own(error: Exception) -> Exception:
+    """A copy of `error` for one caller: the same failure often settles many publishes,
+    and one instance raised in each of their tasks would gather all their tracebacks."""
+    try:
+        copy = type(error)(*error.args)
+    except TypeError:  # a constructor of its own (not one of the errors settled here)
+        return error
+    copy.__cause__ = error.__cause__
+    copy.__suppress_context__ = error.__suppress_context__
+    return copy
 
 
 def _settle_all(batch: list[_Request], results: list[str], errors: dict[int, Exception]) -> None:
@@ -375,7 +390,7 @@ def _settle_all(batch: list[_Request], results: list[str], errors: dict[int, Exc
             if error is None:
                 future.set_result(results[start:end])
             else:
-                future.set_exception(error)
+                future.set_exception(_own(error))
         start = end
 
 

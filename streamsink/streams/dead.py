@@ -1,4 +1,12 @@
-"""Dead letters of a group: list them, replay them into their shard, or drop them."""
+"""Dead letters of a group: list them, replay them into their shard, or drop them.
+
+A replay reaches only the group whose dead letter it is (and, when other sinks of that
+group applied the entry, only the sinks that refused it): the entry goes back into its
+shard with `for`, `origin` and `sinks` fields (wire.py), so it is applied after the
+entries that followed it, and every other group acknowledges it without applying it.
+Taking the letter and publishing it again is one script: replaying twice, or from two
+terminals at once, publishes once.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +16,19 @@ from typing import Any
 
 import redis
 
+from streamsink.schemas.wire import F_DATA, F_FOR, F_ORIGIN, F_SINKS, ROUTING_FIELDS
 from streamsink.streams.admin import shard_count
 from streamsink.streams.keys import Keys
 from streamsink.streams.reader import DEAD_PREFIX
+
+# KEYS: dead-letter stream, shard stream. ARGV: dead-letter ID, then the entry's field/value
+# pairs. Publishes the entry again only if the letter was still there (and is now gone).
+_REPLAY = """
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return false end
+local fields = {}
+for i = 2, #ARGV do fields[#fields + 1] = ARGV[i] end
+return redis.call('XADD', KEYS[2], '*', unpack(fields))
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +41,13 @@ class DeadLetter:
     entry: str
     deliveries: int
     fields: dict[bytes, bytes]
+    sinks: tuple[str, ...] = ()  # the group's sinks that refused it; () for all of them
+    origin: str = ""  # the entry ID its event first had, if it was a replay already
+
+    @property
+    def identity(self) -> str:
+        """The entry ID that identifies the event for good (a callback's idempotency key)."""
+        return self.origin or self.entry
 
 
 def _text(value: bytes | None) -> str:
@@ -30,9 +55,10 @@ def _text(value: bytes | None) -> str:
 
 
 def dead_letters(
-    client: redis.Redis, keys: Keys, stream: str, group: str, limit: int = 100
+    client: redis.Redis, keys: Keys, stream: str, group: str, limit: int | None = 100
 ) -> Iterator[DeadLetter]:
-    """The group's dead letters, shard by shard, oldest first (at most `limit` per shard)."""
+    """The group's dead letters, shard by shard, oldest first (at most `limit` per shard,
+    every one with None)."""
     for shard in range(shard_count(client, keys, stream)):
         entries: Any = client.xrange(keys.dead(stream, shard, group), count=limit)
         for dead_id, fields in entries:
@@ -47,19 +73,37 @@ def dead_letters(
                     for name, value in fields.items()
                     if name.startswith(DEAD_PREFIX)
                 },
+                sinks=tuple(n for n in _text(fields.get(b"sinks")).split(",") if n),
+                origin=_text(fields.get(b"origin")),
             )
 
 
-def replay(client: redis.Redis, keys: Keys, stream: str, group: str, letter: DeadLetter) -> str:
-    """Publish the original entry again on its shard (a new entry ID), then drop the letter.
+def replay(
+    client: redis.Redis,
+    keys: Keys,
+    stream: str,
+    group: str,
+    letter: DeadLetter,
+    data: bytes | None = None,
+) -> str | None:
+    """Publish the letter's entry again on its shard for `group` only, and take the letter.
 
-    Every group of the stream sees the replayed entry: replay after fixing what refused it.
+    The entry gets a new ID (it is applied after the entries that followed it) and keeps
+    its identity (`origin`). `data` replaces its JSON data (a fix). None if the letter
+    was already replayed or dropped (by another terminal, say): nothing is published.
     """
-    pipe = client.pipeline(transaction=True)  # one slot: the shard and its dead letters
-    pipe.xadd(keys.shard(stream, letter.shard), letter.fields)  # type: ignore[arg-type]
-    pipe.xdel(keys.dead(stream, letter.shard, group), letter.id)
-    new_id, _ = pipe.execute()
-    return _text(new_id)
+    fields = {n: v for n, v in letter.fields.items() if n not in ROUTING_FIELDS}
+    if data is not None:
+        fields[F_DATA] = data
+    fields[F_FOR] = group.encode()
+    fields[F_ORIGIN] = letter.identity.encode()
+    if letter.sinks:
+        fields[F_SINKS] = ",".join(letter.sinks).encode()
+    flat = [part for pair in fields.items() for part in pair]
+    script = client.register_script(_REPLAY)
+    keys_ = [keys.dead(stream, letter.shard, group), keys.shard(stream, letter.shard)]
+    new_id = script(keys_, [letter.id, *flat])
+    return _text(new_id) if new_id else None
 
 
 def drop(client: redis.Redis, keys: Keys, stream: str, group: str, letter: DeadLetter) -> None:

@@ -58,6 +58,11 @@ class Keys:
         acknowledgement, so it only moves forward under the current lease."""
         return f"{self.prefix}:{{{stream}:{shard}}}:applied:{group}"
 
+    def suspects(self, stream: str, shard: int, group: str) -> str:
+        """HASH of (group, shard): entry ID -> tries of an entry delivered too often, applied
+        alone; a field is removed once its entry is acknowledged or dead-lettered."""
+        return f"{self.prefix}:{{{stream}:{shard}}}:suspects:{group}"
+
     def state(self, stream: str, shard: int, group: str) -> str:
         """HASH of (group, shard) as its owner runs it, for status: `state` (running,
         retrying, stopped), `since_ms`, `error` (the last one, while retrying or stopped),

@@ -16,18 +16,14 @@ import redis.asyncio as aredis
 
 from streamsink.streams.keys import Keys
 
-# KEYS: lease, epoch. ARGV: worker id, TTL ms. Returns the epoch held, or 0 if another owns it.
+# KEYS: lease, epoch. ARGV: worker id, TTL ms. Returns the new epoch, or 0 if another owns it.
+# Every ownership takes a new epoch, also when this worker still holds the key (its shard
+# task was cancelled and starts again): work begun under the old one is then fenced.
 _ACQUIRE = """
 local owner = redis.call('GET', KEYS[1])
-if not owner then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return redis.call('INCR', KEYS[2])
-end
-if owner == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return tonumber(redis.call('GET', KEYS[2]) or '0')
-end
-return 0
+if owner and owner ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return redis.call('INCR', KEYS[2])
 """
 
 # KEYS: lease. ARGV: worker id, TTL ms. 1 if still ours (and extended), else 0.
@@ -82,7 +78,8 @@ class Leases:
         ]
 
     async def acquire(self, shard: int) -> Lease | None:
-        """Take the lease of `shard` if it is free (or already ours); None if another owns it."""
+        """Take the lease of `shard` if it is free (or already ours) under a new epoch; None if
+        another worker owns it."""
         epoch = await self._acquire(self._lease_keys(shard), [self.worker, self.ttl_ms])
         return Lease(shard, int(epoch)) if int(epoch) else None
 

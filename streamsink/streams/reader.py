@@ -19,18 +19,42 @@ from redis.exceptions import ResponseError, WatchError
 from streamsink.errors import Fenced
 from streamsink.streams.keys import Keys
 
-# KEYS: shard stream, dead-letter stream. ARGV: group, entry id, reason, deliveries, time ms,
-# then the entry's original field/value pairs (kept byte for byte as `f:<name>`).
-_DEAD_LETTER = """
-local fields = {'reason', ARGV[3], 'entry', ARGV[2], 'group', ARGV[1],
-                'deliveries', ARGV[4], 'at_ms', ARGV[5], 'source', KEYS[1]}
-for i = 6, #ARGV, 2 do
+# Every script that writes on behalf of the shard's owner (acknowledge, dead-letter, claim)
+# first checks that the caller still holds the lease under its epoch: a worker paused
+# past its lease (GC, SIGSTOP, a frozen VM), or a task of an earlier ownership by the same
+# worker, gets `Fenced` instead of touching what the next owner now handles.
+_OWNED = """
+local function owned(lease, epoch, owner, held)
+  return redis.call('GET', lease) == owner and (redis.call('GET', epoch) or '0') == held
+end
+"""
+
+# KEYS: lease, epoch, shard stream, dead-letter stream. ARGV: owner, epoch, group, entry id,
+# reason, deliveries, time ms, sinks (comma-separated, '' for all), origin (the first
+# entry ID of a replayed event, '' for none), then the entry's original field/value pairs
+# (kept byte for byte as `f:<name>`). -1 if fenced, else XACK's reply.
+_DEAD_LETTER = (
+    _OWNED
+    + """
+if not owned(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) then return -1 end
+local fields = {'reason', ARGV[5], 'entry', ARGV[4], 'group', ARGV[3],
+                'deliveries', ARGV[6], 'at_ms', ARGV[7], 'source', KEYS[3]}
+if ARGV[8] ~= '' then
+  fields[#fields + 1] = 'sinks'
+  fields[#fields + 1] = ARGV[8]
+end
+if ARGV[9] ~= '' then
+  fields[#fields + 1] = 'origin'
+  fields[#fields + 1] = ARGV[9]
+end
+for i = 10, #ARGV, 2 do
   fields[#fields + 1] = 'f:' .. ARGV[i]
   fields[#fields + 1] = ARGV[i + 1]
 end
-redis.call('XADD', KEYS[2], '*', unpack(fields))
-return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XADD', KEYS[4], '*', unpack(fields))
+return redis.call('XACK', KEYS[3], ARGV[3], ARGV[4])
 """
+)
 
 # Reads and claims are fenced by the lease: a worker whose lease expired while it was
 # paused must not take entries that now belong to the next owner (they would be delivered
@@ -39,29 +63,51 @@ return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 # round trip, but Redis then copies every entry into Lua and back: 6 µs of Redis time an
 # entry instead of 1.5, measured with 5,000-entry reads. Claims (only on a takeover) do
 # use a script:
-# KEYS: lease, shard stream. ARGV: owner (= consumer), group, cursor, count.
+# KEYS: lease, epoch, shard stream. ARGV: owner (= consumer), epoch, group, cursor, count.
 # {0}: not the owner. {1, next cursor, entries}.
-_FENCED_CLAIM = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {0} end
-local reply = redis.call('XAUTOCLAIM', KEYS[2], ARGV[2], ARGV[1], 0, ARGV[3], 'COUNT', ARGV[4])
+_FENCED_CLAIM = (
+    _OWNED
+    + """
+if not owned(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) then return {0} end
+local reply = redis.call('XAUTOCLAIM', KEYS[3], ARGV[3], ARGV[1], 0, ARGV[4], 'COUNT', ARGV[5])
 return {1, reply[1], reply[2]}
 """
+)
 
-# KEYS: shard stream. ARGV: group, the IDs joined by spaces. Acknowledges them all: the IDs
-# travel as one argument, packed in 0.1 µs an ID instead of redis-py's 1 µs an argument.
-_ACK = """
+# KEYS: lease, epoch, shard stream, applied watermark. ARGV: owner, epoch, group, the IDs
+# joined by spaces, the watermark ('' to leave it). Acknowledges them all (the IDs travel
+# as one argument, packed in 0.1 µs an ID instead of redis-py's 1 µs an argument) and
+# moves the watermark forward, never back. -1 if fenced, else how many were acknowledged.
+_ACK = (
+    _OWNED
+    + """
+if not owned(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) then return -1 end
 local ids, n, acked = {}, 0, 0
-for id in string.gmatch(ARGV[2], '%S+') do
+for id in string.gmatch(ARGV[4], '%S+') do
   n = n + 1
   ids[n] = id
   if n == 1000 then
-    acked = acked + redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
+    acked = acked + redis.call('XACK', KEYS[3], ARGV[3], unpack(ids))
     ids, n = {}, 0
   end
 end
-if n > 0 then acked = acked + redis.call('XACK', KEYS[1], ARGV[1], unpack(ids)) end
+if n > 0 then acked = acked + redis.call('XACK', KEYS[3], ARGV[3], unpack(ids)) end
+if ARGV[5] ~= '' then
+  local function parts(id)
+    local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+    return tonumber(ms), tonumber(seq)
+  end
+  local was = redis.call('GET', KEYS[4])
+  local ms, seq = parts(ARGV[5])
+  local old_ms, old_seq = 0, -1
+  if was then old_ms, old_seq = parts(was) end
+  if ms > old_ms or (ms == old_ms and seq > old_seq) then
+    redis.call('SET', KEYS[4], ARGV[5])
+  end
+end
 return acked
 """
+)
 
 # KEYS: shard stream. ARGV: entry IDs. The fields of each as stored, {} for one gone.
 _FIELDS = """
@@ -127,9 +173,10 @@ def parse_id(entry_id: str | bytes) -> tuple[int, int]:
 class ShardReader:
     """Reads one shard for one group as one consumer: the worker holding its lease.
 
-    Reads and claims happen only while `consumer` holds the shard's lease (a read checks it
-    under WATCH and reads in MULTI/EXEC, a claim checks it in its script): a worker paused
-    past its lease gets `Fenced` instead of entries.
+    Everything it does for the shard happens only while `consumer` holds the shard's lease
+    under `epoch` (a read checks both under WATCH and reads in MULTI/EXEC; claims,
+    acknowledgements and dead letters check them in their scripts): a worker paused past
+    its lease, or a task of its own earlier ownership, gets `Fenced` instead.
     """
 
     def __init__(
@@ -140,20 +187,31 @@ class ShardReader:
         shard: int,
         group: str,
         consumer: str,
+        epoch: int = 0,
     ) -> None:
-        self._client = client
+        self._client = self.client = client
         self.key = keys.shard(stream, shard)
         self.lease_key = keys.lease(stream, shard, group)
+        self.epoch_key = keys.epoch(stream, shard, group)
         self.dead_key = keys.dead(stream, shard, group)
-        self.group, self.consumer = group, consumer
+        self.applied_key = keys.applied(stream, shard, group)
+        self.group, self.consumer, self.epoch = group, consumer, epoch
         self._cursor = "0-0"
         self._claiming = True
         self._last = (0, 0)
         self._dead_letter = client.register_script(_DEAD_LETTER)
         self._owner = consumer.encode()
+        self._held = str(epoch).encode()
+        self._fence = [self.lease_key, self.epoch_key]
+        self._fence_args = [self._owner, self._held]
         self._fenced_claim = client.register_script(_FENCED_CLAIM)
         self._ack = client.register_script(_ACK)
         self._fields = client.register_script(_FIELDS)
+
+    def _fenced(self, what: str) -> Fenced:
+        return Fenced(
+            f"{self.key}: the lease is no longer ours (epoch {self.epoch}); stopped {what}"
+        )
 
     async def ensure_group(self) -> None:
         """Create the group on this shard (from its first entry) unless it exists."""
@@ -190,16 +248,17 @@ class ShardReader:
     async def _read_once(self, count: int) -> tuple[list[list[Any]], bytes]:
         """XREADGROUP if the lease is ours, and the newest ID of the shard.
 
-        The lease key is WATCHed, checked, then the read runs in MULTI/EXEC: EXEC fails if
-        the key changed in between (taken over, or renewed: then check again), so nothing
+        The lease and epoch keys are WATCHed, checked, then the read runs in MULTI/EXEC: EXEC
+        fails if a key changed in between (taken over, or renewed: then check again), so nothing
         is read unless the lease was ours when the read ran.
         """
         while True:
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.response_callbacks = _AS_SENT
-                await pipe.watch(self.lease_key)
-                if await pipe.get(self.lease_key) != self._owner:
-                    raise Fenced(f"{self.key}: the lease is no longer ours; stopped reading")
+                await pipe.watch(self.lease_key, self.epoch_key)
+                owner, epoch = await pipe.mget(self._fence)
+                if owner != self._owner or (epoch or b"0") != self._held:
+                    raise self._fenced("reading")
                 pipe.multi()  # type: ignore[no-untyped-call]
                 pipe.execute_command(
                     "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count,
@@ -223,10 +282,10 @@ class ShardReader:
 
     async def _claim(self, count: int) -> Read:
         got: Any = await self._fenced_claim(
-            [self.lease_key, self.key], [self.consumer, self.group, self._cursor, count]
+            [*self._fence, self.key], [*self._fence_args, self.group, self._cursor, count]
         )
         if not int(got[0]):
-            raise Fenced(f"{self.key}: the lease is no longer ours; stopped claiming")
+            raise self._fenced("claiming")
         self._cursor = _text(got[1])
         if self._cursor == "0-0":
             self._claiming = False
@@ -244,11 +303,20 @@ class ShardReader:
         deliveries = {p["message_id"]: int(p["times_delivered"]) for p in pending}
         return Read(entries, deliveries)
 
-    async def ack(self, ids: Sequence[bytes]) -> int:
-        """Acknowledge entries (after every sink of the group has applied them)."""
-        if not ids:
+    async def ack(self, ids: Sequence[bytes], applied: str | bytes = b"") -> int:
+        """Acknowledge entries (after every sink of the group has applied them), and move
+        the group's watermark up to `applied` (a window's last entry ID) with them."""
+        if not ids and not applied:
             return 0
-        return int(await self._ack([self.key], [self.group, b" ".join(ids)]))
+        acked = int(
+            await self._ack(
+                [*self._fence, self.key, self.applied_key],
+                [*self._fence_args, self.group, b" ".join(ids), applied],
+            )
+        )
+        if acked < 0:
+            raise self._fenced("acknowledging")
+        return acked
 
     async def fields(self, ids: Sequence[bytes]) -> list[list[bytes]]:
         """The fields of entries as stored, byte for byte ([] for an entry deleted since).
@@ -260,12 +328,20 @@ class ShardReader:
             return []
         return list(await self._fields([self.key], list(ids)))
 
-    async def dead_letter(self, raw: Raw, reason: str) -> None:
-        """Move an entry to the group's dead-letter stream with `reason`, and acknowledge it."""
+    async def dead_letter(
+        self, raw: Raw, reason: str, sinks: Sequence[str] = (), origin: str = ""
+    ) -> None:
+        """Move an entry to the group's dead-letter stream with `reason`, and acknowledge it.
+
+        `sinks`: the group's sinks that refused it, when others applied it (a replay then
+        reaches those only); `origin`: the first entry ID of a replayed event.
+        """
         now = int(time.time() * 1000)
-        args: list[bytes | str | int] = [self.group, raw.id, reason, raw.deliveries, now]
-        args += raw.fields
-        await self._dead_letter([self.key, self.dead_key], args)
+        args: list[bytes | str | int] = [*self._fence_args, self.group, raw.id, reason]
+        args += [raw.deliveries, now, ",".join(sinks), origin, *raw.fields]
+        keys = [*self._fence, self.key, self.dead_key]
+        if int(await self._dead_letter(keys, args)) < 0:
+            raise self._fenced("dead-lettering")
 
     async def trim(self, retention_ms: int = 0) -> int:
         """Trim the shard below what every group has acknowledged; return entries removed.

@@ -8,6 +8,10 @@ and set, in the worker's environment:
     STREAMSINK_TEST_PREFIX    key prefix of the records (the test's `keys.prefix`)
     STREAMSINK_TEST_SLEEP_MS  optional: sleep this long per batch before recording it, so
                               windows stay in flight (a SIGKILL then catches them unacknowledged)
+    STREAMSINK_TEST_CRASH_SEQ optional: a batch holding an entry whose `seq` is this kills
+                              the worker process at once (exit 70), as a segfault would
+    STREAMSINK_TEST_DOWN      optional: "1" makes every write raise SinkUnavailable (a sink
+                              that never comes back)
 
 Per batch, in one MULTI: `HINCRBY <prefix>:rec:delivered <shard>:<entry id> 1` and
 `HSET <prefix>:rec:by <shard>:<entry id> <pid>` for every entry (entry IDs are unique
@@ -26,11 +30,14 @@ from dataclasses import dataclass
 import redis
 import redis.asyncio as aredis
 
+from streamsink.errors import SinkUnavailable
 from streamsink.sinks.base import Batch, Rejected
 
 REDIS_ENV = "STREAMSINK_TEST_REDIS"
 PREFIX_ENV = "STREAMSINK_TEST_PREFIX"
 SLEEP_ENV = "STREAMSINK_TEST_SLEEP_MS"
+CRASH_ENV = "STREAMSINK_TEST_CRASH_SEQ"
+DOWN_ENV = "STREAMSINK_TEST_DOWN"
 
 _clients: dict[int, aredis.Redis] = {}  # one client per event loop (a subprocess has one)
 
@@ -60,9 +67,14 @@ def _client() -> aredis.Redis:
 
 async def record(batch: Batch) -> list[Rejected]:
     """Record the batch's entries in Redis; reject the poisoned ones."""
+    if os.environ.get(DOWN_ENV) == "1":
+        raise SinkUnavailable("the recording sink is down on purpose")
     pause = int(os.environ.get(SLEEP_ENV, "0") or 0)
     if pause:
         await asyncio.sleep(pause / 1000)
+    crash = os.environ.get(CRASH_ENV)
+    if crash and any(str(entry.event.data.get("seq")) == crash for entry in batch.entries):
+        os._exit(70)
     prefix = os.environ[PREFIX_ENV]
     rejected = [
         Rejected(entry.id, "poisoned on purpose")

@@ -21,6 +21,7 @@ DEFAULTS = {
     "block_ms": 500,
     "lease_ttl_ms": 10_000,
     "max_deliveries": 5,
+    "max_attempts": 3,
     "retention_ms": 0,
     "maintenance_ms": 5000,
 }

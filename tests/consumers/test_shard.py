@@ -23,7 +23,7 @@ def runner(max_age_ms: int) -> ShardRunner:
     """A runner whose reader is never used: `_take` only decodes into the window."""
     reader = ShardReader(aredis.Redis(), Keys("t"), "items", 0, "g", "w1")
     settings = GroupSettings(max_age_ms=max_age_ms)
-    return ShardRunner(reader, Lease(0, 1), CONFIG, "items", [], settings)
+    return ShardRunner(reader, Lease(0, 1), CONFIG, "items", {}, settings)
 
 
 def read(ms: list[int], newest: int | None) -> Read:

@@ -18,6 +18,7 @@ from typing import Any
 import redis
 import redis.asyncio as aredis
 
+from streamsink.consumers.shard import SUSPECT_TRIES
 from streamsink.consumers.worker import Worker, worker_client
 from streamsink.schemas import (
     Column,
@@ -163,6 +164,7 @@ async def test_every_event_once_in_order_per_key_with_batch_positions(
     publish(5)  # a backlog before the worker starts...
     sink = TestingSink()
     async with running(redis_url, config, {"mem": sink}) as task:
+        await eventually(lambda: len(delivered_ids(sink)) == 150, task, "the backlog")
         for _ in range(5):  # ... and more while it runs, so windows close on age and quiet
             publish(2)
             await asyncio.sleep(0.05)
@@ -258,18 +260,12 @@ def _pairs(flat: list[bytes]) -> list[tuple[bytes, bytes]]:
     return list(zip(flat[::2], flat[1::2], strict=True))
 
 
-async def test_an_entry_delivered_too_often_goes_to_dead_letters(
-    r: redis.Redis, keys: Keys, redis_url: str
-) -> None:
-    create_stream(r, keys, STREAM, SHARDS)
-    config = make_config(keys, ["mem"], max_deliveries=3)
-    producer = Producer(r, config)
-    shard = 4
-    stream_key = keys.shard(STREAM, shard)
-    one, two, three = keys_on(shard, 3)
+async def _worn_and_fine(r: redis.Redis, keys: Keys, producer: Producer) -> tuple[str, str, str]:
+    """Entries of shard 4: `worn` claimed back and forth 3 times, `fine` twice (the
+    worker's own claim makes them 4 and 3: over and at max_deliveries=3), then `fresh`."""
+    stream_key = keys.shard(STREAM, 4)
+    one, two, three = keys_on(4, 3)
     r.xgroup_create(stream_key, GROUP, id="0", mkstream=True)
-    # A consumer that is gone read two entries, and they were claimed back and forth since.
-    # The worker's own claim is one more delivery: 3 for `fine` (the max), 4 for `worn`.
     worn = producer.publish(STREAM, item(one, 0))
     fine = producer.publish(STREAM, item(two, 0))
     r.xreadgroup(GROUP, "gone-consumer", {stream_key: ">"})
@@ -281,17 +277,49 @@ async def test_an_entry_delivered_too_often_goes_to_dead_letters(
         for p in r.xpending_range(stream_key, GROUP, "-", "+", 10)
     }
     assert counts == {worn: 3, fine: 2}
+    return worn, fine, fresh
 
+
+async def test_an_entry_delivered_too_often_is_tried_alone_and_applied_if_it_can_be(
+    r: redis.Redis, keys: Keys, redis_url: str
+) -> None:
+    """Its owners died (or lost the lease) while it was in flight: maybe because of it,
+    maybe not. Alone in its window, only it is blamed if that happens again."""
+    create_stream(r, keys, STREAM, SHARDS)
+    config = make_config(keys, ["mem"], max_deliveries=3)
+    worn, fine, fresh = await _worn_and_fine(r, keys, Producer(r, config))
     sink = TestingSink()
     async with running(redis_url, config, {"mem": sink}) as task:
         await eventually(lambda: {fine, fresh} <= set(delivered_ids(sink)), task, "delivered")
         await eventually(lambda: pending(r, keys) == [0] * SHARDS, task, "nothing pending")
 
-    assert delivered_ids(sink) == [fine, fresh]
-    letters = dead_letters(r, keys, shard)
+    assert delivered_ids(sink) == [worn, fine, fresh]
+    assert [e.id for e in sink.batches[0].entries] == [worn], "a window of its own"
+    assert dead_letters(r, keys, 4) == {}
+    assert not r.exists(keys.suspects(STREAM, 4, GROUP)), "its tries forgotten once applied"
+
+
+async def test_an_entry_that_stopped_its_worker_whenever_tried_alone_goes_to_dead_letters(
+    r: redis.Redis, keys: Keys, redis_url: str
+) -> None:
+    create_stream(r, keys, STREAM, SHARDS)
+    config = make_config(keys, ["mem"], max_deliveries=3)
+    worn, fine, fresh = await _worn_and_fine(r, keys, Producer(r, config))
+    r.hset(keys.suspects(STREAM, 4, GROUP), worn, SUSPECT_TRIES)  # as its last owners left it
+    sink = TestingSink()
+    async with running(redis_url, config, {"mem": sink}) as task:
+        await eventually(lambda: {fine, fresh} <= set(delivered_ids(sink)), task, "delivered")
+        await eventually(lambda: pending(r, keys) == [0] * SHARDS, task, "nothing pending")
+
+    assert delivered_ids(sink) == [fine, fresh], "its neighbours applied, never dead-lettered"
+    letters = dead_letters(r, keys, 4)
     assert set(letters) == {worn}
-    assert letters[worn][b"reason"] == b"delivered 4 times (max_deliveries=3)"
+    assert letters[worn][b"reason"] == (
+        b"delivered 4 times (max_deliveries=3); its worker stopped or lost the shard "
+        b"2 times while applying it alone"
+    )
     assert letters[worn][b"deliveries"] == b"4"
+    assert not r.exists(keys.suspects(STREAM, 4, GROUP))
 
 
 class FlakySink:

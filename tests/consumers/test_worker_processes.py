@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,26 +107,35 @@ class Cluster:
         path.write_text(config_toml(self.keys, redis_url))
         return path
 
-    def start(self, config: Path, sleep_ms: int = 0, config_first: bool = True) -> WorkerProcess:
-        """Start a worker; `config_first` picks `--config F worker` or `worker --config F`."""
+    def start(
+        self,
+        config: Path,
+        sleep_ms: int = 0,
+        config_first: bool = True,
+        env: Mapping[str, str] | None = None,
+        options: Sequence[str] = (),
+    ) -> WorkerProcess:
+        """Start a worker; `config_first` picks `--config F worker` or `worker --config F`;
+        `env` adds to its environment (see recording.py), `options` to its command line."""
         number = len(self.started)
-        env = {
+        environment = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
             recording.REDIS_ENV: self.record_url,
             recording.PREFIX_ENV: self.keys.prefix,
             recording.SLEEP_ENV: str(sleep_ms),
+            **(env or {}),
         }
-        args = ["--config", str(config), "worker"]
+        args = ["--config", str(config), "worker", *options]
         if not config_first:
-            args = ["worker", "--config", str(config)]
+            args = ["worker", "--config", str(config), *options]
         stdout = self.directory / f"worker-{number}.out"
         stderr = self.directory / f"worker-{number}.err"
         with stdout.open("wb") as out, stderr.open("wb") as err:
             process = subprocess.Popen(
                 [sys.executable, "-m", "streamsink.cli", *args],
                 cwd=ROOT,
-                env=env,
+                env=environment,
                 stdout=out,
                 stderr=err,
             )

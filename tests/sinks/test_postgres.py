@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -18,7 +19,7 @@ from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
 
 from streamsink.consumers.merge import Entry, Row, apply_event, merge
-from streamsink.errors import Fenced
+from streamsink.errors import Fenced, SinkMisconfigured, SinkUnavailable
 from streamsink.schemas.event import Event, Op
 from streamsink.schemas.table import Column, ColumnType, Mode, Policy, Table
 from streamsink.sinks.base import Batch, Rejected
@@ -317,6 +318,23 @@ def test_a_zombie_owner_cannot_commit(
     assert rows(pg, table)[0]["n"] == 4
 
 
+def test_an_offset_moved_under_the_same_epoch_is_retried_not_fenced(
+    pg: Connection, sink: PostgresSink, sink_settings: Any
+) -> None:
+    """Two writers of one epoch (a cancelled flush and its successor, say): the one whose
+    compare-and-set fails is told to retry (SinkUnavailable), and its retry applies only
+    what the other did not."""
+    table = counters(pg)
+    items = entries(table, [Event("1", Op.INCR, {"id": 1, "n": 1}) for _ in range(4)])
+    other = PostgresSink(sink.pool, sink.name, sink_settings)
+    write(other, batch(items[:1]))
+    write(sink, batch(items[:3]))
+    with pytest.raises(SinkUnavailable, match="the offset moved"):
+        write(other, batch(items[1:]))
+    assert write(other, batch(items[1:])) == []
+    assert rows(pg, table)[0]["n"] == 4
+
+
 class LostReply(psycopg2.OperationalError):
     """What the sink sees when the link dies after COMMIT reached the server."""
 
@@ -357,8 +375,9 @@ def test_a_commit_whose_reply_is_lost_is_not_applied_again(
     table = counters(pg)
     items = entries(table, [Event("1", Op.INCR, {"id": 1, "n": 1}) for _ in range(5)])
     lossy = PostgresSink(LossyPool(sink_settings.dsn), "lossy", sink_settings)  # type: ignore[arg-type]
-    with pytest.raises(LostReply):
+    with pytest.raises(SinkUnavailable) as raised:  # retried by the worker
         write(lossy, batch(items))
+    assert isinstance(raised.value.__cause__, LostReply)
     assert write(lossy, batch(items)) == []
     assert rows(pg, table)[0]["n"] == 5
     assert lossy.stats.skipped_entries == 5
@@ -395,10 +414,14 @@ def test_rows_the_database_refuses_are_isolated_and_the_rest_commit(
     assert len(rows(pg, table)) == 198
 
 
-def test_a_missing_table_is_retried_not_dead_lettered(pg: Connection, sink: PostgresSink) -> None:
+def test_a_missing_table_stops_the_group_not_dead_lettered(
+    pg: Connection, sink: PostgresSink
+) -> None:
+    """More in test_postgres_errors.py: each error class against the server."""
     table = Table("absent", ("id",), {"id": Column(INT)}, schema=schema_of(pg))
-    with pytest.raises(psycopg2.errors.UndefinedTable):
+    with pytest.raises(SinkMisconfigured) as raised:
         write(sink, batch(entries(table, [Event("1", Op.SET, {"id": 1})])))
+    assert isinstance(raised.value.__cause__, psycopg2.errors.UndefinedTable)
 
 
 def test_the_pool_reuses_connections_and_drops_broken_ones(sink_settings: Any) -> None:
@@ -410,4 +433,88 @@ def test_the_pool_reuses_connections_and_drops_broken_ones(sink_settings: Any) -
         conn.close()  # as a broken link leaves it
     with pool.connection() as conn:
         assert not conn.closed and conn.get_backend_pid() != first
+    pool.close()
+
+
+# --- the sink's threads ---------------------------------------------------------------------
+
+
+class SlowDict(dict[str, int]):
+    """A dict whose reads yield to other threads: a thread switch between reading a count
+    and writing it back, made certain instead of rare."""
+
+    def get(self, key: str, default: Any = None) -> Any:
+        found = super().get(key, default)
+        time.sleep(0.005)
+        return found
+
+
+def test_stats_count_every_window_written_by_concurrent_threads(
+    pg: Connection, sink_settings: Any
+) -> None:
+    table = counters(pg)
+    settings = dataclasses.replace(sink_settings, pool_size=4)
+    sink = PostgresSink(Pool(settings), "threads", settings)
+    sink.stats.by_table = SlowDict()
+    windows = [
+        batch(
+            entries(
+                table,
+                [
+                    Event(str(k), Op.INCR, {"id": k, "n": 1})
+                    for k in range(shard * 5, shard * 5 + 5)
+                ],
+            ),
+            shard=shard,
+            stream=f"threads{shard}",
+        )
+        for shard in range(16)
+    ]
+
+    async def all_at_once() -> None:
+        await asyncio.gather(*(sink.write(w) for w in windows))
+
+    try:
+        asyncio.run(all_at_once())
+    finally:
+        sink._executor.shutdown()
+        sink.pool.close()
+    assert sink.stats.windows == 16
+    assert sink.stats.rows == 16 * 5
+    assert sink.stats.by_table == {table.name: 16 * 5}
+
+
+class FailingRollback(psycopg2.extensions.connection):
+    """A connection whose rollback fails (the link stays open: nothing marks it closed)."""
+
+    def rollback(self) -> None:
+        raise psycopg2.OperationalError("rollback failed")
+
+
+def test_the_pool_closes_a_connection_whose_rollback_failed(sink_settings: Any) -> None:
+    pool = Pool(sink_settings)
+    failing = psycopg2.connect(sink_settings.dsn, connection_factory=FailingRollback)
+    pool._connect = lambda: failing  # type: ignore[method-assign]
+    with pool.connection() as conn:
+        assert conn is failing
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")  # a transaction is open now
+    assert failing.closed, "a connection whose rollback failed must be closed"
+    del pool._connect
+    with pool.connection() as conn:
+        assert conn is not failing
+    pool.close()
+
+
+def test_the_pool_closes_a_connection_left_in_a_transaction(sink_settings: Any) -> None:
+    """A rollback that "succeeds" but leaves the session in a transaction is no reset."""
+    pool = Pool(sink_settings)
+    with pool.connection() as conn:
+        first = conn
+        conn.autocommit = True  # rollback() does nothing now
+        with conn.cursor() as cur:
+            cur.execute("BEGIN")
+    assert first.closed
+    with pool.connection() as conn:
+        assert conn is not first and conn.info.transaction_status == 0
     pool.close()

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import time
+import traceback
 
 import pytest
 import redis
@@ -390,3 +391,31 @@ async def test_publish_after_close_is_refused(
     with pytest.raises(ProducerClosed):
         await producer.publish("tasks", task(1))
     assert sum(lengths(r, keys, "tasks")) == 0
+
+
+async def test_each_failed_publish_gets_an_exception_of_its_own(
+    redis_server: RedisServer, own: redis.Redis, aown: aredis.Redis, keys: Keys
+) -> None:
+    """One failure settles many publishes; a single instance raised in all their tasks
+    would gather every task's traceback and be shared (and changeable) by every caller."""
+    producer = AsyncProducer(aown, make_config(keys))
+    await producer.publish("tasks", task(0))
+    assert redis_server.process is not None
+    os.kill(redis_server.process.pid, signal.SIGSTOP)
+    try:
+        publishes = [asyncio.create_task(producer.publish("tasks", task(n))) for n in range(1, 21)]
+        await asyncio.sleep(0.05)  # sent, waiting for replies
+        publishes += [
+            asyncio.create_task(producer.publish("tasks", task(n))) for n in range(21, 31)
+        ]
+        await asyncio.sleep(0)
+        await asyncio.wait_for(producer.close(grace=0.2), 3)
+        results = await asyncio.wait_for(asyncio.gather(*publishes, return_exceptions=True), 1)
+    finally:
+        os.kill(redis_server.process.pid, signal.SIGCONT)
+    stopped = [x for x in results if isinstance(x, PublishError)]
+    closed = [x for x in results if isinstance(x, ProducerClosed)]
+    assert stopped and closed and len(stopped) + len(closed) == len(results), results
+    assert len({id(x) for x in results}) == len(results), "one exception shared by callers"
+    depths = {len(traceback.extract_tb(x.__traceback__)) for x in stopped}  # type: ignore[union-attr]
+    assert max(depths) < 10, depths

@@ -39,13 +39,15 @@ async def test_acquire_sets_the_owner_and_the_ttl(
     assert r.ttl(keys.epoch(STREAM, 0, GROUP)) == -1  # the epoch never expires
 
 
-async def test_owner_reacquiring_keeps_its_epoch_and_extends(
+async def test_owner_reacquiring_takes_a_new_epoch_and_extends(
     ar: aredis.Redis, r: redis.Redis, keys: Keys
 ) -> None:
+    """A shard task cancelled and started again by the same worker is a new ownership:
+    whatever the old task still has in flight is fenced by the old epoch."""
     w1 = leases(ar, keys, "w1", ttl_ms=1000)
     assert await w1.acquire(0) == Lease(0, 1)
     await asyncio.sleep(0.3)
-    assert await w1.acquire(0) == Lease(0, 1)
+    assert await w1.acquire(0) == Lease(0, 2)
     assert r.pttl(keys.lease(STREAM, 0, GROUP)) > 900  # extended to a whole TTL again
 
 
@@ -136,13 +138,14 @@ async def test_epoch_grows_by_one_at_every_new_owner(ar: aredis.Redis, keys: Key
         worker = workers[turn % len(workers)]
         lease = await worker.acquire(0)
         assert lease is not None
-        assert await worker.acquire(0) == lease  # re-acquiring while held: same epoch
-        seen.append(lease.epoch)
+        again = await worker.acquire(0)  # re-acquiring while held: a new ownership too
+        assert again == Lease(0, lease.epoch + 1)
+        seen += [lease.epoch, again.epoch]
         if turn % 3 == 2:
             await asyncio.sleep(0.25)  # this owner dies: its lease expires
         else:
             assert await worker.release(0) is True
-    assert seen == list(range(1, 13))
+    assert seen == list(range(1, 25))
 
 
 async def test_exactly_one_of_many_racing_workers_wins(redis_url: str, keys: Keys) -> None:

@@ -81,7 +81,7 @@ def plan(batch: Batch, settings: HttpSettings) -> Plan:
         if reason is not None:
             result.refused.append(Refusal(name, entry.id, f"call refused: {reason}"))
             continue
-        key = idempotency_key(batch.stream, batch.shard, entry.id)
+        key = idempotency_key(batch.stream, batch.shard, batch.origin(entry.id))
         if endpoint.mode == "each":
             body = orjson.dumps(data["payload"])
             if len(body) > endpoint.max_body_bytes:

@@ -3,7 +3,9 @@
 In that format a backslash starts an escape, and tab, newline and carriage return end
 fields and lines, so those four are escaped in every text value; everything else
 (quotes, unicode, JSON) goes through as it is. Validation has already refused what
-PostgreSQL cannot store (NUL characters, NaN, infinities, integers past 64 bits).
+PostgreSQL cannot store (NUL characters, NaN, infinities, integers past 64 bits); a
+value that still cannot be formatted (JSON nested deeper than orjson writes, say) raises
+EncodeError, which blames the rows like a refusal by the database does.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from streamsink.schemas.table import ColumnType
 NULL = "\\N"
 
 _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+class EncodeError(ValueError):
+    """A value of the rows could not be formatted for COPY (the rows' fault, not the code's)."""
 
 
 def text(value: str) -> str:
@@ -57,11 +63,16 @@ FORMATTERS: dict[ColumnType, Callable[[Any], str]] = {
 """The COPY text of a non-null value of each column type."""
 
 
-def rows(formatters: Sequence[Callable[[Any], str]], values: Iterable[Sequence[Any]]) -> bytes:
+def rows(
+    formatters: Sequence[Callable[[Any], str]],
+    values: Iterable[Sequence[Any]],
+    names: Sequence[str] = (),
+) -> bytes:
     """COPY text of rows: each a sequence of values in the order of `formatters`.
 
     Formatted column by column (a column without nulls goes through `map`, with no Python
     loop of ours), then joined row by row: half the time of formatting each row's values.
+    A formatter's exception becomes EncodeError, naming the column (from `names`).
     """
     table = list(values)
     columns = list(zip(*table, strict=True))  # ValueError if the rows differ in length
@@ -69,10 +80,17 @@ def rows(formatters: Sequence[Callable[[Any], str]], values: Iterable[Sequence[A
         raise ValueError(f"rows have {len(columns)} values, formatters are {len(formatters)}")
     if not columns:
         return b"\n" * len(table)  # no rows, or rows of no values
-    cells = [
-        [NULL if v is None else f(v) for v in column] if None in column else list(map(f, column))
-        for f, column in zip(formatters, columns, strict=True)
-    ]
+    cells = []
+    for number, (f, column) in enumerate(zip(formatters, columns, strict=True)):
+        try:
+            cells.append(
+                [NULL if v is None else f(v) for v in column]
+                if None in column
+                else list(map(f, column))
+            )
+        except Exception as exc:
+            name = names[number] if number < len(names) else f"#{number + 1}"
+            raise EncodeError(f"column {name}: cannot encode a value: {exc}") from exc
     lines = list(map("\t".join, zip(*cells, strict=True)))
     lines.append("")
     return "\n".join(lines).encode()

@@ -46,6 +46,7 @@ class Offsets:
     """The statements on the offsets tables, in one schema."""
 
     def __init__(self, schema: str = "public") -> None:
+        self.schema = schema
         offsets, rejected = sql.Identifier(schema, OFFSETS), sql.Identifier(schema, REJECTED)
         where = sql.SQL("sink = %s AND group_name = %s AND stream = %s AND shard = %s")
         self._fence = sql.SQL(
@@ -56,6 +57,7 @@ class Offsets:
             " RETURNING last_id, epoch"
         ).format(offsets)
         self._read = sql.SQL("SELECT last_id, epoch FROM {} WHERE {}").format(offsets, where)
+        self._probe = sql.SQL("SELECT 1 FROM {} LIMIT 0").format(offsets)
         self._advance = sql.SQL(
             "UPDATE {} SET last_id = %s, updated_at = now()"
             " WHERE {} AND last_id = %s AND epoch = %s"
@@ -99,3 +101,7 @@ class Offsets:
         """Which of `ids` were refused, with their reasons."""
         cur.execute(self._rejected, (*slot.values(), list(ids)))
         return {entry_id: reason for entry_id, reason in cur.fetchall()}
+
+    def probe(self, cur: Cursor) -> None:
+        """Look the offsets table up (raises if it is missing or out of reach)."""
+        cur.execute(self._probe)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg2
+from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 from psycopg2.extensions import connection as Connection
 
 from streamsink.errors import ConfigError
@@ -48,7 +49,8 @@ class PostgresSettings:
 
 
 class Pool:
-    """Idle psycopg2 connections kept for reuse; broken ones are dropped, not returned.
+    """Idle psycopg2 connections kept for reuse; broken ones (closed, or whose rollback
+    failed) are closed and dropped, never handed out again.
 
     At most `pool_size` are in use at once: only the sink's threads take them.
     """
@@ -81,10 +83,7 @@ class Pool:
         try:
             yield conn
         finally:
-            if not conn.closed:
-                with suppress(psycopg2.Error):
-                    conn.rollback()
-            if not conn.closed:  # a broken one is dropped: the next use connects again
+            if _reset(conn):
                 with self._lock:
                     self._idle.append(conn)
 
@@ -94,3 +93,22 @@ class Pool:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+
+def _reset(conn: Connection) -> bool:
+    """Roll back what `conn` left open; False (and `conn` closed) if it cannot be reused.
+
+    A connection whose rollback failed, or that is still not idle after it, may hold a
+    transaction, locks or a half-read result: the next window must not inherit them.
+    """
+    if conn.closed:
+        return False
+    try:
+        conn.rollback()
+        if conn.info.transaction_status == TRANSACTION_STATUS_IDLE:
+            return True
+    except psycopg2.Error:
+        pass
+    with suppress(psycopg2.Error):
+        conn.close()
+    return False

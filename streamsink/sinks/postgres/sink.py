@@ -4,10 +4,12 @@ Each window becomes one transaction on a pooled connection, run in a thread (psy
 blocks): stage the merged rows with COPY, delete, upsert per column shape, COPY the
 appended rows, move the shard's offset by compare-and-set, commit. Entries at or below
 the stored offset were applied by an earlier owner and are only acknowledged. A row
-the database refuses is isolated by bisection (savepoints) and handed back as
-Rejected with the database's message, while the rest of the window commits. Any other
-error rolls back and is raised: the worker retries the window, keeping its lease.
-How a window is written inside its transaction is writer.py; connections, pool.py.
+the database refuses, or whose values cannot be encoded, is isolated by bisection
+(savepoints) and handed back as Rejected with the reason, while the rest of the window
+commits. Any other error rolls back and is raised as errors.py classifies it:
+SinkUnavailable (the worker retries, keeping its lease), SinkMisconfigured (the group
+stops), or as it is (a bug). How a window is written inside its transaction is
+writer.py; connections, pool.py.
 """
 
 from __future__ import annotations
@@ -18,13 +20,16 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn
 
+import psycopg2
 from psycopg2.extensions import connection as Connection
 
 from streamsink.consumers.merge import Entry, Merged, merge
-from streamsink.errors import Fenced, SinkError
+from streamsink.errors import Fenced, SinkUnavailable
 from streamsink.sinks.base import Batch, Rejected
+from streamsink.sinks.postgres.errors import classify
 from streamsink.sinks.postgres.offsets import Offsets, Position, Slot
 from streamsink.sinks.postgres.pool import Pool, PostgresSettings
+from streamsink.sinks.postgres.schema import OFFSETS
 from streamsink.sinks.postgres.writer import (
     PostgresStats,
     RowError,
@@ -32,6 +37,7 @@ from streamsink.sinks.postgres.writer import (
     as_merged,
     bisectable,
     entry_ids,
+    table_names,
 )
 from streamsink.streams.reader import parse_id
 
@@ -60,6 +66,25 @@ class PostgresSink:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._write, batch)
 
+    async def check(self) -> None:
+        """Connect and look the offsets table up, so that a database that does not exist,
+        bad credentials or tables never created stop the group at start-up, not at its
+        first window (SinkMisconfigured; SinkUnavailable while the server is away)."""
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._check)
+
+    def _check(self) -> None:
+        offsets = f"{self._offsets.schema}.{OFFSETS}"
+        try:
+            with self.pool.connection() as conn:
+                with conn.cursor() as cur:
+                    self._offsets.probe(cur)
+                conn.rollback()
+        except psycopg2.Error as error:
+            known = classify(error, self.name, offsets)
+            if known is None:
+                raise
+            raise known from error
+
     async def close(self) -> None:
         """Wait for writes in flight, then close the connections."""
         await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
@@ -67,14 +92,25 @@ class PostgresSink:
 
     def _write(self, batch: Batch) -> list[Rejected]:
         slot = Slot(self.name, batch.group, batch.stream, batch.shard)
-        with self.pool.connection() as conn:
-            try:
-                return self._apply_window(conn, slot, batch)
-            except BaseException:
-                self._positions.pop(slot, None)  # unknown outcome: read the offset again
+        counts = PostgresStats()  # this window's: added to the sink's once, at the end
+        try:
+            with self.pool.connection() as conn:
+                rejected = self._apply_window(conn, slot, batch, counts)
+        except psycopg2.Error as error:
+            self._positions.pop(slot, None)  # unknown outcome: read the offset again
+            known = classify(error, self.name, table_names(batch.merged.tables))
+            if known is None:
                 raise
+            raise known from error
+        except BaseException:
+            self._positions.pop(slot, None)
+            raise
+        self.stats.add(counts)
+        return rejected
 
-    def _apply_window(self, conn: Connection, slot: Slot, batch: Batch) -> list[Rejected]:
+    def _apply_window(
+        self, conn: Connection, slot: Slot, batch: Batch, counts: PostgresStats
+    ) -> list[Rejected]:
         seen = self._positions.get(slot)
         if seen is None or seen.epoch != batch.epoch:
             seen = self._fence(conn, slot, batch.epoch)
@@ -83,23 +119,24 @@ class PostgresSink:
         offset = parse_id(seen.last_id)
         if parse_id(batch.first_id) <= offset:
             entries, rejected = self._skip_applied(conn, slot, entries, offset)
+            counts.skipped_entries += len(batch.entries) - len(entries)
             if not entries:
                 self._positions[slot] = seen
                 return rejected
             merged = merge(entries)
         try:
-            refused = self._transaction(conn, slot, seen, entries, merged, bisect=False)
+            refused = self._transaction(conn, slot, seen, entries, merged, False, counts)
         except RowError as error:
             conn.rollback()
             log.warning(
                 "rows refused, isolating them",
                 extra={"sink": self.name, "shard": slot.shard, "error": str(error)},
             )
-            refused = self._transaction(conn, slot, seen, entries, merged, bisect=True)
+            refused = self._transaction(conn, slot, seen, entries, merged, True, counts)
         self._positions[slot] = Position(entries[-1].id, seen.epoch)
         rejected.extend(Rejected(i, reason) for i, reason in refused)
-        self.stats.windows += 1
-        self.stats.rejected += len(refused)
+        counts.windows += 1
+        counts.rejected += len(refused)
         return rejected
 
     def _fence(self, conn: Connection, slot: Slot, epoch: int) -> Position:
@@ -133,7 +170,9 @@ class PostgresSink:
                 f"{slot.group}/{slot.stream} shard {slot.shard}: lease epoch {now.epoch} has "
                 f"committed since epoch {seen.epoch} read the offset; this worker lost the shard"
             )
-        raise SinkError(f"shard {slot.shard}: the offset moved since it was read; reading it again")
+        raise SinkUnavailable(
+            f"shard {slot.shard}: the offset moved since it was read; reading it again"
+        )
 
     def _skip_applied(
         self, conn: Connection, slot: Slot, entries: Sequence[Entry], offset: tuple[int, int]
@@ -143,7 +182,6 @@ class PostgresSink:
         with conn.cursor() as cur:
             refused = self._offsets.rejected(cur, slot, applied)
         conn.commit()
-        self.stats.skipped_entries += len(applied)
         log.info(
             "skipping entries applied before",
             extra={"sink": self.name, "shard": slot.shard, "entries": len(applied)},
@@ -159,6 +197,7 @@ class PostgresSink:
         entries: Sequence[Entry],
         merged: Merged,
         bisect: bool,
+        counts: PostgresStats,
     ) -> list[tuple[str, str]]:
         """Offset compare-and-set, the writes, the refused entries; commit.
 
@@ -166,7 +205,7 @@ class PostgresSink:
         the window into units; the first attempt writes it as merged.
         """
         with conn.cursor() as cur:
-            writer = Writer(cur, self._timeout)
+            writer = Writer(cur, self._timeout, self.name)
             advance = self._offsets.advance(cur, slot, seen, entries[-1].id)
             if bisect:
                 moved = writer.run(advance) != 1
@@ -180,5 +219,5 @@ class PostgresSink:
             refused = [(i, reason) for unit, reason in bad for i in entry_ids(unit, entries)]
             self._offsets.reject(cur, slot, refused)
         conn.commit()
-        writer.counted(self.stats, merged, [unit for unit, _ in bad])
+        writer.counted(counts, merged, [unit for unit, _ in bad])
         return refused

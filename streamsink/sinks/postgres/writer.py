@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -23,16 +24,19 @@ from psycopg2.extensions import cursor as Cursor
 from streamsink.consumers.merge import Entry, Merged, RowChange
 from streamsink.schemas.event import Op
 from streamsink.schemas.table import ColumnType, Mode, Table
-from streamsink.sinks.postgres import copy, statements
+from streamsink.sinks.postgres import copy, errors, statements
 
 ROW_ERROR_CLASSES = ("22", "23", "P0")
 """SQLSTATE classes that blame the rows (data exception, constraint, raised by a trigger);
-anything else (connection, timeout, deadlock, a missing table) is retried as a whole."""
+what the others mean is errors.py's to say."""
 
 
 @dataclass(slots=True)
 class PostgresStats:
-    """What the sink did, for status and the demo."""
+    """What the sink did, for status and the demo.
+
+    The sink's threads each count a window in their own, then `add` it to the sink's.
+    """
 
     windows: int = 0
     rows: int = 0
@@ -43,6 +47,24 @@ class PostgresStats:
     skipped_entries: int = 0
     rejected: int = 0
     by_table: dict[str, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(
+        default_factory=threading.Lock, init=False, repr=False, compare=False
+    )
+
+    def add(self, other: PostgresStats) -> None:
+        """Add `other`'s counts (a window's) to these; safe from several threads at once."""
+        with self._lock:
+            self.windows += other.windows
+            self.rows += other.rows
+            self.deletes += other.deletes
+            self.appended += other.appended
+            self.statements += other.statements
+            self.update_misses += other.update_misses
+            self.skipped_entries += other.skipped_entries
+            self.rejected += other.rejected
+            by_table = self.by_table
+            for name, count in other.by_table.items():
+                by_table[name] = by_table.get(name, 0) + count
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,14 +93,8 @@ _ABSENT = (None, None)
 
 
 class RowError(Exception):
-    """The database refused rows of a write (wraps the psycopg2 error)."""
-
-    def __init__(self, error: psycopg2.Error) -> None:
-        diag = error.diag
-        message = diag.message_primary or str(error).strip()
-        if diag.message_detail:
-            message = f"{message} ({diag.message_detail})"
-        super().__init__(f"postgres {error.pgcode}: {message}")
+    """Rows of a write are at fault: the database refused them, or a value of theirs
+    could not be encoded for COPY. Its text is the reason given with the rejected entries."""
 
 
 Writes = tuple[
@@ -91,6 +107,11 @@ def as_merged(merged: Merged) -> Writes:
     """A merged window's writes, as merging grouped them."""
     changes = {name: list(rows.values()) for name, rows in merged.rows.items()}
     return merged.tables, changes, merged.appends
+
+
+def table_names(tables: Mapping[str, Table]) -> str:
+    """The tables' qualified names, for a message."""
+    return errors.describe([f"{t.schema or 'public'}.{t.name}" for t in tables.values()])
 
 
 def grouped(units: Sequence[Unit]) -> Writes:
@@ -146,8 +167,8 @@ class Writer:
     the offset's compare-and-set last, then the caller's COMMIT.
     """
 
-    def __init__(self, cur: Cursor, begin: str) -> None:
-        self.cur = cur
+    def __init__(self, cur: Cursor, begin: str, sink: str = "") -> None:
+        self.cur, self.sink = cur, sink
         self.stats = PostgresStats()  # merged into the sink's once committed
         self._staging = itertools.count()
         self._begin = begin  # run first, with the first round trip
@@ -163,7 +184,8 @@ class Writer:
         return int(self.cur.rowcount)
 
     def counted(self, into: PostgresStats, merged: Merged, bad: Sequence[Unit]) -> None:
-        """Add what this writer committed (the window less the refused units) to `into`."""
+        """Add what this writer committed (the window less the refused units) to `into`
+        (the window's own counts: only its thread writes them)."""
         into.statements += self.stats.statements
         into.deletes += self.stats.deletes
         into.update_misses += self.stats.update_misses
@@ -207,8 +229,13 @@ class Writer:
             return self._execute(together) if together else -1
         except psycopg2.Error as error:
             if error.pgcode and error.pgcode[:2] in ROW_ERROR_CLASSES:
-                raise RowError(error) from error
+                table_fault = errors.undeclared_not_null(error, self.sink, tables)
+                if table_fault is not None:
+                    raise table_fault from error
+                raise RowError(errors.message(error)) from error
             raise
+        except copy.EncodeError as error:
+            raise RowError(f"cannot be written to {table_names(tables)}: {error}") from error
 
     def isolate(self, units: Sequence[Unit]) -> list[tuple[Unit, str]]:
         """Write what the database accepts; the refused units, found by bisection."""
@@ -270,7 +297,7 @@ class Writer:
             copy=statements.copy_in(
                 sql.Identifier(staging), [*names, statements.SHAPE, statements.DELETED]
             ).as_string(conn),
-            data=copy.rows(formatters, staged()),
+            data=copy.rows(formatters, staged(), names),
         )
         if deletes:
             stage.statements.append(statements.delete(table, staging).as_string(conn))
@@ -294,6 +321,6 @@ class Writer:
         rows = ([e.event.data.get(n) for n in names] for e in entries)
         self.cur.copy_expert(
             statements.copy_in(statements.target(table), names),
-            io.BytesIO(copy.rows(formatters, rows)),
+            io.BytesIO(copy.rows(formatters, rows, names)),
         )
         self.stats.statements += 1
