@@ -234,9 +234,17 @@ def test_status_json_and_watch(
     assert document["schema"] == 1
     (group,) = document["groups"]
     assert group["name"] == "g" and [s["shard"] for s in group["shards"]] == [0, 1]
-    assert {"length", "lag", "pending", "owner", "epoch", "dead", "telemetry"} <= set(
-        group["shards"][0]
-    )
+    assert {
+        "length",
+        "lag",
+        "pending",
+        "owner",
+        "epoch",
+        "dead",
+        "telemetry",
+        "state",
+        "outstanding",
+    } <= set(group["shards"][0])
     assert group["totals"]["coalescing_ratio"] is None and group["hot_keys"] == []
 
     def interrupt(seconds: float) -> None:
