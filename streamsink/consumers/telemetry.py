@@ -8,10 +8,11 @@ these objects when scraped (streamsink.ops.metrics); nothing here knows of Prome
 from __future__ import annotations
 
 import bisect
+import heapq
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from operator import itemgetter
+from operator import attrgetter
 from typing import Any
 
 from streamsink.consumers.merge import Merged
@@ -21,7 +22,7 @@ FLUSH_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 BATCH_BUCKETS = (1, 10, 100, 1_000, 5_000, 10_000, 20_000, 50_000, 100_000)
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
-_events = itemgetter(1)
+_row_events = attrgetter("events")
 
 LATENCY_SAMPLES = 64
 """Publish→commit latency is noted for at most this many entries of a window, each standing
@@ -80,17 +81,27 @@ class Telemetry:
         self.batch_events.observe(merged.events)
         self._latency(ids, now * 1000)
         window: list[tuple[tuple[str, tuple[Any, ...]], int]] = []
+        cut, total, wanted = 0, 0, 2 * self.hot.capacity
         for table, rows in merged.rows.items():
-            counts = self.tables.get(table) or self.tables.setdefault(table, TableCounts())
-            pairs = [((table, key), change.events) for key, change in rows.items()]
-            counts.events += sum(map(_events, pairs))
-            counts.rows += len(rows)
-            window += pairs
+            counts = list(map(_row_events, rows.values()))
+            events = sum(counts)
+            into = self.tables.get(table) or self.tables.setdefault(table, TableCounts())
+            into.events += events
+            into.rows += len(rows)
+            total += events
+            if len(counts) > wanted:  # only the busiest rows become pairs (a window of
+                # unique keys has as many rows as events)
+                top = heapq.nlargest(wanted + 1, range(len(counts)), key=counts.__getitem__)
+                cut = max(cut, counts[top.pop()])
+                keys = list(rows)
+                window += [((table, keys[n]), counts[n]) for n in top]
+            else:
+                window += [((table, key), n) for key, n in zip(rows, counts, strict=True)]
         for table, appended in merged.appends.items():
-            counts = self.tables.get(table) or self.tables.setdefault(table, TableCounts())
-            counts.events += len(appended)
-            counts.rows += len(appended)
-        self.hot.add(window)
+            into = self.tables.get(table) or self.tables.setdefault(table, TableCounts())
+            into.events += len(appended)
+            into.rows += len(appended)
+        self.hot.add(window, cut, total)
 
     def _latency(self, ids: Sequence[bytes], now_ms: float) -> None:
         """Publish→commit from each entry ID's millisecond part (Redis' clock at XADD)."""

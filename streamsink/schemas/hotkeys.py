@@ -49,16 +49,18 @@ class HotKeys(Generic[K]):
         self._counts: dict[K, int] = {}
         self._errors: dict[K, int] = {}
 
-    def add(self, window: Iterable[tuple[K, int]]) -> None:
-        """Count one window: (key, events) pairs, each key once."""
+    def add(self, window: Iterable[tuple[K, int]], cut: int = 0, total: int | None = None) -> None:
+        """Count one window: (key, events) pairs, each key once.
+
+        A caller that kept only the window's busiest keys says so: `cut`, the most events
+        of a key it left out, and `total`, the events of the whole window.
+        """
         pairs = list(window)
-        self.total += sum(map(_count, pairs))
+        self.total += sum(map(_count, pairs)) if total is None else total
         wanted = 2 * self.capacity
         if len(pairs) > wanted:
             top = heapq.nlargest(wanted + 1, pairs, key=_count)
-            pairs, cut = top[:wanted], top[wanted][1]
-        else:
-            cut = 0
+            pairs, cut = top[:wanted], max(cut, top[wanted][1])
         counts, errors, floor = self._counts, self._errors, self.floor
         for key, events in pairs:
             if key in counts:

@@ -46,3 +46,26 @@ def test_a_window_counts_events_rows_hot_keys_and_latency() -> None:
     hot = telemetry.hot_keys()
     assert [(h["count"], h["error"]) for h in hot] == [(100, 0), (100, 0)]
     assert {h["key"] for h in hot} < {"tasks:0", "tasks:1", "tasks:2"}
+
+
+def test_hot_keys_of_large_windows_keep_their_bounds() -> None:
+    """Windows with more rows than the summary takes: only their busiest become pairs."""
+    import random
+    from collections import Counter
+
+    rng = random.Random(3)
+    telemetry = Telemetry(hot_capacity=4)
+    truth: Counter[str] = Counter()
+    for _ in range(30):
+        keys = [rng.randrange(300) for _ in range(400)] + [7] * 40  # row 7 is hot
+        entries = [
+            Entry(f"1-{n}", Event.make(str(k), "incr", {"id": k, "views": 1}), TASKS)
+            for n, k in enumerate(keys)
+        ]
+        truth.update(f"tasks:{k}" for k in keys)
+        telemetry.flushed(merge(entries), [e.id.encode() for e in entries], 0.01)
+    hot = telemetry.hot_keys()
+    assert len(hot) <= 4 and hot[0]["key"] == "tasks:7"
+    for h in hot:
+        assert h["count"] - h["error"] <= truth[h["key"]] <= h["count"]
+    assert telemetry.hot.total == sum(truth.values())
