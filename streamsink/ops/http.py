@@ -27,6 +27,7 @@ from prometheus_client.registry import CollectorRegistry
 from streamsink.consumers.worker import GroupRunner, Worker
 from streamsink.ops.metrics import Facts, WorkerCollector, group_stopped
 from streamsink.ops.status import HOT_KEYS, plain, status_document
+from streamsink.streams.admin import group_status
 from streamsink.streams.endpoints import endpoint_rows
 from streamsink.streams.keys import Keys
 from streamsink.streams.telemetry import publish_telemetry
@@ -110,9 +111,11 @@ class Ops:
 
     async def metrics(self, request: web.Request) -> web.Response:
         """Prometheus exposition; lag and pending of the owned shards are read just before."""
-        with contextlib.suppress(redis.RedisError, OSError, TimeoutError):
+        try:
             async with asyncio.timeout(CHECK_TIMEOUT_S):
                 await self._read_facts()
+        except (redis.RedisError, OSError, TimeoutError):
+            self.facts.backlog = {}  # no lag rather than a stale one (/readyz says why)
         body = generate_latest(self.registry)  # on the loop: it reads what the loop changes
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -192,29 +195,23 @@ class Ops:
     # ---- Redis reads and writes ------------------------------------------------------------
 
     async def _read_facts(self) -> None:
-        client, keys = self.worker.client, self.keys
-        backlog: dict[tuple[str, int], tuple[int | None, int]] = {}
-        for group in self.worker.groups:
-            owned = sorted(group.runners)
-            if not owned:
-                continue
-            async with client.pipeline(transaction=False) as pipe:  # reset on exit
-                for shard in owned:
-                    pipe.xinfo_groups(keys.shard(group.stream, shard))
-                replies = await pipe.execute()
-            for shard, infos in zip(owned, replies, strict=True):
-                for info in infos:
-                    name = info["name"]
-                    if (name.decode() if isinstance(name, bytes) else name) == group.group.name:
-                        lag = info.get("lag")
-                        backlog[(group.group.name, shard)] = (
-                            None if lag is None else int(lag),
-                            int(info["pending"]),
-                        )
-        self.facts.backlog = backlog
+        """Lag and pending of the owned shards, as `status` counts them (from entry IDs, not
+        XINFO's lag, which a Redis restart from its AOF can leave too high for good)."""
+        sync, keys = self._client(), self.keys
+        owned = [(g.group.name, g.stream, set(g.runners)) for g in self.worker.groups]
+
+        def read() -> dict[tuple[str, int], tuple[int | None, int]]:
+            return {
+                (group, row.shard): (row.lag, row.pending)
+                for group, stream, shards in owned
+                if shards
+                for row in group_status(sync, keys, stream, group)
+                if row.shard in shards
+            }
+
+        self.facts.backlog = await asyncio.to_thread(read)
         http = [s.name for s in self.worker.config.sinks.values() if s.type == "http"]
         if http:
-            sync = self._client()
             self.facts.endpoints = await asyncio.to_thread(
                 lambda: {name: endpoint_rows(sync, keys, name) for name in http}
             )

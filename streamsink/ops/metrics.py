@@ -63,7 +63,9 @@ class WorkerCollector(Collector):
             for attr, name, text in _SHARD_COUNTERS
         }
         lag = GaugeMetricFamily(
-            "streamsink_lag", "Entries not yet read by the group.", labels=SHARD
+            "streamsink_lag",
+            "Entries not yet delivered to the group (a lower bound past 1000 on both sides).",
+            labels=SHARD,
         )
         pending = GaugeMetricFamily(
             "streamsink_pending", "Entries read, not yet acknowledged.", labels=SHARD
