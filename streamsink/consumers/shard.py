@@ -133,9 +133,12 @@ class ShardRunner:
         finally:
             # Cancelled (lease lost) or crashed: the flush in flight must not write or
             # acknowledge on behalf of an owner that is gone; the next owner claims it.
-            if flushing is not None and not flushing.done():
-                flushing.cancel()
-                await asyncio.wait([flushing])
+            if flushing is not None:
+                if not flushing.done():
+                    flushing.cancel()
+                    await asyncio.wait([flushing])
+                if not flushing.cancelled():
+                    flushing.exception()  # seen: whatever it was, this shard is done
         if self.lost:
             return
         if window:

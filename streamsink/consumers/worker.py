@@ -430,7 +430,8 @@ async def serve(
     except Exception as exc:  # an ExceptionGroup from the TaskGroup, most often
         errors = exc.exceptions if isinstance(exc, BaseExceptionGroup) else (exc,)
         for error in errors:
-            log.error("worker crashed", exc_info=error, extra={"error": repr(error)})
+            what = f"{type(error).__name__}: {error}"
+            log.error("worker crashed", exc_info=error, extra={"error": what})
         return 1
     finally:
         for handle in gave_up:

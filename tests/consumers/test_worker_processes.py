@@ -403,16 +403,17 @@ def test_workers_ride_out_a_redis_restart(
 
 
 def test_a_crashed_loop_ends_the_process_with_exit_1_and_says_why(
-    keys: Keys, redis_url: str, cluster: Cluster
+    r: redis.Redis, keys: Keys, redis_url: str, cluster: Cluster
 ) -> None:
-    path = cluster.config(redis_url)  # the stream is never created
+    path = cluster.config(redis_url)
+    r.rpush(keys.meta(STREAM), "not a hash")  # an error nobody planned for: WRONGTYPE
     worker = cluster.start(path)
     assert worker.wait(15) == 1
     crashes = [line for line in worker.records() if line["msg"] == "worker crashed"]
     assert len(crashes) == 1
     assert crashes[0]["level"] == "error"
-    assert "StreamNotFound" in crashes[0]["error"]
-    assert "create it first" in crashes[0]["error"]
+    assert "ResponseError" in crashes[0]["error"]
+    assert "WRONGTYPE" in crashes[0]["error"]
     assert "Traceback" in crashes[0]["exc"]
 
 

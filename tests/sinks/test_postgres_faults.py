@@ -106,7 +106,8 @@ def setup_for(
 ) -> Callable[..., Setup]:
     """Makes a test's config (tables in its own schema), its tables and its stream."""
 
-    def make(tables: str, group: str, shards: int) -> Setup:
+    def make(tables: str, group: str, shards: int, dsn: str | None = None) -> Setup:
+        """`dsn`: where the sink connects (default: the test database)."""
         schema = schema_of(pg)
         text = f"""
 [redis]
@@ -114,7 +115,7 @@ url = {_q(redis_url)}
 prefix = {_q(keys.prefix)}
 
 [postgres]
-dsn = {_q(database_url)}
+dsn = {_q(dsn or database_url)}
 
 {tables.replace("SCHEMA", _q(schema))}
 

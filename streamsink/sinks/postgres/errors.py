@@ -118,11 +118,11 @@ def classify(error: psycopg2.Error, sink: str, tables: str) -> SinkError | None:
     code = error.pgcode
     what = message(error)
     if code is None:  # raised by libpq or psycopg2, not by the server
-        if not isinstance(error, _LINK_ERRORS) and type(error) is not psycopg2.DatabaseError:
-            return None  # a ProgrammingError of ours, say: a bug
-        for pattern, fix in _CONNECT_FIXES:
+        for pattern, fix in _CONNECT_FIXES:  # a bad dsn is a ProgrammingError: check first
             if pattern.search(what):
                 return SinkMisconfigured(f"postgres sink {sink!r}: cannot connect ({what}): {fix}")
+        if not isinstance(error, _LINK_ERRORS) and type(error) is not psycopg2.DatabaseError:
+            return None  # a ProgrammingError of ours, say: a bug
         first = next((line.strip() for line in what.splitlines() if line.strip()), what)
         return SinkUnavailable(f"postgres sink {sink!r}: {type(error).__name__}: {first}")
     if code in TRANSIENT or code[:2] in TRANSIENT_CLASSES:
