@@ -207,8 +207,11 @@ class ShardRunner:
                     if route.sinks:
                         window.only[entries[-1].id] = route.sinks
                 continue
-            origin = route.origin if route is not None else ""
-            await self._dead_letter(Raw(entry_id.decode(), fields, times), reason, origin=origin)
+            raw = Raw(entry_id.decode(), fields, times)
+            if route is None:
+                await self._dead_letter(raw, reason)
+            else:  # a replay stays addressed to the sinks it was for
+                await self._dead_letter(raw, reason, route.sinks, route.origin)
         self.stats.read += len(read.entries) - (len(self._stash.entries) if self._stash else 0)
         if len(entries) > taken:
             if deliveries:
@@ -326,7 +329,8 @@ class ShardRunner:
             f"worker stopped or lost the shard {tries - 1} times while applying it alone"
         )
         raw = Raw(entry.id, fields or encode(entry.event), times)
-        await self._dead_letter(raw, reason, origin=window.origins.get(entry.id, ""))
+        sinks, origin = window.only.get(entry.id, ()), window.origins.get(entry.id, "")
+        await self._dead_letter(raw, reason, sinks, origin)
         await self._tried_alone(entry.id, done=True)
         return False
 

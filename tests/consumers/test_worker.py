@@ -15,6 +15,8 @@ from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
+import orjson
+import pytest
 import redis
 import redis.asyncio as aredis
 
@@ -33,7 +35,7 @@ from streamsink.schemas import (
     shard_of,
 )
 from streamsink.sinks import Batch, FunctionSink, Rejected, Sink, TestingSink
-from streamsink.streams import Keys, Producer, create_stream
+from streamsink.streams import Keys, Producer, create_stream, dead
 
 SHARDS = 6
 STREAM = "items"
@@ -455,3 +457,100 @@ async def test_a_refused_entry_deleted_meanwhile_is_dead_lettered_from_its_event
     original = dict(_pairs(encode(item(key, 1, poison=True))))
     assert {k[2:]: v for k, v in letter.items() if k.startswith(b"f:")} == original
     assert [i.decode() for i, _ in r.xrange(stream_key)] == [kept]
+
+
+async def test_replayed_entries_reach_only_their_group_and_sinks_with_their_first_id(
+    r: redis.Redis, keys: Keys, redis_url: str
+) -> None:
+    """Entries as `dead replay` publishes them (`for`, `origin`, `sinks` fields): the named
+    group's named sinks apply them, with Batch.origin giving the first entry ID; every
+    other group, and a group's other sinks, never see them; all are acknowledged."""
+    create_stream(r, keys, STREAM, SHARDS)
+    config = Config(
+        prefix=keys.prefix,
+        streams={STREAM: StreamSpec(STREAM, SHARDS, table="items")},
+        tables={"items": ITEMS},
+        groups={
+            GROUP: GroupSpec(GROUP, STREAM, ("a", "b"), FAST),
+            "h": GroupSpec("h", STREAM, ("c",), FAST),
+        },
+        sinks={name: SinkSpec(name, "function") for name in "abc"},
+    )
+    shard = 2
+    key = keys_on(shard, 1)[0]
+    stream = keys.shard(STREAM, shard)
+
+    def xadd(seq: int, *routing: bytes) -> str:
+        fields = [*encode(item(key, seq)), *routing]
+        reply: Any = r.xadd(stream, dict(zip(fields[::2], fields[1::2], strict=True)))
+        return str(reply.decode())
+
+    plain = xadd(0)
+    for_b = xadd(1, b"for", GROUP.encode(), b"origin", b"1-1", b"sinks", b"b")
+    for_h = xadd(2, b"for", b"h", b"origin", b"1-2")
+    for_nobody = xadd(3, b"for", b"gone", b"origin", b"1-3")
+    last = xadd(4)
+    sinks = {name: TestingSink() for name in "abc"}
+
+    def acknowledged() -> bool:
+        groups: Any = r.xinfo_groups(stream)
+        return len(groups) == 2 and all(
+            group["pending"] == 0 and group["last-delivered-id"].decode() == last
+            for group in groups
+        )
+
+    async with running(redis_url, config, sinks) as task:
+        await eventually(acknowledged, task, "every group read and acknowledged everything")
+
+    def got(name: str) -> dict[str, str]:
+        """Entry ID -> its identity (Batch.origin), of what the sink got."""
+        return {e.id: b.origin(e.id) for b in sinks[name].batches for e in b.entries}
+
+    assert got("a") == {plain: plain, last: last}
+    assert got("b") == {plain: plain, for_b: "1-1", last: last}
+    assert got("c") == {plain: plain, for_h: "1-2", last: last}
+    assert for_nobody not in {**got("a"), **got("b"), **got("c")}
+    assert not r.exists(keys.dead(STREAM, shard, GROUP)) and not r.exists(
+        keys.dead(STREAM, shard, "h")
+    )
+
+
+@pytest.mark.parametrize("why", ["invalid", "delivered too often"])
+async def test_a_replay_dead_lettered_again_still_names_its_sinks_and_first_id(
+    r: redis.Redis, keys: Keys, redis_url: str, why: str
+) -> None:
+    """A replay for sink b only (sink a applied the event the first time) is dead-lettered
+    again, before any sink sees it: the new letter must still say `sinks=b` and keep the
+    first entry ID, or its next replay reaches sink a too, which then applies it twice."""
+    create_stream(r, keys, STREAM, SHARDS)
+    config = make_config(keys, ["a", "b"], max_deliveries=3)
+    shard = 5
+    key = keys_on(shard, 1)[0]
+    stream = keys.shard(STREAM, shard)
+    r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    data = {"id": key, "seq": "not a number" if why == "invalid" else 1}
+    fields = {b"key": key.encode(), b"op": b"set", b"data": orjson.dumps(data)}
+    routing = {b"for": GROUP.encode(), b"origin": b"1-1", b"sinks": b"b"}
+    replayed: Any = r.xadd(stream, {**fields, **routing})
+    entry = replayed.decode()
+    if why == "delivered too often":  # its owners died while applying it alone, as often
+        r.xreadgroup(GROUP, "gone-consumer", {stream: ">"})  # as allowed
+        r.xclaim(stream, GROUP, "gone-consumer", 0, [entry])
+        r.xclaim(stream, GROUP, "gone-consumer", 0, [entry])
+        r.hset(keys.suspects(STREAM, shard, GROUP), entry, SUSPECT_TRIES)
+    sinks = {"a": TestingSink(), "b": TestingSink()}
+    async with running(redis_url, config, sinks) as task:
+        await eventually(lambda: r.exists(keys.dead(STREAM, shard, GROUP)) == 1, task, "letter")
+        await eventually(lambda: pending(r, keys) == [0] * SHARDS, task, "acknowledged")
+
+    assert delivered_ids(sinks["a"]) == delivered_ids(sinks["b"]) == []
+    (letter,) = dead.dead_letters(r, keys, STREAM, GROUP)
+    assert letter.entry == entry
+    again = dead.replay(r, keys, STREAM, GROUP, letter)  # the operator replays it once more
+    assert again is not None
+    ((_, published),) = r.xrange(stream, again, again)
+    routed = {name: published.get(name) for name in (b"for", b"origin", b"sinks")}
+    assert routed == {b"for": b"g", b"origin": b"1-1", b"sinks": b"b"}, (
+        f"the replay of the letter reaches sink a too, which applied the event already; "
+        f"the letter: sinks={letter.sinks}, origin={letter.origin!r}"
+    )

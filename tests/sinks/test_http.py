@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import email.utils
 import hmac
 import time
@@ -323,3 +324,28 @@ async def test_every_request_carries_a_verifiable_signature_over_timestamp_and_b
     assert signed_correctly(record)
     tampered = Record(record.at, record.path, record.headers, record.body + b" ")
     assert not signed_correctly(tampered)
+
+
+@pytest.mark.parametrize("mode", ["each", "batch"])
+async def test_a_replayed_call_keeps_the_idempotency_key_of_its_first_entry(
+    receiver: Receiver, redis_url: str, keys: Keys, mode: str
+) -> None:
+    """`dead replay` publishes the call again under a new entry ID, with `origin` naming
+    the first one (Batch.origins): receivers see the first key, and drop the repeat."""
+    window = Window()
+    url = receiver.url("/replayed")
+    first = window.entry("task-1", url, {"n": 1})
+    plain = window.entry("task-2", url, {"n": 2})
+    again = window.entry("task-1", url, {"n": 1})  # the replay of `first`, later in the shard
+    batch = dataclasses.replace(window.batch([plain, again]), origins={again.id: first.id})
+    assert batch.origin(again.id) == first.id and batch.origin(plain.id) == plain.id
+    options = {"endpoints": {url: {"mode": mode}}}
+    async with http_sink(redis_url, keys, options) as built:
+        assert await built.sink.write(batch) == []
+
+    if mode == "each":
+        sent = {record.json()["n"]: record.key for record in receiver.records}
+    else:
+        (record,) = receiver.records
+        sent = {item["payload"]["n"]: item["idempotency_key"] for item in record.json()["items"]}
+    assert sent == {1: f"hooks:0:{first.id}", 2: f"hooks:0:{plain.id}"}

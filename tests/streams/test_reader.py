@@ -13,6 +13,7 @@ import redis.asyncio as aredis
 
 from streamsink.errors import Fenced
 from streamsink.streams.keys import Keys
+from streamsink.streams.leases import Leases
 from streamsink.streams.reader import (
     DEAD_PREFIX,
     Raw,
@@ -650,3 +651,107 @@ async def test_a_lease_changed_between_its_check_and_the_read_is_checked_again(
             await rd.next(10, 0)
         assert pending(r, keys) == {}, "read after the lease was taken over"
     assert changes == [meanwhile]
+
+
+# --- the epoch fence: a new ownership by the same worker ------------------------------------
+
+
+def pending_rows(r: redis.Redis, keys: Keys) -> list[tuple[str, str, int]]:
+    """(entry ID, consumer, times delivered) of every pending entry: a claim would show."""
+    rows: Any = r.xpending_range(shard(keys), GROUP, min="-", max="+", count=100_000)
+    return [
+        (row["message_id"].decode(), row["consumer"].decode(), int(row["times_delivered"]))
+        for row in rows
+    ]
+
+
+async def test_a_reader_of_an_earlier_epoch_of_the_same_worker_is_fenced_everywhere(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys
+) -> None:
+    """The same worker takes the shard again (its task cancelled and restarted): the lease
+    key still names it, but the epoch moved. Whatever the old task holds can neither
+    acknowledge, dead-letter, read nor claim; nothing in Redis changes when it tries."""
+    w1 = Leases(ar, keys, STREAM, GROUP, "w1", 10_000)
+    first = await w1.acquire(0)
+    assert first is not None and first.epoch == 1
+    old = ShardReader(ar, keys, STREAM, 0, GROUP, "w1", first.epoch)
+    await old.ensure_group()
+    ids = add(r, keys, 4)
+    held = await raws(old, 2)
+    assert [raw.id for raw in held] == ids[:2]
+
+    again = await w1.acquire(0)
+    assert again is not None and again.epoch == 2
+    assert r.get(keys.lease(STREAM, 0, GROUP)) == b"w1"  # the owner's name did not change
+    before = pending_rows(r, keys)
+    assert before == [(ids[0], "w1", 1), (ids[1], "w1", 1)]
+
+    with pytest.raises(Fenced):
+        await old.ack(encoded(ids[:2]), ids[1])
+    with pytest.raises(Fenced):  # the watermark alone is fenced too
+        await old.ack([], ids[1])
+    with pytest.raises(Fenced):
+        await old.dead_letter(held[0], "refused by a sink")
+    with pytest.raises(Fenced):  # read path: new entries stay with the group
+        await old.next(10, 0)
+    old.recover()
+    with pytest.raises(Fenced):  # claim path
+        await old.next(10, 0)
+    late = ShardReader(ar, keys, STREAM, 0, GROUP, "w1", first.epoch)  # a task made late
+    with pytest.raises(Fenced):
+        await late.next(10, 0)
+
+    assert pending_rows(r, keys) == before, "a fenced call acknowledged or claimed entries"
+    assert r.exists(keys.dead(STREAM, 0, GROUP)) == 0, "a fenced call dead-lettered"
+    assert r.exists(keys.applied(STREAM, 0, GROUP)) == 0, "a fenced call moved the watermark"
+    group = next(g for g in r.xinfo_groups(shard(keys)) if g["name"] == GROUP.encode())
+    assert group["last-delivered-id"].decode() == ids[1], "a fenced read delivered entries"
+
+    # The reader of the current epoch does all of it.
+    new = ShardReader(ar, keys, STREAM, 0, GROUP, "w1", again.epoch)
+    claimed = await raws(new, 10)
+    assert [(raw.id, raw.deliveries) for raw in claimed] == [(ids[0], 2), (ids[1], 2)]
+    assert [raw.id for raw in await raws(new, 10)] == ids[2:]
+    await new.dead_letter(claimed[0], "refused by a sink")
+    assert await new.ack(encoded(ids[1:]), ids[-1]) == 3
+    assert pending_rows(r, keys) == []
+    (_, letter), *_ = xrange(r, keys.dead(STREAM, 0, GROUP))
+    assert letter[b"entry"] == ids[0].encode() and letter[b"deliveries"] == b"2"
+    assert r.get(keys.applied(STREAM, 0, GROUP)) == ids[-1].encode()
+
+
+async def test_a_reader_of_an_earlier_epoch_cannot_touch_what_another_worker_took_over(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys
+) -> None:
+    """Worker w1's lease expired while it was paused; w2 took the shard (epoch 2), and then
+    w1's name is written back by no one: w1 is fenced by the owner check and the epoch."""
+    w1 = Leases(ar, keys, STREAM, GROUP, "w1", 300)
+    first = await w1.acquire(0)
+    assert first is not None
+    old = ShardReader(ar, keys, STREAM, 0, GROUP, "w1", first.epoch)
+    await old.ensure_group()
+    ids = add(r, keys, 3)
+    held = await raws(old, 10)
+    await asyncio.sleep(0.4)  # w1's lease expires
+    taken = await Leases(ar, keys, STREAM, GROUP, "w2", 10_000).acquire(0)
+    assert taken is not None and taken.epoch == 2
+    before = pending_rows(r, keys)
+
+    for attempt in (
+        old.ack(encoded(ids)),
+        old.dead_letter(held[-1], "refused"),
+        old.next(10, 0),
+    ):
+        with pytest.raises(Fenced):
+            await attempt
+    assert pending_rows(r, keys) == before
+    assert r.exists(keys.dead(STREAM, 0, GROUP)) == 0
+
+    # Even with the owner's name put back (a stale SET), the epoch still fences w1.
+    r.set(keys.lease(STREAM, 0, GROUP), "w1")
+    with pytest.raises(Fenced):
+        await old.ack(encoded(ids))
+    with pytest.raises(Fenced):
+        await old.dead_letter(held[-1], "refused")
+    assert pending_rows(r, keys) == before
+    assert r.exists(keys.dead(STREAM, 0, GROUP)) == 0
