@@ -1,12 +1,18 @@
 """Pipeline benchmark: one worker drains Redis Streams into PostgreSQL, baselines in the same run.
 
-    python bench/pipeline.py [--runs 3] [--scenarios hot,naive,read,unique,latency,backlog]
+    python bench/pipeline.py [--runs 3]
+                             [--scenarios hot,metrics,naive,read,unique,latency,backlog]
                              [--hot-events 500000] [--set max_events=20000] ...
 
 Rows (median of --runs runs; every run reads the events afresh, into new tables):
   hot keys        worker: 500,000 events over 10,000 rows of tasks(id, status text lww,
                   progress int max, views int sum), half `set` (status, progress), half
                   `incr` (views); events/s, worker CPU µs/event, peak RSS
+  metrics on      worker: the hot-keys run again on the same stream with the HTTP endpoint on
+                  (`[worker] http`: telemetry per window, hot keys, its Redis writes each
+                  second) and /metrics scraped each second by the bench; "metrics cost" is
+                  the throughput lost against the run without, in % (each run does both),
+                  "metrics CPU cost" the worker CPU per event added (steadier on a busy machine)
   naive           baseline: psycopg2, XREADGROUP COUNT 1000, orjson.loads, one upsert per
                   event, commit, XACK; on the first 20,000 events of the same stream. The
                   target's ratio is taken against it. For context, the same consumer
@@ -55,11 +61,13 @@ import contextlib
 import os
 import random
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -247,11 +255,19 @@ def _text(value: bytes | str) -> str:
 # ---- the worker, as a subprocess ----------------------------------------------------------
 
 
-def worker_config(stream: Stream, group: str, schema: str) -> str:
-    """The TOML a user would write for this worker."""
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now (for a worker's endpoint)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def worker_config(stream: Stream, group: str, schema: str, http: str = "") -> str:
+    """The TOML a user would write for this worker (`http`: its endpoint's address)."""
     setup = stream.setup
     options = "\n".join(f"{name} = {value}" for name, value in setup.settings.items())
-    return f"""
+    endpoint = f'[worker]\nhttp = "{http}"' if http else ""
+    return f"""{endpoint}
 [redis]
 url = "{setup.redis_url}"
 prefix = "{stream.keys.prefix}"
@@ -290,13 +306,15 @@ class Drained:
 class WorkerProcess:
     """A worker subprocess (this script in --child mode) on its own config and schema."""
 
-    def __init__(self, stream: Stream, group: str, timings: Path | None = None) -> None:
+    def __init__(
+        self, stream: Stream, group: str, timings: Path | None = None, http: str = ""
+    ) -> None:
         setup = stream.setup
-        self.stream, self.group = stream, group
+        self.stream, self.group, self.http = stream, group, http
         with contextlib.closing(setup.connect()) as conn:
             self.schema = stream.new_schema(conn)
             path = setup.directory / f"{group}-{self.schema}.toml"
-            path.write_text(worker_config(stream, group, self.schema))
+            path.write_text(worker_config(stream, group, self.schema, http))
             from streamsink.sinks.postgres.schema import create_tables
 
             create_tables(conn, load(path), offsets_schema=self.schema)
@@ -345,8 +363,13 @@ class WorkerProcess:
         last = self.stream.last_ids()
         started = cpu = 0.0
         seen, moved = None, time.monotonic()
+        scraped = time.monotonic()
         while True:
             self.check_alive()
+            if self.http and time.monotonic() - scraped >= 1.0:  # as Prometheus would, often
+                scraped = time.monotonic()
+                with contextlib.suppress(OSError):
+                    urllib.request.urlopen(f"http://{self.http}/metrics", timeout=2).read()
             read, done, where = self.stream.progress(self.group, last)
             now = time.perf_counter()
             if read and not started:
@@ -406,18 +429,24 @@ class CommitClock:
 
 def child(config_path: str, timings: str | None) -> int:
     """The worker: what `streamsink worker` runs, its sink timed when `timings` is given."""
-    from streamsink.consumers.worker import serve
+    from streamsink.consumers.worker import Worker, serve
     from streamsink.logs import configure
+    from streamsink.ops.http import endpoint
     from streamsink.sinks import build_sinks
 
     configure("WARNING")
     config = load(config_path)
+    address = config.http
+
+    def around(worker: Worker) -> contextlib.AbstractAsyncContextManager[object]:
+        return endpoint(worker, address or "")
+
     sinks = build_sinks(config)
     clock = None
     if timings is not None:
         clock = CommitClock(sinks["db"])
         sinks["db"] = clock
-    code = asyncio.run(serve(config, sinks))
+    code = asyncio.run(serve(config, sinks, around if address else None))
     if clock is not None:
         Path(timings or "").write_bytes(orjson.dumps(clock.latencies_ms))
     return code
@@ -428,9 +457,9 @@ def child(config_path: str, timings: str | None) -> int:
 Results = dict[str, float]
 
 
-def worker_run(stream: Stream, group: str, expect_rows: bool) -> Drained:
+def worker_run(stream: Stream, group: str, expect_rows: bool, http: str = "") -> Drained:
     """One worker drains the whole stream into new tables; the rows are checked."""
-    worker = WorkerProcess(stream, group)
+    worker = WorkerProcess(stream, group, http=http)
     try:
         drained = worker.drain()
     finally:
@@ -517,7 +546,7 @@ def hot_scenario(setup: Setup, args: argparse.Namespace, chosen: set[str]) -> li
     stream = Stream.create(setup)
     runs = range(args.runs)
     try:
-        kinds = ("pg", "plain", "naive", "each")
+        kinds = ("pg", "pgm", "plain", "naive", "each")
         stream.add_groups(*(f"{kind}-{r}" for r in runs for kind in kinds))
         stream.publish(events(args.hot_events, args.hot_keys, seed=1), expect="hot" in chosen)
         results = []
@@ -539,6 +568,14 @@ def hot_scenario(setup: Setup, args: argparse.Namespace, chosen: set[str]) -> li
                 if "naive" in result:
                     result["hot / naive"] = drained.events_per_s / result["naive"]
                     result["hot / naive each"] = drained.events_per_s / result["naive each"]
+            if "metrics" in chosen:
+                http = f"127.0.0.1:{free_port()}"
+                drained = worker_run(stream, f"pgm-{run}", expect_rows=True, http=http)
+                result["hot keys metrics"] = drained.events_per_s
+                result["hot keys metrics cpu"] = drained.cpu_us
+                if "hot keys" in result:
+                    result["metrics cost"] = 100 * (1 - drained.events_per_s / result["hot keys"])
+                    result["metrics cpu cost"] = 100 * (drained.cpu_us / result["hot keys cpu"] - 1)
             setup.say(f"hot run {run}: " + ", ".join(f"{k} {v:,.1f}" for k, v in result.items()))
             results.append(result)
         return results
@@ -650,6 +687,10 @@ def lines(settings: dict[str, int]) -> list[Line]:
         Line("  worker CPU", "hot keys cpu", "µs/event"),
         Line("  worker peak RSS", "hot keys rss", "MB"),
         Line("  / naive, commit each", "hot / naive each", "x"),
+        Line("hot keys, metrics on", "hot keys metrics", "events/s"),
+        Line("  worker CPU", "hot keys metrics cpu", "µs/event"),
+        Line("  metrics cost", "metrics cost", "%", lambda v: v < 5, "< 5%"),
+        Line("  metrics CPU cost", "metrics cpu cost", "%", lambda v: v < 5, "< 5%"),
         Line("naive baseline", "naive", "events/s"),
         Line("  commit each event", "naive each", "events/s"),
         Line("plain read baseline", "plain read", "events/s"),
@@ -688,7 +729,7 @@ def report(args: argparse.Namespace, settings: dict[str, int], runs: list[Result
         met = ""
         if line.target is not None:
             met = f"{line.target_text} {'met' if line.target(median) else 'NOT MET'}"
-        digits = 1 if line.unit in ("x", "µs/event", "MB", "ms") else 0
+        digits = 1 if line.unit in ("x", "µs/event", "MB", "ms", "%") else 0
         cells = [f"{v:>10,.{digits}f}" for v in (median, min(values), max(values))]
         print(f"| {line.label:<26} | {' | '.join(cells)} | {line.unit:<8} | {met}")
 
@@ -697,8 +738,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument(
         "--scenarios",
-        default="hot,naive,read,unique,latency,backlog",
-        help="comma-separated: hot, naive, read, unique, latency, backlog",
+        default="hot,metrics,naive,read,unique,latency,backlog",
+        help="comma-separated: hot, metrics, naive, read, unique, latency, backlog",
     )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--shards", type=int, default=4)
@@ -726,7 +767,7 @@ def main() -> None:
         sys.exit(child(args.child, args.timings))
 
     chosen = set(args.scenarios.split(","))
-    unknown = chosen - {"hot", "naive", "read", "unique", "latency", "backlog"}
+    unknown = chosen - {"hot", "metrics", "naive", "read", "unique", "latency", "backlog"}
     if unknown:
         parser.error(f"unknown scenarios: {sorted(unknown)}")
     settings = dict(BULK)
@@ -739,7 +780,7 @@ def main() -> None:
             args.redis_url, args.dsn, args.shards, settings, Path(directory), not args.quiet
         )
         parts: list[list[Results]] = []
-        if chosen & {"hot", "naive", "read"}:
+        if chosen & {"hot", "metrics", "naive", "read"}:
             parts.append(hot_scenario(setup, args, chosen))
         if "unique" in chosen:
             parts.append(unique_scenario(setup, args, args.unique_events, "unique keys"))

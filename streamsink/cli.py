@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import io
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import asdict, replace
 from importlib import resources
@@ -85,6 +87,17 @@ def _parser() -> argparse.ArgumentParser:
     publish.set_defaults(run=_publish)
 
     status = commands.add_parser("status", help="streams, groups, lag, pending, leases, dead")
+    status.add_argument(
+        "--json", action="store_true", help="the status document (schema in the README)"
+    )
+    status.add_argument(
+        "--watch",
+        type=float,
+        nargs="?",
+        const=2.0,
+        metavar="SECONDS",
+        help="redraw every SECONDS (default 2) until Ctrl-C",
+    )
     status.set_defaults(run=_status)
 
     dead = commands.add_parser("dead", help="list, replay or drop a group's dead letters")
@@ -109,6 +122,14 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file")
     worker.add_argument("--log-level", default="INFO")
     worker.add_argument(
+        "--log-format", choices=("json", "text"), default="json", help="log lines (default json)"
+    )
+    worker.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="serve /metrics, /healthz, /readyz and the status page (or [worker] http)",
+    )
+    worker.add_argument(
         "--shutdown-timeout",
         type=float,
         default=30.0,
@@ -132,6 +153,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--keep", action="store_true", help="keep earlier demo data")
     demo.add_argument("--publish-only", action="store_true", help="publish, show nothing")
+    demo.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="status page and /metrics while draining ([worker] http)",
+    )
     demo.set_defaults(run=_demo)
     return parser
 
@@ -269,7 +295,28 @@ def _event(record: Any, where: str) -> Event:
 
 
 def _status(args: argparse.Namespace, config: Config) -> int:
+    if args.watch is None:
+        return _status_once(args, config)
+    while True:  # until Ctrl-C (exit 130)
+        started = time.monotonic()
+        shown = io.StringIO()
+        with contextlib.redirect_stdout(shown):
+            _status_once(args, config)
+        sys.stdout.write("\x1b[H\x1b[2J" if sys.stdout.isatty() else "\n")
+        sys.stdout.write(f"every {args.watch:g} s, {time.strftime('%H:%M:%S')}\n")
+        sys.stdout.write(shown.getvalue())
+        sys.stdout.flush()
+        time.sleep(max(0.0, args.watch - (time.monotonic() - started)))
+
+
+def _status_once(args: argparse.Namespace, config: Config) -> int:
     client, keys = _client(config), Keys(config.prefix)
+    if args.json:
+        from streamsink.ops.status import status_document
+
+        document = status_document(client, keys, config)
+        sys.stdout.write(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
     _print_streams(client, keys, list_streams(client, keys))
     groups = [(g.stream, g.name) for g in config.groups.values()]
     behind: dict[str, dict[int, int]] = {}  # per stream and shard: the slowest group's lag
@@ -432,13 +479,26 @@ def _fixed_data(args: argparse.Namespace, config: Config, chosen: Sequence[Any])
 
 
 def _worker(args: argparse.Namespace, config: Config) -> int:
-    from streamsink.consumers.worker import serve
-    from streamsink.logs import configure
+    from streamsink.consumers.worker import Worker, serve
+    from streamsink.logs import configure, route_loop_errors
 
     if not config.groups:
         raise ValueError("the config declares no [groups]: give --config FILE")
-    configure(args.log_level)
-    return asyncio.run(serve(config, shutdown_timeout_s=args.shutdown_timeout))
+    configure(args.log_level, args.log_format)
+    address = args.http or config.http
+
+    async def run() -> int:
+        route_loop_errors(asyncio.get_running_loop())
+        if address is None:
+            return await serve(config, shutdown_timeout_s=args.shutdown_timeout)
+        from streamsink.ops.http import endpoint
+
+        def around(worker: Worker) -> contextlib.AbstractAsyncContextManager[object]:
+            return endpoint(worker, address)
+
+        return await serve(config, shutdown_timeout_s=args.shutdown_timeout, around=around)
+
+    return asyncio.run(run())
 
 
 def _tables_create(args: argparse.Namespace, config: Config) -> int:
@@ -509,23 +569,43 @@ def _demo(args: argparse.Namespace, config: Config) -> int:
     if "tasks" in config.read_models:
         task = Rows(client, config).read("tasks", 1)
         print(f"\nthe read model, before any worker ran: Rows.read('tasks', 1) = {task}")
-    return _demo_drain(config, counts)
+    return _demo_drain(config, counts, args.http or config.http)
 
 
-def _demo_drain(config: Config, counts: Mapping[str, int]) -> int:
+def _demo_drain(config: Config, counts: Mapping[str, int], address: str | None) -> int:
     """Drain the burst into PostgreSQL with one worker; show the writes saved and the rows."""
     import psycopg2
 
-    from streamsink.consumers.worker import worker_client
+    from streamsink.consumers.worker import Worker, worker_client
     from streamsink.demo import drain, report
     from streamsink.sinks.postgres import PostgresSink
 
     sink = PostgresSink.from_options("db", config.sinks["db"].options, config.postgres_dsn)
+    served: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def around(worker: Worker) -> AsyncIterator[None]:
+        """The worker's endpoint while it drains, if its port is free."""
+        from streamsink.ops.http import endpoint
+
+        assert address is not None
+        try:
+            async with endpoint(worker, address):
+                served.append(address)
+                print(f"\nwhile it drains: status page http://{address}/, metrics at /metrics")
+                yield
+        except ValueError as exc:  # the port is taken: drain without it
+            if served:
+                raise
+            print(f"\n(no status page: {exc})")
+            yield
 
     async def work() -> float:
         async_client = worker_client(config.redis_url)
         try:
-            return await drain(async_client, config, {"db": sink})
+            return await drain(
+                async_client, config, {"db": sink}, around=around if address else None
+            )
         finally:
             await async_client.aclose()
             await sink.close()
@@ -538,19 +618,29 @@ def _demo_drain(config: Config, counts: Mapping[str, int]) -> int:
     written = sink.stats.by_table
     print(f"\na worker drained them into PostgreSQL in {seconds:.2f} s; one write per event")
     print("would have been this many row writes; merged per key in windows, they were:")
-    print(f"\n  {'table':<14} {'events':>8} {'writes':>8}  saved")
+    print(f"\n  {'table':<14} {'events':>8} {'writes':>8} {'coalescing':>10} {'saved':>8}")
     for table in sorted(events):
-        ratio = events[table] / max(written.get(table, 0), 1)
-        print(f"  {table:<14} {events[table]:>8} {written.get(table, 0):>8}  {ratio:5.1f}x")
+        n, w = events[table], written.get(table, 0)
+        print(f"  {table:<14} {n:>8} {w:>8} {n / max(w, 1):>9.1f}x {n - w:>8}")
     all_events, all_writes = sum(events.values()), sum(written.values())
-    print(f"  {'all':<14} {all_events:>8} {all_writes:>8}  {all_events / max(all_writes, 1):5.1f}x")
     print(
-        f"\nin {sink.stats.windows} transactions and {sink.stats.statements} SQL statements "
+        f"  {'all':<14} {all_events:>8} {all_writes:>8} "
+        f"{all_events / max(all_writes, 1):>9.1f}x {all_events - all_writes:>8}"
+    )
+    print(
+        f"\ncoalescing ratio {all_events / max(all_writes, 1):.1f} events per row write: "
+        f"{all_events - all_writes} writes saved, "
+        f"in {sink.stats.windows} transactions and {sink.stats.statements} SQL statements "
         f"(instead of {all_events}). In PostgreSQL now (schema streamsink_demo):\n"
     )
     with closing(psycopg2.connect(config.postgres_dsn, connect_timeout=10)) as conn:
         for line in report(conn):
             print(line)
+    if served:
+        print(
+            f"\nRun `streamsink worker --config streamsink/demo.toml` to keep the status page at "
+            f"http://{served[0]}/ and metrics at http://{served[0]}/metrics."
+        )
     return 0
 
 

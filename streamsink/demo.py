@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -151,15 +152,27 @@ def report(conn: Connection) -> list[str]:
 
 
 async def drain(
-    client: aredis.Redis, config: Config, sinks: Mapping[str, Sink], stall_s: float = 30.0
+    client: aredis.Redis,
+    config: Config,
+    sinks: Mapping[str, Sink],
+    stall_s: float = 30.0,
+    around: Callable[[Worker], contextlib.AbstractAsyncContextManager[object]] | None = None,
 ) -> float:
     """Run a worker over the burst until every group has acknowledged everything.
 
     If nothing moves for `stall_s` seconds the demo stops with the stacks of its tasks
-    instead of hanging: a demo that hangs teaches nothing.
+    instead of hanging: a demo that hangs teaches nothing. `around(worker)` (the HTTP
+    endpoint) is entered while it runs.
     """
+    async with contextlib.AsyncExitStack() as ops:
+        worker = Worker(client, config, sinks, telemetry=around is not None)
+        if around is not None:
+            await ops.enter_async_context(around(worker))
+        return await _drain(client, config, worker, stall_s)
+
+
+async def _drain(client: aredis.Redis, config: Config, worker: Worker, stall_s: float) -> float:
     stop = asyncio.Event()
-    worker = Worker(client, config, sinks)
     started = time.perf_counter()
     running = asyncio.create_task(worker.run(stop))
     keys = Keys(config.prefix)

@@ -183,10 +183,12 @@ def test_demo_drains_the_burst_into_postgresql_exactly(
     assert main([*args, "demo"]) == 0
     out = capsys.readouterr().out
     total = next(line for line in out.splitlines() if line.strip().startswith("all "))
-    _, events, writes, saved = total.split()
+    _, events, writes, ratio, saved = total.split()
     assert int(events) == 141_966
     assert 0 < int(writes) < int(events)
-    assert float(saved.rstrip("x")) > 2
+    assert float(ratio.rstrip("x")) > 2
+    assert int(saved) == int(events) - int(writes)
+    assert "writes saved" in out
     for group, stream in (("tasks-writer", "tasks"), ("stats-writer", "stats")):
         for shard in range(2):
             assert r.xpending(keys.shard(stream, shard), group)["pending"] == 0
@@ -220,3 +222,42 @@ def test_demo_drains_the_burst_into_postgresql_exactly(
 def load_demo() -> Config:
     with resources.as_file(resources.files("streamsink") / "demo.toml") as path:
         return load(path)
+
+
+def test_status_json_and_watch(
+    config: str, r: redis.Redis, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--config", config, "streams", "create"]) == 0
+    capsys.readouterr()
+    assert main(["--config", config, "status", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["schema"] == 1
+    (group,) = document["groups"]
+    assert group["name"] == "g" and [s["shard"] for s in group["shards"]] == [0, 1]
+    assert {
+        "length",
+        "lag",
+        "pending",
+        "owner",
+        "epoch",
+        "dead",
+        "telemetry",
+        "state",
+        "outstanding",
+    } <= set(group["shards"][0])
+    assert group["totals"]["coalescing_ratio"] is None and group["hot_keys"] == []
+
+    def interrupt(seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("time.sleep", interrupt)
+    assert main(["--config", config, "status", "--watch", "0.5"]) == 130
+    out = capsys.readouterr().out
+    assert "every 0.5 s" in out and "group g on tasks" in out
+
+
+def test_worker_help_names_the_endpoint_and_log_format(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["worker", "--help"])
+    out = capsys.readouterr().out
+    assert "--http" in out and "--log-format" in out

@@ -14,6 +14,7 @@ from typing import Any, cast
 from streamsink.consumers.merge import Entry, Merged, merge
 from streamsink.consumers.retry import TRANSIENT, Backoff, cancelling, retrying
 from streamsink.consumers.settings import GroupSettings
+from streamsink.consumers.telemetry import Telemetry
 from streamsink.consumers.window import Window
 from streamsink.errors import EventError, Fenced, SinkMisconfigured, SinkUnavailable
 from streamsink.schemas.config import Config
@@ -72,6 +73,7 @@ class ShardRunner:
         self.lost = False  # the lease is gone: stop without flushing or acknowledging
         self.stats = ShardStats()
         self.state, self.state_since, self.last_error = RunState.RUNNING, time.time(), ""
+        self.telemetry: Telemetry | None = None  # ops: set by the worker when measuring
         self.lead = 0.0  # how long a flush may take (seconds): windows close that early
         self._flushes: deque[float] = deque(maxlen=8)  # the last flushes' durations
         self._where = {"group": reader.group, "stream": stream, "shard": lease.shard}
@@ -258,6 +260,7 @@ class ShardRunner:
             if not mine:
                 continue
             batch = self._batch(mine, window.origins, merged if mine is entries else None)
+            merged = batch.merged if mine is entries else merged  # the window's, for the next
             for reject in await self._write(name, sink, batch, self._attempts[name]):
                 refused.setdefault(reject.entry_id, []).append(name)
                 reasons.setdefault(reject.entry_id, reject.reason)
@@ -270,6 +273,9 @@ class ShardRunner:
         await retrying(lambda: self.reader.ack(ids, entries[-1].id), "ack")
         self.stats.flushed_windows += 1
         self.stats.applied += len(ids)
+        if self.telemetry is not None:  # ops: one note per committed window
+            whole = merged if merged is not None else merge(entries)
+            self.telemetry.flushed(whole, ids, time.monotonic() - started)
 
     def _batch(
         self, entries: Sequence[Entry], origins: Mapping[str, str], merged: Merged | None = None

@@ -30,6 +30,7 @@ from redis.backoff import NoBackoff
 from streamsink.consumers.retry import TRANSIENT, cancelling, retrying
 from streamsink.consumers.settings import GroupSettings
 from streamsink.consumers.shard import SINK_TRANSIENT, ShardRunner
+from streamsink.consumers.telemetry import Telemetry
 from streamsink.errors import ShardCountMismatch, SinkMisconfigured, StreamError, StreamNotFound
 from streamsink.schemas.config import Config, GroupSpec
 from streamsink.sinks.base import Sink
@@ -72,6 +73,7 @@ class GroupRunner:
         )
         self.runners: dict[int, tuple[ShardRunner, asyncio.Task[None]]] = {}
         self.stopped: str | None = None  # why the group stopped (a configuration error)
+        self.telemetry: dict[int, Telemetry] | None = None  # ops: per shard, when measuring
         self._renewed: dict[int, float] = {}
         self._maintained = 0.0
 
@@ -242,6 +244,8 @@ class GroupRunner:
             runner = ShardRunner(
                 reader, lease, self.config, self.stream, self.sinks, self.settings, self.alone
             )
+            if self.telemetry is not None:  # ops: kept across owners of the shard in this process
+                runner.telemetry = self.telemetry.setdefault(shard, Telemetry())
             task = tasks.create_task(self._run_shard(runner), name=f"shard-{shard}")
             self.runners[shard] = (runner, task)
             self._renewed[shard] = time.monotonic()
@@ -312,6 +316,7 @@ class Worker:
         config: Config,
         sinks: Mapping[str, Sink],
         worker: str | None = None,
+        telemetry: bool = False,
     ) -> None:
         self.client, self.config, self.sinks = client, config, sinks
         self.id = worker or worker_id()
@@ -322,6 +327,8 @@ class Worker:
             )
             for group in config.groups.values()
         ]
+        for group in self.groups if telemetry else ():  # ops: measure windows for the endpoint
+            group.telemetry = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until `stop`; a crash in any group or shard ends it with that error."""
@@ -361,11 +368,14 @@ async def serve(
     config: Config,
     sinks: Mapping[str, Sink] | None = None,
     shutdown_timeout_s: float = SHUTDOWN_TIMEOUT_S,
+    around: Callable[[Worker], contextlib.AbstractAsyncContextManager[object]] | None = None,
 ) -> int:
     """Run a worker until SIGTERM or SIGINT, or until every group has stopped.
 
     0 after a stop (drained, or given up after `shutdown_timeout_s`), 3 when a group
-    stopped on a configuration error, 1 after a crash or a second signal.
+    stopped on a configuration error, 1 after a crash or a second signal. `around(worker)`,
+    when given, is entered before the worker runs and left after it stopped (the CLI serves
+    the HTTP endpoint in it; the worker then measures windows).
     """
     from streamsink.sinks import build_sinks
 
@@ -380,7 +390,10 @@ async def serve(
     client = worker_client(config.redis_url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    worker = Worker(client, config, built)
+    worker = Worker(client, config, built, telemetry=around is not None)
+    ops = contextlib.AsyncExitStack()  # ops: the HTTP endpoint, when asked for
+    if around is not None:
+        await ops.enter_async_context(around(worker))
     running = asyncio.ensure_future(worker.run(stop))
     gave_up: list[asyncio.TimerHandle] = []
     forced = False
@@ -425,6 +438,7 @@ async def serve(
             handle.cancel()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        await ops.aclose()
         await _close(built.values(), client)
 
 

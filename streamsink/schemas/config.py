@@ -73,8 +73,13 @@ class Config:
     prefix: str = DEFAULT_PREFIX
     postgres_dsn: str = DEFAULT_POSTGRES_DSN
     max_data_bytes: int = DEFAULT_MAX_DATA_BYTES
+<<<<<<< HEAD
     read_models: Mapping[str, ReadModel] = field(default_factory=dict)
     """Tables with a Redis read model, by table name (`read_model = true` in the file)."""
+=======
+    http: str | None = None
+    """`host:port` of the worker's HTTP endpoint (metrics, probes, the page); None: off."""
+>>>>>>> ops
 
     def __post_init__(self) -> None:
         if not NAME.match(self.prefix):
@@ -176,10 +181,15 @@ def load(path: str | os.PathLike[str]) -> Config:
 
 def from_dict(raw: Mapping[str, Any]) -> Config:
     """Build a Config from the parsed TOML layout (see docs/config.md)."""
-    _only(raw, "config", {"redis", "postgres", "limits", "streams", "tables", "groups", "sinks"})
+    _only(
+        raw,
+        "config",
+        {"redis", "postgres", "limits", "streams", "tables", "groups", "sinks", "worker"},
+    )
     redis = _section(raw, "redis", {"url", "prefix"})
     postgres = _section(raw, "postgres", {"dsn"})
     limits = _section(raw, "limits", {"max_data_bytes"})
+    worker = _section(raw, "worker", {"http"})
     tables = {name: _table(name, spec) for name, spec in _section(raw, "tables").items()}
     read_models = {
         name: model
@@ -200,8 +210,24 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
             postgres.get("dsn") or os.environ.get("DATABASE_URL") or DEFAULT_POSTGRES_DSN
         ),
         max_data_bytes=_int(limits, "max_data_bytes", DEFAULT_MAX_DATA_BYTES, "limits"),
+<<<<<<< HEAD
         read_models=read_models,
+=======
+        http=_address(worker.get("http"), "[worker] http"),
+>>>>>>> ops
     )
+
+
+def _address(value: Any, where: str) -> str | None:
+    """A `host:port` to listen on (None stays None)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f'{where}: expected "host:port", got {value!r}')
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f'{where}: expected "host:port" (e.g. 127.0.0.1:9464), got {value!r}')
+    return value
 
 
 def _table(name: str, spec: Any) -> Table:

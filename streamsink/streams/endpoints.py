@@ -51,17 +51,19 @@ class EndpointStats:
         if not counts and not breakers:
             return
         self._counts, self._breakers = Counter(), {}
-        pipe = self._client.pipeline(transaction=False)
-        for field, n in counts.items():
-            pipe.hincrby(self._key, field, n)
-        if breakers:
-            pipe.hset(self._key, mapping=breakers)  # type: ignore[arg-type]
-        try:
-            await pipe.execute()
-        except (redis.RedisError, OSError) as exc:
-            log.warning("endpoint stats not saved", extra={"error": repr(exc)})
-            self._counts.update(counts)
-            self._breakers = {**breakers, **self._breakers}
+        async with self._client.pipeline(
+            transaction=False
+        ) as pipe:  # reset on exit: never left holding a connection
+            for field, n in counts.items():
+                pipe.hincrby(self._key, field, n)
+            if breakers:
+                pipe.hset(self._key, mapping=breakers)  # type: ignore[arg-type]
+            try:
+                await pipe.execute()
+            except (redis.RedisError, OSError) as exc:
+                log.warning("endpoint stats not saved", extra={"error": repr(exc)})
+                self._counts.update(counts)
+                self._breakers = {**breakers, **self._breakers}
 
 
 @dataclass(frozen=True, slots=True)

@@ -80,6 +80,12 @@ class Keys:
         holds the lease."""
         return f"{self.prefix}:{{{stream}:{shard}}}:state:{group}"
 
+    def telemetry(self, stream: str, shard: int, group: str) -> str:
+        """STRING: JSON of what the owner of (group, shard) measured (counts, hot keys), for
+        `status` and the page; written each second by a worker whose HTTP endpoint is on,
+        expires a few seconds after it stops (streams/telemetry.py)."""
+        return f"{self.prefix}:{{{stream}:{shard}}}:telemetry:{group}"
+
     def workers(self, stream: str, group: str) -> str:
         """ZSET of live workers of a group: member = worker id, score = heartbeat expiry (ms)."""
         return f"{self.prefix}:{{{stream}}}:workers:{group}"

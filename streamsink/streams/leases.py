@@ -101,26 +101,32 @@ class Leases:
         """Say this worker is alive for one TTL, forget the dead; return the live count."""
         now = int(time.time() * 1000)
         key = self._keys.workers(self.stream, self.group)
-        pipe = self._client.pipeline(transaction=True)
-        pipe.zadd(key, {self.worker: now + self.ttl_ms})
-        pipe.zremrangebyscore(key, "-inf", now)
-        pipe.zcard(key)
-        pipe.pexpire(key, self.ttl_ms * 10)
-        replies = await pipe.execute()
+        async with self._client.pipeline(
+            transaction=True
+        ) as pipe:  # reset on exit: never left holding a connection
+            pipe.zadd(key, {self.worker: now + self.ttl_ms})
+            pipe.zremrangebyscore(key, "-inf", now)
+            pipe.zcard(key)
+            pipe.pexpire(key, self.ttl_ms * 10)
+            replies = await pipe.execute()
         return int(replies[2])
 
     async def heartbeat_and_renew(self, shards: Sequence[int]) -> tuple[int, list[bool]]:
         """`heartbeat` and `renew` of every shard in `shards`, in one round trip."""
         now = int(time.time() * 1000)
         key = self._keys.workers(self.stream, self.group)
-        pipe = self._client.pipeline(transaction=False)
-        pipe.zadd(key, {self.worker: now + self.ttl_ms})
-        pipe.zremrangebyscore(key, "-inf", now)
-        pipe.zcard(key)
-        pipe.pexpire(key, self.ttl_ms * 10)
-        for shard in shards:
-            await self._renew(self._lease_keys(shard)[:1], [self.worker, self.ttl_ms], client=pipe)
-        replies = await pipe.execute()
+        async with self._client.pipeline(
+            transaction=False
+        ) as pipe:  # reset on exit: never left holding a connection
+            pipe.zadd(key, {self.worker: now + self.ttl_ms})
+            pipe.zremrangebyscore(key, "-inf", now)
+            pipe.zcard(key)
+            pipe.pexpire(key, self.ttl_ms * 10)
+            for shard in shards:
+                await self._renew(
+                    self._lease_keys(shard)[:1], [self.worker, self.ttl_ms], client=pipe
+                )
+            replies = await pipe.execute()
         return int(replies[2]), [bool(reply) for reply in replies[4:]]
 
     async def live_workers(self) -> set[str]:

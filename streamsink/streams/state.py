@@ -71,10 +71,10 @@ async def publish_state(
         "worker": worker,
         "epoch": epoch,
     }
-    pipe = client.pipeline(transaction=True)
-    pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
-    pipe.expire(key, STATE_TTL_S)
-    await pipe.execute()
+    async with client.pipeline(transaction=True) as pipe:  # reset on exit
+        pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
+        pipe.expire(key, STATE_TTL_S)
+        await pipe.execute()
 
 
 def shown_state(stored: Mapping[bytes, bytes], owner: str | None) -> ShownState:

@@ -429,3 +429,12 @@ def test_from_dict_takes_the_parsed_layout(no_env: None) -> None:
     config = from_dict(raw)
     assert config.streams["s"] == StreamSpec("s", 2, "t")
     assert config.tables["t"].columns["n"] == Column(T.FLOAT)
+
+
+def test_worker_http_address(tmp_path: Path, no_env: None) -> None:
+    assert load(write(tmp_path, "")).http is None
+    config = load(write(tmp_path, '[worker]\nhttp = "127.0.0.1:9464"\n'))
+    assert config.http == "127.0.0.1:9464"
+    for bad in ('"9464"', '"host:port"', "9464"):
+        with pytest.raises(ConfigError, match=r"\[worker\] http"):
+            load(write(tmp_path, f"[worker]\nhttp = {bad}\n"))

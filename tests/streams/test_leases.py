@@ -237,3 +237,29 @@ async def test_heartbeat_and_renew_in_one_round_trip(
     assert r.pttl(keys.lease(STREAM, 0, GROUP)) > 4000  # extended, not left to expire
     assert owner(r, keys, 2) == b"w2"
     assert await one.heartbeat_and_renew([]) == (2, [])
+
+
+async def test_a_renewal_cancelled_anywhere_leaves_no_pipeline_holding_a_connection(
+    ar: aredis.Redis, keys: Keys
+) -> None:
+    """The lease loop's timeout may cancel a renewal at any await; redis-py then reported
+    "Unclosed Pipeline client" (a bare line on stderr) when the pipeline was collected."""
+    import gc
+
+    reported: list[dict[str, object]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    mine = leases(ar, keys, "w1")
+    await mine.acquire(0)
+    try:
+        for delay in [0.0, 0.0001, 0.0002, 0.0005, 0.001, 0.002] * 5:
+            await ar.script_flush()  # the renewal script must be loaded again: more awaits
+            try:
+                async with asyncio.timeout(delay):
+                    await mine.heartbeat_and_renew([0])
+            except TimeoutError:
+                pass
+            gc.collect()
+        assert not [c for c in reported if "Unclosed" in str(c.get("message"))], reported
+    finally:
+        loop.set_exception_handler(None)

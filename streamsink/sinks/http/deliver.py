@@ -20,6 +20,7 @@ import hashlib
 import logging
 import random
 import time
+from collections import Counter
 from datetime import UTC
 
 from streamsink.consumers.retry import TRANSIENT, retrying
@@ -84,6 +85,8 @@ class Sender:
         self, transport: Transport, vetter: Vetter, limiter: AsyncRateLimiter, stats: EndpointStats
     ) -> None:
         self.transport, self.vetter, self.limiter, self.stats = transport, vetter, limiter, stats
+        self.requests: Counter[tuple[str, str]] = Counter()  # (endpoint, status class): sent
+        self.permit_wait_s: dict[str, float] = {}  # per endpoint: time waited for a permit
 
     async def deliver(self, endpoint: Endpoint, request: Request) -> list[Rejected]:
         """Send until delivered or given up; the entries given up come back as Rejected."""
@@ -165,13 +168,23 @@ class Sender:
                 IDEMPOTENCY_HEADER: request.key,
                 **signed_headers(endpoint.secret, int(time.time()), request.body),
             }
-            return await self.transport.post(url, request.body, headers, timeout)
+            reply = await self.transport.post(url, request.body, headers, timeout)
+            self.requests[endpoint.name, status_class(reply.status)] += 1
+            return reply
         finally:
             if permit.member:
                 await self._done(endpoint, permit)
 
     async def _permit(self, endpoint: Endpoint, busy_s: float) -> Permit:
         """Wait out a Retry-After hold, then for a start under the endpoint's shared limit."""
+        started = time.monotonic()
+        try:
+            return await self._wait_permit(endpoint, busy_s)
+        finally:
+            waited = time.monotonic() - started
+            self.permit_wait_s[endpoint.name] = self.permit_wait_s.get(endpoint.name, 0.0) + waited
+
+    async def _wait_permit(self, endpoint: Endpoint, busy_s: float) -> Permit:
         while True:  # a 429 meanwhile may move the hold further
             wait = endpoint.hold_until - time.monotonic()
             if wait <= 0:
@@ -204,6 +217,11 @@ class Sender:
             extra={"endpoint": endpoint.name, "key": request.key, "reason": reason},
         )
         return [Rejected(entry_id, reason) for entry_id in request.entry_ids]
+
+
+def status_class(status: int) -> str:
+    """`2xx` … `5xx` of an HTTP status, `error` when no reply came (0)."""
+    return f"{status // 100}xx" if 100 <= status < 600 else "error"
 
 
 def _attempts(n: int) -> str:
