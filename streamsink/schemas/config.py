@@ -73,13 +73,10 @@ class Config:
     prefix: str = DEFAULT_PREFIX
     postgres_dsn: str = DEFAULT_POSTGRES_DSN
     max_data_bytes: int = DEFAULT_MAX_DATA_BYTES
-<<<<<<< HEAD
     read_models: Mapping[str, ReadModel] = field(default_factory=dict)
     """Tables with a Redis read model, by table name (`read_model = true` in the file)."""
-=======
     http: str | None = None
     """`host:port` of the worker's HTTP endpoint (metrics, probes, the page); None: off."""
->>>>>>> ops
 
     def __post_init__(self) -> None:
         if not NAME.match(self.prefix):
@@ -210,11 +207,8 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
             postgres.get("dsn") or os.environ.get("DATABASE_URL") or DEFAULT_POSTGRES_DSN
         ),
         max_data_bytes=_int(limits, "max_data_bytes", DEFAULT_MAX_DATA_BYTES, "limits"),
-<<<<<<< HEAD
         read_models=read_models,
-=======
         http=_address(worker.get("http"), "[worker] http"),
->>>>>>> ops
     )
 
 
