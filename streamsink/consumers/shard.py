@@ -3,49 +3,34 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
-from streamsink.consumers.merge import Entry, Merged, merge
+from streamsink.consumers.merge import Entry, merge
 from streamsink.consumers.retry import TRANSIENT, Backoff, cancelling, retrying
 from streamsink.consumers.settings import GroupSettings
 from streamsink.consumers.telemetry import Telemetry
 from streamsink.consumers.window import Window
-from streamsink.errors import EventError, Fenced, SinkMisconfigured, SinkUnavailable
+from streamsink.consumers.writing import SINK_TRANSIENT, ShardStats, SinkWriter, sink_attempts
+from streamsink.errors import EventError, Fenced, SinkMisconfigured
 from streamsink.schemas.config import Config
 from streamsink.schemas.wire import encode, replayed, unpacker
-from streamsink.sinks.base import Batch, Rejected, Sink
+from streamsink.sinks.base import Sink
 from streamsink.streams.keys import Keys
 from streamsink.streams.leases import Lease
 from streamsink.streams.reader import Raw, Read, ShardReader, parse_id
-from streamsink.streams.state import RunState, publish_state
+from streamsink.streams.state import RunState
 
 log = logging.getLogger("streamsink.shard")
 
-SINK_TRANSIENT: tuple[type[BaseException], ...] = (*TRANSIENT, SinkUnavailable, TimeoutError)
-"""What a sink may raise that passes by waiting: retried as long as it takes."""
+__all__ = ["SINK_TRANSIENT", "SUSPECT_TRIES", "ShardRunner", "ShardStats"]
 
 SUSPECT_TRIES = 2
 """How often an entry delivered more than `max_deliveries` times is tried alone: if its
 worker dies (or loses the lease) that often while applying it, it is dead-lettered."""
-
-
-@dataclass(slots=True)
-class ShardStats:
-    """Counts of one shard's runner, for status and metrics."""
-
-    read: int = 0
-    flushed_windows: int = 0
-    applied: int = 0
-    dead_lettered: int = 0
-    sink_retries: int = 0
-    skipped: int = 0  # replays addressed to another group
-    isolated: int = 0  # entries a failing sink was split down to and dead-lettered
 
 
 class ShardRunner:
@@ -72,7 +57,6 @@ class ShardRunner:
         self.draining = asyncio.Event()
         self.lost = False  # the lease is gone: stop without flushing or acknowledging
         self.stats = ShardStats()
-        self.state, self.state_since, self.last_error = RunState.RUNNING, time.time(), ""
         self.telemetry: Telemetry | None = None  # ops: set by the worker when measuring
         self.lead = 0.0  # how long a flush may take (seconds): windows close that early
         self._flushes: deque[float] = deque(maxlen=8)  # the last flushes' durations
@@ -82,9 +66,23 @@ class ShardRunner:
             config.default_table(stream), config.validator(stream), config.max_data_bytes
         )
         self._stash: Read | None = None  # entries read but left for the next window
-        self._attempts = {
-            name: _attempts(config, name, settings.max_attempts) for name in self.sinks
-        }
+        attempts = {name: sink_attempts(config, name, settings.max_attempts) for name in sinks}
+        self.writer = SinkWriter(reader, lease, config, stream, attempts, self.stats)
+
+    @property
+    def state(self) -> RunState:
+        """What the shard is doing: running, retrying (a sink away) or stopped."""
+        return self.writer.state
+
+    @property
+    def state_since(self) -> float:
+        """Since when (Unix seconds)."""
+        return self.writer.state_since
+
+    @property
+    def last_error(self) -> str:
+        """The last error of a write, while retrying or stopped."""
+        return self.writer.last_error
 
     async def run(self) -> None:
         """Read and flush until draining, then flush what is open and return.
@@ -94,13 +92,13 @@ class ShardRunner:
         SinkMisconfigured (the group stops) with nothing of the window acknowledged.
         """
         try:
-            await self._publish(RunState.RUNNING)
+            await self.writer.publish(RunState.RUNNING)
             await self._run()
         except Fenced as exc:
             log.warning("shard fenced by a newer owner", extra={**self._where, "error": str(exc)})
         except SinkMisconfigured as exc:
-            self.state, self.state_since, self.last_error = RunState.STOPPED, time.time(), str(exc)
-            await self._publish(RunState.STOPPED, str(exc))
+            self.writer.stopped(str(exc))
+            await self.writer.publish(RunState.STOPPED, str(exc))
             raise
 
     async def _run(self) -> None:
@@ -259,9 +257,9 @@ class ShardRunner:
             mine = window.for_sink(name)
             if not mine:
                 continue
-            batch = self._batch(mine, window.origins, merged if mine is entries else None)
+            batch = self.writer.batch(mine, window.origins, merged if mine is entries else None)
             merged = batch.merged if mine is entries else merged  # the window's, for the next
-            for reject in await self._write(name, sink, batch, self._attempts[name]):
+            for reject in await self.writer.write(name, sink, batch):
                 refused.setdefault(reject.entry_id, []).append(name)
                 reasons.setdefault(reject.entry_id, reject.reason)
         if self.stats.sink_retries == retries:  # a retried write says nothing of the next
@@ -276,21 +274,6 @@ class ShardRunner:
         if self.telemetry is not None:  # ops: one note per committed window
             whole = merged if merged is not None else merge(entries)
             self.telemetry.flushed(whole, ids, time.monotonic() - started)
-
-    def _batch(
-        self, entries: Sequence[Entry], origins: Mapping[str, str], merged: Merged | None = None
-    ) -> Batch:
-        return Batch(
-            group=self.reader.group,
-            stream=self.stream,
-            shard=self.lease.shard,
-            epoch=self.lease.epoch,
-            first_id=entries[0].id,
-            last_id=entries[-1].id,
-            entries=entries,
-            merged=merge(entries) if merged is None else merged,
-            origins={e.id: origins[e.id] for e in entries if e.id in origins} if origins else {},
-        )
 
     async def _dead_letter_refused(
         self, window: Window, refused: Mapping[str, list[str]], reasons: Mapping[str, str]
@@ -349,109 +332,9 @@ class ShardRunner:
         self._flushes.append(seconds)
         self.lead = min(max(self._flushes), self.settings.max_age_ms / 2000)
 
-    async def _write(self, name: str, sink: Sink, batch: Batch, tries: int) -> list[Rejected]:
-        """Write until the sink accepts, by the class of what it raises (errors.py).
-
-        Transient: retried with backoff as long as it takes, the lease kept, the shard
-        *retrying* in status. SinkMisconfigured and Fenced: raised (the group stops, the
-        shard is gone). Anything else is a bug: after `tries` the batch is split in two,
-        each half written on its own, down to the entries the sink fails on alone, which
-        come back as refused.
-        """
-        backoff, failures = Backoff(), 0
-        while True:
-            try:
-                result = await sink.write(batch)
-            except (asyncio.CancelledError, Fenced, SinkMisconfigured):
-                raise
-            except Exception as exc:
-                if cancelling():
-                    raise asyncio.CancelledError from exc
-                if not isinstance(exc, SINK_TRANSIENT):
-                    failures += 1
-                    if failures >= tries:
-                        return await self._isolate(name, sink, batch, exc, failures)
-                self.stats.sink_retries += 1
-                delay = backoff.next()
-                await self._retrying(name, exc, delay)
-                await asyncio.sleep(delay)
-                continue
-            await self._recovered(name)
-            return list(result)
-
-    async def _isolate(
-        self, name: str, sink: Sink, batch: Batch, exc: Exception, tries: int
-    ) -> list[Rejected]:
-        """Split a batch the sink keeps failing on; an entry that fails alone is refused."""
-        entries = batch.entries
-        await self._recovered(name)
-        if len(entries) == 1:
-            self.stats.isolated += 1
-            reason = f"{name} raised {type(exc).__name__}: {exc} ({tries} attempts)"
-            log.error(
-                "sink fails on an entry: dead-lettering it",
-                extra={**self._where, "sink": name, "entry": entries[0].id, "error": repr(exc)},
-            )
-            return [Rejected(entries[0].id, reason)]
-        log.warning(
-            "sink keeps failing: splitting the window to find the entries it fails on",
-            extra={**self._where, "sink": name, "entries": len(entries), "error": repr(exc)},
-        )
-        middle = len(entries) // 2
-        rejected: list[Rejected] = []
-        for half in (entries[:middle], entries[middle:]):
-            tries = self._attempts[name] if len(half) == 1 else 1
-            rejected += await self._write(name, sink, self._batch(half, batch.origins), tries)
-        return rejected
-
-    async def _retrying(self, name: str, exc: BaseException, delay: float) -> None:
-        """A write failed and will be tried again: say so once, and keep status current."""
-        error = f"{name}: {type(exc).__name__}: {exc}"
-        extra = {**self._where, "sink": name, "error": error, "in_s": round(delay, 3)}
-        if self.state is not RunState.RETRYING:
-            self.state, self.state_since = RunState.RETRYING, time.time()
-            log.warning("sink write failed: retrying", extra=extra)
-        else:
-            log.debug("sink write failed again", extra=extra)
-        self.last_error = error
-        await self._publish(RunState.RETRYING, error)
-
-    async def _recovered(self, name: str) -> None:
-        """A write went through (or was given up on): end the retrying state, if any."""
-        if self.state is not RunState.RETRYING:
-            return
-        took = round(time.time() - self.state_since, 3)
-        self.state, self.state_since = RunState.RUNNING, time.time()
-        log.info("sink recovered", extra={**self._where, "sink": name, "after_s": took})
-        await self._publish(RunState.RUNNING)
-
-    async def _publish(self, state: RunState, error: str = "") -> None:
-        """Best effort: status is told the shard's state (Redis may be what is failing)."""
-        with contextlib.suppress(*TRANSIENT, TimeoutError):
-            async with asyncio.timeout(2):
-                await publish_state(
-                    self.reader.client,
-                    self._keys,
-                    self.stream,
-                    self.lease.shard,
-                    self.reader.group,
-                    state=state,
-                    worker=self.reader.consumer,
-                    epoch=self.lease.epoch,
-                    error=error,
-                    since=self.state_since,
-                )
-
     async def _dead_letter(
         self, raw: Raw, reason: str, sinks: Sequence[str] = (), origin: str = ""
     ) -> None:
         await retrying(lambda: self.reader.dead_letter(raw, reason, sinks, origin), "dead-letter")
         self.stats.dead_lettered += 1
         log.warning("dead-lettered", extra={**self._where, "entry": raw.id, "reason": reason})
-
-
-def _attempts(config: Config, sink: str, default: int) -> int:
-    """A sink's `max_attempts` option, else the group's."""
-    spec = config.sinks.get(sink)
-    value: Any = spec.options.get("max_attempts", default) if spec is not None else default
-    return int(value)
