@@ -611,6 +611,7 @@ class Torture:
         self.replayed_fields: list[dict[bytes, bytes]] = []
         self.diagnosis: list[str] = []
         self.dead_reasons: collections.Counter[str] = collections.Counter()
+        self.unlisted = 0  # replayed letters that came after our listing (data unknown)
         self.problems: list[str] = []
         self.workers: Workers | None = None
         self.producers: list[ProducerThread] = []
@@ -721,15 +722,20 @@ class Torture:
         self.constraint(add=False)
         time.sleep(0.5)
         client = redis.Redis.from_url(self.redis.url, socket_timeout=10)
+        listed = {}
         for letter in dead_letters(client, Keys(PREFIX), STREAM, "g2", 1_000_000):
             self.dead_reasons[letter.reason.split(" (")[0][:100]] += 1
+            listed[letter.id] = letter.fields
         client.close()
+        started = now()
         done = cli(
             self.config, "dead", "replay", STREAM, "g2", "--all", "--limit", "1000000", check=False
         )
-        new_ids = [line.split(" -> ")[1] for line in done.stdout.splitlines() if " -> " in line]
-        self.remember_replayed(new_ids)
-        count = len(new_ids)
+        replayed = [line.split(" -> ")[0] for line in done.stdout.splitlines() if " -> " in line]
+        self.replayed_fields += [listed[dead_id] for dead_id in replayed if dead_id in listed]
+        self.unlisted += sum(1 for dead_id in replayed if dead_id not in listed)
+        count = len(replayed)
+        self.say(f"   dead replay g2: {count} letters in {now() - started:.1f} s")
         if done.returncode != 0:
             self.say(f"!! dead replay exited {done.returncode}: {done.stderr.strip()[:200]}")
         self.replayed += count
@@ -737,18 +743,6 @@ class Torture:
             time.sleep(2.0)  # let the replayed entries through before refusing again
             self.constraint(add=True)
         return count
-
-    def remember_replayed(self, new_ids: list[str]) -> None:
-        """Read back what the replay published (for the diagnosis of a difference)."""
-        client = redis.Redis.from_url(self.redis.url, socket_timeout=10)
-        keys = Keys(PREFIX)
-        for new_id in new_ids:
-            for shard in range(SHARDS):
-                found: Any = client.xrange(keys.shard(STREAM, shard), new_id, new_id)
-                if found:
-                    self.replayed_fields.append(found[0][1])
-                    break
-        client.close()
 
     def diagnose(
         self, name: str, want: dict[str, dict[Any, Row]], got: dict[str, dict[Any, Row]]
@@ -770,6 +764,8 @@ class Torture:
         twice = {ident.decode(): count for ident, count in times.items() if count > 1}
         if twice:
             lines.append(f"events replayed more than once (dead-lettered again): {len(twice)}")
+        if self.unlisted:
+            lines.append(f"{self.unlisted} replayed letters came after the listing: not counted")
         if not excess:
             return lines
         if name.startswith("g1"):
