@@ -611,6 +611,7 @@ class Torture:
         self.replayed_fields: list[dict[bytes, bytes]] = []
         self.diagnosis: list[str] = []
         self.dead_reasons: collections.Counter[str] = collections.Counter()
+        self.id_clashes = 0  # replays where one dead-letter ID was in several shards
         self.unlisted = 0  # replayed letters that came after our listing (data unknown)
         self.problems: list[str] = []
         self.workers: Workers | None = None
@@ -722,18 +723,27 @@ class Torture:
         self.constraint(add=False)
         time.sleep(0.5)
         client = redis.Redis.from_url(self.redis.url, socket_timeout=10)
-        listed = {}
-        for letter in dead_letters(client, Keys(PREFIX), STREAM, "g2", 1_000_000):
+        listed = list(dead_letters(client, Keys(PREFIX), STREAM, "g2", 1_000_000))
+        for letter in listed:
             self.dead_reasons[letter.reason.split(" (")[0][:100]] += 1
-            listed[letter.id] = letter.fields
         client.close()
         started = now()
         done = cli(
             self.config, "dead", "replay", STREAM, "g2", "--all", "--limit", "1000000", check=False
         )
         replayed = [line.split(" -> ")[0] for line in done.stdout.splitlines() if " -> " in line]
-        self.replayed_fields += [listed[dead_id] for dead_id in replayed if dead_id in listed]
-        self.unlisted += sum(1 for dead_id in replayed if dead_id not in listed)
+        # Dead-letter IDs repeat across shards (each shard's dead stream has its own IDs):
+        # match the CLI's lines to our listing in order, both go shard by shard.
+        position = 0
+        for dead_id in replayed:
+            found = next((i for i in range(position, len(listed)) if listed[i].id == dead_id), None)
+            if found is None:
+                self.unlisted += 1
+                continue
+            self.replayed_fields.append(listed[found].fields)
+            position = found + 1
+        if len({(letter.shard, letter.id) for letter in listed}) > len({x.id for x in listed}):
+            self.id_clashes += 1
         count = len(replayed)
         self.say(f"   dead replay g2: {count} letters in {now() - started:.1f} s")
         if done.returncode != 0:
@@ -918,6 +928,11 @@ class Torture:
         )
         for reason, count in self.dead_reasons.most_common():
             print(f"  g2 dead letters before replays: {count} x {reason}")
+        if self.id_clashes:
+            print(
+                f"  note: in {self.id_clashes} replays one dead-letter ID was in several shards "
+                "(`dead replay STREAM GROUP ID` replays all of them)"
+            )
         for problem in self.problems:
             print(f"problem: {problem}")
         if diff:
