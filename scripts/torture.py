@@ -733,22 +733,30 @@ class Torture:
             self.config, "dead", "replay", STREAM, "g2", "--all", "--limit", "1000000", check=False
         )
         pairs = [line.split(" -> ") for line in done.stdout.splitlines() if " -> " in line]
-        replayed = [dead_id for dead_id, _ in pairs]
-        # Dead-letter IDs repeat across shards (each shard's dead stream has its own IDs):
-        # match the CLI's lines to our listing in order, both go shard by shard.
-        position = 0
-        for dead_id in replayed:
-            found = next((i for i in range(position, len(listed)) if listed[i].id == dead_id), None)
-            if found is None:  # dead-lettered after our listing: read the replayed entry
-                self.find_replayed(dict(pairs)[dead_id])
-                continue
-            self.replayed_fields.append(listed[found].fields)
-            self.replayed_entries.append((listed[found].shard, listed[found].entry))
-            position = found + 1
+        # Which of our letters went (dead-letter IDs repeat across shards, so ask each shard);
+        # the CLI's other lines are letters that came after our listing.
+        client = redis.Redis.from_url(self.redis.url, socket_timeout=10)
+        pipe = client.pipeline(transaction=False)
+        for letter in listed:
+            pipe.xrange(Keys(PREFIX).dead(STREAM, letter.shard, "g2"), letter.id, letter.id)
+        gone = [letter for letter, left in zip(listed, pipe.execute(), strict=True) if not left]
+        for letter in gone:
+            self.replayed_fields.append(letter.fields)
+            self.replayed_entries.append((letter.shard, letter.entry))
+        known = collections.Counter(letter.id for letter in gone)
+        for dead_id, new_id in pairs:
+            if known[dead_id]:
+                known[dead_id] -= 1
+            else:
+                self.find_replayed(client, new_id)
+        client.close()
         if len({(letter.shard, letter.id) for letter in listed}) > len({x.id for x in listed}):
             self.id_clashes += 1
-        count = len(replayed)
-        self.say(f"   dead replay g2: {count} letters in {now() - started:.1f} s")
+        count = len(pairs)
+        self.say(
+            f"   dead replay g2: {count} letters in {now() - started:.1f} s "
+            f"({len(gone)} of the {len(listed)} listed before)"
+        )
         if done.returncode != 0:
             self.say(f"!! dead replay exited {done.returncode}: {done.stderr.strip()[:200]}")
         self.replayed += count
@@ -757,9 +765,8 @@ class Torture:
             self.constraint(add=True)
         return count
 
-    def find_replayed(self, new_id: str) -> None:
+    def find_replayed(self, client: redis.Redis, new_id: str) -> None:
         """The fields of a replayed entry, from its shard (unless trimmed already)."""
-        client = redis.Redis.from_url(self.redis.url, socket_timeout=10)
         for shard in range(SHARDS):
             found: Any = client.xrange(Keys(PREFIX).shard(STREAM, shard), new_id, new_id)
             if found and shard_of(found[0][1][b"key"].decode(), SHARDS) == shard:
@@ -768,7 +775,6 @@ class Torture:
                 break
         else:
             self.unlisted += 1
-        client.close()
 
     def diagnose(
         self, name: str, want: dict[str, dict[Any, Row]], got: dict[str, dict[Any, Row]]
