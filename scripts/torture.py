@@ -733,6 +733,7 @@ class Torture:
             self.config, "dead", "replay", STREAM, "g2", "--all", "--limit", "1000000", check=False
         )
         pairs = [line.split(" -> ") for line in done.stdout.splitlines() if " -> " in line]
+        pairs = [(dead_id, new_id) for dead_id, new_id in pairs if new_id[:1].isdigit()]
         # Which of our letters went (dead-letter IDs repeat across shards, so ask each shard);
         # the CLI's other lines are letters that came after our listing.
         client = redis.Redis.from_url(self.redis.url, socket_timeout=10)
