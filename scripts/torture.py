@@ -22,7 +22,11 @@ same AOF directory), `pg_terminate_backend` of the workers' connections. Then it
 worker running, final replay, lag and pending 0 in both groups), stops the workers with SIGTERM
 (each must exit 0) and compares every table of both databases with an independent model that
 applies the events one by one in stream order (per key, by the entry IDs the producers got).
-Prints PASS or FAIL with up to 20 differing rows; exit code 0 or 1.
+Prints PASS or FAIL with up to 20 differing rows; exit code 0 or 1. A worker that exits on its
+own (not killed by us) is restarted and fails the run too. On a difference in `counters` it
+says whether the replayed letters explain it: g1 off by exactly the replayed deltas (g1 applied
+g2's replays), g2 off by the deltas of entries dead-lettered more than once (a zombie's letter).
+Worker logs are kept in the work directory when the run fails.
 """
 
 from __future__ import annotations
