@@ -843,7 +843,11 @@ class Torture:
     # --- drain and compare
 
     def drained(self, client: redis.Redis) -> tuple[bool, str]:
-        """Every shard: pending 0 and the group's last delivered ID the newest entry's."""
+        """Every shard: pending 0 and the group's last delivered ID the newest entry's.
+
+        Not XINFO's `lag`: Redis 7.0 keeps counting one after a restart from the AOF (its
+        entries-read counter goes stale), though everything was delivered and acknowledged.
+        """
         keys = Keys(PREFIX)
         notes = []
         for shard in range(shard_count(client, keys, STREAM)):
@@ -854,9 +858,11 @@ class Torture:
                 if name not in GROUPS:
                     continue
                 behind = info["last-delivered-id"] != newest
-                if info["pending"] or behind or info.get("lag"):
+                if info["pending"] or behind:
                     notes.append(
-                        f"{name}/{shard}: pending {info['pending']}, lag {info.get('lag')}"
+                        f"{name}/{shard}: pending {info['pending']}, "
+                        f"delivered up to {info['last-delivered-id'].decode()} "
+                        f"of {newest.decode()}"
                     )
         return not notes, "; ".join(notes)
 
