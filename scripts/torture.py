@@ -57,7 +57,7 @@ from psycopg2 import sql
 
 from streamsink.schemas import Event, load, shard_of
 from streamsink.streams import Keys, Producer
-from streamsink.streams.admin import shard_count
+from streamsink.streams.admin import group_status, shard_count
 from streamsink.streams.dead import dead_letters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -617,6 +617,7 @@ class Torture:
         self.diagnosis: list[str] = []
         self.dead_reasons: collections.Counter[str] = collections.Counter()
         self.id_clashes = 0  # replays where one dead-letter ID was in several shards
+        self.backlog: dict[str, int] = {}  # group: largest backlog seen (entries)
         self.unlisted = 0  # replayed letters that came after our listing (data unknown)
         self.problems: list[str] = []
         self.workers: Workers | None = None
@@ -866,6 +867,19 @@ class Torture:
                     )
         return not notes, "; ".join(notes)
 
+    def sample_backlog(self) -> None:
+        """The largest backlog (not yet acknowledged, per group) seen during the run."""
+        client = redis.Redis.from_url(self.redis.url, socket_timeout=5)
+        try:
+            for group in GROUPS:
+                rows = group_status(client, Keys(PREFIX), STREAM, group, 100_000)
+                backlog = sum(row.outstanding or 0 for row in rows)
+                self.backlog[group] = max(self.backlog.get(group, 0), backlog)
+        except redis.RedisError:
+            pass
+        finally:
+            client.close()
+
     def dead_counts(self, client: redis.Redis) -> dict[str, int]:
         keys = Keys(PREFIX)
         return {
@@ -949,6 +963,7 @@ class Torture:
                     self.record("dead-replay", f"g2: {count} dead letters replayed (CLI)")
                     next_replay = now() + self.args.replay_every
                 self.inject()
+                self.sample_backlog()
                 time.sleep(self.random.uniform(*self.args.gap))
             self.say("time is up: producers stop")
             for producer in self.producers:
@@ -976,7 +991,8 @@ class Torture:
             errors.update(producer.errors)
         print(
             f"\npublished {published} events ({retries} publishes retried with the same ids: "
-            f"{dict(errors)}); {self.replayed} dead letters of g2 replayed"
+            f"{dict(errors)}); {self.replayed} dead letters of g2 replayed; largest backlog "
+            f"seen after a fault: {self.backlog} entries"
         )
         for reason, count in self.dead_reasons.most_common():
             print(f"  g2 dead letters before replays: {count} x {reason}")
