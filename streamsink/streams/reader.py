@@ -14,10 +14,15 @@ from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import redis.asyncio as aredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError, WatchError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streamsink.errors import Fenced
 from streamsink.streams.keys import Keys
+
+_CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+"""What redis-py hides behind a WatchError when the connection dies under WATCH."""
 
 # Every script that writes on behalf of the shard's owner (acknowledge, dead-letter, claim)
 # first checks that the caller still holds the lease under its epoch: a worker paused
@@ -164,6 +169,15 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _lost(exc: WatchError) -> RedisConnectionError:
+    """redis-py reports a connection lost under WATCH as a WatchError; it is transient.
+
+    Raised as such, the shard retries and claims back what a lost EXEC reply delivered
+    (`recover`), instead of crashing the worker or reading past those entries.
+    """
+    return RedisConnectionError(f"connection lost under WATCH ({exc.__context__!r})")
+
+
 def parse_id(entry_id: str | bytes) -> tuple[int, int]:
     """An entry ID as (milliseconds, sequence), for comparing IDs."""
     ms, _, seq = _text(entry_id).partition("-")
@@ -255,8 +269,11 @@ class ShardReader:
         while True:
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.response_callbacks = _AS_SENT
-                await pipe.watch(self.lease_key, self.epoch_key)
-                owner, epoch = await pipe.mget(self._fence)
+                try:
+                    await pipe.watch(self.lease_key, self.epoch_key)
+                    owner, epoch = await pipe.mget(self._fence)
+                except WatchError as exc:  # the connection died under WATCH
+                    raise _lost(exc) from exc
                 if owner != self._owner or (epoch or b"0") != self._held:
                     raise self._fenced("reading")
                 pipe.multi()  # type: ignore[no-untyped-call]
@@ -267,8 +284,10 @@ class ShardReader:
                 pipe.execute_command("XREVRANGE", self.key, "+", "-", "COUNT", 1)
                 try:
                     read, newest = await pipe.execute()
-                except WatchError:
-                    continue
+                except WatchError as exc:
+                    if isinstance(exc.__context__, _CONNECTION_ERRORS):
+                        raise _lost(exc) from exc  # the read may have run: claim it back
+                    continue  # the lease key changed: check it again
             return _entries(read), (newest[0][0] if newest else b"0-0")
 
     def recover(self) -> None:

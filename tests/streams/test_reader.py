@@ -755,3 +755,57 @@ async def test_a_reader_of_an_earlier_epoch_cannot_touch_what_another_worker_too
         await old.dead_letter(held[-1], "refused")
     assert pending_rows(r, keys) == before
     assert r.exists(keys.dead(STREAM, 0, GROUP)) == 0
+
+
+async def test_a_connection_lost_under_watch_is_transient_not_a_crash(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-py turns a connection lost after WATCH into a WatchError; the read must raise a
+    ConnectionError (the shard retries it) instead, and read everything afterwards."""
+    ids = add(r, keys, 3)
+    rd = await reader(ar, keys)
+    await rd.ensure_group()
+    watch: Any = aredis.client.Pipeline.watch
+    killed: list[str] = []
+
+    async def watch_then_lose_the_connection(pipe: Any, *names: Any) -> Any:
+        result = await watch(pipe, *names)
+        if not killed:  # once: the server drops this connection before the GET
+            host, port = pipe.connection._writer.get_extra_info("sockname")[:2]
+            killed.append(f"{host}:{port}")
+            r.client_kill_filter(addr=killed[0])
+        return result
+
+    monkeypatch.setattr(aredis.client.Pipeline, "watch", watch_then_lose_the_connection)
+    with pytest.raises(redis.ConnectionError):
+        await rd.next(10, 0)
+    rd.recover()
+    assert [raw.id for raw in await raws(rd, 10)] == ids
+
+
+async def test_a_read_whose_exec_reply_was_lost_is_claimed_back(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EXEC ran (the entries are delivered to us) but its reply was lost: redis-py says
+    WatchError; retrying the read would pass those entries for good, so it must raise a
+    ConnectionError, after which `recover` claims them back."""
+    ids = add(r, keys, 3)
+    rd = await reader(ar, keys)
+    await rd.ensure_group()
+    transaction: Any = aredis.client.Pipeline._execute_transaction
+    lost: list[bool] = []
+
+    async def reply_lost(pipe: Any, *args: Any, **options: Any) -> Any:
+        result = await transaction(pipe, *args, **options)
+        if not lost:  # once: EXEC ran, then its reply was lost (still WATCHing, as then)
+            lost.append(True)
+            pipe.watching = True
+            raise redis.ConnectionError("Connection closed by server.")
+        return result
+
+    monkeypatch.setattr(aredis.client.Pipeline, "_execute_transaction", reply_lost)
+    with pytest.raises(redis.ConnectionError):
+        await rd.next(10, 0)
+    assert pending(r, keys) == dict.fromkeys(ids, "w1"), "delivered, reply lost"
+    rd.recover()
+    assert [raw.id for raw in await raws(rd, 10)] == ids
