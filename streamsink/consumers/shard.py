@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import cast
 
 from streamsink.consumers.merge import Entry, merge
@@ -243,11 +243,16 @@ class ShardRunner:
             return await self._flush(window)
         async with self.alone:
             if await self._may_try_alone(window):
-                await self._flush(window)
-                await self._tried_alone(window.entries[0].id, done=True)
+                first = window.entries[0].id
+                await self._flush(window, written=lambda: self._tried_alone(first, done=True))
         return None
 
-    async def _flush(self, window: Window) -> None:
+    async def _flush(
+        self, window: Window, written: Callable[[], Awaitable[object]] | None = None
+    ) -> None:
+        """`written`: called once every sink has returned, before dead letters and the ack
+        (a suspect is forgiven as soon as its write went through: a worker that stops
+        after that, before acknowledging, was not stopped by it)."""
         started, retries = time.monotonic(), self.stats.sink_retries
         entries = window.entries
         refused: dict[str, list[str]] = {}  # entry ID -> the sinks that refused it
@@ -264,6 +269,8 @@ class ShardRunner:
                 reasons.setdefault(reject.entry_id, reject.reason)
         if self.stats.sink_retries == retries:  # a retried write says nothing of the next
             self._took(time.monotonic() - started)
+        if written is not None:
+            await written()
         ids = window.ids
         if refused:
             await self._dead_letter_refused(window, refused, reasons)

@@ -554,3 +554,30 @@ async def test_a_replay_dead_lettered_again_still_names_its_sinks_and_first_id(
         f"the replay of the letter reaches sink a too, which applied the event already; "
         f"the letter: sinks={letter.sinks}, origin={letter.origin!r}"
     )
+
+
+async def test_a_suspect_whose_write_went_through_is_not_blamed_when_its_ack_is_lost(
+    r: redis.Redis, keys: Keys, redis_url: str
+) -> None:
+    """Its lone write committed, then the worker lost the shard before acknowledging it:
+    the entry did not stop its worker, so its tries are forgotten (a later owner finds it
+    applied, never dead-letters it, and a replay can never apply it twice)."""
+    create_stream(r, keys, STREAM, SHARDS)
+    config = make_config(keys, ["mem"], max_deliveries=3)
+    worn, fine, fresh = await _worn_and_fine(r, keys, Producer(r, config))
+    r.hset(keys.suspects(STREAM, 4, GROUP), worn, SUSPECT_TRIES - 1)  # one more try allowed
+    lease = keys.lease(STREAM, 4, GROUP)
+    applied: list[str] = []
+
+    def steal_after_writing(batch: Batch) -> None:
+        applied.extend(entry.id for entry in batch.entries)
+        if [entry.id for entry in batch.entries] == [worn]:
+            r.set(lease, "thief", px=60_000)  # the shard is lost before the ack
+
+    async with running(redis_url, config, {"mem": FunctionSink(steal_after_writing)}) as task:
+        await eventually(lambda: worn in applied, task, "the lone write")
+        await asyncio.sleep(0.5)
+    assert applied[0] == worn
+    assert not r.hexists(keys.suspects(STREAM, 4, GROUP), worn), "blamed though it was written"
+    assert dead_letters(r, keys, 4) == {}
+    assert int(r.xpending(keys.shard(STREAM, 4), GROUP)["pending"]) == 3, "fenced: no ack"
