@@ -564,7 +564,7 @@ async def test_a_suspect_whose_write_went_through_is_not_blamed_when_its_ack_is_
     applied, never dead-letters it, and a replay can never apply it twice)."""
     create_stream(r, keys, STREAM, SHARDS)
     config = make_config(keys, ["mem"], max_deliveries=3)
-    worn, fine, fresh = await _worn_and_fine(r, keys, Producer(r, config))
+    worn, _, _ = await _worn_and_fine(r, keys, Producer(r, config))
     r.hset(keys.suspects(STREAM, 4, GROUP), worn, SUSPECT_TRIES - 1)  # one more try allowed
     lease = keys.lease(STREAM, 4, GROUP)
     applied: list[str] = []
