@@ -5,7 +5,8 @@
 # 127.0.0.1:5432 (user postgres, trust auth, the database DATABASE_URL names, default `test`).
 # Missing servers are installed with apt (as root) and started; a REDIS_URL or DATABASE_URL
 # that points elsewhere is only waited for. Also makes sure the redis-server binary exists:
-# tests start throwaway servers of their own. Idempotent, and silent when all is fine.
+# tests start throwaway servers of their own, and that Debian's chromium is there (the status
+# page's browser test drives it). Idempotent, and silent when all is fine.
 # SERVICES_TIMEOUT (seconds, default 30) bounds each wait.
 set -euo pipefail
 
@@ -210,3 +211,7 @@ ensure_postgres() {
 ensure_redis_binary
 ensure_redis
 ensure_postgres
+
+# The status page is tested in a real browser (tests/ops/test_page.py): Debian's chromium,
+# driven by playwright through its executable path (no browser download).
+have chromium || apt_install chromium
