@@ -424,7 +424,8 @@ def _dead(args: argparse.Namespace, config: Config) -> int:
     if args.action == "list":
         for letter in letters:
             data = letter.fields.get(b"data", b"")[:200].decode("utf-8", "replace")
-            print(f"{letter.shard}\t{letter.id}\tentry {letter.entry}\t{letter.reason}\t{data}")
+            line = (letter.id, f"entry {letter.entry}", letter.reason, data)
+            print("\t".join((str(letter.shard), *(_printable(part) for part in line))))
         return 0
     if not args.all and not args.ids:
         raise ValueError(f"name the dead letters to {args.action}, or give --all")
@@ -439,7 +440,8 @@ def _dead(args: argparse.Namespace, config: Config) -> int:
             print(f"{letter.id} -> {new_id or 'nothing: replayed or dropped meanwhile'}")
         else:
             drop(client, keys, args.stream, args.group, letter)
-    print(f"{args.action}ed {len(chosen)} dead letters", file=sys.stderr)
+    done = {"replay": "replayed", "drop": "dropped"}[args.action]
+    print(f"{done} {len(chosen)} dead letters", file=sys.stderr)
     return 0
 
 
@@ -476,6 +478,20 @@ def _fixed_data(args: argparse.Namespace, config: Config, chosen: Sequence[Any])
     else:
         decode(fields, config.max_data_bytes)
     return data
+
+
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))} | {
+    0x09: "\\t",
+    0x0A: "\\n",
+    0x0D: "\\r",
+}
+"""Control characters as escapes: a dead letter's text is a producer's bytes, and a raw
+ESC, tab or newline would drive the terminal or break the one-line-per-letter listing."""
+
+
+def _printable(text: str) -> str:
+    """`text` with its control characters (C0, DEL, C1) written as escapes."""
+    return text.translate(_CONTROLS)
 
 
 def _worker(args: argparse.Namespace, config: Config) -> int:

@@ -129,6 +129,7 @@ def test_status_and_dead_letters(
     [(_, fields)] = r.xrange(keys.shard("tasks", 1))
     assert decode(fields).data == {"id": 9, "status": "ok"}
     assert main(["--config", config, "dead", "drop", "tasks", "g", second]) == 0
+    assert capsys.readouterr().err.splitlines()[-1] == "dropped 1 dead letters"
     assert r.xlen(dead) == 0
     assert main(["--config", config, "dead", "drop", "tasks", "g", "9-9"]) == 2
 
@@ -169,6 +170,29 @@ async def test_status_shows_lag_pending_and_each_shards_state(
     assert " ".join(error) == f"retrying {shard0[7]}: connection refused\\n(is PostgreSQL up?)"
     assert shard1 == ["1", "0", "0", "0", "0", "0", "idle", "-"]
     assert lines[5] == "outstanding 5: lag 3 + pending 2"
+
+
+def test_dead_list_escapes_control_bytes(
+    config: str, r: redis.Redis, keys: Keys, capsys: pytest.CaptureFixture[str]
+) -> None:
+    r.xadd(
+        keys.dead("tasks", 0, "g"),
+        {
+            "reason": "DecodeError: key: bad\x1b[2J\n",
+            "entry": "1-1",
+            "deliveries": "1",
+            "f:key": "k",
+            "f:op": "set",
+            "f:data": b'{"s":"\x00\x07\tx\xc2\x85"}',
+        },
+    )
+    assert main(["--config", config, "dead", "list", "tasks", "g"]) == 0
+    [line] = capsys.readouterr().out.splitlines()
+    assert line.split("\t")[3:] == [
+        "DecodeError: key: bad\\x1b[2J\\n",
+        '{"s":"\\x00\\x07\\tx\\x85"}',
+    ]
+    assert all(c.isprintable() for c in line.replace("\t", ""))
 
 
 def test_demo_drains_the_burst_into_postgresql_exactly(
