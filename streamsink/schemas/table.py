@@ -205,10 +205,24 @@ def _check_value(name: str, value: Any, column: Column) -> None:
 
 def _int(value: Any) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            return _whole_float(value)
         return f"expected an integer, got {_kind(value)}"
     if not INT64_MIN <= value <= INT64_MAX:
         return f"{value} does not fit in a 64-bit integer"
     return None
+
+
+def _whole_float(value: float) -> str:
+    # JSON readers give a float for an integer literal beyond the 64-bit range (orjson:
+    # above 2**64-1 or below -2**63; -2**63-1 rounds to -2**63) as for one written with
+    # a fraction or an exponent.
+    if abs(value) >= 2**63:
+        return f"{value:.17g} does not fit in a 64-bit integer (-2**63..2**63-1)"
+    return (
+        f"expected an integer, got float {value!r}: "
+        f"write it as {int(value)}, without a fraction or an exponent"
+    )
 
 
 def _float(value: Any) -> str | None:

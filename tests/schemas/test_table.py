@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -169,7 +170,12 @@ def test_validate_accepts(table: Table, event: Event) -> None:
     ("column", "value", "reason"),
     [
         ("views", "5", "expected an integer, got a string"),
-        ("best", 1.0, "expected an integer, got float"),
+        ("best", 1.0, "expected an integer, got float 1.0: write it as 1, without a fraction"),
+        ("best", 1e3, "expected an integer, got float 1000.0: write it as 1000, without"),
+        ("best", 0.5, "expected an integer, got float"),
+        ("best", 2.0**64, "1.8446744073709552e+19 does not fit in a 64-bit integer (-2**63"),
+        ("best", -(2.0**63) * 2, "-1.8446744073709552e+19 does not fit in a 64-bit integer"),
+        ("best", math.inf, "expected an integer, got float"),
         ("best", True, "expected an integer, got a boolean"),
         ("best", [1], "expected an integer, got an array"),
         ("best", 2**63, "9223372036854775808 does not fit in a 64-bit integer"),

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from streamsink.errors import DecodeError, EventError, PayloadTooLarge
+from streamsink.errors import DecodeError, EventError, PayloadTooLarge, ValidationError
 from streamsink.schemas import wire
 from streamsink.schemas.config import Config, StreamSpec
 from streamsink.schemas.event import Event, Op
@@ -904,3 +904,21 @@ def test_unpacked_event_is_an_ordinary_event() -> None:
         with pytest.raises((TypeError, AttributeError)):
             one.extra = 1  # type: ignore[attr-defined]
     assert event == built  # nothing changed
+
+
+# --- exact reasons, limits and routing ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b'{"id":1,"n":18446744073709551616}', "1.8446744073709552e+19 does not fit in a 64-bit"),
+        (b'{"id":1,"n":-9223372036854775809}', "-9.2233720368547758e+18 does not fit in a 64-bit"),
+        (b'{"id":1,"n":9223372036854775808}', "9223372036854775808 does not fit in a 64-bit"),
+        (b'{"id":1,"n":1e3}', "expected an integer, got float 1000.0: write it as 1000"),
+    ],
+)
+def test_unpacker_says_why_a_huge_integer_is_refused(raw: bytes, reason: str) -> None:
+    unpack = unpacker(ROWS, CONFIG.validator("rows"))
+    with expect(ValidationError, "data.n", reason):
+        unpack(set_of(raw))
