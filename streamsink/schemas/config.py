@@ -227,7 +227,8 @@ def _address(value: Any, where: str) -> str | None:
 def _table(name: str, spec: Any) -> Table:
     where = f"table {name!r}"
     spec = _mapping(spec, where)
-    _only(spec, where, {"key", "columns", "mode", "schema", "read_model", "ttl_by", "ttl"})
+    allowed = {"key", "columns", "mode", "schema", "key_format", "read_model", "ttl_by", "ttl"}
+    _only(spec, where, allowed)
     key = spec.get("key", [])
     if not isinstance(key, list) or not all(isinstance(k, str) for k in key):
         raise ConfigError(f"{where}: key must be a list of column names")
@@ -237,6 +238,9 @@ def _table(name: str, spec: Any) -> Table:
     schema = spec.get("schema")
     if schema is not None and not isinstance(schema, str):
         raise ConfigError(f"{where}: schema must be a schema name")
+    key_format = spec.get("key_format")
+    if key_format is not None and not isinstance(key_format, str):
+        raise ConfigError(f'{where}: key_format must be a string such as "task:{{id}}"')
     for col in key:
         if col in columns and columns[col].nullable:
             columns[col] = Column(columns[col].type, columns[col].policy, nullable=False)
@@ -246,6 +250,7 @@ def _table(name: str, spec: Any) -> Table:
         columns=columns,
         mode=_enum(Mode, spec.get("mode", "upsert"), f"{where}: mode"),
         schema=schema,
+        key_format=key_format,
     )
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
+from string import Formatter
 from typing import Any
 
 from streamsink.errors import ConfigError, ValidationError
@@ -71,11 +72,13 @@ class Table:
     columns: Mapping[str, Column]
     mode: Mode = Mode.UPSERT
     schema: str | None = None
+    key_format: str | None = None  # e.g. "task:{id}": the key string of each row
     value_columns: tuple[str, ...] = field(init=False)
     checks: Mapping[str, Callable[[Any], str | None]] = field(init=False, repr=False, compare=False)
     plain: Mapping[str, frozenset[type]] = field(init=False, repr=False, compare=False)
     plain_deltas: Mapping[str, frozenset[type]] = field(init=False, repr=False, compare=False)
     key_forms: Mapping[str, Callable[[str], str]] = field(init=False, repr=False, compare=False)
+    key_of: Callable[[Mapping[str, Any]], str] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in (self.name, *self.columns, *([self.schema] if self.schema else [])):
@@ -117,6 +120,8 @@ class Table:
         object.__setattr__(self, "plain_deltas", deltas)
         forms = {n: _KEY_FORMS[self.columns[n].type] for n in self.key}
         object.__setattr__(self, "key_forms", {n: f for n, f in forms.items() if f is not None})
+        key_of = None if self.key_format is None else _key_maker(self)
+        object.__setattr__(self, "key_of", key_of)
 
     def row_key(self, data: Mapping[str, Any]) -> tuple[Any, ...]:
         """The identity of the row an event touches: its key values, as PostgreSQL tells
@@ -125,6 +130,59 @@ class Table:
         if not forms:
             return tuple(data[name] for name in self.key)
         return tuple(forms[n](data[n]) if n in forms else data[n] for n in self.key)
+
+
+def _key_maker(table: Table) -> Callable[[Mapping[str, Any]], str]:
+    """The function that spells a row's key string by `table.key_format` (checked here)."""
+    where = f"table {table.name!r}: key_format {table.key_format!r}"
+    if not table.key:
+        raise ConfigError(f"{where}: a table without key columns has no key string to check")
+    literals: list[str] = []
+    names: list[str] = []
+    try:
+        parts = list(Formatter().parse(table.key_format or ""))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    for literal, name, spec, conversion in parts:
+        literals.append(literal)
+        if name is None:
+            continue
+        if name not in table.key or spec or conversion:
+            raise ConfigError(f"{where}: {{{name}}} must name a key column, as {{column}}")
+        if name in names:
+            raise ConfigError(f"{where}: {{{name}}} appears twice")
+        if table.columns[name].type not in _KEY_TEXTS:
+            raise ConfigError(f"{where}: {name!r} must be an int, text, uuid or bool column")
+        names.append(name)
+    if sorted(names) != sorted(table.key):
+        raise ConfigError(f"{where}: must name every key column: {', '.join(table.key)}")
+    if len(literals) == len(names):
+        literals.append("")
+    spell = [_KEY_TEXTS[table.columns[name].type] for name in names]
+    if len(names) == 1:  # the usual "task:{id}": one concatenation
+        (name,), (head, tail), (text,) = names, literals, spell
+        return lambda data: head + text(data[name]) + tail
+
+    def key_of(data: Mapping[str, Any]) -> str:
+        out = [literals[0]]
+        for name, text, literal in zip(names, spell, literals[1:], strict=True):
+            out += (text(data[name]), literal)
+        return "".join(out)
+
+    return key_of
+
+
+def _bool_text(value: bool) -> str:
+    return "true" if value else "false"
+
+
+_KEY_TEXTS: dict[ColumnType, Callable[[Any], str]] = {
+    ColumnType.INT: int.__repr__,  # decimal digits (not str: a bool is no int here)
+    ColumnType.TEXT: str,
+    ColumnType.UUID: str.lower,  # PostgreSQL's spelling, as in row_key
+    ColumnType.BOOL: _bool_text,  # JSON's spelling
+}
+"""How a key value of each column type is written in a key string (`key_format`)."""
 
 
 def _check_policy(table: str, name: str, column: Column) -> None:
@@ -164,6 +222,8 @@ def validate(event: Event, table: Table) -> None:
             reason = check(value) if value is not None else None
             if reason or value is None:
                 _check_value(name, value, table.columns[name])
+        if table.key_of is not None:
+            _check_key(event, table, table.key_of)
         return
     for name, value in data.items():
         column = table.columns.get(name)
@@ -177,6 +237,18 @@ def validate(event: Event, table: Table) -> None:
             _check_value(name, value, column)
     if op is Op.INCR and len(data) == len(table.key):
         raise ValidationError("data", "incr names no column to add to")
+    if table.key_of is not None:
+        _check_key(event, table, table.key_of)
+
+
+def _check_key(event: Event, table: Table, key_of: Callable[[Mapping[str, Any]], str]) -> None:
+    expected = key_of(event.data)
+    if event.key != expected:
+        raise ValidationError(
+            "key",
+            f"{event.key!r} disagrees with the key columns in data: table {table.name!r} "
+            f"spells their key {expected!r} (key_format {table.key_format!r})",
+        )
 
 
 def _check_delta(name: str, value: Any, column: Column) -> None:

@@ -438,3 +438,15 @@ def test_worker_http_address(tmp_path: Path, no_env: None) -> None:
     for bad in ('"9464"', '"host:port"', "9464"):
         with pytest.raises(ConfigError, match=r"\[worker\] http"):
             load(write(tmp_path, f"[worker]\nhttp = {bad}\n"))
+
+
+def test_from_dict_reads_key_format() -> None:
+    table = {"key": ["id"], "columns": {"id": "int"}, "key_format": "task:{id}"}
+    config = from_dict({"tables": {"t": table}})
+    assert config.tables["t"].key_format == "task:{id}"
+    assert config.tables["t"].key_of is not None
+    assert config.tables["t"].key_of({"id": 42}) == "task:42"
+    with pytest.raises(ConfigError, match="key_format must be a string"):
+        from_dict({"tables": {"t": {**table, "key_format": 5}}})
+    with pytest.raises(ConfigError, match="must name every key column: id"):
+        from_dict({"tables": {"t": {**table, "key_format": "task"}}})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import pytest
@@ -321,3 +322,89 @@ def test_row_keys_spell_uuids_and_timestamps_as_postgresql_compares_them() -> No
 def test_a_json_key_column_is_refused() -> None:
     with pytest.raises(ConfigError, match="key column 'doc' cannot be json"):
         Table("docs", key=("doc",), columns={"doc": Column(T.JSON)})
+
+
+# --- key_format: the key string checked against the key columns ----------------------------
+
+
+def keyed(key_format: str, key: tuple[str, ...] = ("post_id", "user_id")) -> Table:
+    columns = {
+        "post_id": Column(T.INT, nullable=False),
+        "user_id": Column(T.INT, nullable=False),
+        "name": Column(T.TEXT),
+        "ref": Column(T.UUID),
+        "on": Column(T.BOOL),
+        "at": Column(T.TIMESTAMP),
+        "n": Column(T.INT, Policy.SUM),
+    }
+    return Table("likes", key=key, columns=columns, key_format=key_format)
+
+
+@pytest.mark.parametrize(
+    ("key_format", "key", "data", "spelled"),
+    [
+        ("{post_id}:{user_id}", ("post_id", "user_id"), {"post_id": 42, "user_id": 7}, "42:7"),
+        (
+            "like-{user_id}-{post_id}",
+            ("post_id", "user_id"),
+            {"post_id": 1, "user_id": -2},
+            "like--2-1",
+        ),
+        ("post:{post_id}", ("post_id",), {"post_id": 42}, "post:42"),
+        ("{post_id}", ("post_id",), {"post_id": 42}, "42"),
+        ("{name}/{post_id}", ("name", "post_id"), {"name": "é:x", "post_id": 1}, "é:x/1"),
+        ("r:{ref}", ("ref",), {"ref": UUID.upper()}, f"r:{UUID}"),
+        ("{on}!", ("on",), {"on": True}, "true!"),
+    ],
+)
+def test_key_format_spells_the_key_of_a_row(
+    key_format: str, key: tuple[str, ...], data: dict[str, Any], spelled: str
+) -> None:
+    table = keyed(key_format, key)
+    assert table.key_of is not None and table.key_of(data) == spelled
+    validate(Event.make(spelled, "set", data), table)
+    validate(Event.make(spelled, "del", data), table)
+    with expect(ValidationError, "key", f"{spelled + 'x'!r} disagrees with the key columns"):
+        validate(Event.make(spelled + "x", "set", data), table)
+
+
+def test_key_format_refuses_a_key_string_that_names_another_row() -> None:
+    table = keyed("{post_id}:{user_id}")
+    reason = "'42:8' disagrees with the key columns in data: table 'likes' spells their key '42:7'"
+    for op, extra in (("set", {"name": "x"}), ("incr", {"n": 1}), ("del", {})):
+        with expect(ValidationError, "key", reason):
+            validate(Event.make("42:8", op, {"post_id": 42, "user_id": 7, **extra}), table)
+
+
+def test_key_format_is_checked_after_the_values() -> None:
+    table = keyed("{post_id}:{user_id}")
+    with expect(ValidationError, "data.user_id", "expected an integer, got a string"):
+        validate(Event.make("42:7", "set", {"post_id": 42, "user_id": "7"}), table)
+    with expect(ValidationError, "data.user_id", "key column of 'likes' is missing"):
+        validate(Event.make("42:7", "set", {"post_id": 42}), table)
+
+
+def test_without_key_format_any_key_string_goes() -> None:
+    assert ITEMS.key_of is None
+    validate(Event.make("anything", "set", {"id": 1}), ITEMS)
+
+
+@pytest.mark.parametrize(
+    ("key_format", "key", "reason"),
+    [
+        ("{post_id}", ("post_id", "user_id"), "must name every key column: post_id, user_id"),
+        ("{post_id}{post_id}:{user_id}", ("post_id", "user_id"), "{post_id} appears twice"),
+        ("{name}", ("post_id",), "{name} must name a key column"),
+        ("{post_id:>3}", ("post_id",), "{post_id} must name a key column, as {column}"),
+        ("{post_id!r}", ("post_id",), "must name a key column"),
+        ("{}", ("post_id",), "{} must name a key column"),
+        ("{post_id", ("post_id",), "expected '}'"),
+        ("{at}", ("at",), "'at' must be an int, text, uuid or bool column"),
+        ("x", (), "a table without key columns has no key string to check"),
+    ],
+)
+def test_key_format_is_checked_when_declared(
+    key_format: str, key: tuple[str, ...], reason: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(reason)):
+        keyed(key_format, key)
