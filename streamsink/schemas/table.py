@@ -340,6 +340,11 @@ def _timestamp(value: Any) -> str | None:
         return f"{value!r} is not an ISO 8601 timestamp"
     if parsed.tzinfo is None:
         return f"{value!r} has no time zone offset"
+    if parsed.year == 1 or parsed.year == 9999:  # its instant may fall outside years 1..9999
+        try:
+            parsed.astimezone(UTC)
+        except OverflowError:
+            return f"{value!r} is outside years 1..9999 in UTC"
     return None
 
 

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from streamsink.errors import DecodeError, EventError, PayloadTooLarge
+from streamsink.errors import DecodeError, EventError, PayloadTooLarge, ValidationError
 from streamsink.schemas.event import (
     MAX_KEY_BYTES,
     MAX_NUMBER,
@@ -52,6 +52,13 @@ ROUTING_FIELDS = frozenset((F_FOR, F_ORIGIN, F_SINKS))
 DEFAULT_MAX_DATA_BYTES = 256 * 1024
 """Largest encoded `data` accepted by default: events are changes, not documents."""
 
+MAX_DEPTH = 254
+"""Deepest nesting of arrays and objects in `data`, itself included: what orjson writes
+(it refuses a 255th level), so what every sink and the dead-letter stream can encode."""
+
+_SHALLOW_BYTES = 2 * (MAX_DEPTH + 1)
+"""Shorter JSON cannot nest past MAX_DEPTH: each level takes an opening and a closing byte."""
+
 _OPS = {op.value.encode(): op for op in Op}
 _OP_BYTES = {op: name for name, op in _OPS.items()}
 
@@ -71,6 +78,8 @@ def pack(event: Event, max_data_bytes: int = DEFAULT_MAX_DATA_BYTES) -> tuple[by
     try:
         data = _dumps(event.data)
     except TypeError as exc:
+        if str(exc) == _TOO_DEEP:
+            raise EventError("data", _DEPTH_REASON) from None
         raise EventError("data", f"cannot be encoded as JSON: {exc}") from None
     if b"null" in data:  # orjson writes NaN and infinities as null: look for them only then
         check_finite("data", event.data)
@@ -103,6 +112,7 @@ def packer(
     """
     plain = table.plain if table is not None else {}
     key_columns = frozenset(table.key) if table is not None else frozenset()
+    key_of = table.key_of if table is not None else None
     never = object()  # matches no op: the quick path is closed to it
     first = Op.SET if table is not None and table.key else never  # keyed: set, no append
     second = Op.APPEND if table is not None and not table.key else never
@@ -130,6 +140,7 @@ def packer(
                 and encoded.find(b"null") < 0  # NaN, infinities and None: the full path
                 and encoded.find(b"\\u0000") < 0  # NUL in text (find: twice as quick as `in`)
                 and _as_is(data, plain)
+                and (key_of is None or key_of(data) == key)
             ):
                 return key.encode(), _OP_BYTES[op], encoded
         values = pack(event, max_data_bytes)
@@ -225,6 +236,8 @@ def decode(fields: Mapping[bytes, bytes], max_data_bytes: int = DEFAULT_MAX_DATA
         raise DecodeError("data", _json_reason(raw_data, exc)) from None
     if not isinstance(data, dict):
         raise DecodeError("data", f"must be a JSON object, got {type(data).__name__}")
+    if len(raw_data) >= _SHALLOW_BYTES and not _shallow(raw_data) and _too_deep(data):
+        raise DecodeError("data", _DEPTH_REASON)
     event = Event(
         key=key,
         op=op,
@@ -245,6 +258,9 @@ def unpacker(
     table: Table | None,
     validate: Callable[[Event], Table | None],
     max_data_bytes: int = DEFAULT_MAX_DATA_BYTES,
+    *,
+    shard: tuple[int, int] | None = None,
+    calls: bool = True,
 ) -> Callable[[Sequence[bytes]], tuple[Event, Table | None]]:
     """`decode` then `validate` of an entry's flat fields, quick for plain entries of `table`.
 
@@ -253,13 +269,19 @@ def unpacker(
     exactly key, op and data in that order (what the producers write), an ASCII key, a set
     or incr (keyed `table`; incr: key values and deltas of lww or sum numbers) or append
     (keyless one), JSON free of `\\u0000` decoding to a dict that holds every key column,
-    each value of a type its column takes as is. Those pass every check; any other entry
-    takes the full path, so both paths give the same event, or the same error.
+    each value of a type its column takes as is, and the key `table.key_format` spells.
+    Those pass every check; any other entry takes the full path, so both paths give the
+    same event, or the same error.
+
+    `shard`: (index, count) of the shard read; an entry whose key belongs to another is
+    refused (its events would be ordered with another key's). `calls`: whether a sink of
+    the group sends calls; if not, a call is refused rather than dropped unsent.
     """
     # Per op byte string: the op, the exact types each column takes, fields it must name.
     quick: dict[bytes, tuple[Op, Mapping[str, frozenset[type]], int]] = {}
     one_key: str | None = None  # every key column must be in data: one `in` for one key
     all_keys: frozenset[str] | None = None
+    key_of = None
     if table is not None:
         if table.key:  # keyed: set and incr; keyless: append only
             quick[_OP_BYTES[Op.SET]] = (Op.SET, table.plain, 0)
@@ -270,7 +292,9 @@ def unpacker(
             one_key = table.key[0]
         elif table.key:
             all_keys = frozenset(table.key)
-    loads = orjson.loads
+        key_of = table.key_of
+    index, shards = shard if shard is not None and shard[1] > 1 else (0, 0)  # 0: no check
+    loads, crc32 = orjson.loads, zlib.crc32
     new, set_key, set_op, set_data = object.__new__, _SLOTS[0], _SLOTS[1], _SLOTS[2]
     set_table, set_ts, set_version, set_id = _SLOTS[3:]
 
@@ -281,7 +305,9 @@ def unpacker(
                 how is not None
                 and 0 < len(key) <= MAX_KEY_BYTES
                 and key.isascii()
+                and (not shards or crc32(key) % shards == index)
                 and len(raw) <= max_data_bytes
+                and (len(raw) < _SHALLOW_BYTES or _shallow(raw))
                 and raw.find(b"\\u0000") < 0  # NUL in text: the full path
             ):
                 op, plain, least = how
@@ -295,6 +321,7 @@ def unpacker(
                     and (all_keys is None or data.keys() >= all_keys)
                     and len(data) >= least  # an incr names a delta
                     and _as_is(data, plain)
+                    and (key_of is None or key_of(data) == key.decode())
                 ):  # Event(key, op, data) in half the time: its slots set directly
                     event = new(Event)
                     set_key(event, key.decode())
@@ -305,11 +332,63 @@ def unpacker(
                     set_version(event, None)
                     set_id(event, None)
                     return event, table
-        pairs = iter(flat)  # names and values taken in turn
-        event = decode(dict(zip(pairs, pairs, strict=True)), max_data_bytes)
+        event = decode(entry_fields(flat), max_data_bytes)
+        if shards:
+            _check_shard(event.key, index, shards)
+        if event.op is Op.CALL and not calls:
+            raise ValidationError(
+                "op", "no sink of this group sends calls: give the group an HTTP sink"
+            )
         return event, validate(event)
 
     return unpack
+
+
+def entry_fields(flat: Sequence[bytes]) -> dict[bytes, bytes]:
+    """The fields of an entry as Redis sends them, [name, value, ...], by name.
+
+    A field streamsink reads given twice is refused (which one the producer meant is
+    anybody's guess); repeats of fields it ignores are ignored too.
+    """
+    pairs = iter(flat)  # names and values taken in turn
+    fields = dict(zip(pairs, pairs, strict=True))
+    if 2 * len(fields) != len(flat):
+        names = flat[::2]
+        for name in PACKED_FIELDS:
+            if names.count(name) > 1:
+                raise DecodeError(name.decode(), "appears more than once in the entry")
+    return fields
+
+
+def _check_shard(key: str, index: int, shards: int) -> None:
+    """Refuse a key read from a shard that is not its own."""
+    own = shard_of(key, shards)
+    if own != index:
+        raise ValidationError(
+            "key",
+            f"belongs to shard {own} of {shards} (crc32 of its UTF-8 bytes mod {shards}), "
+            f"not to shard {index} it was added to: XADD it to shard {own}",
+        )
+
+
+_TOO_DEEP = "Recursion limit reached"  # orjson's TypeError past its 254th level
+_DEPTH_REASON = f"nests arrays and objects deeper than {MAX_DEPTH} levels (data itself is one)"
+
+
+def _shallow(raw: bytes) -> bool:
+    """Whether JSON `raw` surely nests at most MAX_DEPTH deep: it opens no more arrays and
+    objects than that (brackets inside strings count too, so this may say no wrongly)."""
+    return raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH
+
+
+def _too_deep(data: dict[str, Any]) -> bool:
+    """Whether decoded `data` nests deeper than MAX_DEPTH: orjson, which every sink writes
+    JSON with, says so (decoded JSON holds nothing else it could refuse)."""
+    try:
+        orjson.dumps(data)
+    except TypeError:
+        return True
+    return False
 
 
 _SLOTS = tuple(

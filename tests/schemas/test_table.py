@@ -197,6 +197,8 @@ def test_validate_accepts(table: Table, event: Event) -> None:
         ("at", "yesterday", "'yesterday' is not an ISO 8601 timestamp"),
         ("at", "2024-13-01T00:00:00Z", "is not an ISO 8601 timestamp"),
         ("at", 1714564800, "expected an ISO 8601 timestamp string, got int"),
+        ("at", "0001-01-01T00:00:00+01:00", "is outside years 1..9999 in UTC"),
+        ("at", "9999-12-31T23:30:00-01:00", "is outside years 1..9999 in UTC"),
         ("ref", "not-a-uuid", "'not-a-uuid' is not a UUID"),
         ("ref", UUID[:-1], "is not a UUID"),
         ("ref", UUID + "0", "is not a UUID"),

@@ -25,8 +25,10 @@ from streamsink.schemas.event import Event, Op
 from streamsink.schemas.table import INT64_MAX, INT64_MIN, Column, ColumnType, Policy, Table
 from streamsink.schemas.wire import (
     DEFAULT_MAX_DATA_BYTES,
+    MAX_DEPTH,
     decode,
     encode,
+    entry_fields,
     pack,
     packer,
     shard_of,
@@ -406,9 +408,14 @@ ROWS = Table(
     },
 )
 LOG = Table("log", key=(), columns=ROWS.columns)  # append only
+KEYED = Table("keyed", key=("id",), columns=ROWS.columns, key_format="row:{id}")
 CONFIG = Config(
-    streams={"rows": StreamSpec("rows", 4, "rows"), "log": StreamSpec("log", 4, "log")},
-    tables={"rows": ROWS, "log": LOG},
+    streams={
+        "rows": StreamSpec("rows", 4, "rows"),
+        "log": StreamSpec("log", 4, "log"),
+        "keyed": StreamSpec("keyed", 4, "keyed"),
+    },
+    tables={"rows": ROWS, "log": LOG, "keyed": KEYED},
 )
 
 
@@ -501,8 +508,21 @@ def outcome(pack_one: object, event: Event) -> object:
         return (type(exc), exc.field, exc.reason)
 
 
+def row_keyed(event: Event) -> Event:
+    """`event` with the key KEYED spells for its data (when it holds an int id)."""
+    row = event.data.get("id") if isinstance(event.data, dict) else None
+    return dataclasses.replace(event, key=f"row:{row}") if type(row) is int else event
+
+
 @settings(max_examples=1500, deadline=None)
-@given(packer_events, st.sampled_from(["rows", "log"]), st.sampled_from([1000, 100, 30]))
+@given(
+    st.one_of(packer_events, packer_events.map(row_keyed)),
+    st.sampled_from(["rows", "log", "keyed"]),
+    st.sampled_from([1000, 100, 30]),
+)
+@example(Event("row:1", Op.SET, {"id": 1, "s": "x"}), "keyed", 100)
+@example(Event("row:2", Op.SET, {"id": 1, "s": "x"}), "keyed", 100)
+@example(Event("row:1", Op.SET, {"id": True}), "keyed", 100)
 @example(Event("k", Op.SET, {"id": 1, "s": "a\x00b"}), "rows", 100)
 @example(Event("k", Op.SET, {"id": 1, "n": INT64_MAX + 1}), "rows", 100)
 @example(Event("k", Op.SET, {"id": 1, "f": math.nan}), "rows", 100)
@@ -826,7 +846,17 @@ def incr_of(data: bytes) -> list[bytes]:
 def test_unpacker_agrees_with_decode_then_validate(
     flat: list[bytes], stream: str, limit: int
 ) -> None:
-    # Same event and table, or same error; the statistics tell how many took the quick path.
+    unpacker_agrees(flat, stream, limit)
+
+
+def unpacker_agrees(
+    flat: list[bytes],
+    stream: str,
+    limit: int,
+    shard: tuple[int, int] | None = None,
+    calls: bool = True,
+) -> None:
+    """Same event and table, or same error; the statistics tell how many took the quick path."""
     validate = CONFIG.validator(stream)
     validated: list[Event] = []
 
@@ -835,16 +865,70 @@ def test_unpacker_agrees_with_decode_then_validate(
         return validate(event)
 
     def full(flat: list[bytes]) -> tuple[Event, Table | None]:
-        event = decode(pairs(flat), limit)
+        event = decode(entry_fields(flat), limit)
+        if shard is not None and shard_of(event.key, shard[1]) != shard[0]:
+            (index, count), own = shard, shard_of(event.key, shard[1])
+            raise ValidationError(
+                "key",
+                f"belongs to shard {own} of {count} (crc32 of its UTF-8 bytes mod {count}), "
+                f"not to shard {index} it was added to: XADD it to shard {own}",
+            )
+        if event.op is Op.CALL and not calls:
+            raise ValidationError(
+                "op", "no sink of this group sends calls: give the group an HTTP sink"
+            )
         return event, validate(event)
 
     expected = unpacked(full, flat)
-    got = unpacked(unpacker(CONFIG.tables[stream], counted, limit), flat)
+    unpack = unpacker(CONFIG.tables[stream], counted, limit, shard=shard, calls=calls)
+    got = unpacked(unpack, flat)
     if isinstance(got[0], type):
         hypothesis.event(f"refused: {got[0].__name__}")
     else:
         hypothesis.event("full path" if validated else "quick path")
     assert got == expected
+
+
+def keyed_flat(flat: list[bytes]) -> list[bytes]:
+    """`flat` with the key KEYED spells for its data, when its data holds an int id."""
+    try:
+        data = orjson.loads(flat[flat.index(b"data") + 1])
+    except (ValueError, orjson.JSONDecodeError):
+        return flat
+    row = data.get("id") if type(data) is dict else None
+    return with_value(flat, b"key", f"row:{row}".encode()) if type(row) is int else flat
+
+
+deep = st.integers(MAX_DEPTH - 2, MAX_DEPTH + 1).map(
+    lambda n: set_of(b'{"id":1,"j":' + b"[" * (n - 1) + b"]" * (n - 1) + b"}")
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    st.one_of(flats, flats.map(keyed_flat), deep),
+    st.sampled_from(["rows", "log", "keyed"]),
+    st.sampled_from([1000, 100, 30, DEFAULT_MAX_DATA_BYTES]),
+    st.sampled_from([None, (0, 1), (0, 4), (1, 4), (2, 4), (3, 4), (5, 7)]),
+    st.booleans(),
+)
+@example(set_of(b'{"id":1}', key=b"row:1"), "keyed", 100, None, True)
+@example(set_of(b'{"id":1}', key=b"row:2"), "keyed", 100, None, True)
+@example(incr_of(b'{"id":1,"n":1}'), "keyed", 100, None, True)
+@example(set_of(b'{"id":1}', key=b"k"), "rows", 100, (2, 4), True)
+@example(set_of(b'{"id":1}', key=b"k"), "rows", 100, (1, 4), True)
+@example(set_of(b'{"id":1}', key=b"\xff"), "rows", 100, (1, 4), True)
+@example(entry_of(b"k", b"call", b'{"url":"https://x","payload":1}'), "rows", 100, None, False)
+@example(entry_of(b"k", b"call", b'{"url":"https://x"}'), "rows", 100, None, False)
+@example(set_of(b'{"id":1,"j":' + b"[" * 253 + b"]" * 253 + b"}"), "rows", 1000, None, True)
+@example(set_of(b'{"id":1,"j":' + b"[" * 254 + b"]" * 254 + b"}"), "rows", 1000, None, True)
+@example(set_of(b'{"id":1,"j":"' + b"[" * 300 + b'"}'), "rows", 1000, None, True)
+@example([*set_of(b'{"id":1}'), b"trace", b"1", b"trace", b"2"], "rows", 100, None, True)
+@example([*set_of(b'{"id":1}'), b"op", b"set"], "rows", 100, None, True)
+def test_unpacker_agrees_on_routing_key_strings_depth_and_calls(
+    flat: list[bytes], stream: str, limit: int, shard: tuple[int, int] | None, calls: bool
+) -> None:
+    unpacker_agrees(flat, stream, limit, shard, calls)
 
 
 QUICK_FLATS = [
@@ -922,3 +1006,73 @@ def test_unpacker_says_why_a_huge_integer_is_refused(raw: bytes, reason: str) ->
     unpack = unpacker(ROWS, CONFIG.validator("rows"))
     with expect(ValidationError, "data.n", reason):
         unpack(set_of(raw))
+
+
+def nested(depth: int) -> bytes:
+    """Data of `depth` levels of objects and arrays, itself included."""
+    return b'{"id":1,"j":' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+
+
+def test_decode_refuses_data_nested_deeper_than_sinks_can_write() -> None:
+    # orjson reads 1024 levels but writes 254: deeper data would wedge the COPY of its row.
+    unpack = unpacker(ROWS, CONFIG.validator("rows"))
+    event, _ = unpack(set_of(nested(MAX_DEPTH)))
+    orjson.dumps(event.data)  # what every sink, and the dead-letter stream, does with it
+    reason = "nests arrays and objects deeper than 254 levels (data itself is one)"
+    for flat in (set_of(nested(MAX_DEPTH + 1)), set_of(nested(1000))):
+        with expect(DecodeError, "data", reason):
+            decode(pairs(flat))
+        with expect(DecodeError, "data", reason):
+            unpack(flat)
+    with expect(EventError, "data", reason):
+        pack(Event("k", Op.SET, orjson.loads(nested(MAX_DEPTH + 1))))
+    brackets = b'{"id":1,"s":"' + b"[" * 1000 + b'"}'  # in a string: no nesting
+    assert unpack(set_of(brackets))[0].data["s"] == "[" * 1000
+
+
+def test_unpacker_refuses_an_entry_added_to_another_shard() -> None:
+    own = shard_of("task:42", 4)
+    other = (own + 1) % 4
+    flat = set_of(b'{"id":42}', key=b"task:42")
+    assert unpacker(ROWS, CONFIG.validator("rows"), shard=(own, 4))(flat)[0].key == "task:42"
+    reason = (
+        f"belongs to shard {own} of 4 (crc32 of its UTF-8 bytes mod 4), "
+        f"not to shard {other} it was added to: XADD it to shard {own}"
+    )
+    for one in (flat, [*flat, b"ts", b"1"]):  # the quick path and the full one
+        with expect(ValidationError, "key", reason):
+            unpacker(ROWS, CONFIG.validator("rows"), shard=(other, 4))(one)
+
+
+def test_unpacker_refuses_calls_when_no_sink_sends_them() -> None:
+    flat = entry_of(b"order:1", b"call", b'{"url":"https://x/h","payload":{"a":1}}')
+    assert unpacker(ROWS, CONFIG.validator("rows"))(flat)[1] is None
+    with expect(ValidationError, "op", "no sink of this group sends calls: give the group an"):
+        unpacker(ROWS, CONFIG.validator("rows"), calls=False)(flat)
+
+
+def test_unpacker_checks_the_key_string_against_key_format() -> None:
+    unpack = unpacker(KEYED, CONFIG.validator("keyed"))
+    assert unpack(set_of(b'{"id":42,"s":"x"}', key=b"row:42"))[0].key == "row:42"
+    reason = "'row:41' disagrees with the key columns in data: table 'keyed' spells their key"
+    for flat in (
+        set_of(b'{"id":42,"s":"x"}', key=b"row:41"),
+        incr_of(b'{"id":42,"n":1}'),
+        entry_of(b"row:41", b"del", b'{"id":42}'),
+    ):
+        with expect(ValidationError, "key", reason.replace("row:41", flat[1].decode())):
+            unpack(flat)
+
+
+@pytest.mark.parametrize("name", [b"key", b"op", b"data", b"table", b"ts", b"v", b"id"])
+def test_unpacker_refuses_a_field_it_reads_given_twice(name: bytes) -> None:
+    flat = [*set_of(b'{"id":1}'), b"ts", b"1", b"v", b"1", b"id", b"e1", b"table", b"rows"]
+    at = flat.index(name)
+    twice = [*flat, name, flat[at + 1]]  # even with the same value: a producer bug
+    with expect(DecodeError, name.decode(), "appears more than once in the entry"):
+        unpacker(ROWS, CONFIG.validator("rows"))(twice)
+
+
+def test_unpacker_ignores_repeats_of_fields_it_does_not_read() -> None:
+    flat = [*set_of(b'{"id":1}'), b"trace", b"a", b"trace", b"b"]
+    assert unpacker(ROWS, CONFIG.validator("rows"))(flat)[0].data == {"id": 1}
