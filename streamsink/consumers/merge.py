@@ -22,6 +22,7 @@ ordering (code points for text).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -30,7 +31,7 @@ from operator import itemgetter
 from typing import Any, NamedTuple
 
 from streamsink.schemas.event import Event, Op
-from streamsink.schemas.table import ColumnType, Mode, Policy, Table
+from streamsink.schemas.table import INT64_MAX, INT64_MIN, ColumnType, Mode, Policy, Table
 
 Row = dict[str, Any]
 """A row as the sinks hold it: every declared column by name."""
@@ -90,6 +91,7 @@ class Merged:
     first_id: str | None = None  # entry IDs of the window's first and last entries
     last_id: str | None = None
     events: int = 0  # entries in the window, whatever became of them
+    refused: dict[str, str] = field(default_factory=dict)  # entry ID -> reason: not folded
 
 
 @dataclass(slots=True)
@@ -107,19 +109,94 @@ class _Plan:
 
 
 def merge(entries: Sequence[Entry]) -> Merged:
-    """Fold a window of entries, in stream order, into one change per row key."""
+    """Fold a window of entries, in stream order, into one change per row key.
+
+    A set or incr whose sum with the earlier ones of its row the column cannot hold (a
+    float beyond double precision, an int beyond 64 bits) is refused whole, as PostgreSQL
+    would refuse it applied on its own: it is left out of the rows and named in `refused`
+    with the reason, for the worker to dead-letter; the later entries fold on as if it was
+    never there.
+    """
     merged = Merged(events=len(entries))
     if entries:
         merged.first_id, merged.last_id = entries[0].id, entries[-1].id
     calls: list[Entry | None] = []
-    _fold_window(merged, entries, calls)
+    overflows: set[tuple[str, tuple[Any, ...]]] = set()
+    _fold_window(merged, entries, calls, overflows)
+    if overflows:
+        _refold(merged, entries, overflows)
     merged.rows = {name: rows for name, rows in merged.rows.items() if rows}
     merged.calls = [call for call in calls if call is not None]
     return merged
 
 
-def _fold_window(merged: Merged, entries: Sequence[Entry], calls: list[Entry | None]) -> None:
-    """The hot loop of `merge`: the current table's plan is kept in locals."""
+def _refold(
+    merged: Merged, entries: Sequence[Entry], overflows: set[tuple[str, tuple[Any, ...]]]
+) -> None:
+    """Fold the rows whose sums overflowed again, one entry at a time, refusing each entry
+    that takes a sum out of its column's range (the rare path: `_fold_window` only notes
+    the rows, so that checking costs the hot loop one comparison an addition)."""
+    again = Merged()
+    for entry in entries:
+        table = entry.table
+        op = entry.event.op
+        if table is None or op is _APPEND or op is _CALL:
+            continue
+        key = table.row_key(entry.event.data)
+        if (table.name, key) not in overflows:
+            continue
+        rows = again.rows.get(table.name)
+        change = rows.get(key) if rows is not None else None
+        before = None
+        if change is not None:
+            before = (dict(change.fields), change.deleted, change.events, change.last_id)
+        _fold_window(again, (entry,), [], set())
+        reason = _overflow(again.rows[table.name][key], entry, table)
+        if reason is None:
+            continue
+        merged.refused[entry.id] = reason
+        if before is None:
+            del again.rows[table.name][key]
+        else:
+            assert change is not None
+            change.fields, change.deleted, change.events, change.last_id = before
+    for name, key in overflows:
+        change = again.rows.get(name, {}).get(key)
+        if change is None:
+            del merged.rows[name][key]
+        else:
+            merged.rows[name][key] = change
+
+
+def _overflow(change: RowChange, entry: Entry, table: Table) -> str | None:
+    """Why a field `entry` changed holds a sum its column cannot, or None."""
+    for name in entry.event.data:
+        field_change = change.fields.get(name)
+        if field_change is None:
+            continue
+        value = field_change[1]
+        column = table.columns[name]
+        if type(value) is float and not math.isfinite(value):
+            return (
+                f"data.{name}: added to the earlier changes of its row in this window, the "
+                f"sum overflows a float (double precision) to {value}"
+            )
+        if column.type is ColumnType.INT and not INT64_MIN <= value <= INT64_MAX:
+            return (
+                f"data.{name}: added to the earlier changes of its row in this window, the "
+                f"sum {value} does not fit in a 64-bit integer"
+            )
+    return None
+
+
+def _fold_window(
+    merged: Merged,
+    entries: Sequence[Entry],
+    calls: list[Entry | None],
+    overflows: set[tuple[str, tuple[Any, ...]]],
+) -> None:
+    """The hot loop of `merge`: the current table's plan is kept in locals. A sum that
+    may not fit its column notes its (table, row key) in `overflows`."""
     plans: dict[str, _Plan] = {}
     newest_call: dict[tuple[str, str], int] = {}
     plan: _Plan | None = None
@@ -129,6 +206,7 @@ def _fold_window(merged: Merged, entries: Sequence[Entry], calls: list[Entry | N
     assign_only = False
     set_kinds: dict[str, Kind] = {}
     incr_kinds: dict[str, Kind] = {}
+    low, high = INT64_MIN, INT64_MAX
     for entry in entries:
         entry_id, event, table = entry
         op = event.op
@@ -167,7 +245,11 @@ def _fold_window(merged: Merged, entries: Sequence[Entry], calls: list[Entry | N
                 if old is None or kind is ASSIGN:
                     fields[name] = (kind, value)
                 elif kind is ADD:
-                    fields[name] = (old[0], (old[1] or 0) + value)
+                    total = (old[1] or 0) + value
+                    fields[name] = (old[0], total)
+                    # inf - inf and nan - nan are nan (true); a finite float gives 0.0
+                    if total - total if type(total) is float else not low <= total <= high:
+                        overflows.add((table.name, key))
                 else:
                     fields[name] = (kind, _pick(kind, old[1], value, name in plan.timestamps))
 

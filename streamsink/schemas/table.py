@@ -159,9 +159,11 @@ def _key_maker(table: Table) -> Callable[[Mapping[str, Any]], str]:
     if len(literals) == len(names):
         literals.append("")
     spell = [_KEY_TEXTS[table.columns[name].type] for name in names]
-    if len(names) == 1:  # the usual "task:{id}": one concatenation
+    if len(names) == 1:  # the usual "task:{id}": one f-string
         (name,), (head, tail), (text,) = names, literals, spell
-        return lambda data: head + text(data[name]) + tail
+        if text is str:  # an int (not a bool: validated) or a str writes itself
+            return lambda data: f"{head}{data[name]}{tail}"
+        return lambda data: f"{head}{text(data[name])}{tail}"
 
     def key_of(data: Mapping[str, Any]) -> str:
         out = [literals[0]]
@@ -177,7 +179,7 @@ def _bool_text(value: bool) -> str:
 
 
 _KEY_TEXTS: dict[ColumnType, Callable[[Any], str]] = {
-    ColumnType.INT: int.__repr__,  # decimal digits (not str: a bool is no int here)
+    ColumnType.INT: str,  # decimal digits (values are validated first: no bools)
     ColumnType.TEXT: str,
     ColumnType.UUID: str.lower,  # PostgreSQL's spelling, as in row_key
     ColumnType.BOOL: _bool_text,  # JSON's spelling

@@ -550,3 +550,123 @@ def test_apply_event_leaves_its_input_row_alone() -> None:
     change = only_change(merge(window_of(COUNTERS, ("incr", {"id": 1, "likes": 2}))), COUNTERS)
     apply_change(stored, change, COUNTERS)
     assert stored == copy
+
+
+# --- sums a column cannot hold: the entry that overflows is refused whole --------------------
+
+BIG = 1.7e308
+SUMS = Table(
+    "sums",
+    key=("id",),
+    columns={
+        "id": Column(INT, nullable=False),
+        "f": Column(FLOAT),
+        "g": Column(FLOAT, SUM),
+        "n": Column(INT, SUM),
+        "m": Column(INT),
+        "s": Column(TEXT),
+    },
+)
+I64 = 2**63 - 1
+
+
+def test_two_float_increments_that_overflow_refuse_the_second() -> None:
+    entries = window_of(SUMS, ("incr", {"id": 1, "f": BIG}), ("incr", {"id": 1, "f": BIG}))
+    merged = merge(entries)
+    assert only_change(merged, SUMS).fields == {"id": (ASSIGN, 1), "f": (ADD, BIG)}
+    assert only_change(merged, SUMS).events == 1
+    assert only_change(merged, SUMS).last_id == entries[0].id
+    assert merged.refused == {
+        entries[1].id: "data.f: added to the earlier changes of its row in this window, "
+        "the sum overflows a float (double precision) to inf"
+    }
+
+
+def test_an_overflowing_entry_is_refused_whole_and_later_ones_fold_on() -> None:
+    entries = window_of(
+        SUMS,
+        ("set", {"id": 1, "g": -BIG, "m": 5}),
+        ("incr", {"id": 1, "m": 1, "n": 1, "g": -BIG}),  # g: -inf, so m and n stay unchanged
+        ("incr", {"id": 1, "n": I64}),
+        ("incr", {"id": 1, "n": 1}),  # I64 + 1 does not fit...
+        ("incr", {"id": 1, "g": BIG, "n": -1}),
+        ("incr", {"id": 1, "n": 1}),  # ... I64 - 1 + 1 does
+        ("set", {"id": 2, "g": BIG}),
+        ("set", {"id": 2, "g": 1.0}),
+    )
+    merged = merge(entries)
+    rows = merged.rows["sums"]
+    assert rows[(1,)].fields == {
+        "id": (ASSIGN, 1),
+        "g": (ADD, 0.0),
+        "m": (ASSIGN, 5),
+        "n": (ADD, I64),
+    }
+    assert rows[(1,)].events == 4 and rows[(1,)].last_id == entries[5].id
+    assert rows[(2,)].fields == {"id": (ASSIGN, 2), "g": (ADD, BIG + 1.0)}
+    assert list(merged.refused) == [entries[1].id, entries[3].id]
+    assert merged.refused[entries[3].id] == (
+        "data.n: added to the earlier changes of its row in this window, "
+        f"the sum {I64 + 1} does not fit in a 64-bit integer"
+    )
+
+
+def test_a_delete_starts_the_sums_again() -> None:
+    entries = window_of(
+        SUMS,
+        ("incr", {"id": 1, "f": BIG}),
+        ("del", {"id": 1}),
+        ("incr", {"id": 1, "f": BIG}),
+        ("set", {"id": 1, "s": "x"}),
+    )
+    merged = merge(entries)
+    assert merged.refused == {}
+    assert only_change(merged, SUMS).fields == {
+        "id": (ASSIGN, 1),
+        "f": (ADD, BIG),
+        "s": (ASSIGN, "x"),
+    }
+
+
+EXTREMES = st.sampled_from([BIG, -BIG, 1e308, 1.0, -2.5, 0.0])
+INT_EXTREMES = st.sampled_from([I64, -I64 - 1, I64 // 2 + 1, 1, -1, 0])
+SUM_EVENTS = st.one_of(
+    st.builds(
+        lambda op, data: (op, {"id": 1, **data}),
+        st.sampled_from(["set", "incr"]),
+        st.fixed_dictionaries({}, optional={"f": EXTREMES, "g": EXTREMES, "n": INT_EXTREMES}),
+    ),
+    st.just(("del", {"id": 1})),
+    st.builds(lambda m: ("set", {"id": 1, "m": m}), INT_EXTREMES),
+)
+
+
+def fits(row: Row | None) -> bool:
+    """Whether every value of `row` is one PostgreSQL stores: finite, ints of 64 bits."""
+    return row is None or all(
+        (math.isfinite(v) if isinstance(v, float) else -I64 - 1 <= v <= I64)
+        for v in row.values()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    )
+
+
+@PROPERTY
+@given(st.lists(SUM_EVENTS, max_size=12))
+def test_refusals_match_applying_events_one_by_one_from_no_row(
+    events: list[tuple[str, dict[str, Any]]],
+) -> None:
+    # From no row, a merged sum is the running value: each event that would leave a value
+    # PostgreSQL cannot store is refused, the others apply, as they would one by one.
+    entries = window_of(SUMS, *events)
+    row: Row | None = None
+    refused = []
+    for entry in entries:
+        after = apply_event(row, entry.event, SUMS)
+        if fits(after):
+            row = after
+        else:
+            refused.append(entry.id)
+    merged = merge(entries)
+    assert list(merged.refused) == refused
+    changes = merged.rows.get("sums", {})
+    assert (apply_change(None, changes[(1,)], SUMS) if changes else None) == row
