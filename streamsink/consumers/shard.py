@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -31,6 +32,13 @@ __all__ = ["SINK_TRANSIENT", "SUSPECT_TRIES", "ShardRunner", "ShardStats"]
 SUSPECT_TRIES = 2
 """How often an entry delivered more than `max_deliveries` times is tried alone: if its
 worker dies (or loses the lease) that often while applying it, it is dead-lettered."""
+
+
+def _sends_calls(sinks: Sequence[Sink]) -> bool:
+    """Whether a call may reach an endpoint: some sink is not the PostgreSQL one (it writes
+    rows only). Not imported, that module made none of them."""
+    postgres = sys.modules.get("streamsink.sinks.postgres.sink")
+    return any(postgres is None or not isinstance(s, postgres.PostgresSink) for s in sinks)
 
 
 class ShardRunner:
@@ -63,7 +71,11 @@ class ShardRunner:
         self._where = {"group": reader.group, "stream": stream, "shard": lease.shard}
         self._keys = Keys(config.prefix)
         self._unpack = unpacker(
-            config.default_table(stream), config.validator(stream), config.max_data_bytes
+            config.default_table(stream),
+            config.validator(stream),
+            config.max_data_bytes,
+            shard=(lease.shard, config.streams[stream].shards),
+            calls=_sends_calls(sinks),
         )
         self._stash: Read | None = None  # entries read but left for the next window
         attempts = {name: sink_attempts(config, name, settings.max_attempts) for name in sinks}

@@ -66,3 +66,26 @@ async def test_a_window_opened_on_a_backlog_counts_its_age_from_its_read() -> No
     before = time.monotonic()
     await shard._take(window, read([1_700_000_000_000, 1_700_000_000_010], 1_700_000_009_000), 2)
     assert before <= window.opened <= time.monotonic()
+
+
+def test_runner_refuses_entries_of_another_shard_and_calls_no_sink_sends() -> None:
+    from streamsink.errors import ValidationError
+    from streamsink.schemas import shard_of
+    from streamsink.sinks.postgres import PostgresSink
+
+    config = Config(streams={"items": StreamSpec("items", 4, "items")}, tables={"items": ITEMS})
+    reader = ShardReader(aredis.Redis(), Keys("t"), "items", 1, "g", "w1")
+    mine = next(f"k{n}" for n in range(100) if shard_of(f"k{n}", 4) == 1)
+    other = next(f"k{n}" for n in range(100) if shard_of(f"k{n}", 4) == 2)
+    call = encode(Event.make(mine, "call", {"url": "https://x/h", "payload": 1}))
+    postgres = PostgresSink.__new__(PostgresSink)  # its type is all that counts here
+    for sinks, sends in (([], False), ([postgres], False), ([postgres, object()], True)):
+        run = ShardRunner(reader, Lease(1, 1), config, "items", sinks, GroupSettings())  # type: ignore[arg-type]
+        assert run._unpack(encode(Event.make(mine, "set", {"id": 1})))[0].key == mine
+        with pytest.raises(ValidationError, match="belongs to shard 2 of 4"):
+            run._unpack(encode(Event.make(other, "set", {"id": 1})))
+        if sends:
+            assert run._unpack(call)[1] is None
+        else:
+            with pytest.raises(ValidationError, match="no sink of this group sends calls"):
+                run._unpack(call)
