@@ -40,9 +40,29 @@ ABOUT = (
     "data is a JSON object in UTF-8, no NaN or Infinity; the bytes shown are what streamsink "
     "writes (orjson: compact, no spaces, non-ASCII unescaped), a reader compares it as JSON. "
     "ts is milliseconds since the Unix epoch and v a schema version, both decimal integers "
-    "in 0..2**63-1. Integers in data may use the signed 64-bit range; these vectors stay "
-    "within 2**53 so that JavaScript's JSON.parse reads them exactly."
+    "in 0..2**63-1. Integers in data may use the signed 64-bit range, written as exact JSON "
+    "integers (no fraction, no exponent); the vectors stay within 2**53, which JavaScript's "
+    "JSON.parse reads exactly, except the one that shows why. A vector's 'javascript', when "
+    "there, is the data JSON.stringify writes for its event: another text of the same event "
+    "(a string), or none that is (null). 'dedup' shows an idempotent publish from any "
+    "language: one Lua script that returns the entry ID of the first publish of an id."
 )
+
+DEDUP_SCRIPT = """\
+-- KEYS[1]: the shard's stream; KEYS[2]: <prefix>:{<stream>:<shard>}:dedup:<id>
+-- ARGV[1]: how long the id is remembered (ms); ARGV[2..]: field, value, field, value, ...
+local first = redis.call('GET', KEYS[2])
+if first then
+  return first
+end
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+redis.call('SET', KEYS[2], id, 'PX', ARGV[1])
+return id
+"""
+"""An idempotent publish as a foreign producer writes it: atomic (one script), both keys
+in one hash slot; streamsink's producers do the same in their batch script."""
+
+DEDUP_TTL_MS = 3_600_000  # ProducerSettings.dedup_ttl_ms, the Python producers' default
 
 SHARD_KEYS = (
     "a",
@@ -119,13 +139,36 @@ EVENTS: tuple[dict[str, Any], ...] = (
         "id": "order-99-paid",
     },
     {"key": "webhook:1", "op": "call", "data": {"url": "https://example.com/h", "payload": None}},
+    {
+        "key": "product:3",
+        "op": "set",
+        "data": {"id": 3, "price": 2.0, "weight": 0.25},
+        "javascript": '{"id":3,"price":2,"weight":0.25}',
+        "note": "a float with a zero fraction: streamsink writes 2.0, JavaScript 2; a float "
+        "column takes both as the same value (an int column refuses 2.0: write integers "
+        "without a fraction or an exponent)",
+    },
+    {
+        "key": "account:9007199254740993",
+        "op": "incr",
+        "data": {"id": 9007199254740993, "balance": -9007199254740993},
+        "javascript": None,
+        "note": "integers beyond 2**53 (up to the signed 64-bit range) must be sent as exact "
+        "JSON integers: JavaScript's JSON.parse and JSON.stringify round 9007199254740993 to "
+        "9007199254740992, another row; write such integers' digits from a BigInt or a string",
+    },
 )
+
+DEDUP = {"prefix": "ss", "stream": "orders", "shards": 4, "id": "order-99-paid"}
+"""The de-duplicated publish: the event of EVENTS with this id, on a stream of 4 shards."""
+
+_NOTES = ("javascript", "note")
 
 STREAM_KEY_EXAMPLES = (("ss", "tasks", "task:1", 4), ("app1", "likes", "post:42:user:7", 16))
 
 
 def event_of(spec: dict[str, Any]) -> Event:
-    """The Event a vector describes (its `v` is the event's `version`)."""
+    """The Event a vector describes (its `v` is the event's `version`; notes aside)."""
     extra = {"table": spec.get("table"), "ts": spec.get("ts"), "version": spec.get("v")}
     return Event.make(spec["key"], spec["op"], spec["data"], id=spec.get("id"), **extra)
 
@@ -142,9 +185,9 @@ def build() -> dict[str, Any]:
     ]
     events = []
     for spec in EVENTS:
-        flat = encode(event_of(spec))
-        pairs = [[n.decode(), v.decode()] for n, v in zip(flat[::2], flat[1::2], strict=True)]
-        events.append({"event": spec, "fields": pairs})
+        event = {name: value for name, value in spec.items() if name not in _NOTES}
+        notes = {name: spec[name] for name in _NOTES if name in spec}
+        events.append({"event": event, "fields": _fields(event_of(event)), **notes})
     stream_keys = []
     for prefix, stream, key, count in STREAM_KEY_EXAMPLES:
         shard = shard_of(key, count)
@@ -163,6 +206,37 @@ def build() -> dict[str, Any]:
         "stream_keys": stream_keys,
         "shards": shards,
         "events": events,
+        "dedup": _dedup(),
+    }
+
+
+def _fields(event: Event) -> list[list[str]]:
+    flat = encode(event)
+    return [[n.decode(), v.decode()] for n, v in zip(flat[::2], flat[1::2], strict=True)]
+
+
+def _dedup() -> dict[str, Any]:
+    """An idempotent publish: the script, its keys and arguments, what Redis holds after."""
+    prefix, stream, shards = str(DEDUP["prefix"]), str(DEDUP["stream"]), int(DEDUP["shards"])
+    spec = next(e for e in EVENTS if e.get("id") == DEDUP["id"])
+    event = event_of(spec)
+    assert event.id is not None
+    keys, shard = Keys(prefix), shard_of(event.key, shards)
+    fields = _fields(event)
+    return {
+        "about": "Publish once whatever the retries: run the script with the two keys and "
+        "ARGV = [ttl_ms, field, value, ...]; a repeat within ttl_ms adds nothing and returns "
+        "the first entry ID. The id is remembered per shard (so per key); the Python producers "
+        "use the same keys and value, so they de-duplicate against each other.",
+        "prefix": prefix,
+        "stream": stream,
+        "shards": shards,
+        "event": spec,
+        "keys": [keys.shard(stream, shard), keys.dedup_prefix(stream, shard) + event.id],
+        "argv": [str(DEDUP_TTL_MS), *(item for pair in fields for item in pair)],
+        "ttl_ms": DEDUP_TTL_MS,
+        "dedup_value": "the entry ID XADD gave the first publish, e.g. 1714564800000-0",
+        "script": DEDUP_SCRIPT,
     }
 
 

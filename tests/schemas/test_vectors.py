@@ -12,9 +12,12 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+import redis
 
+from streamsink.schemas.config import Config, StreamSpec
 from streamsink.schemas.event import Op
 from streamsink.schemas.wire import decode, encode, shard_of
+from streamsink.streams import Producer, ProducerSettings, create_stream
 from streamsink.streams.keys import Keys
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -138,12 +141,25 @@ for (const v of doc.stream_keys) {
 }
 for (const v of doc.events) {
   const e = v.event;
-  const fields = [["key", e.key], ["op", e.op], ["data", JSON.stringify(e.data)]];
+  const text = v.fields[2][1];
+  let written = JSON.stringify(e.data);
+  if ("javascript" in v) {  // JavaScript writes another text of the event, or cannot
+    if (v.javascript === null ? written === text : written !== v.javascript) {
+      fail(`javascript ${e.key}`, written, v.javascript);
+    }
+    written = text;
+  }
+  const fields = [["key", e.key], ["op", e.op], ["data", written]];
   if ("table" in e) fields.push(["table", e.table]);
   for (const n of ["ts", "v"]) if (n in e) fields.push([n, String(e[n])]);
   if ("id" in e) fields.push(["id", e.id]);
   if (JSON.stringify(fields) !== JSON.stringify(v.fields)) fail(e.key, fields, v.fields);
 }
+const d = doc.dedup;
+const shard = crc32(Buffer.from(d.event.key, "utf8")) % d.shards;
+const tag = `${d.prefix}:{${d.stream}:${shard}}`;
+const dedupKeys = [`${tag}:events`, `${tag}:dedup:${d.event.id}`];
+if (JSON.stringify(dedupKeys) !== JSON.stringify(d.keys)) fail("dedup keys", dedupKeys, d.keys);
 const counts = [doc.shards.length, doc.stream_keys.length, doc.events.length, native];
 console.log(`checked ${counts.join(" ")}`);
 """
@@ -160,3 +176,41 @@ def test_node_agrees_with_every_vector() -> None:
     checked = done.stdout.split()
     assert checked[0] == "checked" and tuple(map(int, checked[1:4])) == counts
     assert int(checked[4]) in (0, counts[0])  # zlib.crc32 is in Node >= 20.15 only
+
+
+def test_vectors_show_what_a_foreign_producer_gets_wrong() -> None:
+    notes = {v["event"]["key"]: v for v in DOC["events"] if "note" in v}
+    whole = {name.encode(): value.encode() for name, value in notes["product:3"]["fields"]}
+    assert whole[b"data"] == b'{"id":3,"price":2.0,"weight":0.25}'
+    from_javascript = {**whole, b"data": notes["product:3"]["javascript"].encode()}
+    assert decode(from_javascript) == decode(whole)  # 2 and 2.0: one value of a float column
+    big = notes["account:9007199254740993"]
+    assert big["javascript"] is None
+    fields = {name.encode(): value.encode() for name, value in big["fields"]}
+    assert decode(fields).data == {"id": 2**53 + 1, "balance": -(2**53) - 1}
+
+
+def test_dedup_vector_publishes_once_and_agrees_with_the_producer(
+    r: redis.Redis, keys: Keys
+) -> None:
+    vector = DOC["dedup"]
+    stream, shards = vector["stream"], vector["shards"]
+    event = make_vectors.event_of(vector["event"])
+    shard = shard_of(event.key, shards)
+    documented = Keys("ss")
+    assert vector["keys"] == [
+        documented.shard(stream, shard),
+        documented.dedup_prefix(stream, shard) + str(event.id),
+    ]
+    ours = [keys.shard(stream, shard), keys.dedup_prefix(stream, shard) + str(event.id)]
+    create_stream(r, keys, stream, shards=shards)
+    first = r.eval(vector["script"], 2, *ours, *vector["argv"])  # type: ignore[no-untyped-call]
+    again = r.eval(vector["script"], 2, *ours, *vector["argv"])  # type: ignore[no-untyped-call]
+    assert first == again and r.xlen(ours[0]) == 1
+    assert 0 < r.pttl(ours[1]) <= vector["ttl_ms"] == ProducerSettings().dedup_ttl_ms
+    [(entry_id, fields)] = r.xrange(ours[0])
+    assert entry_id == first and decode(fields) == event
+    assert [item.decode() for pair in fields.items() for item in pair] == vector["argv"][1:]
+    config = Config(streams={stream: StreamSpec(stream, shards)}, prefix=keys.prefix)
+    assert Producer(r, config).publish(stream, event) == first.decode()  # the same id: once
+    assert r.xlen(ours[0]) == 1
