@@ -285,3 +285,14 @@ def test_worker_help_names_the_endpoint_and_log_format(capsys: pytest.CaptureFix
         main(["worker", "--help"])
     out = capsys.readouterr().out
     assert "--http" in out and "--log-format" in out
+
+
+def test_demo_keys_are_the_ones_its_tables_spell() -> None:
+    config = load_demo()
+    assert {t.name for t in config.tables.values() if t.key_of is not None} == {
+        "tasks",
+        "post_likes",
+        "post_stats",
+    }
+    for stream, event in burst():
+        config.validate(stream, event)  # key_format included

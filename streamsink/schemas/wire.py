@@ -3,7 +3,8 @@
 This is the one place where events become bytes and bytes become events. An entry is
 a few flat fields, readable with `redis-cli XRANGE` and writable with a plain `XADD`:
 
-    key    the routing key (UTF-8); its shard is `shard_of(key, shards)`
+    key    the routing key (UTF-8); its shard is `shard_of(key, shards)`, one per row
+           (a table's `key_format` spells it from the key columns)
     op     set | incr | del | append | call
     data   a JSON object (UTF-8), no NaN or Infinity
     table  optional: the table, when not the stream's default
@@ -14,7 +15,8 @@ a few flat fields, readable with `redis-cli XRANGE` and writable with a plain `X
     origin set by `dead replay` only: the entry ID the event first had
     sinks  set by `dead replay` only: the sinks of that group that apply it
 
-Unknown fields are ignored, so newer producers can add fields without breaking workers.
+Unknown fields are ignored, so newer producers can add fields without breaking workers;
+a field of these given twice in one entry is refused (`entry_fields`).
 """
 
 from __future__ import annotations

@@ -1076,3 +1076,10 @@ def test_unpacker_refuses_a_field_it_reads_given_twice(name: bytes) -> None:
 def test_unpacker_ignores_repeats_of_fields_it_does_not_read() -> None:
     flat = [*set_of(b'{"id":1}'), b"trace", b"a", b"trace", b"b"]
     assert unpacker(ROWS, CONFIG.validator("rows"))(flat)[0].data == {"id": 1}
+
+
+def test_a_name_given_twice_inside_data_keeps_its_last_value() -> None:
+    # As JSON.parse does (the README says so); the entry's own fields may not repeat.
+    quick = set_of(b'{"id":1,"s":"a","s":"b"}')
+    for flat in (quick, [*quick, b"v", b"1"]):
+        assert unpacker(ROWS, CONFIG.validator("rows"))(flat)[0].data == {"id": 1, "s": "b"}
