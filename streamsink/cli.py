@@ -480,20 +480,6 @@ def _fixed_data(args: argparse.Namespace, config: Config, chosen: Sequence[Any])
     return data
 
 
-_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))} | {
-    0x09: "\\t",
-    0x0A: "\\n",
-    0x0D: "\\r",
-}
-"""Control characters as escapes: a dead letter's text is a producer's bytes, and a raw
-ESC, tab or newline would drive the terminal or break the one-line-per-letter listing."""
-
-
-def _printable(text: str) -> str:
-    """`text` with its control characters (C0, DEL, C1) written as escapes."""
-    return text.translate(_CONTROLS)
-
-
 def _worker(args: argparse.Namespace, config: Config) -> int:
     from streamsink.consumers.worker import Worker, serve
     from streamsink.logs import configure, route_loop_errors

@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import cast
 
 from streamsink.consumers.merge import Entry, merge
@@ -34,7 +34,7 @@ SUSPECT_TRIES = 2
 worker dies (or loses the lease) that often while applying it, it is dead-lettered."""
 
 
-def _sends_calls(sinks: Sequence[Sink]) -> bool:
+def _sends_calls(sinks: Iterable[Sink]) -> bool:
     """Whether a call may reach an endpoint: some sink is not the PostgreSQL one (it writes
     rows only). Not imported, that module made none of them."""
     postgres = sys.modules.get("streamsink.sinks.postgres.sink")
@@ -75,7 +75,7 @@ class ShardRunner:
             config.validator(stream),
             config.max_data_bytes,
             shard=(lease.shard, config.streams[stream].shards),
-            calls=_sends_calls(sinks),
+            calls=_sends_calls(sinks.values()),
         )
         self._stash: Read | None = None  # entries read but left for the next window
         attempts = {name: sink_attempts(config, name, settings.max_attempts) for name in sinks}

@@ -79,7 +79,11 @@ def test_runner_refuses_entries_of_another_shard_and_calls_no_sink_sends() -> No
     other = next(f"k{n}" for n in range(100) if shard_of(f"k{n}", 4) == 2)
     call = encode(Event.make(mine, "call", {"url": "https://x/h", "payload": 1}))
     postgres = PostgresSink.__new__(PostgresSink)  # its type is all that counts here
-    for sinks, sends in (([], False), ([postgres], False), ([postgres, object()], True)):
+    for sinks, sends in (
+        ({}, False),
+        ({"db": postgres}, False),
+        ({"db": postgres, "f": object()}, True),
+    ):
         run = ShardRunner(reader, Lease(1, 1), config, "items", sinks, GroupSettings())  # type: ignore[arg-type]
         assert run._unpack(encode(Event.make(mine, "set", {"id": 1})))[0].key == mine
         with pytest.raises(ValidationError, match="belongs to shard 2 of 4"):
