@@ -38,6 +38,9 @@ SHARDS = 2
 KEYS = [f"k{n}" for n in range(6)]
 
 
+assert shard_of("k4", SHARDS) != shard_of("k0", SHARDS)
+
+
 def valid(key_index: int, op: str, n: int, name: str) -> Event:
     key = KEYS[key_index]
     if op == "set":
@@ -75,7 +78,18 @@ BAD: dict[str, list[bytes]] = {
     "bad ts": [b"key", b"k0", b"op", b"set", b"data", b'{"id": "k0"}', b"ts", b"yesterday"],
     "deep json": [b"key", b"k0", b"op", b"set", b"data", deep(300)],
     "append to keyed": [b"key", b"k0", b"op", b"append", b"data", b'{"id": "k0"}'],
+    "wrong shard": [b"key", b"k4", b"op", b"set", b"data", b'{"id": "k4", "n": 5}'],
+    "call, no http sink": [
+        b"key",
+        b"k0",
+        b"op",
+        b"call",
+        b"data",
+        b'{"url": "https://x/h", "payload": 1}',
+    ],
+    "repeated field": [b"key", b"k0", b"op", b"set", b"data", b'{"id": "k0"}', b"data", b"{}"],
 }
+"""Each is XADDed to the shard of k0 (k4 is on the other one)."""
 
 workloads = st.lists(
     st.one_of(
