@@ -414,6 +414,33 @@ def test_rows_the_database_refuses_are_isolated_and_the_rest_commit(
     assert len(rows(pg, table)) == 198
 
 
+def test_sums_a_column_cannot_hold_are_refused_and_remembered(
+    pg: Connection, sink: PostgresSink, sink_settings: Any
+) -> None:
+    # Two float incr of 1.7e308 in one window: Infinity was stored (issue 11).
+    table = Table(
+        "sums",
+        ("id",),
+        {"id": Column(INT), "f": Column(ColumnType.FLOAT, Policy.SUM), "n": Column(INT)},
+        schema=schema_of(pg),
+    )
+    create(pg, table)
+    events = [
+        Event("1", Op.INCR, {"id": 1, "f": 1.7e308}),
+        Event("1", Op.INCR, {"id": 1, "f": 1.7e308, "n": 1}),
+        Event("1", Op.INCR, {"id": 1, "n": 2**63 - 1}),
+        Event("1", Op.INCR, {"id": 1, "n": 1}),
+    ]
+    items = entries(table, events)
+    rejected = write(sink, batch(items))
+    assert [r.entry_id for r in rejected] == [items[1].id, items[3].id]
+    assert rejected[0].reason.startswith("merge: data.f: added to the earlier changes of its")
+    assert rows(pg, table) == [{"id": 1, "f": 1.7e308, "n": 2**63 - 1}]
+    newer = PostgresSink(sink.pool, sink.name, sink_settings)  # after a crash: refused again
+    assert write(newer, batch(items, epoch=2)) == rejected
+    assert rows(pg, table) == [{"id": 1, "f": 1.7e308, "n": 2**63 - 1}]
+
+
 def test_a_missing_table_stops_the_group_not_dead_lettered(
     pg: Connection, sink: PostgresSink
 ) -> None:

@@ -216,7 +216,15 @@ class PostgresSink:
             if moved:  # an owner that read the offset after us (or a newer lease) moved it
                 conn.rollback()
                 self._moved(conn, slot, seen)
-            refused = [(i, reason) for unit, reason in bad for i in entry_ids(unit, entries)]
+            # Entries the merge left out (a sum their column cannot hold) are refused with
+            # the rows the database refused, and remembered the same way.
+            merge_refused = {i: f"merge: {reason}" for i, reason in merged.refused.items()}
+            refused = list(merge_refused.items()) + [
+                (i, reason)
+                for unit, reason in bad
+                for i in entry_ids(unit, entries)
+                if i not in merge_refused
+            ]
             self._offsets.reject(cur, slot, refused)
         conn.commit()
         writer.counted(counts, merged, [unit for unit, _ in bad])
