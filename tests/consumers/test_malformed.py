@@ -252,3 +252,43 @@ def _drained(client: redis.Redis, keys: Keys) -> bool:
 
 def _pairs(flat: list[bytes]) -> list[tuple[bytes, bytes]]:
     return list(zip(flat[::2], flat[1::2], strict=True))
+
+
+def test_a_sum_its_column_cannot_hold_is_dead_lettered_by_a_running_worker(
+    r: redis.Redis, redis_url: str, database_url: str, pg: Connection, schema: str
+) -> None:
+    # Two float incr of 1.7e308 in one window stored Infinity (issue 11): the second is
+    # dead-lettered, the first applied, and the shard drains.
+    name = f"t{uuid.uuid4().hex[:8]}"
+    table = Table(
+        name,
+        ("id",),
+        {"id": Column(ColumnType.TEXT, nullable=False), "f": Column(ColumnType.FLOAT)},
+        schema=schema,
+    )
+    keys = Keys(f"m{uuid.uuid4().hex[:10]}")
+    config = Config(
+        prefix=keys.prefix,
+        streams={"s": StreamSpec("s", SHARDS, table=name)},
+        tables={name: table},
+        groups={"g": GroupSpec("g", "s", ("pg",), dict(FAST))},
+        sinks={"pg": SinkSpec("pg", "postgres")},
+    )
+    with pg.cursor() as cur:
+        cur.execute(table_ddl(table))
+    ensure_offsets(pg, schema)
+    create_stream(r, keys, "s", SHARDS)
+    shard = keys.shard("s", shard_of("k0", SHARDS))
+    big = Event.make("k0", "incr", {"id": "k0", "f": 1.7e308})
+    added = [r.xadd(shard, dict(_pairs(encode(big)))).decode() for _ in range(2)]
+    settings_ = PostgresSettings(database_url, pool_size=1, offsets_schema=schema)
+    sink = PostgresSink(Pool(settings_), "pg", settings_)
+    asyncio.run(_drain(redis_url, config, sink, keys))
+    [(_, letter)] = r.xrange(keys.dead("s", shard_of("k0", SHARDS), "g"))
+    assert letter[b"entry"].decode() == added[1]
+    assert b"the sum overflows a float (double precision) to inf" in letter[b"reason"]
+    with pg.cursor() as cur:
+        cur.execute(sql.SQL("SELECT id, f FROM {}").format(sql.Identifier(schema, name)))
+        assert cur.fetchall() == [("k0", 1.7e308)]
+    for row in group_status(r, keys, "s", "g"):
+        assert (row.lag, row.pending) == (0, 0), row
