@@ -113,7 +113,7 @@ class SinkWriter:
                 await asyncio.sleep(delay)
                 continue
             await self._recovered(name)
-            return list(result)
+            return _with_merge_refusals(list(result), batch)
 
     async def _isolate(
         self, name: str, sink: Sink, batch: Batch, exc: Exception, tries: int
@@ -184,3 +184,14 @@ def sink_attempts(config: Config, sink: str, default: int) -> int:
     spec = config.sinks.get(sink)
     value: Any = spec.options.get("max_attempts", default) if spec is not None else default
     return int(value)
+
+
+def _with_merge_refusals(rejected: list[Rejected], batch: Batch) -> list[Rejected]:
+    """What the sink refused, and what merging the batch refused (a sum a column cannot
+    hold), whether or not the sink said so: such an entry was written by no sink."""
+    refused = batch.merged.refused
+    if not refused:
+        return rejected
+    said = {reject.entry_id for reject in rejected}
+    rejected += [Rejected(i, f"merge: {why}") for i, why in refused.items() if i not in said]
+    return rejected

@@ -19,7 +19,7 @@ import redis
 
 from streamsink.consumers.worker import Worker, worker_client
 from streamsink.errors import SinkMisconfigured, SinkUnavailable
-from streamsink.schemas import Config, GroupSpec, SinkSpec
+from streamsink.schemas import Config, Event, GroupSpec, SinkSpec
 from streamsink.sinks import Batch, FunctionSink, Rejected, TestingSink
 from streamsink.streams import Keys, Producer, create_stream
 from streamsink.streams.admin import group_status
@@ -197,3 +197,25 @@ async def test_a_misconfigured_sink_stops_its_group_and_the_other_group_goes_on(
         await asyncio.wait_for(task, 15)
         await client.aclose()
     assert worker.stopped.keys() == {GROUP}
+
+
+async def test_a_sum_a_column_cannot_hold_is_dead_lettered_whatever_the_sink(
+    r: redis.Redis, keys: Keys, redis_url: str
+) -> None:
+    """Merging refuses the entry whose delta overflows the column: a function sink never
+    sees it, and it is dead-lettered instead of acknowledged as applied."""
+    create_stream(r, keys, STREAM, SHARDS)
+    config = make_config(keys, ["mem"], linger_ms=300, max_age_ms=2000)
+    key = keys_on(3, 1)[0]
+    big = 2**62
+    events = [Event.make(key, "incr", {"id": key, "seq": big}) for _ in range(3)]
+    ids = Producer(r, config).publish_many(STREAM, events)
+    sink = TestingSink()
+    async with running(redis_url, config, {"mem": sink}) as task:
+        await eventually(lambda: bool(sink.batches), task, "the window")
+        await eventually(lambda: pending(r, keys) == [0] * SHARDS, task, "acknowledged")
+    row = next(iter(sink.batches[0].merged.rows["items"].values()))
+    assert row.fields["seq"][1] == big, "the first delta folded; the others refused"
+    letters = dead_letters(r, keys, 3)
+    assert set(letters) == set(ids[1:])
+    assert all(letter[b"reason"].startswith(b"sink: merge: ") for letter in letters.values())
