@@ -20,7 +20,7 @@ import redis
 
 from streamsink.cli import main
 from streamsink.ops.status import status_document
-from tests.conftest import IN_CI, free_port
+from tests.conftest import free_port, unavailable
 from tests.ops.conftest import KEYS, PER_KEY, Setup, publish_mix
 
 CHROMIUM = "/usr/bin/chromium"
@@ -43,10 +43,7 @@ def browser_or_skip() -> Any:
     except ImportError:
         sync_playwright = None
     if sync_playwright is None or not Path(CHROMIUM).exists():
-        message = "needs playwright and Debian's chromium (apt-get install chromium)"
-        if IN_CI:
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+        unavailable("playwright with Debian's chromium (apt-get install chromium)")
     return sync_playwright
 
 
