@@ -2,8 +2,12 @@
 
 By default the machine's Redis and PostgreSQL (REDIS_URL / DATABASE_URL override them);
 each test gets its own key prefix and the run its own database, so runs and tests can
-go in parallel. Where neither answers and a Docker engine does, testcontainers starts
-them. Under CI=true a missing server fails the test; elsewhere it skips it.
+go in parallel (pytest-xdist's workers are separate runs of this kind). Where neither
+answers and a Docker engine does, testcontainers starts them. Under CI=true a missing server
+fails the test; elsewhere it skips it.
+
+When REDIS_URL names another database than 0, the run checks at its end that none of its key
+prefixes reached database 0 (`leaked_into`): a test that ignores REDIS_URL fails the run.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import pytest
 import redis
 import redis.asyncio as aredis
 from psycopg2 import sql
+from redis.connection import parse_url
 
 from streamsink.streams.keys import Keys
 
@@ -113,11 +118,62 @@ def database_url() -> Iterator[str]:
             container.stop()
 
 
+PREFIXES: set[str] = set()  # every key prefix this run (this xdist worker) handed out
+
+
+def fresh_keys(letter: str = "t") -> Keys:
+    """A key prefix nobody else uses, remembered for the end-of-run check of database 0."""
+    prefix = f"{letter}{uuid.uuid4().hex[:12]}"
+    PREFIXES.add(prefix)
+    return Keys(prefix)
+
+
+def leaked_into(url: str, prefixes: set[str]) -> list[str]:
+    """Keys of database 0 at `url`'s server that start with one of `prefixes` and a colon."""
+    options = parse_url(url)
+    client = redis.Redis(
+        host=options.get("host", "127.0.0.1"),
+        port=options.get("port", 6379),
+        username=options.get("username"),
+        password=options.get("password"),
+        db=0,
+    )
+    try:
+        return sorted(
+            key.decode(errors="replace")
+            for key in client.scan_iter(count=10_000)
+            if key.partition(b":")[0].decode(errors="replace") in prefixes
+        )
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def database_0_untouched() -> Iterator[None]:
+    """With REDIS_URL on another database, fail the run if one of its prefixes reached db 0.
+
+    Other runs share database 0 at the same time, so its size or a hash of its keys proves
+    nothing; the prefixes this run handed out are its own and name what it wrote.
+    """
+    url = os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
+    yield
+    if not url.startswith("redis") or int(parse_url(url).get("db", 0)) == 0:
+        return
+    if not PREFIXES or not _redis_answers(url):
+        return
+    leaked = leaked_into(url, PREFIXES)
+    assert not leaked, (
+        f"REDIS_URL is {url}, yet the run wrote to database 0: {leaked[:20]}"
+        f" ({len(leaked)} keys); a test builds a client or a Config that ignores REDIS_URL"
+    )
+
+
 @pytest.fixture
 def keys(redis_url: str) -> Iterator[Keys]:
     """A key prefix of this test's own; every key under it is deleted afterwards."""
-    prefix = f"t{uuid.uuid4().hex[:12]}"
-    yield Keys(prefix)
+    made = fresh_keys()
+    prefix = made.prefix
+    yield made
     client = redis.Redis.from_url(redis_url)
     for key in client.scan_iter(match=f"{prefix}:*", count=1000):
         client.delete(key)
@@ -186,10 +242,23 @@ class RedisServer:
             stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
-        while not _redis_answers(self.url):
+        while not self._answers():
             if time.monotonic() > deadline or self.process.poll() is not None:
+                self.kill()
                 raise RuntimeError(f"redis-server on port {self.port} did not start")
             time.sleep(0.05)
+
+    def _answers(self) -> bool:
+        """Our server answers on the port (not another run's that took it first)."""
+        assert self.process is not None
+        try:
+            client = redis.Redis.from_url(self.url, socket_connect_timeout=2)
+            try:
+                return int(client.info("server")["process_id"]) == self.process.pid
+            finally:
+                client.close()
+        except redis.RedisError:
+            return False
 
     def kill(self) -> None:
         """SIGKILL the server, as a crash would."""
@@ -210,8 +279,14 @@ class RedisServer:
 def redis_server() -> Iterator[RedisServer]:
     """A throwaway redis-server with AOF, killed at the end of the test."""
     with tempfile.TemporaryDirectory(prefix="streamsink-redis-") as directory:
-        server = RedisServer(free_port(), Path(directory))
-        server.start()
+        for attempt in range(5):  # a free port may be taken before the server binds it
+            server = RedisServer(free_port(), Path(directory))
+            try:
+                server.start()
+                break
+            except RuntimeError:
+                if attempt == 4:
+                    raise
         try:
             yield server
         finally:

@@ -6,7 +6,7 @@ import psycopg2
 import redis
 
 from streamsink.sinks.postgres.schema import OFFSETS, REJECTED
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, leaked_into
 
 
 def test_redis_is_real(r: redis.Redis) -> None:
@@ -32,3 +32,19 @@ def test_throwaway_redis_survives_a_kill_with_aof(redis_server: RedisServer) -> 
     redis_server.start()
     client = redis.Redis.from_url(redis_server.url)
     assert client.xlen("s") == 1
+
+
+def test_the_end_of_run_check_finds_a_prefix_of_the_run_in_database_0(
+    redis_server: RedisServer,
+) -> None:
+    """What fails a REDIS_URL=.../5 run that wrote to database 0 (a throwaway server here,
+    so the shared database 0 stays as it is)."""
+    zero = redis.Redis.from_url(redis_server.url)
+    five = redis.Redis.from_url(redis_server.url.removesuffix("/0") + "/5")
+    zero.set("tabc:{s:0}:events", 1)
+    zero.set("tother:x", 1)  # another run's prefix
+    five.set("tabc:in-five", 1)  # where the run should write
+    url = redis_server.url.removesuffix("/0") + "/5"
+    assert leaked_into(url, {"tabc", "tdef"}) == ["tabc:{s:0}:events"]
+    zero.delete("tabc:{s:0}:events")
+    assert leaked_into(url, {"tabc", "tdef"}) == []

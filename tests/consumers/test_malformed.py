@@ -32,6 +32,7 @@ from streamsink.sinks.postgres import Pool, PostgresSettings, PostgresSink
 from streamsink.sinks.postgres.schema import ensure_offsets, table_ddl
 from streamsink.streams import Keys, create_stream
 from streamsink.streams.admin import group_status
+from tests.conftest import fresh_keys
 from tests.consumers.test_worker import FAST
 
 SHARDS = 2
@@ -168,7 +169,7 @@ def test_malformed_entries_are_dead_lettered_and_every_valid_event_applies_as_th
         },
         schema=schema,
     )
-    keys = Keys(f"m{uuid.uuid4().hex[:10]}")
+    keys = fresh_keys("m")
     config = Config(
         prefix=keys.prefix,
         streams={"s": StreamSpec("s", SHARDS, table=name)},
@@ -266,7 +267,7 @@ def test_a_sum_its_column_cannot_hold_is_dead_lettered_by_a_running_worker(
         {"id": Column(ColumnType.TEXT, nullable=False), "f": Column(ColumnType.FLOAT)},
         schema=schema,
     )
-    keys = Keys(f"m{uuid.uuid4().hex[:10]}")
+    keys = fresh_keys("m")
     config = Config(
         prefix=keys.prefix,
         streams={"s": StreamSpec("s", SHARDS, table=name)},

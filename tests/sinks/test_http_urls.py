@@ -31,8 +31,10 @@ STREAM, GROUP, SHARDS = "hooks", "g", 2
 FAST = {"lease_ttl_ms": 1500, "linger_ms": 20, "max_age_ms": 100, "block_ms": 100}
 
 
-def config(keys: Keys) -> Config:
+def config(keys: Keys, redis_url: str) -> Config:
+    """The test's config, on the test Redis (REDIS_URL), not Config's default."""
     return Config(
+        redis_url=redis_url,
         prefix=keys.prefix,
         streams={STREAM: StreamSpec(STREAM, SHARDS)},
         groups={GROUP: GroupSpec(GROUP, STREAM, ("hooks",), FAST)},
@@ -101,7 +103,7 @@ async def test_hostile_urls_are_dead_lettered_with_a_reason_and_never_connected(
     }
     calls = [{"url": url, "payload": {"n": n}} for n, url in enumerate(hostile)]
     try:
-        reasons = await dead_after(r, keys, config(keys), calls, allow_private=False)
+        reasons = await dead_after(r, keys, config(keys, redis_url), calls, allow_private=False)
     finally:
         listener.stop()
     assert listener.connections == 0
@@ -125,7 +127,7 @@ async def test_the_development_flag_still_refuses_metadata_and_the_allowlist_hol
         reasons = await dead_after(
             r,
             keys,
-            config(keys),
+            config(keys, redis_url),
             calls,
             allow_private=True,
             allowed_hosts=["127.0.0.1", "169.254.169.254", "fd00:ec2::254", "*.example.com"],
