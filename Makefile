@@ -1,5 +1,6 @@
 # `make demo` and `make test` are the two commands; each sets up what it needs.
 #   make test PYTEST_ARGS="-k merge -x"    pass arguments to pytest
+#   make test PYTEST_WORKERS=0             one process (pytest-xdist off, e.g. to see -s output)
 #   make demo DEMO_ARGS="--keep"           pass arguments to `streamsink demo`
 # REDIS_URL / DATABASE_URL point the tests and the demo at other servers.
 
@@ -8,6 +9,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Two pytest-xdist workers: most tests wait on servers, subprocesses and deadlines, not on
+# the CPU, so two nearly halve the run even on two busy cores. worksteal: an idle worker
+# takes tests queued for the other, so the long ones (run first) do not leave a tail.
+PYTEST_WORKERS ?= 2
 DEMO_ARGS ?=
 
 .DEFAULT_GOAL := help
@@ -17,7 +22,7 @@ help:
 	@echo "make setup     create $(VENV) and install streamsink with its dev tools"
 	@echo "make services  make sure Redis and PostgreSQL answer (scripts/services.sh)"
 	@echo "make demo      publish a realistic burst and show the streams"
-	@echo "make test      run the tests (PYTEST_ARGS=... passes arguments to pytest)"
+	@echo "make test      run the tests on 2 workers (PYTEST_ARGS=... passes arguments to pytest)"
 	@echo "make lint      ruff check, ruff format --check, mypy"
 	@echo "make bench     run the producer benchmark"
 
@@ -37,7 +42,7 @@ demo: setup services
 	$(BIN)/streamsink demo $(DEMO_ARGS)
 
 test: setup services
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 # Runs all three checks, then fails if any did, so one run shows every problem.
 lint: setup

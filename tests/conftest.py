@@ -38,6 +38,12 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first, so that under xdist the long ones overlap the rest of the run
+    instead of running alone at its end (the order of the others is kept)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def unavailable(what: str) -> None:
     """Fail under CI (a missing server is a broken CI), skip on a developer's machine."""
     message = f"{what} is not reachable; start it (see README) or set the URL variable"

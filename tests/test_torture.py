@@ -17,17 +17,18 @@ import pytest
 from tests.conftest import DEFAULT_DATABASE_URL, _postgres_answers, unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
+SECONDS = float(os.environ.get("TORTURE_SECONDS", "60"))
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(SECONDS + 660)  # the run's own limit below, and then some
 def test_a_torture_run_ends_with_every_table_equal_to_the_model() -> None:
     base = os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL)
     if shutil.which("redis-server") is None:
         unavailable("the redis-server binary")
     if not _postgres_answers(base):
         unavailable(f"PostgreSQL at {base}")
-    seconds = float(os.environ.get("TORTURE_SECONDS", "60"))
-    args = ["--seconds", str(seconds), "--database-url", base]
+    args = ["--seconds", str(SECONDS), "--database-url", base]
     if os.environ.get("TORTURE_SEED"):
         args += ["--seed", os.environ["TORTURE_SEED"]]
     done = subprocess.run(
@@ -35,7 +36,7 @@ def test_a_torture_run_ends_with_every_table_equal_to_the_model() -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=seconds + 600,
+        timeout=SECONDS + 600,
     )
     print(done.stdout[-30_000:])
     print(done.stderr[-10_000:], file=sys.stderr)
