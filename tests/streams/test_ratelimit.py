@@ -38,17 +38,37 @@ def test_most_in_any_window_slides() -> None:
     assert most_in_any_window([]) == 0
 
 
+class Start:
+    """Lets clients connect first, then starts them together: the test's `seconds` begin
+    once every client is connected, so a slow connect does not eat into them."""
+
+    def __init__(self, clients: int) -> None:
+        self.clients, self.ready, self.go = clients, 0, asyncio.Event()
+        self.deadline = 0.0
+
+    async def connected(self, seconds: float) -> float:
+        """Wait until every client is connected; the deadline, `seconds` after that."""
+        self.ready += 1
+        if self.ready == self.clients:
+            self.deadline = time.monotonic() + seconds
+            self.go.set()
+        await self.go.wait()
+        return self.deadline
+
+
 async def hammer(
     redis_url: str, keys: Keys, rate: Rate, clients: int, seconds: float
 ) -> list[float]:
     """Every client takes permits as fast as it can for `seconds`; the grant times."""
     granted: list[float] = []
-    deadline = time.monotonic() + seconds
+    start = Start(clients)
 
     async def client() -> None:
         connection = aredis.Redis.from_url(redis_url)
         limiter = AsyncRateLimiter(connection, keys)
         try:
+            await connection.ping()
+            deadline = await start.connected(seconds)
             while time.monotonic() < deadline:
                 granted.append((await limiter.acquire("endpoint", rate)).start)
         finally:
@@ -56,6 +76,17 @@ async def hammer(
 
     await asyncio.gather(*(client() for _ in range(clients)))
     return granted
+
+
+def redis_now(r: redis.Redis) -> float:
+    """Redis' clock (TIME), in seconds: the clock the limiter's scripts read."""
+    seconds, micros = r.time()
+    return seconds + micros / 1_000_000
+
+
+def hold_of(r: redis.Redis, keys: Keys, name: str) -> float:
+    """The not-before time `defer` stored for `name`, on Redis' clock, in seconds."""
+    return float(r.hget(keys.rate(name), "hold") or 0) / 1_000_000
 
 
 async def test_no_sliding_second_holds_more_than_the_rate(redis_url: str, keys: Keys) -> None:
@@ -87,13 +118,15 @@ async def test_no_receiver_sees_more_than_the_cap_whatever_the_delays(
     (up to 300 ms later); the arrivals, not only the starts, stay within the cap."""
     rate = Rate(20.0)
     arrivals: list[float] = []
-    deadline = time.monotonic() + 3.0
+    start = Start(6)
     rng = random.Random(5)
 
     async def sender() -> None:
         connection = aredis.Redis.from_url(redis_url)
         limiter = AsyncRateLimiter(connection, keys)
         try:
+            await connection.ping()
+            deadline = await start.connected(3.0)
             while time.monotonic() < deadline:
                 permit = await limiter.acquire("endpoint", rate, busy_s=2.0)
                 delay = rng.choice([0.0, 0.3, rng.uniform(0, 0.3)])
@@ -130,20 +163,29 @@ async def test_min_interval_on_its_own(redis_url: str, keys: Keys) -> None:
     assert len(granted) >= 15
 
 
-async def test_defer_holds_every_permit_until_then(ar: aredis.Redis, keys: Keys) -> None:
+async def test_defer_holds_every_permit_until_then(
+    ar: aredis.Redis, r: redis.Redis, keys: Keys
+) -> None:
+    """Checked on Redis' clock, read around each call: however slow the machine is, the
+    hold ends 0.3 s after the defer ran, the wait reported is what is left of it, and the
+    permit starts no earlier."""
     limiter = AsyncRateLimiter(ar, keys)
     rate = Rate(1000.0)
     assert (await limiter.try_acquire("e", rate))[0] == 0.0
+    before = redis_now(r)
     await limiter.defer("e", 0.3)
+    after = redis_now(r)
+    assert before + 0.3 - 1e-6 <= hold_of(r, keys, "e") <= after + 0.3 + 1e-6
     wait, _ = await limiter.try_acquire("e", rate)
-    assert 0.25 < wait <= 0.3
-    started = time.monotonic()
-    await limiter.acquire("e", rate)
-    assert time.monotonic() - started >= 0.25
+    assert before + 0.3 - redis_now(r) - 1e-6 <= wait <= 0.3  # what is left of the hold
+    assert (await limiter.acquire("e", rate)).start >= before + 0.3 - 1e-6
+    before = redis_now(r)
     await limiter.defer("e", 0.01)  # a shorter hold does not shorten a longer one
     await limiter.defer("e", 0.5)
     await limiter.defer("e", 0.1)
-    assert (await limiter.try_acquire("e", rate))[0] > 0.4
+    assert hold_of(r, keys, "e") >= before + 0.5 - 1e-6
+    wait, _ = await limiter.try_acquire("e", rate)
+    assert before + 0.5 - redis_now(r) - 1e-6 <= wait <= 0.5
 
 
 async def test_reset_forgets_its_own_limit_only(
