@@ -243,7 +243,15 @@ def test_a_sigstopped_worker_resumed_after_its_lease_passed_dead_letters_and_ack
 
     a.signal(signal.SIGCONT)
     resumed = time.time()
-    time.sleep(4)  # A's sleep ends, its refusals come back, its lease loop runs
+
+    def a_lost_every_shard() -> bool:  # A's sleep ended, its refusals came back, its lease
+        lines = since(a.records(), resumed)  # loop ran
+        return all(
+            any(line.get("shard") == shard and line["msg"] in LOST for line in lines)
+            for shard in range(SHARDS)
+        )
+
+    eventually(a_lost_every_shard, "A says it lost every shard", 30, [a, b])
     both = [a, b]
     setup.wait_drained(both, 30)
 

@@ -20,8 +20,9 @@ import redis
 
 from streamsink.cli import main
 from streamsink.ops.status import status_document
+from streamsink.streams.telemetry import read_telemetry
 from tests.conftest import free_port, unavailable
-from tests.ops.conftest import KEYS, PER_KEY, Setup, publish_mix
+from tests.ops.conftest import GROUP, KEYS, PER_KEY, SHARDS, STREAM, Setup, publish_mix
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [
@@ -99,7 +100,13 @@ def test_page_shows_what_status_json_says(
         return group["totals"]["applied"] == applied and group["totals"]["dead"] == 1
 
     wait_for(settled, f"the worker to apply {applied} entries\n{log.read_text()[-3000:]}")
-    time.sleep(1.5)  # the worker writes its telemetry each second: now it is the last one
+    settled_ms = time.time() * 1000
+
+    def telemetry_after_settling() -> bool:  # written each second: from now on it is the last
+        documents = read_telemetry(r, setup.keys, STREAM, GROUP, SHARDS)
+        return all(doc is not None and doc["updated_ms"] > settled_ms for doc in documents)
+
+    wait_for(telemetry_after_settling, "every shard's telemetry written after it settled")
     capsys.readouterr()
     assert main(["--config", str(setup.path), "status", "--json"]) == 0
     document = orjson.loads(capsys.readouterr().out)
