@@ -28,10 +28,16 @@ import psycopg2
 import pytest
 import redis
 import redis.asyncio as aredis
+from hypothesis import HealthCheck, settings
 from psycopg2 import sql
 from redis.connection import parse_url
 
 from streamsink.streams.keys import Keys
+
+# Hypothesis judges no example by its speed: a per-example deadline and the too-slow health
+# check are timed assertions, and fail on a loaded machine (tests may still set their own).
+settings.register_profile("streamsink", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("streamsink")
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
