@@ -36,7 +36,7 @@ from streamsink.streams.admin import (
     shard_count,
     stream_info,
 )
-from streamsink.streams.dead import dead_letters, drop, replay
+from streamsink.streams.dead import check_group, choose, dead_letters, drop, replay
 from streamsink.streams.keys import Keys
 from streamsink.streams.producer import Producer
 from streamsink.streams.ratelimit import RateLimiter
@@ -493,24 +493,22 @@ def _print_http_sink(client: redis.Redis, keys: Keys, sink: str) -> None:
 def _dead(args: argparse.Namespace, config: Config) -> int:
     client, keys = _client(config), Keys(config.prefix)
     limit = args.limit if args.action == "list" else None
+    check_group(client, keys, args.stream, args.group)
     letters = list(dead_letters(client, keys, args.stream, args.group, limit))
     if args.action == "list":
         for letter in letters:
             data = letter.fields.get(b"data", b"")[:200].decode("utf-8", "replace")
-            line = (letter.id, f"entry {letter.entry}", letter.reason, data)
-            print("\t".join((str(letter.shard), *(_printable(part) for part in line))))
+            line = (letter.address, f"entry {letter.entry}", letter.reason, data)
+            print("\t".join(_printable(part) for part in line))
         return 0
     if not args.all and not args.ids:
-        raise ValueError(f"name the dead letters to {args.action}, or give --all")
-    chosen = [x for x in letters if args.all or x.id in set(args.ids)]
-    missing = set(args.ids) - {x.id for x in chosen}
-    if missing:
-        raise ValueError(f"no such dead letter: {sorted(missing)[0]}")
+        raise ValueError(f"name the dead letters to {args.action} (SHARD/ID), or give --all")
+    chosen = letters if args.all else choose(letters, args.ids)
     fix = _fixed_data(args, config, chosen)
     for letter in chosen:
         if args.action == "replay":
             new_id = replay(client, keys, args.stream, args.group, letter, fix)
-            print(f"{letter.id} -> {new_id or 'nothing: replayed or dropped meanwhile'}")
+            print(f"{letter.address} -> {new_id or 'nothing: replayed or dropped meanwhile'}")
         else:
             drop(client, keys, args.stream, args.group, letter)
     done = {"replay": "replayed", "drop": "dropped"}[args.action]
