@@ -77,6 +77,14 @@ def test_publish_file_is_all_or_nothing(
     assert len(entries(r, keys)) == 50
 
 
+def test_publish_of_a_missing_file_is_bad_input(
+    config: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["--config", config, "publish", "tasks", "--file", "nope.jsonl"]) == 2
+    assert capsys.readouterr().err == "streamsink: error: nope.jsonl: No such file or directory\n"
+
+
 def test_publish_stdin(
     config: str, r: redis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
