@@ -448,7 +448,7 @@ def test_a_row_the_database_refuses_is_dead_lettered_with_its_reason_and_the_res
     assert len(letters) == 1
     letter = letters[0]
     assert letter.entry == ids[150]
-    assert letter.reason.startswith("sink: postgres 23514:")
+    assert letter.reason.startswith("sink 'pg': postgres 23514:")
     assert "best_small" in letter.reason
     assert json.loads(letter.fields[b"data"]) == {"id": 150, "best": 5000, "name": "poison"}
 

@@ -193,7 +193,11 @@ class Sender:
         if not endpoint.rate.limited:
             return Permit(0.0)
         limit, rate = endpoint.limit, endpoint.rate
-        return await retrying(lambda: self.limiter.acquire(limit, rate, busy_s), "permit")
+        return await retrying(
+            lambda: self.limiter.acquire(limit, rate, busy_s),
+            "permit",
+            where={"endpoint": endpoint.name},
+        )
 
     async def _done(self, endpoint: Endpoint, permit: Permit) -> None:
         """Tell the limit the send is over; if Redis fails, it counts until its busy time."""
@@ -208,7 +212,11 @@ class Sender:
         """Send nothing to the endpoint for `seconds`, in this worker and (if limited) all."""
         endpoint.hold_until = max(endpoint.hold_until, time.monotonic() + seconds)
         if endpoint.rate.limited:
-            await retrying(lambda: self.limiter.defer(endpoint.limit, seconds), "hold")
+            await retrying(
+                lambda: self.limiter.defer(endpoint.limit, seconds),
+                "hold",
+                where={"endpoint": endpoint.name},
+            )
 
     def _dead(self, endpoint: Endpoint, request: Request, reason: str) -> list[Rejected]:
         self.stats.count(endpoint.name, "dead", len(request.entry_ids))
