@@ -456,6 +456,10 @@ def test_a_row_the_database_refuses_is_dead_lettered_with_its_reason_and_the_res
     assert {row[0]: row[1:] for row in setup.rows(pg, "items")} == expected
     refused = logged([worker], "rows refused, isolating them")
     assert len(refused) == 1, "one window held every entry, the poison one among them"
+    where = {"sink": SINK, "group": GROUP, "stream": STREAM}  # config names, on every line
+    assert where.items() <= refused[0].items()
+    offsets_read = logged([worker], "offset read")
+    assert offsets_read and all(where.items() <= line.items() for line in offsets_read)
     with pg.cursor() as cur:
         cur.execute(
             sql.SQL("SELECT last_id FROM {} WHERE sink = %s").format(

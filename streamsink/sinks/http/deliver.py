@@ -82,9 +82,15 @@ class Sender:
     """Delivers requests with retries, honouring each endpoint's breaker and limits."""
 
     def __init__(
-        self, transport: Transport, vetter: Vetter, limiter: AsyncRateLimiter, stats: EndpointStats
+        self,
+        transport: Transport,
+        vetter: Vetter,
+        limiter: AsyncRateLimiter,
+        stats: EndpointStats,
+        sink: str = "",
     ) -> None:
         self.transport, self.vetter, self.limiter, self.stats = transport, vetter, limiter, stats
+        self.sink = sink  # the config's name, for log lines
         self.requests: Counter[tuple[str, str]] = Counter()  # (endpoint, status class): sent
         self.permit_wait_s: dict[str, float] = {}  # per endpoint: time waited for a permit
 
@@ -113,6 +119,7 @@ class Sender:
             log.info(
                 "callback attempt failed, retrying",
                 extra={
+                    "sink": self.sink,
                     "endpoint": endpoint.name,
                     "key": request.key,
                     "attempt": attempts,
@@ -196,7 +203,7 @@ class Sender:
         return await retrying(
             lambda: self.limiter.acquire(limit, rate, busy_s),
             "permit",
-            where={"endpoint": endpoint.name},
+            where={"sink": self.sink, "endpoint": endpoint.name},
         )
 
     async def _done(self, endpoint: Endpoint, permit: Permit) -> None:
@@ -205,7 +212,8 @@ class Sender:
             await self.limiter.done(endpoint.limit, permit)
         except TRANSIENT as exc:
             log.warning(
-                "rate limit not told", extra={"endpoint": endpoint.name, "error": repr(exc)}
+                "rate limit not told",
+                extra={"sink": self.sink, "endpoint": endpoint.name, "error": repr(exc)},
             )
 
     async def _hold(self, endpoint: Endpoint, seconds: float) -> None:
@@ -215,14 +223,19 @@ class Sender:
             await retrying(
                 lambda: self.limiter.defer(endpoint.limit, seconds),
                 "hold",
-                where={"endpoint": endpoint.name},
+                where={"sink": self.sink, "endpoint": endpoint.name},
             )
 
     def _dead(self, endpoint: Endpoint, request: Request, reason: str) -> list[Rejected]:
         self.stats.count(endpoint.name, "dead", len(request.entry_ids))
         log.warning(
             "callback given up",
-            extra={"endpoint": endpoint.name, "key": request.key, "reason": reason},
+            extra={
+                "sink": self.sink,
+                "endpoint": endpoint.name,
+                "key": request.key,
+                "reason": reason,
+            },
         )
         return [Rejected(entry_id, reason) for entry_id in request.entry_ids]
 
