@@ -247,7 +247,7 @@ async def test_poison_entries_go_to_dead_letters_and_the_rest_of_the_window_goes
     assert letters[undecodable.decode()][b"reason"].startswith(b"DecodeError: data")
     assert letters[undecodable.decode()][b"f:data"] == b'{"id": "x", "seq'
     assert letters[wrong_type.decode()][b"reason"].startswith(b"ValidationError: data.seq")
-    assert letters[rejected][b"reason"] == b"sink: no poison here"
+    assert letters[rejected][b"reason"] == b"sink 'picky': no poison here"
     assert letters[rejected][b"f:data"] == spaced, "the stored bytes, read back from the stream"
     for entry_id, letter in letters.items():
         assert letter[b"group"] == GROUP.encode()
@@ -453,7 +453,7 @@ async def test_a_refused_entry_deleted_meanwhile_is_dead_lettered_from_its_event
         await eventually(lambda: bool(r.exists(dead)), task, "a dead letter")
         await eventually(lambda: pending(r, keys) == [0] * SHARDS, task, "nothing pending")
     letter = dead_letters(r, keys, shard)[gone]
-    assert letter[b"reason"] == b"sink: no poison here"
+    assert letter[b"reason"] == b"sink 'picky': no poison here"
     original = dict(_pairs(encode(item(key, 1, poison=True))))
     assert {k[2:]: v for k, v in letter.items() if k.startswith(b"f:")} == original
     assert [i.decode() for i, _ in r.xrange(stream_key)] == [kept]
