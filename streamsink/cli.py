@@ -23,7 +23,7 @@ import redis
 import redis.asyncio as aredis
 from tqdm import tqdm
 
-from streamsink.checks import check_config, check_environment
+from streamsink.checks import check_environment, load_checked
 from streamsink.errors import ConfigError, EventError, StreamsinkError
 from streamsink.schemas.config import Config, from_dict, load
 from streamsink.schemas.event import Event
@@ -224,8 +224,7 @@ def _config(args: argparse.Namespace) -> Config:
         with resources.as_file(resources.files("streamsink") / "demo.toml") as demo:
             config = load(demo)
     elif path := path or os.environ.get(CONFIG_ENV):
-        config = load(path)
-        check_config(config, path)
+        config = load_checked(path)
     elif args.command == "check":
         raise ConfigError(f"name the config file: streamsink check FILE (or ${CONFIG_ENV})")
     else:
