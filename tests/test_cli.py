@@ -351,3 +351,33 @@ def test_demo_keys_are_the_ones_its_tables_spell() -> None:
     }
     for stream, event in burst():
         config.validate(stream, event)  # key_format included
+
+
+def test_global_options_go_before_or_after_any_command(
+    config: str, r: redis.Redis, keys: Keys, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = f"{keys.prefix}x"  # cleaned up with the test's prefix
+    for args in (
+        ["--prefix", other, "streams", "create", "a", "--shards", "1"],
+        ["streams", "create", "b", "--shards", "1", "--prefix", other],
+        ["streams", "create", "--prefix", other, "c", "--shards", "1"],
+        ["--prefix", "ignored", "streams", "create", "d", "--shards", "1", "--prefix", other],
+    ):
+        assert main(args) == 0, args
+    assert r.smembers(Keys(other).index()) == {b"a", b"b", b"c", b"d"}
+    for key in r.scan_iter(match=f"{other}:*"):
+        r.delete(key)
+    capsys.readouterr()
+    assert main(["status", "--config", config]) == 0
+    after = capsys.readouterr().out
+    assert main(["--config", config, "status"]) == 0
+    assert capsys.readouterr().out == after and "group g on tasks" in after
+
+
+def test_help_names_every_command_as_available(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    shown = capsys.readouterr().out
+    assert "later" not in shown
+    for command in ("check", "streams", "publish", "status", "dead", "worker", "tables", "demo"):
+        assert f"    {command}" in shown
