@@ -181,7 +181,10 @@ def test_check_also_asks_what_the_host_must_provide(
     err = capsys.readouterr().err
     secret = rf"{re.escape(path)}:\d+: sink 'hooks': environment variable CHECK_TEST_SECRET is not"
     assert re.search(secret, err), err
-    assert f"{path}: function sink: cannot load 'no_such_module_here:write'" in err
+    function = (
+        rf"{re.escape(path)}:\d+: sink 'fn': function sink: cannot load 'no_such_module_here:"
+    )
+    assert re.search(function, err), err
     nowhere = ["--redis-url", "redis://127.0.0.1:1/0"]
     assert main(["status", "--config", path, *nowhere]) == 2
     assert "Connection refused" in capsys.readouterr().err  # got as far as Redis

@@ -7,15 +7,7 @@ from streamsink.schemas.config import Config, SinkSpec
 from streamsink.sinks.base import Batch, Rejected, Sink
 from streamsink.sinks.function import FunctionSink, TestingSink
 
-__all__ = [
-    "Batch",
-    "FunctionSink",
-    "Rejected",
-    "Sink",
-    "TestingSink",
-    "build_sinks",
-    "check_sink",
-]
+__all__ = ["Batch", "FunctionSink", "Rejected", "Sink", "TestingSink", "build_sinks"]
 
 TYPES = ("postgres", "http", "function")
 """The sink types of this version, as `type` in `[sinks.<name>]`."""
@@ -39,7 +31,10 @@ def check_sink(spec: SinkSpec, config: Config, environment: bool = False) -> Non
     elif spec.type == "function":
         path = _function_path(spec, options)
         if environment:
-            FunctionSink.from_path(path)
+            try:
+                FunctionSink.from_path(path)
+            except ConfigError as exc:
+                raise ConfigError(f"sink {spec.name!r}: {exc}") from None
     elif spec.type == "http":
         from streamsink.sinks.http.settings import HttpSettings
 
