@@ -46,7 +46,7 @@ from streamsink.streams.state import ShardState
 CHUNK = 1000
 
 CONFIG_ENV = "STREAMSINK_CONFIG"
-"""The config file of every command that gets no --config (the Docker image sets it)."""
+"""The config file of every command given no --config (docker-compose.yml sets it)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
