@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from streamsink.checks import check_environment, load_checked
 from streamsink.errors import ConfigError, EventError, StreamsinkError
-from streamsink.schemas.config import Config, from_dict, load
+from streamsink.schemas.config import Config, from_dict
 from streamsink.schemas.event import Event
 from streamsink.schemas.wire import decode, encode
 from streamsink.streams.admin import (
@@ -222,7 +222,7 @@ def _config(args: argparse.Namespace) -> Config:
     path = args.config or (args.file if args.command == "check" else None)
     if path is None and args.command == "demo":
         with resources.as_file(resources.files("streamsink") / "demo.toml") as demo:
-            config = load(demo)
+            config = load_checked(demo)
     elif path := path or os.environ.get(CONFIG_ENV):
         config = load_checked(path)
     elif args.command == "check":
