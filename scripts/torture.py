@@ -616,7 +616,6 @@ class Torture:
         self.replayed_entries: list[tuple[int, str]] = []  # (shard, entry ID) of each
         self.diagnosis: list[str] = []
         self.dead_reasons: collections.Counter[str] = collections.Counter()
-        self.id_clashes = 0  # replays where one dead-letter ID was in several shards
         self.backlog: dict[str, int] = {}  # group: largest backlog seen (entries)
         self.unlisted = 0  # replayed letters that came after our listing (data unknown)
         self.problems: list[str] = []
@@ -749,15 +748,13 @@ class Torture:
         for letter in gone:
             self.replayed_fields.append(letter.fields)
             self.replayed_entries.append((letter.shard, letter.entry))
-        known = collections.Counter(letter.id for letter in gone)
+        known = collections.Counter(f"{letter.shard}/{letter.id}" for letter in gone)
         for dead_id, new_id in pairs:
             if known[dead_id]:
                 known[dead_id] -= 1
             else:
                 self.find_replayed(client, new_id)
         client.close()
-        if len({(letter.shard, letter.id) for letter in listed}) > len({x.id for x in listed}):
-            self.id_clashes += 1
         count = len(pairs)
         self.say(
             f"   dead replay g2: {count} letters in {now() - started:.1f} s "
@@ -996,11 +993,6 @@ class Torture:
         )
         for reason, count in self.dead_reasons.most_common():
             print(f"  g2 dead letters before replays: {count} x {reason}")
-        if self.id_clashes:
-            print(
-                f"  note: in {self.id_clashes} replays one dead-letter ID was in several shards "
-                "(`dead replay STREAM GROUP ID` replays all of them)"
-            )
         for problem in self.problems:
             print(f"problem: {problem}")
         if diff:

@@ -1,4 +1,5 @@
-"""The `streamsink` command: streams, publish, demo (and, later, worker and status)."""
+"""streamsink: check a config, create streams and tables, publish, run workers, show status,
+handle dead letters and rate limits, run the demo."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import asyncio
 import contextlib
 import io
+import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
@@ -21,8 +23,9 @@ import redis
 import redis.asyncio as aredis
 from tqdm import tqdm
 
-from streamsink.errors import EventError, StreamsinkError
-from streamsink.schemas.config import Config, load
+from streamsink.checks import check_environment, load_checked
+from streamsink.errors import ConfigError, EventError, StreamsinkError
+from streamsink.schemas.config import Config, from_dict
 from streamsink.schemas.event import Event
 from streamsink.schemas.wire import decode, encode
 from streamsink.streams.admin import (
@@ -33,7 +36,7 @@ from streamsink.streams.admin import (
     shard_count,
     stream_info,
 )
-from streamsink.streams.dead import dead_letters, drop, replay
+from streamsink.streams.dead import check_group, choose, dead_letters, drop, replay
 from streamsink.streams.keys import Keys
 from streamsink.streams.producer import Producer
 from streamsink.streams.ratelimit import RateLimiter
@@ -41,6 +44,9 @@ from streamsink.streams.rows import Rows
 from streamsink.streams.state import ShardState
 
 CHUNK = 1000
+
+CONFIG_ENV = "STREAMSINK_CONFIG"
+"""The config file of every command given no --config (docker-compose.yml sets it)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -50,31 +56,82 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = _config(args)
         result: int = args.run(args, config)
         return result
+    except ConfigError as exc:  # one problem a line, each naming the file
+        for line in str(exc).splitlines():
+            print(f"streamsink: error: {line}", file=sys.stderr)
+        return 1 if args.command == "check" else 2
     except (StreamsinkError, redis.RedisError, ValueError) as exc:
         print(f"streamsink: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file named on the command line
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"streamsink: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
 
 
+def _global_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    """The options every command takes, before or after its name."""
+    parser.add_argument(
+        "--config",
+        default=default,
+        metavar="FILE",
+        help=f"TOML config file (streams, tables, groups, sinks; default ${CONFIG_ENV})",
+    )
+    parser.add_argument(
+        "--redis-url", default=default, metavar="URL", help="overrides the config and REDIS_URL"
+    )
+    parser.add_argument(
+        "--prefix",
+        default=default,
+        metavar="P",
+        help="Redis key prefix (default: the config's, else 'ss')",
+    )
+    parser.add_argument(
+        "--database-url",
+        default=default,
+        metavar="URL",
+        help="overrides the config and DATABASE_URL",
+    )
+
+
+def _command(
+    commands: Any, name: str, text: str, run: Callable[[argparse.Namespace, Config], int]
+) -> argparse.ArgumentParser:
+    """A (sub)command running `run(args, config)`; it takes the global options too."""
+    after = argparse.ArgumentParser(add_help=False)
+    _global_options(after, argparse.SUPPRESS)  # given after the command: they override
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name, help=text, description=text, parents=[after]
+    )
+    parser.set_defaults(run=run)
+    return parser
+
+
+def _group(commands: Any, name: str, text: str) -> Any:
+    """A command with actions of its own (`streams create`, `tables check`)."""
+    parser = commands.add_parser(name, help=text, description=text)
+    return parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamsink", description=__doc__)
-    parser.add_argument("--config", help="TOML config file (streams, tables, groups, sinks)")
-    parser.add_argument("--redis-url", help="overrides the config and REDIS_URL")
-    parser.add_argument("--prefix", help="Redis key prefix (default: the config's, else 'ss')")
-    parser.add_argument("--database-url", help="overrides the config and DATABASE_URL")
-    commands = parser.add_subparsers(dest="command", required=True)
+    _global_options(parser, None)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    streams = commands.add_parser("streams", help="create and inspect streams")
-    actions = streams.add_subparsers(dest="action", required=True)
-    create = actions.add_parser("create", help="create a stream with a fixed shard count")
+    check = _command(commands, "check", "validate the config file fully (exit 1 if not)", _check)
+    check.add_argument("file", nargs="?", help="the config file (same as --config)")
+
+    streams = _group(commands, "streams", "create and inspect streams")
+    create = _command(
+        streams, "create", "create a stream with a fixed shard count", _streams_create
+    )
     create.add_argument("name", nargs="?", help="stream name (default: every stream of --config)")
     create.add_argument("--shards", type=int, help="shard count (default: the config's)")
-    create.set_defaults(run=_streams_create)
-    listing = actions.add_parser("list", help="streams with their shard counts and lengths")
-    listing.set_defaults(run=_streams_list)
+    _command(streams, "list", "streams with their shard counts and lengths", _streams_list)
 
-    publish = commands.add_parser("publish", help="publish one event, or JSON lines")
+    publish = _command(commands, "publish", "publish one event, or JSON lines", _publish)
     publish.add_argument("stream")
     publish.add_argument("--key", help="routing key of a single event")
     publish.add_argument("--op", default="set", help="set | incr | del | append | call")
@@ -84,9 +141,10 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument(
         "--file", help="JSON lines ({key, op, data, table?, ts?, v?, id?}), '-' for stdin"
     )
-    publish.set_defaults(run=_publish)
 
-    status = commands.add_parser("status", help="streams, groups, lag, pending, leases, dead")
+    status = _command(
+        commands, "status", "streams, groups, lag, pending, leases, dead letters", _status
+    )
     status.add_argument(
         "--json", action="store_true", help="the status document (schema in the README)"
     )
@@ -98,28 +156,26 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="redraw every SECONDS (default 2) until Ctrl-C",
     )
-    status.set_defaults(run=_status)
 
-    dead = commands.add_parser("dead", help="list, replay or drop a group's dead letters")
+    dead = _command(commands, "dead", "list, replay or drop a group's dead letters", _dead)
     dead.add_argument("action", choices=("list", "replay", "drop"))
     dead.add_argument("stream")
     dead.add_argument("group")
-    dead.add_argument("ids", nargs="*", help="dead-letter IDs (replay/drop), or --all")
+    dead.add_argument(
+        "ids", nargs="*", metavar="SHARD/ID", help="dead letters (replay/drop), or --all"
+    )
     dead.add_argument("--all", action="store_true", help="every dead letter of the group")
     dead.add_argument("--limit", type=int, default=100, help="most listed per shard")
     dead.add_argument(
         "--data", help="replay one letter with this JSON data instead of its own (a fix)"
     )
-    dead.set_defaults(run=_dead)
 
-    limits = commands.add_parser("limits", help="show or reset a shared rate limit")
+    limits = _command(commands, "limits", "show or reset a shared rate limit", _limits)
     limits.add_argument("action", choices=("show", "reset"))
     limits.add_argument("key", help="the limit's name, as given to RateLimiter.allow")
     limits.add_argument("--json", action="store_true", help="print the state as JSON")
-    limits.set_defaults(run=_limits)
 
-    worker = commands.add_parser("worker", help="run every group of the config until SIGTERM")
-    worker.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file")
+    worker = _command(commands, "worker", "run every group of the config until SIGTERM", _worker)
     worker.add_argument("--log-level", default="INFO")
     worker.add_argument(
         "--log-format", choices=("json", "text"), default="json", help="log lines (default json)"
@@ -136,20 +192,20 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="longest a stop may drain before the worker exits anyway (default 30)",
     )
-    worker.set_defaults(run=_worker)
 
-    tables = commands.add_parser("tables", help="create or check the config's PostgreSQL tables")
-    table_actions = tables.add_subparsers(dest="action", required=True)
-    for name, run, text in (
-        ("create", _tables_create, "create the tables and the offsets tables where missing"),
-        ("check", _tables_check, "say how the database differs from the config (exit 1)"),
-    ):
-        action = table_actions.add_parser(name, help=text)
-        action.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file")
-        action.set_defaults(run=run)
+    tables = _group(commands, "tables", "create or check the config's PostgreSQL tables")
+    _command(
+        tables, "create", "create the tables and the offsets tables where missing", _tables_create
+    )
+    _command(
+        tables, "check", "say how the database differs from the config (exit 1)", _tables_check
+    )
 
-    demo = commands.add_parser(
-        "demo", help="publish a realistic burst, drain it into PostgreSQL, show the rows"
+    demo = _command(
+        commands,
+        "demo",
+        "publish a realistic burst, drain it into PostgreSQL, show the rows",
+        _demo,
     )
     demo.add_argument("--keep", action="store_true", help="keep earlier demo data")
     demo.add_argument("--publish-only", action="store_true", help="publish, show nothing")
@@ -158,17 +214,21 @@ def _parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="status page and /metrics while draining ([worker] http)",
     )
-    demo.set_defaults(run=_demo)
     return parser
 
 
 def _config(args: argparse.Namespace) -> Config:
-    path = args.config
+    """The config of the command line: loaded, checked whole, then overridden by flags."""
+    path = args.config or (args.file if args.command == "check" else None)
     if path is None and args.command == "demo":
         with resources.as_file(resources.files("streamsink") / "demo.toml") as demo:
-            config = load(demo)
+            config = load_checked(demo)
+    elif path := path or os.environ.get(CONFIG_ENV):
+        config = load_checked(path)
+    elif args.command == "check":
+        raise ConfigError(f"name the config file: streamsink check FILE (or ${CONFIG_ENV})")
     else:
-        config = load(path) if path else Config()
+        config = from_dict({})  # the defaults, REDIS_URL and DATABASE_URL
     if args.redis_url:
         config = replace(config, redis_url=args.redis_url)
     if args.prefix:
@@ -176,6 +236,18 @@ def _config(args: argparse.Namespace) -> Config:
     if args.database_url:
         config = replace(config, postgres_dsn=args.database_url)
     return config
+
+
+def _check(args: argparse.Namespace, config: Config) -> int:
+    """Everything `_config` checks, plus what the worker's host must provide."""
+    path = args.config or args.file or os.environ.get(CONFIG_ENV)
+    check_environment(config, path)
+    groups, sinks = len(config.groups), len(config.sinks)
+    print(
+        f"{path}: ok: {len(config.streams)} streams, {len(config.tables)} tables, "
+        f"{groups} groups, {sinks} sinks"
+    )
+    return 0
 
 
 def _client(config: Config) -> redis.Redis:
@@ -420,24 +492,22 @@ def _print_http_sink(client: redis.Redis, keys: Keys, sink: str) -> None:
 def _dead(args: argparse.Namespace, config: Config) -> int:
     client, keys = _client(config), Keys(config.prefix)
     limit = args.limit if args.action == "list" else None
+    check_group(client, keys, args.stream, args.group)
     letters = list(dead_letters(client, keys, args.stream, args.group, limit))
     if args.action == "list":
         for letter in letters:
             data = letter.fields.get(b"data", b"")[:200].decode("utf-8", "replace")
-            line = (letter.id, f"entry {letter.entry}", letter.reason, data)
-            print("\t".join((str(letter.shard), *(_printable(part) for part in line))))
+            line = (letter.address, f"entry {letter.entry}", letter.reason, data)
+            print("\t".join(_printable(part) for part in line))
         return 0
     if not args.all and not args.ids:
-        raise ValueError(f"name the dead letters to {args.action}, or give --all")
-    chosen = [x for x in letters if args.all or x.id in set(args.ids)]
-    missing = set(args.ids) - {x.id for x in chosen}
-    if missing:
-        raise ValueError(f"no such dead letter: {sorted(missing)[0]}")
+        raise ValueError(f"name the dead letters to {args.action} (SHARD/ID), or give --all")
+    chosen = letters if args.all else choose(letters, args.ids)
     fix = _fixed_data(args, config, chosen)
     for letter in chosen:
         if args.action == "replay":
             new_id = replay(client, keys, args.stream, args.group, letter, fix)
-            print(f"{letter.id} -> {new_id or 'nothing: replayed or dropped meanwhile'}")
+            print(f"{letter.address} -> {new_id or 'nothing: replayed or dropped meanwhile'}")
         else:
             drop(client, keys, args.stream, args.group, letter)
     done = {"replay": "replayed", "drop": "dropped"}[args.action]

@@ -8,6 +8,7 @@
     │   └── PayloadTooLarge    the encoded data exceeds the configured limit
     ├── StreamError            a stream is missing or declared differently in Redis
     │   ├── StreamNotFound     create it first (`streamsink streams create`)
+    │   ├── GroupNotFound      no shard of the stream knows the consumer group
     │   └── ShardCountMismatch the shard count recorded in Redis differs from the one given
     ├── SinkError              a sink failed to write a window (any other exception from a
     │   │                      sink is a bug: tried `max_attempts` times, then isolated)
@@ -67,6 +68,10 @@ class StreamError(StreamsinkError):
 
 class StreamNotFound(StreamError):
     """The stream has not been created (its shard count is not recorded in Redis)."""
+
+
+class GroupNotFound(StreamError):
+    """No shard of the stream has the consumer group (nor dead letters of it)."""
 
 
 class ShardCountMismatch(StreamError):

@@ -77,6 +77,14 @@ def test_publish_file_is_all_or_nothing(
     assert len(entries(r, keys)) == 50
 
 
+def test_publish_of_a_missing_file_is_bad_input(
+    config: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["--config", config, "publish", "tasks", "--file", "nope.jsonl"]) == 2
+    assert capsys.readouterr().err == "streamsink: error: nope.jsonl: No such file or directory\n"
+
+
 def test_publish_stdin(
     config: str, r: redis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -124,7 +132,8 @@ def test_status_and_dead_letters(
     assert main(["--config", config, "dead", "list", "tasks", "g"]) == 0
     listed = capsys.readouterr().out.splitlines()
     assert len(listed) == 2 and "DecodeError" in listed[0]
-    first, second = (line.split("\t")[1] for line in listed)
+    first, second = (line.split("\t")[0] for line in listed)
+    assert first.startswith("1/") and second.startswith("1/")
     assert main(["--config", config, "dead", "replay", "tasks", "g", first]) == 0
     [(_, fields)] = r.xrange(keys.shard("tasks", 1))
     assert decode(fields).data == {"id": 9, "status": "ok"}
@@ -132,6 +141,52 @@ def test_status_and_dead_letters(
     assert capsys.readouterr().err.splitlines()[-1] == "dropped 1 dead letters"
     assert r.xlen(dead) == 0
     assert main(["--config", config, "dead", "drop", "tasks", "g", "9-9"]) == 2
+
+
+def dead_letter(r: redis.Redis, keys: Keys, shard: int, dead_id: str, entry: str) -> None:
+    fields = {"reason": "other", "entry": entry, "deliveries": "1", "f:key": "x", "f:op": "set"}
+    r.xadd(keys.dead("tasks", shard, "g"), {**fields, "f:data": "{}"}, id=dead_id)
+
+
+def test_dead_letters_are_addressed_by_shard_and_id(
+    config: str, r: redis.Redis, keys: Keys, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One dead-letter ID on two shards: `SHARD/ID` names one; the plain ID is refused with
+    both candidates; an ID on one shard only still works alone."""
+    dead_letter(r, keys, 0, "5-1", "1-1")
+    dead_letter(r, keys, 1, "5-1", "1-2")
+    dead_letter(r, keys, 1, "6-1", "1-3")
+    dead = ["--config", config, "dead"]
+    assert main([*dead, "list", "tasks", "g"]) == 0
+    listed = [line.split("\t")[:2] for line in capsys.readouterr().out.splitlines()]
+    assert listed == [["0/5-1", "entry 1-1"], ["1/5-1", "entry 1-2"], ["1/6-1", "entry 1-3"]]
+
+    assert main([*dead, "drop", "tasks", "g", "5-1"]) == 2
+    assert "5-1 is on several shards: name one of 0/5-1, 1/5-1" in capsys.readouterr().err
+    assert r.xlen(keys.dead("tasks", 0, "g")) == 1 and r.xlen(keys.dead("tasks", 1, "g")) == 2
+
+    assert main([*dead, "replay", "tasks", "g", "1/5-1"]) == 0
+    [line] = capsys.readouterr().out.splitlines()
+    [(new_id, _)] = r.xrange(keys.shard("tasks", 1))
+    assert line == f"1/5-1 -> {new_id.decode()}"
+    assert r.xlen(keys.dead("tasks", 0, "g")) == 1 and r.xlen(keys.dead("tasks", 1, "g")) == 1
+
+    assert main([*dead, "drop", "tasks", "g", "6-1"]) == 0  # unambiguous: one shard has it
+    assert main([*dead, "drop", "tasks", "g", "1/5-1"]) == 2  # replayed already
+    assert "no such dead letter: 1/5-1" in capsys.readouterr().err
+    assert r.xlen(keys.dead("tasks", 1, "g")) == 0 and r.xlen(keys.dead("tasks", 0, "g")) == 1
+
+
+def test_dead_letters_of_an_unknown_group_or_stream_are_an_error(
+    config: str, r: redis.Redis, keys: Keys, capsys: pytest.CaptureFixture[str]
+) -> None:
+    r.xgroup_create(keys.shard("tasks", 0), "g", id="0", mkstream=True)
+    assert main(["--config", config, "dead", "list", "tasks", "g"]) == 0  # known, no letters
+    assert capsys.readouterr().out == ""
+    assert main(["--config", config, "dead", "list", "tasks", "nope"]) == 2
+    assert "stream 'tasks' has no group 'nope' (its groups: g)" in capsys.readouterr().err
+    assert main(["--config", config, "dead", "replay", "nope", "g", "--all"]) == 2
+    assert "stream 'nope' does not exist" in capsys.readouterr().err
 
 
 async def test_status_shows_lag_pending_and_each_shards_state(
@@ -188,7 +243,7 @@ def test_dead_list_escapes_control_bytes(
     )
     assert main(["--config", config, "dead", "list", "tasks", "g"]) == 0
     [line] = capsys.readouterr().out.splitlines()
-    assert line.split("\t")[3:] == [
+    assert line.split("\t")[2:] == [
         "DecodeError: key: bad\\x1b[2J\\n",
         '{"s":"\\x00\\x07\\tx\\x85"}',
     ]
@@ -296,3 +351,33 @@ def test_demo_keys_are_the_ones_its_tables_spell() -> None:
     }
     for stream, event in burst():
         config.validate(stream, event)  # key_format included
+
+
+def test_global_options_go_before_or_after_any_command(
+    config: str, r: redis.Redis, keys: Keys, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = f"{keys.prefix}x"  # cleaned up with the test's prefix
+    for args in (
+        ["--prefix", other, "streams", "create", "a", "--shards", "1"],
+        ["streams", "create", "b", "--shards", "1", "--prefix", other],
+        ["streams", "create", "--prefix", other, "c", "--shards", "1"],
+        ["--prefix", "ignored", "streams", "create", "d", "--shards", "1", "--prefix", other],
+    ):
+        assert main(args) == 0, args
+    assert r.smembers(Keys(other).index()) == {b"a", b"b", b"c", b"d"}
+    for key in r.scan_iter(match=f"{other}:*"):
+        r.delete(key)
+    capsys.readouterr()
+    assert main(["status", "--config", config]) == 0
+    after = capsys.readouterr().out
+    assert main(["--config", config, "status"]) == 0
+    assert capsys.readouterr().out == after and "group g on tasks" in after
+
+
+def test_help_names_every_command_as_available(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    shown = capsys.readouterr().out
+    assert "later" not in shown
+    for command in ("check", "streams", "publish", "status", "dead", "worker", "tables", "demo"):
+        assert f"    {command}" in shown

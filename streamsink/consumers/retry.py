@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 from redis.exceptions import BusyLoadingError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -54,12 +54,22 @@ class Backoff:
         self.attempt = 0
 
 
+def server(client: Any) -> str:
+    """`host:port` (or the socket path) a Redis client talks to, for log lines."""
+    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
+    if "path" in kwargs:
+        return str(kwargs["path"])
+    return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+
+
 async def retrying(
     operation: Callable[[], Awaitable[T]],
     what: str,
     transient: tuple[type[BaseException], ...] = TRANSIENT,
+    where: Mapping[str, object] | None = None,
 ) -> T:
-    """Run `operation` until it succeeds, sleeping with backoff after transient errors."""
+    """Run `operation` until it succeeds, sleeping with backoff after transient errors;
+    `where` (group, shard, the server: `redis=host:port`) goes into each log line."""
     backoff = Backoff()
     while True:
         try:
@@ -68,7 +78,6 @@ async def retrying(
             if cancelling():
                 raise asyncio.CancelledError from exc
             delay = backoff.next()
-            log.warning(
-                "retrying", extra={"what": what, "error": repr(exc), "in_s": round(delay, 3)}
-            )
+            extra = {**(where or {}), "what": what, "error": repr(exc), "in_s": round(delay, 3)}
+            log.warning("retrying", extra=extra)
             await asyncio.sleep(delay)

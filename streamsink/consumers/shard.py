@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import cast
 
 from streamsink.consumers.merge import Entry, merge
-from streamsink.consumers.retry import TRANSIENT, Backoff, cancelling, retrying
+from streamsink.consumers.retry import TRANSIENT, Backoff, cancelling, retrying, server
 from streamsink.consumers.settings import GroupSettings
 from streamsink.consumers.telemetry import Telemetry
 from streamsink.consumers.window import Window
@@ -69,6 +69,7 @@ class ShardRunner:
         self.lead = 0.0  # how long a flush may take (seconds): windows close that early
         self._flushes: deque[float] = deque(maxlen=8)  # the last flushes' durations
         self._where = {"group": reader.group, "stream": stream, "shard": lease.shard}
+        self._redis = {**self._where, "redis": server(reader.client)}  # Redis retries' lines
         self._keys = Keys(config.prefix)
         self._unpack = unpacker(
             config.default_table(stream),
@@ -114,7 +115,7 @@ class ShardRunner:
             raise
 
     async def _run(self) -> None:
-        await retrying(self.reader.ensure_group, "create group")
+        await retrying(self.reader.ensure_group, "create group", where=self._redis)
         window, flushing = Window(), cast(asyncio.Task[None] | None, None)
         settings = self.settings
         try:
@@ -166,7 +167,7 @@ class ShardRunner:
                     raise asyncio.CancelledError from exc
                 self.reader.recover()
                 delay = backoff.next()
-                log.warning("read failed", extra={**self._where, "error": repr(exc), "in_s": delay})
+                log.warning("read failed", extra={**self._redis, "error": repr(exc), "in_s": delay})
                 await asyncio.sleep(delay)
 
     async def _take(self, window: Window, read: Read, asked: int) -> None:
@@ -231,7 +232,7 @@ class ShardRunner:
             window.grew(size + 64 * (len(entries) - taken), time.monotonic(), waited)
 
     async def _skip(self, entry_id: bytes) -> None:
-        await retrying(lambda: self.reader.ack([entry_id]), "ack")
+        await retrying(lambda: self.reader.ack([entry_id]), "ack", where=self._redis)
 
     def _waited(self, first: bytes, newest: bytes) -> float:
         """How long `first` had been in the shard when read, on Redis' own clock (seconds).
@@ -278,7 +279,7 @@ class ShardRunner:
             merged = batch.merged if mine is entries else merged  # the window's, for the next
             for reject in await self.writer.write(name, sink, batch):
                 refused.setdefault(reject.entry_id, []).append(name)
-                reasons.setdefault(reject.entry_id, reject.reason)
+                reasons.setdefault(reject.entry_id, f"sink {name!r}: {reject.reason}")
         if self.stats.sink_retries == retries:  # a retried write says nothing of the next
             self._took(time.monotonic() - started)
         if written is not None:
@@ -287,7 +288,7 @@ class ShardRunner:
         if refused:
             await self._dead_letter_refused(window, refused, reasons)
             ids = [i for i, entry in zip(ids, entries, strict=True) if entry.id not in refused]
-        await retrying(lambda: self.reader.ack(ids, entries[-1].id), "ack")
+        await retrying(lambda: self.reader.ack(ids, entries[-1].id), "ack", where=self._redis)
         self.stats.flushed_windows += 1
         self.stats.applied += len(ids)
         if self.telemetry is not None:  # ops: one note per committed window
@@ -300,7 +301,9 @@ class ShardRunner:
         """Dead-letter what sinks refused, naming the refusing sinks when others applied it."""
         entries, ids = window.entries, window.ids
         picked = [n for n, entry in enumerate(entries) if entry.id in refused]
-        stored = await retrying(lambda: self.reader.fields([ids[n] for n in picked]), "read")
+        stored = await retrying(
+            lambda: self.reader.fields([ids[n] for n in picked]), "read", where=self._redis
+        )
         everyone = set(self.sinks)
         for n, fields in zip(picked, stored, strict=True):
             entry = entries[n]
@@ -309,7 +312,7 @@ class ShardRunner:
             sinks = refused[entry.id]
             await self._dead_letter(
                 raw,
-                f"sink: {reasons[entry.id]}",
+                reasons[entry.id],
                 sinks=() if set(sinks) == everyone else sinks,
                 origin=window.origins.get(entry.id, ""),
             )
@@ -324,7 +327,9 @@ class ShardRunner:
                 extra={**self._where, "entry": entry.id, "try": tries},
             )
             return True
-        fields = (await retrying(lambda: self.reader.fields(window.ids), "read"))[0]
+        fields = (
+            await retrying(lambda: self.reader.fields(window.ids), "read", where=self._redis)
+        )[0]
         times = window.delivered(0)
         reason = (
             f"delivered {times} times (max_deliveries={self.settings.max_deliveries}); its "
@@ -341,9 +346,13 @@ class ShardRunner:
         key = self._keys.suspects(self.stream, self.lease.shard, self.reader.group)
         client = self.reader.client
         if done:
-            await retrying(lambda: client.hdel(key, entry_id), "forget suspect")
+            await retrying(lambda: client.hdel(key, entry_id), "forget suspect", where=self._redis)
             return 0
-        return int(await retrying(lambda: client.hincrby(key, entry_id, 1), "count suspect"))
+        return int(
+            await retrying(
+                lambda: client.hincrby(key, entry_id, 1), "count suspect", where=self._redis
+            )
+        )
 
     def _took(self, seconds: float) -> None:
         """Note a flush's merge-and-write time: `lead` is the longest of the last eight
@@ -354,6 +363,10 @@ class ShardRunner:
     async def _dead_letter(
         self, raw: Raw, reason: str, sinks: Sequence[str] = (), origin: str = ""
     ) -> None:
-        await retrying(lambda: self.reader.dead_letter(raw, reason, sinks, origin), "dead-letter")
+        await retrying(
+            lambda: self.reader.dead_letter(raw, reason, sinks, origin),
+            "dead-letter",
+            where=self._redis,
+        )
         self.stats.dead_lettered += 1
         log.warning("dead-lettered", extra={**self._where, "entry": raw.id, "reason": reason})

@@ -27,7 +27,7 @@ import redis.asyncio as aredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from streamsink.consumers.retry import TRANSIENT, cancelling, retrying
+from streamsink.consumers.retry import TRANSIENT, cancelling, retrying, server
 from streamsink.consumers.settings import GroupSettings
 from streamsink.consumers.shard import SINK_TRANSIENT, ShardRunner
 from streamsink.consumers.telemetry import Telemetry
@@ -75,7 +75,9 @@ class GroupRunner:
         self.stopped: str | None = None  # why the group stopped (a configuration error)
         self.telemetry: dict[int, Telemetry] | None = None  # ops: per shard, when measuring
         self._renewed: dict[int, float] = {}
+        self._releasing: set[int] = set()  # drained shards whose lease is being given back
         self._maintained = 0.0
+        self._redis = {"group": group.name, "stream": self.stream, "redis": server(client)}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Balance leases until `stop` is set, then drain every shard and leave.
@@ -110,7 +112,7 @@ class GroupRunner:
         sink being away, until done (True), `stop` (False), or an error that waiting
         cannot clear (False, the group stopped: stream missing, sink misconfigured)."""
         try:
-            if not await self._until(stop, self._prepare, "prepare streams"):
+            if not await self._until(stop, self._prepare, "prepare streams", self._redis):
                 return False
             for name, sink in self.sinks.items():
                 check = getattr(sink, "check", None)
@@ -125,11 +127,16 @@ class GroupRunner:
         return True
 
     async def _until(
-        self, stop: asyncio.Event, operation: Callable[[], Awaitable[object]], what: str
+        self,
+        stop: asyncio.Event,
+        operation: Callable[[], Awaitable[object]],
+        what: str,
+        where: Mapping[str, object] | None = None,
     ) -> bool:
         """`operation`, retried while transient; False if `stop` came first."""
         transient = (*SINK_TRANSIENT,)
-        doing = asyncio.ensure_future(retrying(operation, what, transient))
+        where = where or {"group": self.group.name, "stream": self.stream}
+        doing = asyncio.ensure_future(retrying(operation, what, transient, where))
         stopping = asyncio.ensure_future(stop.wait())
         try:
             await asyncio.wait([doing, stopping], return_when=asyncio.FIRST_COMPLETED)
@@ -166,6 +173,7 @@ class GroupRunner:
             for shard in [s for s, (_, task) in self.runners.items() if task.done()]:
                 del self.runners[shard]  # drained and released, or fenced
                 self._renewed.pop(shard, None)
+                self._releasing.discard(shard)
             if stop.is_set():  # drain, still renewing the leases until every shard is done
                 for runner, _ in self.runners.values():
                     runner.draining.set()
@@ -175,7 +183,9 @@ class GroupRunner:
                 async with asyncio.timeout(interval):
                     await self._balance(tasks, acquire=not stop.is_set())
             except LEASE_LOOP_ERRORS as exc:
-                log.warning("lease loop: Redis unavailable", extra={"error": repr(exc)})
+                log.warning(
+                    "lease loop: Redis unavailable", extra={**self._redis, "error": repr(exc)}
+                )
             self._drop_stale_leases()
             pause = interval * random.uniform(0.8, 1.0)
             # asyncio.wait, not wait_for: on 3.11 wait_for can swallow a cancellation
@@ -211,6 +221,8 @@ class GroupRunner:
         for shard, ours in zip(owned, renewed, strict=True):
             if ours:
                 self._renewed[shard] = now
+            elif shard in self._releasing:  # given back while renewing: not lost
+                continue
             else:
                 log.warning("lease lost", extra=self._where(shard))
                 self._stop_lost(shard)
@@ -262,9 +274,14 @@ class GroupRunner:
             self._stop_group(str(exc))
         if runner.lost:
             return
+        self._releasing.add(runner.lease.shard)
         with contextlib.suppress(TimeoutError):  # an unreleased lease simply expires
             async with asyncio.timeout(self.settings.lease_ttl_ms / 1000):
-                await retrying(lambda: self.leases.release(runner.lease.shard), "release lease")
+                await retrying(
+                    lambda: self.leases.release(runner.lease.shard),
+                    "release lease",
+                    where={**self._where(runner.lease.shard), "redis": server(self.client)},
+                )
         log.info("shard released", extra=self._where(runner.lease.shard))
 
     def _drop_stale_leases(self) -> None:

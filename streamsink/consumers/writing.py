@@ -123,7 +123,7 @@ class SinkWriter:
         await self._recovered(name)
         if len(entries) == 1:
             self.stats.isolated += 1
-            reason = f"{name} raised {type(exc).__name__}: {exc} ({tries} attempts)"
+            reason = f"raised {type(exc).__name__}: {exc} ({tries} attempts)"
             log.error(
                 "sink fails on an entry: dead-lettering it",
                 extra={**self._where, "sink": name, "entry": entries[0].id, "error": repr(exc)},

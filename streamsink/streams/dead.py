@@ -10,12 +10,13 @@ terminals at once, publishes once.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
+from streamsink.errors import GroupNotFound
 from streamsink.schemas.wire import F_DATA, F_FOR, F_ORIGIN, F_SINKS, ROUTING_FIELDS
 from streamsink.streams.admin import shard_count
 from streamsink.streams.keys import Keys
@@ -45,6 +46,11 @@ class DeadLetter:
     origin: str = ""  # the entry ID its event first had, if it was a replay already
 
     @property
+    def address(self) -> str:
+        """`SHARD/ID`: unique in the group (a dead-letter ID alone may repeat across shards)."""
+        return f"{self.shard}/{self.id}"
+
+    @property
     def identity(self) -> str:
         """The entry ID that identifies the event for good (a callback's idempotency key)."""
         return self.origin or self.entry
@@ -52,6 +58,28 @@ class DeadLetter:
 
 def _text(value: bytes | None) -> str:
     return value.decode("utf-8", "replace") if value else ""
+
+
+def check_group(client: redis.Redis, keys: Keys, stream: str, group: str) -> int:
+    """The stream's shard count; StreamNotFound or GroupNotFound when either is unknown."""
+    shards = shard_count(client, keys, stream)
+    known: set[str] = set()
+    for shard in range(shards):
+        if client.exists(keys.dead(stream, shard, group)):
+            return shards
+        try:
+            groups: Any = client.xinfo_groups(keys.shard(stream, shard))
+        except redis.ResponseError:  # the shard's stream key does not exist yet
+            continue
+        known.update(
+            _text(g["name"]) if isinstance(g["name"], bytes) else g["name"] for g in groups
+        )
+        if group in known:
+            return shards
+    raise GroupNotFound(
+        f"stream {stream!r} has no group {group!r} "
+        f"(its groups: {', '.join(sorted(known)) or 'none yet'})"
+    )
 
 
 def dead_letters(
@@ -76,6 +104,33 @@ def dead_letters(
                 sinks=tuple(n for n in _text(fields.get(b"sinks")).split(",") if n),
                 origin=_text(fields.get(b"origin")),
             )
+
+
+def choose(letters: Iterable[DeadLetter], wanted: Sequence[str]) -> list[DeadLetter]:
+    """The letters named `SHARD/ID`, or by a plain ID where only one shard has it.
+
+    ValueError names an address that matches nothing, or a plain ID found on several
+    shards with its candidates.
+    """
+    by_address = {letter.address: letter for letter in letters}
+    by_id: dict[str, list[DeadLetter]] = {}
+    for letter in by_address.values():
+        by_id.setdefault(letter.id, []).append(letter)
+    chosen: dict[str, DeadLetter] = {}
+    for name in wanted:
+        if "/" in name:
+            found = [by_address[name]] if name in by_address else []
+        else:
+            found = by_id.get(name, [])
+        if not found:
+            raise ValueError(f"no such dead letter: {name}")
+        if len(found) > 1:
+            candidates = ", ".join(letter.address for letter in found)
+            raise ValueError(
+                f"dead letter ID {name} is on several shards: name one of {candidates}"
+            )
+        chosen[found[0].address] = found[0]
+    return list(chosen.values())
 
 
 def replay(

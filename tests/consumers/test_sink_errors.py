@@ -69,7 +69,7 @@ async def test_a_sink_bug_on_one_key_dead_letters_only_its_entries_and_the_rest_
     assert set(letters) == broken
     for letter in letters.values():
         assert letter[b"reason"] == (
-            f"sink: buggy raised ValueError: cannot handle {bad} (3 attempts)".encode()
+            f"sink 'buggy': raised ValueError: cannot handle {bad} (3 attempts)".encode()
         )
         assert b"sinks" not in letter, "the group's only sink refused it: a replay goes to all"
     assert [row.state for row in group_status(r, keys, STREAM, GROUP)][shard] in (
@@ -218,4 +218,4 @@ async def test_a_sum_a_column_cannot_hold_is_dead_lettered_whatever_the_sink(
     assert row.fields["seq"][1] == big, "the first delta folded; the others refused"
     letters = dead_letters(r, keys, 3)
     assert set(letters) == set(ids[1:])
-    assert all(letter[b"reason"].startswith(b"sink: merge: ") for letter in letters.values())
+    assert all(letter[b"reason"].startswith(b"sink 'mem': merge: ") for letter in letters.values())

@@ -247,7 +247,7 @@ async def test_poison_entries_go_to_dead_letters_and_the_rest_of_the_window_goes
     assert letters[undecodable.decode()][b"reason"].startswith(b"DecodeError: data")
     assert letters[undecodable.decode()][b"f:data"] == b'{"id": "x", "seq'
     assert letters[wrong_type.decode()][b"reason"].startswith(b"ValidationError: data.seq")
-    assert letters[rejected][b"reason"] == b"sink: no poison here"
+    assert letters[rejected][b"reason"] == b"sink 'picky': no poison here"
     assert letters[rejected][b"f:data"] == spaced, "the stored bytes, read back from the stream"
     for entry_id, letter in letters.items():
         assert letter[b"group"] == GROUP.encode()
@@ -453,7 +453,7 @@ async def test_a_refused_entry_deleted_meanwhile_is_dead_lettered_from_its_event
         await eventually(lambda: bool(r.exists(dead)), task, "a dead letter")
         await eventually(lambda: pending(r, keys) == [0] * SHARDS, task, "nothing pending")
     letter = dead_letters(r, keys, shard)[gone]
-    assert letter[b"reason"] == b"sink: no poison here"
+    assert letter[b"reason"] == b"sink 'picky': no poison here"
     original = dict(_pairs(encode(item(key, 1, poison=True))))
     assert {k[2:]: v for k, v in letter.items() if k.startswith(b"f:")} == original
     assert [i.decode() for i, _ in r.xrange(stream_key)] == [kept]
@@ -588,3 +588,53 @@ async def test_a_suspect_whose_write_went_through_is_not_blamed_when_its_ack_is_
     }
     assert {worn, fine} <= still, "fenced: no ack"
     assert applied == [worn], "nothing written after the shard was lost"
+
+
+async def test_a_clean_stop_logs_no_warning_even_when_a_renewal_meets_a_released_lease(
+    r: redis.Redis,
+    keys: Keys,
+    redis_url: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The renewal that runs while a drained shard gives its lease back finds the lease
+    gone: that is a release, not a lost lease (an alert on warnings fired on every stop).
+    The renewal after the stop is held until the worker's releases are in Redis, so the
+    two always meet."""
+    from streamsink.streams.leases import Leases
+
+    create_stream(r, keys, STREAM, SHARDS)
+    config = make_config(keys, ["sink"], lease_ttl_ms=6000)
+    Producer(r, config).publish_many(STREAM, [item(f"k{n}", n) for n in range(60)])
+    sink = TestingSink()
+    stop = asyncio.Event()
+    renew = Leases.heartbeat_and_renew
+    met: list[list[bool]] = []
+
+    async def held(self: Leases, shards: Sequence[int]) -> tuple[int, list[bool]]:
+        if stop.is_set() and shards:
+            deadline = time.monotonic() + 5
+            lease_keys = [keys.lease(STREAM, shard, GROUP) for shard in shards]
+            while r.exists(*lease_keys) and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)  # Redis, not an event of this loop, says when
+            live, renewed = await renew(self, shards)
+            met.append(renewed)
+            return live, renewed
+        return await renew(self, shards)
+
+    monkeypatch.setattr(Leases, "heartbeat_and_renew", held)
+    client = worker_client(redis_url)
+    caplog.set_level("INFO", logger="streamsink")
+    try:
+        worker = Worker(client, config, {"sink": sink}, worker="w1")
+        task = asyncio.create_task(worker.run(stop))
+        await eventually(lambda: len(delivered_ids(sink)) == 60, task, "every entry")
+        stop.set()
+        await asyncio.wait_for(task, 15)
+    finally:
+        await client.aclose()
+    assert met and not any(any(renewed) for renewed in met), "the renewal met the releases"
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages.count("shard released") == SHARDS
+    warnings = [record.getMessage() for record in caplog.records if record.levelno >= 30]
+    assert warnings == [], warnings

@@ -59,13 +59,17 @@ def test_sigterm_while_a_sink_never_succeeds_exits_0_within_the_shutdown_timeout
 
 
 def test_sigterm_while_start_up_waits_for_redis_exits_at_once(keys: Keys, cluster: Cluster) -> None:
-    path = cluster.config(f"redis://127.0.0.1:{free_port()}/0")  # nobody listens there
+    port = free_port()
+    path = cluster.config(f"redis://127.0.0.1:{port}/0")  # nobody listens there
     worker = cluster.start(path)
     eventually(
         lambda: any(line.get("what") == "prepare streams" for line in worker.records()),
         "start-up retrying",
         workers=[worker],
     )
+    retrying = next(line for line in worker.records() if line.get("what") == "prepare streams")
+    assert retrying["redis"] == f"127.0.0.1:{port}", "a retry line says which server is away"
+    assert (retrying["group"], retrying["stream"]) == (GROUP, STREAM)
     started = time.monotonic()
     worker.signal(signal.SIGTERM)
     assert worker.wait(10) == 0

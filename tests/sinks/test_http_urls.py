@@ -108,7 +108,7 @@ async def test_hostile_urls_are_dead_lettered_with_a_reason_and_never_connected(
         listener.stop()
     assert listener.connections == 0
     for url, expected in hostile.items():
-        assert reasons[url].startswith("sink: URL refused: "), reasons[url]
+        assert reasons[url].startswith("sink 'hooks': URL refused: "), reasons[url]
         assert expected in reasons[url], (url, reasons[url])
     assert "loopback address" in reasons[f"http://localhost:{port}/hook"]
     print("\n" + "\n".join(f"{url[:60]:<60} {why}" for url, why in reasons.items()))
@@ -135,9 +135,9 @@ async def test_the_development_flag_still_refuses_metadata_and_the_allowlist_hol
     finally:
         receiver.stop()
     assert sorted(reasons.values()) == [
-        "sink: URL refused: 169.254.169.254 is a cloud metadata address",
-        "sink: URL refused: fd00:ec2::254 is a cloud metadata address",
-        "sink: URL refused: host 'other.example' is not in allowed_hosts",
+        "sink 'hooks': URL refused: 169.254.169.254 is a cloud metadata address",
+        "sink 'hooks': URL refused: fd00:ec2::254 is a cloud metadata address",
+        "sink 'hooks': URL refused: host 'other.example' is not in allowed_hosts",
     ]
     assert receiver.records == []
 

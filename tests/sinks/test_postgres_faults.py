@@ -448,7 +448,7 @@ def test_a_row_the_database_refuses_is_dead_lettered_with_its_reason_and_the_res
     assert len(letters) == 1
     letter = letters[0]
     assert letter.entry == ids[150]
-    assert letter.reason.startswith("sink: postgres 23514:")
+    assert letter.reason.startswith("sink 'pg': postgres 23514:")
     assert "best_small" in letter.reason
     assert json.loads(letter.fields[b"data"]) == {"id": 150, "best": 5000, "name": "poison"}
 
@@ -456,6 +456,10 @@ def test_a_row_the_database_refuses_is_dead_lettered_with_its_reason_and_the_res
     assert {row[0]: row[1:] for row in setup.rows(pg, "items")} == expected
     refused = logged([worker], "rows refused, isolating them")
     assert len(refused) == 1, "one window held every entry, the poison one among them"
+    where = {"sink": SINK, "group": GROUP, "stream": STREAM}  # config names, on every line
+    assert where.items() <= refused[0].items()
+    offsets_read = logged([worker], "offset read")
+    assert offsets_read and all(where.items() <= line.items() for line in offsets_read)
     with pg.cursor() as cur:
         cur.execute(
             sql.SQL("SELECT last_id FROM {} WHERE sink = %s").format(

@@ -214,9 +214,9 @@ def publish(setup: TwoGroups, workers: list[WorkerProcess], events: list[Event])
 
 
 def replayed_ids(stdout: str) -> dict[str, str]:
-    """`<letter id> -> <new entry id>` lines of `dead replay`, as a dict."""
+    """`<shard>/<letter id> -> <new entry id>` lines of `dead replay`, as a dict by letter ID."""
     pairs = [line.split(" -> ") for line in stdout.splitlines() if " -> " in line]
-    return {letter: new for letter, new in pairs}
+    return {address.partition("/")[2]: new for address, new in pairs}
 
 
 def test_a_replay_reaches_only_the_group_that_dead_lettered_the_entry(

@@ -82,9 +82,15 @@ class Sender:
     """Delivers requests with retries, honouring each endpoint's breaker and limits."""
 
     def __init__(
-        self, transport: Transport, vetter: Vetter, limiter: AsyncRateLimiter, stats: EndpointStats
+        self,
+        transport: Transport,
+        vetter: Vetter,
+        limiter: AsyncRateLimiter,
+        stats: EndpointStats,
+        sink: str = "",
     ) -> None:
         self.transport, self.vetter, self.limiter, self.stats = transport, vetter, limiter, stats
+        self.sink = sink  # the config's name, for log lines
         self.requests: Counter[tuple[str, str]] = Counter()  # (endpoint, status class): sent
         self.permit_wait_s: dict[str, float] = {}  # per endpoint: time waited for a permit
 
@@ -113,6 +119,7 @@ class Sender:
             log.info(
                 "callback attempt failed, retrying",
                 extra={
+                    "sink": self.sink,
                     "endpoint": endpoint.name,
                     "key": request.key,
                     "attempt": attempts,
@@ -193,7 +200,11 @@ class Sender:
         if not endpoint.rate.limited:
             return Permit(0.0)
         limit, rate = endpoint.limit, endpoint.rate
-        return await retrying(lambda: self.limiter.acquire(limit, rate, busy_s), "permit")
+        return await retrying(
+            lambda: self.limiter.acquire(limit, rate, busy_s),
+            "permit",
+            where={"sink": self.sink, "endpoint": endpoint.name},
+        )
 
     async def _done(self, endpoint: Endpoint, permit: Permit) -> None:
         """Tell the limit the send is over; if Redis fails, it counts until its busy time."""
@@ -201,20 +212,30 @@ class Sender:
             await self.limiter.done(endpoint.limit, permit)
         except TRANSIENT as exc:
             log.warning(
-                "rate limit not told", extra={"endpoint": endpoint.name, "error": repr(exc)}
+                "rate limit not told",
+                extra={"sink": self.sink, "endpoint": endpoint.name, "error": repr(exc)},
             )
 
     async def _hold(self, endpoint: Endpoint, seconds: float) -> None:
         """Send nothing to the endpoint for `seconds`, in this worker and (if limited) all."""
         endpoint.hold_until = max(endpoint.hold_until, time.monotonic() + seconds)
         if endpoint.rate.limited:
-            await retrying(lambda: self.limiter.defer(endpoint.limit, seconds), "hold")
+            await retrying(
+                lambda: self.limiter.defer(endpoint.limit, seconds),
+                "hold",
+                where={"sink": self.sink, "endpoint": endpoint.name},
+            )
 
     def _dead(self, endpoint: Endpoint, request: Request, reason: str) -> list[Rejected]:
         self.stats.count(endpoint.name, "dead", len(request.entry_ids))
         log.warning(
             "callback given up",
-            extra={"endpoint": endpoint.name, "key": request.key, "reason": reason},
+            extra={
+                "sink": self.sink,
+                "endpoint": endpoint.name,
+                "key": request.key,
+                "reason": reason,
+            },
         )
         return [Rejected(entry_id, reason) for entry_id in request.entry_ids]
 

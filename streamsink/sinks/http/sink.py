@@ -63,7 +63,7 @@ class HttpSink:
         vetter = Vetter(settings.allow_private, settings.dns_cache_s)
         transport = AiohttpTransport(vetter)
         stats = EndpointStats(client, keys, name)
-        sender = Sender(transport, vetter, AsyncRateLimiter(client, keys), stats)
+        sender = Sender(transport, vetter, AsyncRateLimiter(client, keys), stats, sink=name)
         return cls(name, settings, secrets, sender, on_close=[transport.close, client.aclose])
 
     async def write(self, batch: Batch) -> Sequence[Rejected]:

@@ -130,7 +130,7 @@ class PostgresSink:
             conn.rollback()
             log.warning(
                 "rows refused, isolating them",
-                extra={"sink": self.name, "shard": slot.shard, "error": str(error)},
+                extra={**_where(slot), "error": str(error)},
             )
             refused = self._transaction(conn, slot, seen, entries, merged, True, counts)
         self._positions[slot] = Position(entries[-1].id, seen.epoch)
@@ -151,12 +151,7 @@ class PostgresSink:
             )
         log.info(
             "offset read",
-            extra={
-                "sink": self.name,
-                "shard": slot.shard,
-                "offset": position.last_id,
-                "epoch": epoch,
-            },
+            extra={**_where(slot), "offset": position.last_id, "epoch": epoch},
         )
         return position
 
@@ -184,7 +179,7 @@ class PostgresSink:
         conn.commit()
         log.info(
             "skipping entries applied before",
-            extra={"sink": self.name, "shard": slot.shard, "entries": len(applied)},
+            extra={**_where(slot), "entries": len(applied)},
         )
         rest = [e for e in entries if parse_id(e.id) > offset]
         return rest, [Rejected(i, reason) for i, reason in refused.items()]
@@ -229,3 +224,8 @@ class PostgresSink:
         conn.commit()
         writer.counted(counts, merged, [unit for unit, _ in bad])
         return refused
+
+
+def _where(slot: Slot) -> dict[str, object]:
+    """A log line's fields naming the sink, group, stream and shard."""
+    return {"sink": slot.sink, "group": slot.group, "stream": slot.stream, "shard": slot.shard}
