@@ -33,10 +33,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
-
 from decimal import Decimal
 from functools import partial
+from typing import Any
 
 import orjson
 
@@ -229,8 +228,9 @@ def order_key(kind: ColumnType, value: Any) -> bytes:
     if kind is ColumnType.FLOAT:
         return b"n" + repr(float(value)).encode()
     if kind is ColumnType.NUMERIC:  # exact text at the column's scale: its digits, offset
-        number = Decimal(value)
-        return b"%029d" % (int(number.scaleb(-number.as_tuple().exponent)) + _NUMERIC_OFFSET)
+        sign, digits, _ = Decimal(value).as_tuple()
+        scaled = int("".join(map(str, digits))) * (-1 if sign else 1)
+        return b"%029d" % (scaled + _NUMERIC_OFFSET)
     if kind is ColumnType.TIMESTAMP:
         at = datetime.fromisoformat(value).astimezone(UTC)
         return b"%04d%s" % (at.year, at.strftime("-%m-%dT%H:%M:%S.%f").encode())

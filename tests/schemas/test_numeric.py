@@ -15,6 +15,7 @@ from streamsink.errors import ConfigError, ValidationError
 from streamsink.schemas.config import from_dict
 from streamsink.schemas.event import Event
 from streamsink.schemas.numeric import Numeric
+from streamsink.schemas.readmodel import order_key
 from streamsink.schemas.table import Column, ColumnType, Policy, Table, validate
 from streamsink.schemas.wire import encode, entry_fields, pack, unpacker
 from tests.schemas.expect import expect
@@ -187,7 +188,7 @@ def unpack_of(config_tables: dict[str, Table] | None = None) -> Any:
 
 def flat(op: str, data: bytes, table: str | None = None) -> list[bytes]:
     out = [b"key", b"1", b"op", op.encode(), b"data", data]
-    return out + [b"table", table.encode()] if table else out
+    return [*out, b"table", table.encode()] if table else out
 
 
 LITERALS = [
@@ -269,3 +270,12 @@ def test_a_producers_decimal_reaches_the_worker_exactly() -> None:
     assert read.data == {"id": 1, "total": Decimal("-0.05")}
     assert entry_fields(fields)[b"data"] == b'{"id":1,"total":"-0.05"}'
     assert json.loads(entry_fields(fields)[b"data"])["total"] == "-0.05"
+
+
+@settings(max_examples=300, deadline=None)
+@given(pair=st.lists(st.integers(-(10**27) + 1, 10**27 - 1), min_size=2, max_size=2))
+def test_numeric_order_keys_order_as_the_numbers(pair: list[int]) -> None:
+    a, b = (format(Decimal(n).scaleb(-8), "f") for n in pair)  # one column: one scale
+    assert (order_key(ColumnType.NUMERIC, a) < order_key(ColumnType.NUMERIC, b)) == (
+        Decimal(a) < Decimal(b)
+    )
