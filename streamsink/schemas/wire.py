@@ -429,11 +429,16 @@ def _literals(data: dict[str, Any], numerics: Mapping[str, Numeric], raw: bytes)
 def _read_literals(raw: bytes) -> dict[str, Any]:
     """JSON `raw` (an object orjson read) with its numbers as the Decimals they write.
 
-    The standard library's reader, 3 to 5 times slower than orjson: only for entries with a
-    non-integer JSON number in a numeric column.
+    The standard library's reader (1.4 µs for a small object against orjson's 0.25; 4.8 with
+    `json.loads(raw, parse_float=...)`, which builds a reader each call): only for entries
+    with a non-integer JSON number in a numeric column.
     """
-    literals: dict[str, Any] = json.loads(raw, parse_float=Decimal, parse_int=Decimal)
+    literals: dict[str, Any] = _LITERALS.decode(raw.decode("utf-8"))
     return literals
+
+
+_LITERALS = json.JSONDecoder(parse_float=Decimal, parse_int=Decimal)
+"""Reads JSON numbers as the Decimals they write (integers too: no digit limit, no float)."""
 
 
 def entry_fields(flat: Sequence[bytes]) -> dict[bytes, bytes]:
