@@ -426,6 +426,11 @@ def _literals(data: dict[str, Any], numerics: Mapping[str, Numeric], raw: bytes)
                 data[name] = literals[name]
 
 
+def exact_numbers(raw: str | bytes) -> Any:
+    """Valid JSON `raw` with its numbers as the Decimals they write (for numeric columns)."""
+    return _LITERALS.decode(raw if isinstance(raw, str) else raw.decode("utf-8"))
+
+
 def _read_literals(raw: bytes) -> dict[str, Any]:
     """JSON `raw` (an object orjson read) with its numbers as the Decimals they write.
 
