@@ -24,7 +24,8 @@ from tqdm import tqdm
 from streamsink.errors import EventError, StreamsinkError
 from streamsink.schemas.config import Config, load
 from streamsink.schemas.event import Event
-from streamsink.schemas.wire import decode, encode, exact_numbers
+from streamsink.schemas.numeric import exact_numbers
+from streamsink.schemas.wire import decode, encode
 from streamsink.streams.admin import (
     ShardStatus,
     create_stream,

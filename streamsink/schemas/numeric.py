@@ -7,14 +7,22 @@ is ever rounded: a value with more digits after the point than `scale`, or with 
 not a number. Values come as Decimals, ints, numeric text (`"12.30"`, `"-1e3"`: JSON's number
 grammar, a leading `+` and bare `.5` or `5.` allowed, ASCII digits only) or floats, taken
 as the shortest text that reads back as the same float (what JSON writers send for it).
+
+A worker reads JSON with orjson, which makes a float of a number with a fraction or an
+exponent: `decimals` and `literals` then read the entry's JSON text again for the Decimals
+its numbers write, so that nothing is rounded through a float.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Context, Decimal, InvalidOperation
 from typing import Any
+
+from streamsink.errors import DecodeError
 
 MAX_PRECISION = 28
 """Most digits of a numeric column: Python's default decimal context holds 28, so every
@@ -112,3 +120,60 @@ def _kind(value: Any) -> str:
     return {dict: "an object", list: "an array", bool: "a boolean"}.get(
         type(value), type(value).__name__
     )
+
+
+# --- reading them from JSON: orjson makes floats of numbers with a fraction ------------------
+
+
+def decimals(data: dict[str, Any], numerics: Mapping[str, Numeric], raw: bytes) -> bool:
+    """Make the values of `data`'s numeric columns exact Decimals; False (`data` then half
+    done) if one does not fit, or is a float whose JSON text `raw` does not hold."""
+    written: dict[str, Any] | None = None
+    for name, numeric in numerics.items():
+        value = data.get(name)
+        if value is None:
+            continue
+        if type(value) is float:
+            if written is None:
+                try:
+                    written = _as_written(raw)
+                except ValueError:
+                    return False
+            value = written.get(name)
+        try:
+            data[name] = numeric.exact(value)
+        except ValueError:
+            return False
+    return True
+
+
+def literals(data: dict[str, Any], numerics: Mapping[str, Numeric], raw: bytes) -> None:
+    """Replace each float of `data`'s numeric columns by the Decimal its JSON text writes."""
+    if any(type(data.get(name)) is float for name in numerics):
+        try:
+            written = _as_written(raw)
+        except ValueError as exc:  # orjson read it: never seen, but say so if it happens
+            raise DecodeError("data", f"its numbers cannot be read exactly: {exc}") from None
+        for name in numerics:
+            if type(data.get(name)) is float:
+                data[name] = written[name]
+
+
+def exact_numbers(raw: str | bytes) -> Any:
+    """Valid JSON `raw` with its numbers as the Decimals they write (for numeric columns)."""
+    return _WRITTEN.decode(raw if isinstance(raw, str) else raw.decode("utf-8"))
+
+
+def _as_written(raw: bytes) -> dict[str, Any]:
+    """JSON `raw` (an object orjson read) with its numbers as the Decimals they write.
+
+    The standard library's reader (1.4 µs for a small object against orjson's 0.25; 4.8 with
+    `json.loads(raw, parse_float=...)`, which builds a reader each call): only for entries
+    with a non-integer JSON number in a numeric column.
+    """
+    written: dict[str, Any] = _WRITTEN.decode(raw.decode("utf-8"))
+    return written
+
+
+_WRITTEN = json.JSONDecoder(parse_float=Decimal, parse_int=Decimal)
+"""Reads JSON numbers as the Decimals they write (integers too: no digit limit, no float)."""

@@ -24,7 +24,6 @@ as text); workers read it as the exact Decimal its JSON text writes, never throu
 
 from __future__ import annotations
 
-import json
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
@@ -42,7 +41,7 @@ from streamsink.schemas.event import (
     check_finite,
     check_shape,
 )
-from streamsink.schemas.numeric import Numeric
+from streamsink.schemas.numeric import Numeric, decimals, literals
 from streamsink.schemas.table import INT64_MAX, INT64_MIN, PLAIN_INT, Table
 
 F_KEY = b"key"  # routing key of the event
@@ -292,7 +291,7 @@ def unpacker(
     the declared tables, by name, for entries that name theirs.
 
     The values of numeric columns become Decimals (`Numeric.exact`); one that orjson read
-    as a float is read again from the JSON text (`_literals`), so no float ever rounds it.
+    as a float is read again from the JSON text (`numeric.literals`), so no float ever rounds it.
     Tables without numeric columns never pay for this.
     """
     # Per op byte string: the op, the exact types each column takes, fields it must name.
@@ -344,7 +343,7 @@ def unpacker(
                     and (one_key is None or one_key in data)
                     and (all_keys is None or data.keys() >= all_keys)
                     and len(data) >= least  # an incr names a delta
-                    and (not numerics or _decimals(data, numerics, raw))
+                    and (not numerics or decimals(data, numerics, raw))
                     and _as_is(data, plain)
                     and (key_of is None or key_of(data) == (text := key.decode()))
                 ):  # Event(key, op, data) in half the time: its slots set directly
@@ -371,10 +370,10 @@ def unpacker(
         exact = target.numerics if target is not None else None
         data = event.data
         if exact and type(data) is dict:  # the literals first, so that the checks see no float
-            _literals(data, exact, fields[F_DATA])
+            literals(data, exact, fields[F_DATA])
         found = validate(event)
         if exact and found is target and type(data) is dict:
-            _decimals(data, exact, b"")  # valid now: every value fits
+            decimals(data, exact, b"")  # valid now: every value fits
         return event, found
 
     return unpack
@@ -386,64 +385,10 @@ _DECIMAL = frozenset({Decimal})
 def _decimal_plain(
     plain: Mapping[str, frozenset[type]], numerics: Mapping[str, Numeric]
 ) -> Mapping[str, frozenset[type]]:
-    """`plain` where a numeric column takes the Decimals `_decimals` made of its values."""
+    """`plain` where a numeric column takes the Decimals `numeric.decimals` made of its values."""
     if not numerics:
         return plain
     return {name: _DECIMAL if name in numerics else types for name, types in plain.items()}
-
-
-def _decimals(data: dict[str, Any], numerics: Mapping[str, Numeric], raw: bytes) -> bool:
-    """Make the values of `data`'s numeric columns exact Decimals; False (`data` then half
-    done) if one does not fit, or is a float whose JSON text `raw` does not hold."""
-    literals = None
-    for name, numeric in numerics.items():
-        value = data.get(name)
-        if value is None:
-            continue
-        if type(value) is float:
-            if literals is None:
-                try:
-                    literals = _read_literals(raw)
-                except ValueError:
-                    return False
-            value = literals.get(name)
-        try:
-            data[name] = numeric.exact(value)
-        except ValueError:
-            return False
-    return True
-
-
-def _literals(data: dict[str, Any], numerics: Mapping[str, Numeric], raw: bytes) -> None:
-    """Replace each float of `data`'s numeric columns by the Decimal its JSON text writes."""
-    if any(type(data.get(name)) is float for name in numerics):
-        try:
-            literals = _read_literals(raw)
-        except ValueError as exc:  # orjson read it: never seen, but say so if it happens
-            raise DecodeError("data", f"its numbers cannot be read exactly: {exc}") from None
-        for name in numerics:
-            if type(data.get(name)) is float:
-                data[name] = literals[name]
-
-
-def exact_numbers(raw: str | bytes) -> Any:
-    """Valid JSON `raw` with its numbers as the Decimals they write (for numeric columns)."""
-    return _LITERALS.decode(raw if isinstance(raw, str) else raw.decode("utf-8"))
-
-
-def _read_literals(raw: bytes) -> dict[str, Any]:
-    """JSON `raw` (an object orjson read) with its numbers as the Decimals they write.
-
-    The standard library's reader (1.4 µs for a small object against orjson's 0.25; 4.8 with
-    `json.loads(raw, parse_float=...)`, which builds a reader each call): only for entries
-    with a non-integer JSON number in a numeric column.
-    """
-    literals: dict[str, Any] = _LITERALS.decode(raw.decode("utf-8"))
-    return literals
-
-
-_LITERALS = json.JSONDecoder(parse_float=Decimal, parse_int=Decimal)
-"""Reads JSON numbers as the Decimals they write (integers too: no digit limit, no float)."""
 
 
 def entry_fields(flat: Sequence[bytes]) -> dict[bytes, bytes]:

@@ -15,7 +15,7 @@ from streamsink.errors import ConfigError, ValidationError
 from streamsink.schemas.config import from_dict
 from streamsink.schemas.event import Event
 from streamsink.schemas.numeric import Numeric
-from streamsink.schemas.readmodel import order_key
+from streamsink.schemas.readmodel import from_hash, order_key, to_hash
 from streamsink.schemas.table import Column, ColumnType, Policy, Table, validate
 from streamsink.schemas.wire import encode, entry_fields, pack, unpacker
 from tests.schemas.expect import expect
@@ -279,3 +279,30 @@ def test_numeric_order_keys_order_as_the_numbers(pair: list[int]) -> None:
     assert (order_key(ColumnType.NUMERIC, a) < order_key(ColumnType.NUMERIC, b)) == (
         Decimal(a) < Decimal(b)
     )
+
+
+def test_a_row_from_postgresql_goes_into_the_read_model_as_exact_text_and_back() -> None:
+    model_table = Table(
+        "orders",
+        key=("id",),
+        columns={
+            "id": Column(ColumnType.INT, nullable=False),
+            "total": Column(ColumnType.NUMERIC, Policy.SUM, precision=12, scale=2),
+            "top": Column(ColumnType.NUMERIC, Policy.MAX, precision=12, scale=2),
+        },
+    )
+    row = {"id": 1, "total": Decimal("12.30"), "top": Decimal("-0.50")}  # as psycopg2 reads
+    fields = to_hash(model_table, row)
+    assert fields == [
+        "id",
+        1,
+        "total",
+        "12.30",
+        "top",
+        "-0.50",
+        b"~o:top",
+        order_key(ColumnType.NUMERIC, "-0.50"),
+    ]
+    as_redis = [x if isinstance(x, bytes) else str(x).encode() for x in fields]
+    held = dict(zip(as_redis[::2], as_redis[1::2], strict=True))  # as HGETALL returns it
+    assert from_hash(model_table, held) == row
