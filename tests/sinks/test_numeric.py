@@ -272,3 +272,20 @@ def test_the_read_model_sums_numeric_text_exactly_digit_by_digit(
     assert fields[b"whole"].decode() == format(whole, "f")
     row = Rows(r, config).read("ledger", key)
     assert row is not None and row["amount"] == amount and row["whole"] == whole
+
+
+def test_appends_copy_numeric_values_exactly(pg: Connection, sink: PostgresSink) -> None:
+    log = Table(
+        "payments",
+        key=(),
+        columns={
+            "order_id": Column(ColumnType.INT),
+            "amount": Column(ColumnType.NUMERIC, precision=28, scale=10),
+        },
+        schema=schema_of(pg),
+    )
+    create(pg, log)
+    amounts = [Decimal("123456789012345678.0123456789"), Decimal("-0.0000000001"), None]
+    events = [Event("p", Op.APPEND, {"order_id": n, "amount": a}) for n, a in enumerate(amounts)]
+    assert write(sink, batch(entries(log, events))) == []
+    assert [row["amount"] for row in rows(pg, log)] == amounts
