@@ -27,6 +27,7 @@ from streamsink.checks import check_environment, load_checked
 from streamsink.errors import ConfigError, EventError, StreamsinkError
 from streamsink.schemas.config import Config, from_dict
 from streamsink.schemas.event import Event
+from streamsink.schemas.numeric import exact_numbers
 from streamsink.schemas.wire import decode, encode
 from streamsink.streams.admin import (
     ShardStatus,
@@ -294,7 +295,9 @@ def _publish(args: argparse.Namespace, config: Config) -> int:
             raise ValueError("give --key and --data for one event, or --file for JSON lines")
         record = {"key": args.key, "op": args.op, "table": args.table, "id": args.id}
         record["data"] = _json(args.data, "--data")
-        print(producer.publish(args.stream, _event(record, "--data")))
+        event = _event(record, "--data")
+        _exact(event, config, args.stream, args.data)
+        print(producer.publish(args.stream, event))
         return 0
     shard_count(client, Keys(config.prefix), args.stream)  # StreamNotFound before reading
     if args.file == "-":
@@ -304,8 +307,10 @@ def _publish(args: argparse.Namespace, config: Config) -> int:
         path = Path(args.file)
         with path.open("rb") as handle:  # first pass: every line valid, or nothing is sent
             count = sum(1 for _ in _events(handle, config, args.stream))
-        with path.open("rb") as handle:
-            total = _publish_chunks(producer, args.stream, _events(handle), count)
+        with path.open("rb") as handle:  # checked again: the numbers are read as in the first
+            total = _publish_chunks(
+                producer, args.stream, _events(handle, config, args.stream), count
+            )
     print(f"published {total} events to {args.stream}", file=sys.stderr)
     return 0
 
@@ -332,11 +337,32 @@ def _events(
         event = _event(_json(line, where), where)
         if config is not None:
             try:
+                _exact(event, config, stream, line, within="data")
                 encode(event, config.max_data_bytes)
                 config.validate(stream, event)
             except EventError as exc:
                 raise ValueError(f"{where}: {exc}") from None
         yield event
+
+
+def _exact(
+    event: Event, config: Config, stream: str, raw: str | bytes, within: str | None = None
+) -> None:
+    """Numbers of numeric columns as JSON `raw` (the data, or the object holding it `within`)
+    writes them, not as the floats orjson made of them: nothing is rounded on the way."""
+    try:
+        table = config.table_for(stream, event)
+    except EventError:
+        return  # no table to go by: the publish says what is wrong, in its own order
+    data = event.data
+    if table is None or not isinstance(data, dict):
+        return
+    floats = [name for name in table.numerics if type(data.get(name)) is float]
+    if floats:
+        exact = exact_numbers(raw)
+        exact = exact if within is None else exact[within]
+        for name in floats:
+            data[name] = exact[name]
 
 
 def _json(raw: str | bytes, where: str) -> Any:

@@ -17,7 +17,8 @@ Key columns are carried in `fields` as ASSIGN, so a change's fields are the colu
 sink writes: a set naming only the key still creates the row (in upsert mode), and a
 change with no fields writes nothing (a lone delete). MAX and MIN compare timestamp
 columns as instants (their ISO texts may carry different offsets), others with Python's
-ordering (code points for text).
+ordering (code points for text). Numeric columns hold Decimals (see schemas/numeric.py):
+their sums, maxima and minima are exact.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from enum import StrEnum
 from operator import itemgetter
 from typing import Any, NamedTuple
@@ -106,13 +108,15 @@ class _Plan:
     incr_kinds: dict[str, Kind]
     timestamps: frozenset[str]
     assign_only: bool
+    limits: dict[str, Decimal]  # numeric columns: a sum must stay within ±(limit - quantum)
 
 
 def merge(entries: Sequence[Entry]) -> Merged:
     """Fold a window of entries, in stream order, into one change per row key.
 
     A set or incr whose sum with the earlier ones of its row the column cannot hold (a
-    float beyond double precision, an int beyond 64 bits) is refused whole, as PostgreSQL
+    float beyond double precision, an int beyond 64 bits, a numeric beyond its precision)
+    is refused whole, as PostgreSQL
     would refuse it applied on its own: it is left out of the rows and named in `refused`
     with the reason, for the worker to dead-letter; the later entries fold on as if it was
     never there.
@@ -186,6 +190,13 @@ def _overflow(change: RowChange, entry: Entry, table: Table) -> str | None:
                 f"data.{name}: added to the earlier changes of its row in this window, the "
                 f"sum {value} does not fit in a 64-bit integer"
             )
+        numeric = table.numerics.get(name)
+        if numeric is not None and not -numeric.limit < value < numeric.limit:
+            return (
+                f"data.{name}: added to the earlier changes of its row in this window, the "
+                f"sum {value} does not fit {numeric} (at most "
+                f"{numeric.precision - numeric.scale} digits before the point)"
+            )
     return None
 
 
@@ -247,8 +258,14 @@ def _fold_window(
                 elif kind is ADD:
                     total = (old[1] or 0) + value
                     fields[name] = (old[0], total)
-                    # inf - inf and nan - nan are nan (true); a finite float gives 0.0
-                    if total - total if type(total) is float else not low <= total <= high:
+                    sort = type(total)
+                    if sort is float:  # inf - inf and nan - nan are nan (true), finite 0.0
+                        if total - total:
+                            overflows.add((table.name, key))
+                    elif sort is int:
+                        if not low <= total <= high:
+                            overflows.add((table.name, key))
+                    elif not -(limit := plan.limits[name]) < total < limit:  # a Decimal
                         overflows.add((table.name, key))
                 else:
                     fields[name] = (kind, _pick(kind, old[1], value, name in plan.timestamps))
@@ -274,6 +291,7 @@ def _plan_for(merged: Merged, plans: dict[str, _Plan], table: Table) -> _Plan:
         incr_kinds=incr_kinds,
         timestamps=_timestamps(table),
         assign_only=all(kind is ASSIGN for kind in set_kinds.values()),
+        limits={name: numeric.limit for name, numeric in table.numerics.items()},
     )
     return plan
 

@@ -77,6 +77,7 @@ class ShardRunner:
             config.max_data_bytes,
             shard=(lease.shard, config.streams[stream].shards),
             calls=_sends_calls(sinks.values()),
+            tables=config.tables,
         )
         self._stash: Read | None = None  # entries read but left for the next window
         attempts = {name: sink_attempts(config, name, settings.max_attempts) for name in sinks}

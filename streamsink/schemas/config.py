@@ -6,7 +6,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -243,7 +243,7 @@ def _table(name: str, spec: Any) -> Table:
         raise ConfigError(f'{where}: key_format must be a string such as "task:{{id}}"')
     for col in key:
         if col in columns and columns[col].nullable:
-            columns[col] = Column(columns[col].type, columns[col].policy, nullable=False)
+            columns[col] = replace(columns[col], nullable=False)
     return Table(
         name=name,
         key=tuple(key),
@@ -276,16 +276,24 @@ def _column(where: str, spec: Any) -> Column:
     if isinstance(spec, str):
         spec = {"type": spec}
     spec = _mapping(spec, where)
-    _only(spec, where, {"type", "policy", "nullable"})
+    _only(spec, where, {"type", "policy", "nullable", "precision", "scale"})
     if "type" not in spec:
         raise ConfigError(f"{where}: needs a type")
     nullable = spec.get("nullable", True)
     if not isinstance(nullable, bool):
         raise ConfigError(f"{where}: nullable must be true or false")
+    kind = _enum(ColumnType, spec["type"], f"{where}: type")
+    if kind is ColumnType.NUMERIC and "precision" not in spec:
+        raise ConfigError(
+            f'{where}: numeric needs its digits, e.g. {{ type = "numeric", precision = 12, '
+            "scale = 2 }"
+        )
     return Column(
-        type=_enum(ColumnType, spec["type"], f"{where}: type"),
+        type=kind,
         policy=_enum(Policy, spec.get("policy", "lww"), f"{where}: policy"),
         nullable=nullable,
+        precision=spec.get("precision"),
+        scale=spec.get("scale", 0 if kind is ColumnType.NUMERIC else None),
     )
 
 

@@ -6,6 +6,8 @@ XADD; the rules are the merge's (`consumers/merge.py`, `apply_event`), field by 
     set of an lww column    field = value                       '='
     set of a sum column,    field = (field or 0) + delta        'i' (int: HINCRBY, exact)
       or any incr                                               'f' (float: HINCRBYFLOAT)
+                                                                'd' (numeric: exact, in the
+                                                                script, digit by digit)
     set of a max/min column the greater/lesser; a tie keeps     '>' / '<'
                             the older; nulls ignored
     del                     the hash is replaced by a tombstone (only `~del`: a hash
@@ -13,7 +15,8 @@ XADD; the rules are the merge's (`consumers/merge.py`, `apply_event`), field by 
                             row from nothing, as the sink does
 
 Each field holds its value as the client sends it (text as UTF-8, numbers in decimal; bools
-and json encoded, see ENCODERS), a null as no field. Max and min compare an order key held
+and json encoded, see ENCODERS; a numeric as its exact text at the column's scale, `12.30`),
+a null as no field. Max and min compare an order key held
 beside the field (`~o:<field>`): a float as itself, an int as a fixed-width number, a text
 as its UTF-8 bytes, a timestamp as its instant in UTC, so the script compares bytes (code
 point order, as PostgreSQL's "C" collation) or numbers, never locale text.
@@ -30,12 +33,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
+from functools import partial
 from typing import Any
 
 import orjson
 
 from streamsink.errors import ConfigError, ValidationError
 from streamsink.schemas.event import Event, Op
+from streamsink.schemas.numeric import Numeric, text
 from streamsink.schemas.table import INT64_MIN, Column, ColumnType, Mode, Policy, Table
 
 TOMBSTONE = b"~del"
@@ -112,11 +118,12 @@ def changer(table: Table, model: ReadModel) -> Callable[[Event], list[Any]]:
     as_text = str.lower if table.columns[key].type is ColumnType.UUID else str
     set_kinds = {name: _set_kind(column) for name, column in table.columns.items()}
     incr_kinds = {
-        name: "=" if name == key else ("i" if c.type is ColumnType.INT else "f")
+        name: "=" if name == key else _SUM_KINDS.get(c.type, "f")
         for name, c in table.columns.items()
     }
     types = {name: column.type for name, column in table.columns.items()}
     coded = {name: ENCODERS[kind] for name, kind in types.items() if kind in ENCODERS}
+    coded |= {name: partial(_numeric_text, numeric) for name, numeric in table.numerics.items()}
     plain = all(kind == "=" for kind in set_kinds.values()) and not coded
     status, default = model.ttl_by, model.ttl_ms(None)
     ttls = {value: model.ttl_ms(value) for value in model.ttl}
@@ -157,10 +164,10 @@ def changer(table: Table, model: ReadModel) -> Callable[[Event], list[Any]]:
                 value = coded[name](value)
             if kind == "=":
                 assigns += (name, value)
-            elif kind == "i" or kind == "f":
+            elif kind == "i" or kind == "f" or kind == "d":
                 others += (name, kind, value, "")
             else:
-                others += (name, kind, value, order_key(types[name], data[name]))
+                others += (name, kind, value, order_key(types[name], value))
         return [ttl, len(assigns) // 2, *assigns, len(others) // 4, *others]
 
     return changes
@@ -168,6 +175,15 @@ def changer(table: Table, model: ReadModel) -> Callable[[Event], list[Any]]:
 
 def _bool(value: Any) -> str:
     return "true" if value else "false"
+
+
+def _numeric_text(numeric: Numeric, value: Any) -> str:
+    # A valid value (a Decimal from a worker, any valid form from a producer) at its scale.
+    return text(numeric.exact(value))
+
+
+_SUM_KINDS = {ColumnType.INT: "i", ColumnType.NUMERIC: "d"}
+"""How a sum adds up in the hash, by column type (others: 'f', a float)."""
 
 
 ENCODERS: dict[ColumnType, Callable[[Any], Any]] = {
@@ -186,17 +202,22 @@ DECODERS: dict[ColumnType, Callable[[bytes], Any]] = {
     ColumnType.TIMESTAMP: bytes.decode,
     ColumnType.BOOL: lambda raw: raw == b"true",
     ColumnType.JSON: orjson.loads,
+    ColumnType.NUMERIC: lambda raw: Decimal(raw.decode()),
 }
 
 
 def _set_kind(column: Column) -> str:
     if column.policy is Policy.SUM:
-        return "i" if column.type is ColumnType.INT else "f"
+        return _SUM_KINDS.get(column.type, "f")
     if column.policy is Policy.MAX:
         return ">"
     if column.policy is Policy.MIN:
         return "<"
     return "="
+
+
+_NUMERIC_OFFSET = 10**28
+"""Added to a numeric's digits (|digits| < 10**28: precision 28 at most) to make them >= 0."""
 
 
 def order_key(kind: ColumnType, value: Any) -> bytes:
@@ -206,6 +227,10 @@ def order_key(kind: ColumnType, value: Any) -> bytes:
         return b"%020d" % (value - INT64_MIN)
     if kind is ColumnType.FLOAT:
         return b"n" + repr(float(value)).encode()
+    if kind is ColumnType.NUMERIC:  # exact text at the column's scale: its digits, offset
+        sign, digits, _ = Decimal(value).as_tuple()
+        scaled = int("".join(map(str, digits))) * (-1 if sign else 1)
+        return b"%029d" % (scaled + _NUMERIC_OFFSET)
     if kind is ColumnType.TIMESTAMP:
         at = datetime.fromisoformat(value).astimezone(UTC)
         return b"%04d%s" % (at.year, at.strftime("-%m-%dT%H:%M:%S.%f").encode())
@@ -219,6 +244,9 @@ def to_hash(table: Table, row: Mapping[str, Any]) -> list[Any]:
         if value is None:
             continue
         column = table.columns[name]
+        numeric = table.numerics.get(name)
+        if numeric is not None:
+            value = _numeric_text(numeric, value)
         encode = ENCODERS.get(column.type)
         out += (name, encode(value) if encode else value)
         if column.policy in (Policy.MAX, Policy.MIN):

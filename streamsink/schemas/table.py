@@ -12,6 +12,7 @@ from typing import Any
 
 from streamsink.errors import ConfigError, ValidationError
 from streamsink.schemas.event import Event, Op
+from streamsink.schemas.numeric import Numeric, check_numeric
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 """Table and column names: PostgreSQL identifiers that never need quoting tricks."""
@@ -32,6 +33,7 @@ class ColumnType(StrEnum):
     JSON = "json"  # jsonb
     TIMESTAMP = "timestamp"  # timestamptz, ISO 8601 text on the wire
     UUID = "uuid"  # uuid, canonical text on the wire
+    NUMERIC = "numeric"  # numeric(precision, scale): exact decimal, number or text on the wire
 
 
 class Policy(StrEnum):
@@ -50,8 +52,8 @@ class Mode(StrEnum):
     UPDATE = "update"  # touch only existing rows; misses are counted
 
 
-NUMERIC = frozenset({ColumnType.INT, ColumnType.FLOAT})
-ORDERED = NUMERIC | {ColumnType.TIMESTAMP, ColumnType.TEXT}
+NUMBERS = frozenset({ColumnType.INT, ColumnType.FLOAT, ColumnType.NUMERIC})
+ORDERED = NUMBERS | {ColumnType.TIMESTAMP, ColumnType.TEXT}
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +63,15 @@ class Column:
     type: ColumnType
     policy: Policy = Policy.LWW
     nullable: bool = True
+    precision: int | None = None  # numeric only: digits in all
+    scale: int | None = None  # numeric only: digits after the point
+
+    @property
+    def numeric(self) -> Numeric | None:
+        """The exact values of a numeric column (None for other types)."""
+        if self.type is not ColumnType.NUMERIC:
+            return None
+        return Numeric(self.precision or 0, self.scale or 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +85,7 @@ class Table:
     schema: str | None = None
     key_format: str | None = None  # e.g. "task:{id}": the key string of each row
     value_columns: tuple[str, ...] = field(init=False)
+    numerics: Mapping[str, Numeric] = field(init=False, repr=False, compare=False)
     checks: Mapping[str, Callable[[Any], str | None]] = field(init=False, repr=False, compare=False)
     plain: Mapping[str, frozenset[type]] = field(init=False, repr=False, compare=False)
     plain_deltas: Mapping[str, frozenset[type]] = field(init=False, repr=False, compare=False)
@@ -92,19 +104,25 @@ class Table:
             column = self.columns[name]
             if column.policy is not Policy.LWW:
                 raise ConfigError(f"table {self.name!r}: key column {name!r} must be lww")
-            if column.type is ColumnType.JSON:
+            if column.type is ColumnType.JSON or column.type is ColumnType.NUMERIC:
                 raise ConfigError(
-                    f"table {self.name!r}: key column {name!r} cannot be json; "
+                    f"table {self.name!r}: key column {name!r} cannot be {column.type}; "
                     "use int, text, uuid, timestamp, bool or float"
                 )
         if len(set(self.key)) != len(self.key):
             raise ConfigError(f"table {self.name!r}: key columns repeat")
         for name, column in self.columns.items():
             _check_policy(self.name, name, column)
+            _check_digits(self.name, name, column)
         object.__setattr__(
             self, "value_columns", tuple(c for c in self.columns if c not in self.key)
         )
+        numerics = {
+            name: numeric for name, column in self.columns.items() if (numeric := column.numeric)
+        }
+        object.__setattr__(self, "numerics", numerics)
         checks = {name: _TYPE_CHECKS[column.type] for name, column in self.columns.items()}
+        checks |= {name: numeric.reason for name, numeric in numerics.items()}
         object.__setattr__(self, "checks", checks)
         plain = {name: _PLAIN_TYPES[column.type] for name, column in self.columns.items()}
         object.__setattr__(self, "plain", plain)
@@ -113,7 +131,7 @@ class Table:
             for name, types in plain.items()
             if name in self.key
             or (
-                self.columns[name].type in NUMERIC
+                self.columns[name].type in NUMBERS
                 and self.columns[name].policy in (Policy.LWW, Policy.SUM)
             )
         }
@@ -188,11 +206,27 @@ _KEY_TEXTS: dict[ColumnType, Callable[[Any], str]] = {
 
 
 def _check_policy(table: str, name: str, column: Column) -> None:
-    if column.policy is Policy.SUM and column.type not in NUMERIC:
-        raise ConfigError(f"table {table!r}: column {name!r}: sum needs int or float")
+    if column.policy is Policy.SUM and column.type not in NUMBERS:
+        raise ConfigError(f"table {table!r}: column {name!r}: sum needs int, float or numeric")
     if column.policy in (Policy.MAX, Policy.MIN) and column.type not in ORDERED:
         raise ConfigError(
-            f"table {table!r}: column {name!r}: {column.policy} needs int, float, text or timestamp"
+            f"table {table!r}: column {name!r}: {column.policy} needs int, float, numeric, "
+            "text or timestamp"
+        )
+
+
+def _check_digits(table: str, name: str, column: Column) -> None:
+    """A numeric column declares its precision and scale; no other column does."""
+    where = f"table {table!r}: column {name!r}"
+    if column.type is ColumnType.NUMERIC:
+        reason = check_numeric(column.precision, column.scale)
+        if reason:
+            raise ConfigError(
+                f'{where}: {reason} (e.g. {{ type = "numeric", precision = 12, scale = 2 }})'
+            )
+    elif column.precision is not None or column.scale is not None:
+        raise ConfigError(
+            f"{where}: precision and scale belong to numeric columns, not {column.type}"
         )
 
 
@@ -254,9 +288,10 @@ def _check_key(event: Event, table: Table, key_of: Callable[[Mapping[str, Any]],
 
 
 def _check_delta(name: str, value: Any, column: Column) -> None:
-    if column.type not in NUMERIC or column.policy not in (Policy.LWW, Policy.SUM):
+    if column.type not in NUMBERS or column.policy not in (Policy.LWW, Policy.SUM):
         raise ValidationError(
-            f"data.{name}", f"incr needs an int or float column with lww or sum, not {column.type}"
+            f"data.{name}",
+            f"incr needs an int, float or numeric column with lww or sum, not {column.type}",
         )
     _check_value(name, value, column)
     if value is None:
@@ -272,7 +307,8 @@ def _check_value(name: str, value: Any, column: Column) -> None:
                 f"data.{name}", f"a {column.policy} column takes a value, not null"
             )
         return
-    reason = _TYPE_CHECKS[column.type](value)
+    numeric = column.numeric
+    reason = numeric.reason(value) if numeric else _TYPE_CHECKS[column.type](value)
     if reason:
         raise ValidationError(f"data.{name}", reason)
 
@@ -358,6 +394,10 @@ def _uuid(value: Any) -> str | None:
     return None
 
 
+def _never(value: Any) -> str | None:
+    return "a numeric column checks its values against its precision and scale"
+
+
 def _kind(value: Any) -> str:
     return {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}.get(
         type(value), type(value).__name__
@@ -372,6 +412,7 @@ _TYPE_CHECKS = {
     ColumnType.JSON: _json,
     ColumnType.TIMESTAMP: _timestamp,
     ColumnType.UUID: _uuid,
+    ColumnType.NUMERIC: _never,  # replaced per column by its Numeric's check
 }
 
 
@@ -388,6 +429,7 @@ _KEY_FORMS: dict[ColumnType, Callable[[str], str] | None] = {
     ColumnType.JSON: None,  # never a key column
     ColumnType.TIMESTAMP: _instant,  # 12:00Z and 14:00+02:00 are one row in PostgreSQL
     ColumnType.UUID: str.lower,  # so are A0EE… and a0ee…
+    ColumnType.NUMERIC: None,  # workers hold it as one Decimal (12.3 and "12.30" are one key)
 }
 """How a key value of each column type is spelled in a row key (None: as it is)."""
 
@@ -402,6 +444,7 @@ _PLAIN_TYPES: dict[ColumnType, frozenset[type]] = {
     ColumnType.JSON: frozenset({dict, list, str, int, float, bool}),
     ColumnType.TIMESTAMP: frozenset(),  # must be parsed: never plain
     ColumnType.UUID: frozenset(),  # must be matched: never plain
+    ColumnType.NUMERIC: frozenset(),  # must be made a Decimal: never plain
 }
 """Per column type, the exact value types (not subclasses, not None) its check passes as
 they are, given the JSON they encode to holds no NUL (`\\u0000`); int columns also need

@@ -17,12 +17,17 @@ a few flat fields, readable with `redis-cli XRANGE` and writable with a plain `X
 
 Unknown fields are ignored, so newer producers can add fields without breaking workers;
 a field of these given twice in one entry is refused (`entry_fields`).
+
+A value of a numeric column is a JSON number or numeric text (a Python `Decimal` is written
+as text); workers read it as the exact Decimal its JSON text writes, never through a float.
 """
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Mapping, Sequence
+from decimal import Decimal
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import orjson
@@ -36,6 +41,7 @@ from streamsink.schemas.event import (
     check_finite,
     check_shape,
 )
+from streamsink.schemas.numeric import Numeric, decimals, literals
 from streamsink.schemas.table import INT64_MAX, INT64_MIN, PLAIN_INT, Table
 
 F_KEY = b"key"  # routing key of the event
@@ -208,9 +214,12 @@ def _dumps(data: Mapping[str, Any]) -> bytes:
 
 
 def _plain(value: Any) -> Any:
-    # orjson writes only dicts as objects; an Event's data may be any Mapping.
+    # orjson writes only dicts as objects; an Event's data may be any Mapping. A Decimal
+    # goes as its text: exact for every JSON reader, and a numeric column takes it.
     if isinstance(value, Mapping):
         return dict(value)
+    if isinstance(value, Decimal):
+        return str(value)
     raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
 
 
@@ -263,6 +272,7 @@ def unpacker(
     *,
     shard: tuple[int, int] | None = None,
     calls: bool = True,
+    tables: Mapping[str, Table] = MappingProxyType({}),
 ) -> Callable[[Sequence[bytes]], tuple[Event, Table | None]]:
     """`decode` then `validate` of an entry's flat fields, quick for plain entries of `table`.
 
@@ -277,19 +287,30 @@ def unpacker(
 
     `shard`: (index, count) of the shard read; an entry whose key belongs to another is
     refused (its events would be ordered with another key's). `calls`: whether a sink of
-    the group sends calls; if not, a call is refused rather than dropped unsent.
+    the group sends calls; if not, a call is refused rather than dropped unsent. `tables`:
+    the declared tables, by name, for entries that name theirs.
+
+    The values of numeric columns become Decimals (`Numeric.exact`); one that orjson read
+    as a float is read again from the JSON text (`numeric.literals`), so no float ever rounds it.
+    Tables without numeric columns never pay for this.
     """
     # Per op byte string: the op, the exact types each column takes, fields it must name.
     quick: dict[bytes, tuple[Op, Mapping[str, frozenset[type]], int]] = {}
     one_key: str | None = None  # every key column must be in data: one `in` for one key
     all_keys: frozenset[str] | None = None
     key_of = None
+    numerics: Mapping[str, Numeric] = {}
     if table is not None:
+        numerics = table.numerics
+        plain, deltas = (
+            _decimal_plain(table.plain, numerics),
+            _decimal_plain(table.plain_deltas, numerics),
+        )
         if table.key:  # keyed: set and incr; keyless: append only
-            quick[_OP_BYTES[Op.SET]] = (Op.SET, table.plain, 0)
-            quick[_OP_BYTES[Op.INCR]] = (Op.INCR, table.plain_deltas, len(table.key) + 1)
+            quick[_OP_BYTES[Op.SET]] = (Op.SET, plain, 0)
+            quick[_OP_BYTES[Op.INCR]] = (Op.INCR, deltas, len(table.key) + 1)
         else:
-            quick[_OP_BYTES[Op.APPEND]] = (Op.APPEND, table.plain, 0)
+            quick[_OP_BYTES[Op.APPEND]] = (Op.APPEND, plain, 0)
         if len(table.key) == 1:
             one_key = table.key[0]
         elif table.key:
@@ -322,6 +343,7 @@ def unpacker(
                     and (one_key is None or one_key in data)
                     and (all_keys is None or data.keys() >= all_keys)
                     and len(data) >= least  # an incr names a delta
+                    and (not numerics or decimals(data, numerics, raw))
                     and _as_is(data, plain)
                     and (key_of is None or key_of(data) == (text := key.decode()))
                 ):  # Event(key, op, data) in half the time: its slots set directly
@@ -334,16 +356,39 @@ def unpacker(
                     set_version(event, None)
                     set_id(event, None)
                     return event, table
-        event = decode(entry_fields(flat), max_data_bytes)
+        fields = entry_fields(flat)
+        event = decode(fields, max_data_bytes)
         if shards:
             _check_shard(event.key, index, shards)
-        if event.op is Op.CALL and not calls:
-            raise ValidationError(
-                "op", "no sink of this group sends calls: give the group an HTTP sink"
-            )
-        return event, validate(event)
+        if event.op is Op.CALL:
+            if not calls:
+                raise ValidationError(
+                    "op", "no sink of this group sends calls: give the group an HTTP sink"
+                )
+            return event, validate(event)
+        target = table if event.table is None else tables.get(event.table)
+        exact = target.numerics if target is not None else None
+        data = event.data
+        if exact and type(data) is dict:  # the literals first, so that the checks see no float
+            literals(data, exact, fields[F_DATA])
+        found = validate(event)
+        if exact and found is target and type(data) is dict:
+            decimals(data, exact, b"")  # valid now: every value fits
+        return event, found
 
     return unpack
+
+
+_DECIMAL = frozenset({Decimal})
+
+
+def _decimal_plain(
+    plain: Mapping[str, frozenset[type]], numerics: Mapping[str, Numeric]
+) -> Mapping[str, frozenset[type]]:
+    """`plain` where a numeric column takes the Decimals `numeric.decimals` made of its values."""
+    if not numerics:
+        return plain
+    return {name: _DECIMAL if name in numerics else types for name, types in plain.items()}
 
 
 def entry_fields(flat: Sequence[bytes]) -> dict[bytes, bytes]:

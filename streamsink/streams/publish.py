@@ -78,6 +78,53 @@ local function before(a, b)  -- a < b by bytes (Lua's < follows the server's loc
   end
   return #a < #b
 end
+local function digits(x)  -- a numeric text ('-12.30'): negative?, its digits, its scale
+  local negative = string.byte(x, 1) == 45
+  if negative then x = string.sub(x, 2) end
+  local whole, fraction = string.match(x, '^(%%d+)%%.?(%%d*)$')
+  return negative, (string.gsub(whole .. fraction, '^0+', '')), #fraction
+end
+local function plus(x, y)  -- x + y, of digit strings
+  local out, carry, i, j = {}, 0, #x, #y
+  while i > 0 or j > 0 or carry > 0 do
+    local d = carry
+    if i > 0 then d = d + string.byte(x, i) - 48 end
+    if j > 0 then d = d + string.byte(y, j) - 48 end
+    if d >= 10 then d, carry = d - 10, 1 else carry = 0 end
+    out[#out + 1] = string.char(48 + d)
+    i, j = i - 1, j - 1
+  end
+  return string.reverse(table.concat(out))
+end
+local function minus(x, y)  -- x - y, of digit strings, x >= y
+  local out, borrow, i, j = {}, 0, #x, #y
+  while i > 0 do
+    local d = string.byte(x, i) - 48 - borrow
+    if j > 0 then d = d - string.byte(y, j) + 48 end
+    if d < 0 then d, borrow = d + 10, 1 else borrow = 0 end
+    out[#out + 1] = string.char(48 + d)
+    i, j = i - 1, j - 1
+  end
+  return string.reverse(table.concat(out))
+end
+local function decimal_add(a, b)  -- the exact sum of two numeric texts of one scale
+  local a_negative, a_digits, scale = digits(a)
+  local b_negative, b_digits = digits(b)
+  local negative, sum = a_negative, nil
+  if a_negative == b_negative then
+    sum = plus(a_digits, b_digits)
+  elseif #a_digits > #b_digits or (#a_digits == #b_digits and not before(a_digits, b_digits)) then
+    sum = minus(a_digits, b_digits)
+  else
+    negative, sum = b_negative, minus(b_digits, a_digits)
+  end
+  sum = string.gsub(sum, '^0+', '')
+  local zero = sum == ''
+  if #sum <= scale then sum = string.rep('0', scale + 1 - #sum) .. sum end
+  if scale > 0 then sum = string.sub(sum, 1, #sum - scale) .. '.' .. string.sub(sum, -scale) end
+  if negative and not zero then sum = '-' .. sum end
+  return sum
+end
 local function better(kind, order, old)  -- is `order` past `old` (max: greater, min: less)?
   if not old then return true end
   if string.sub(order, 1, 1) == 'n' then
@@ -106,12 +153,14 @@ local function model(row, at, apply)  -- the read model: one event's changes to 
       local name, kind, value, order = ARGV[k], ARGV[k + 1], ARGV[k + 2], ARGV[k + 3]
       if kind == 'x' then  -- null: no field
         redis.call('HDEL', row, name, '~o:' .. name)
-      elseif kind == 'i' or kind == 'f' then
+      elseif kind == 'i' or kind == 'f' or kind == 'd' then
         local old = redis.call('HGET', row, name)
         if not old then
           redis.call('HSET', row, name, value)
         elseif kind == 'i' then
           redis.call('HINCRBY', row, name, value)
+        elseif kind == 'd' then  -- numeric: exact, as text
+          redis.call('HSET', row, name, decimal_add(old, value))
         else
           redis.call('HINCRBYFLOAT', row, name, value)
         end

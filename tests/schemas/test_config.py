@@ -302,7 +302,7 @@ CASES: list[tuple[str, str, str]] = [
     (
         "sum policy on text",
         '[tables.t]\ncolumns = { id = "int", s = { type = "text", policy = "sum" } }\n',
-        "table 't': column 's': sum needs int or float",
+        "table 't': column 's': sum needs int, float or numeric",
     ),
     (
         "key column undeclared",

@@ -79,11 +79,11 @@ def test_table_derives_value_columns_and_row_key() -> None:
         ({"columns": {"id": Column(T.INT, Policy.SUM)}}, "key column 'id' must be lww"),
         (
             {"columns": {"id": Column(T.INT), "s": Column(T.TEXT, Policy.SUM)}},
-            "sum needs int or float",
+            "sum needs int, float or numeric",
         ),
         (
             {"columns": {"id": Column(T.INT), "s": Column(T.BOOL, Policy.SUM)}},
-            "sum needs int or float",
+            "sum needs int, float or numeric",
         ),
         (
             {"columns": {"id": Column(T.INT), "b": Column(T.BOOL, Policy.MAX)}},
@@ -264,13 +264,13 @@ def test_validate_refuses_incr_of_non_numeric_column(column: str, value: Any, ki
     with expect(
         ValidationError,
         f"data.{column}",
-        f"incr needs an int or float column with lww or sum, not {kind}",
+        f"incr needs an int, float or numeric column with lww or sum, not {kind}",
     ):
         validate(ev("incr", id=1, **{column: value}), ITEMS)
 
 
 def test_validate_refuses_incr_of_max_column() -> None:
-    with expect(ValidationError, "data.best", "incr needs an int or float column"):
+    with expect(ValidationError, "data.best", "incr needs an int, float or numeric column"):
         validate(ev("incr", id=1, best=1), ITEMS)
 
 

@@ -38,6 +38,10 @@ def _number(value: Any) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
+def _decimal(value: Any) -> str:
+    return format(value, "f")  # a Decimal's plain digits: never an exponent
+
+
 def _bool(value: Any) -> str:
     return "t" if value else "f"
 
@@ -59,6 +63,7 @@ FORMATTERS: dict[ColumnType, Callable[[Any], str]] = {
     ColumnType.JSON: _json,
     ColumnType.TIMESTAMP: _text,
     ColumnType.UUID: _text,
+    ColumnType.NUMERIC: _decimal,  # an exact Decimal (validation made it one) as its digits
 }
 """The COPY text of a non-null value of each column type."""
 

@@ -17,7 +17,7 @@ from psycopg2.extensions import connection as Connection
 from psycopg2.extensions import cursor as Cursor
 
 from streamsink.schemas.config import Config
-from streamsink.schemas.table import ColumnType, Mode, Table
+from streamsink.schemas.table import Column, ColumnType, Mode, Table
 
 PG_TYPES = {
     ColumnType.INT: "bigint",
@@ -27,8 +27,18 @@ PG_TYPES = {
     ColumnType.JSON: "jsonb",
     ColumnType.TIMESTAMP: "timestamp with time zone",
     ColumnType.UUID: "uuid",
+    ColumnType.NUMERIC: "numeric",  # with the column's precision and scale: see pg_type
 }
 """The PostgreSQL type of each column type (as information_schema spells it)."""
+
+
+def pg_type(column: Column) -> str:
+    """The PostgreSQL type of a declared column, as CREATE TABLE writes it."""
+    numeric = column.numeric
+    if numeric is not None:
+        return f"numeric({numeric.precision},{numeric.scale})"
+    return PG_TYPES[column.type]
+
 
 OFFSETS = "streamsink_offsets"
 """(sink, group, stream, shard) -> the last entry ID applied and the lease epoch that did it."""
@@ -58,6 +68,8 @@ class FoundColumn(NamedTuple):
     type: str
     nullable: bool
     filled: bool  # a default, identity or generated column: inserts need not name it
+    precision: int | None = None  # numeric: its digits (None: unconstrained numeric)
+    scale: int | None = None
 
 
 def offsets_ddl(schema: str) -> list[sql.Composed]:
@@ -103,7 +115,7 @@ def table_ddl(table: Table) -> sql.Composed:
     parts = [
         sql.SQL("{} {}{}").format(
             sql.Identifier(name),
-            sql.SQL(PG_TYPES[column.type]),
+            sql.SQL(pg_type(column)),
             sql.SQL(" NOT NULL" if not_null(table, name) else ""),
         )
         for name, column in table.columns.items()
@@ -216,7 +228,8 @@ def _check_table(cur: Cursor, table: Table) -> list[str]:
 
 
 def _check_column(where: str, table: Table, name: str, found: dict[str, FoundColumn]) -> list[str]:
-    expected = PG_TYPES[table.columns[name].type]
+    declared = table.columns[name]
+    expected = PG_TYPES[declared.type]
     required = not_null(table, name)
     column = found.get(name)
     if column is None:
@@ -224,7 +237,12 @@ def _check_column(where: str, table: Table, name: str, found: dict[str, FoundCol
         return [f"{where}.{name}: column missing; expected {name} {wanted}"]
     problems = []
     if column.type != expected:
-        problems.append(f"{where}.{name}: type is {column.type}; expected {expected}")
+        problems.append(f"{where}.{name}: type is {column.type}; expected {pg_type(declared)}")
+    elif declared.numeric is not None and not _holds(column, declared):
+        problems.append(
+            f"{where}.{name}: type is numeric({column.precision},{column.scale}); expected "
+            f"{pg_type(declared)} or wider (it must hold every value the workers accept)"
+        )
     if required and column.nullable:
         why = "a key column" if name in table.key else "declared nullable = false"
         problems.append(f"{where}.{name}: nullable; expected NOT NULL ({why})")
@@ -236,10 +254,20 @@ def _check_column(where: str, table: Table, name: str, found: dict[str, FoundCol
     return problems
 
 
+def _holds(column: FoundColumn, declared: Column) -> bool:
+    """Whether a numeric column of the database holds every value of the declared one."""
+    if column.precision is None or column.scale is None:  # numeric without digits: any
+        return True
+    precision, scale = declared.precision or 0, declared.scale or 0
+    return column.scale >= scale and column.precision - column.scale >= precision - scale
+
+
 def _columns(cur: Cursor, schema: str, table: str) -> dict[str, FoundColumn]:
     cur.execute(
         "SELECT column_name, data_type, is_nullable = 'YES',"
-        " column_default IS NOT NULL OR is_identity = 'YES' OR is_generated = 'ALWAYS'"
+        " column_default IS NOT NULL OR is_identity = 'YES' OR is_generated = 'ALWAYS',"
+        " CASE WHEN data_type = 'numeric' THEN numeric_precision END,"
+        " CASE WHEN data_type = 'numeric' THEN numeric_scale END"
         " FROM information_schema.columns WHERE table_schema = %s AND table_name = %s"
         " ORDER BY ordinal_position",
         (schema, table),

@@ -15,7 +15,7 @@ from psycopg2 import sql
 
 from streamsink.consumers.merge import ADD, ASSIGN, MAX, Kind
 from streamsink.schemas.table import ColumnType, Table
-from streamsink.sinks.postgres.schema import PG_TYPES
+from streamsink.sinks.postgres.schema import pg_type
 
 Shape = tuple[tuple[str, Kind], ...]
 """The columns one row change writes, sorted, each with how it applies."""
@@ -38,7 +38,7 @@ def _columns(names: Sequence[str]) -> sql.Composable:
 def create_staging(table: Table, staging: str) -> sql.Composed:
     """A temporary table with every declared column (typed as declared), dropped at commit."""
     columns = [
-        sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(PG_TYPES[column.type]))
+        sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(pg_type(column)))
         for name, column in table.columns.items()
     ]
     columns.append(sql.SQL("{} integer, {} boolean").format(*map(sql.Identifier, (SHAPE, DELETED))))
