@@ -58,6 +58,13 @@ class Offsets:
         ).format(offsets)
         self._read = sql.SQL("SELECT last_id, epoch FROM {} WHERE {}").format(offsets, where)
         self._probe = sql.SQL("SELECT 1 FROM {} LIMIT 0").format(offsets)
+        self._of_stream = sql.SQL(
+            "SELECT sink, group_name, stream, shard, last_id, epoch FROM {} WHERE stream = %s"
+        ).format(offsets)
+        self._rewind = sql.SQL(
+            "UPDATE {} SET last_id = %s, updated_at = now() WHERE {} AND last_id = %s"
+        ).format(offsets, where)
+        self._forget = sql.SQL("DELETE FROM {} WHERE {}").format(rejected, where)
         self._advance = sql.SQL(
             "UPDATE {} SET last_id = %s, updated_at = now()"
             " WHERE {} AND last_id = %s AND epoch = %s"
@@ -101,6 +108,20 @@ class Offsets:
         """Which of `ids` were refused, with their reasons."""
         cur.execute(self._rejected, (*slot.values(), list(ids)))
         return {entry_id: reason for entry_id, reason in cur.fetchall()}
+
+    def of_stream(self, cur: Cursor, stream: str) -> dict[Slot, Position]:
+        """Every sink's and group's offset on the shards of `stream`."""
+        cur.execute(self._of_stream, (stream,))
+        return {Slot(*row[:4]): Position(row[4], int(row[5])) for row in cur.fetchall()}
+
+    def rewind(self, cur: Cursor, slot: Slot, seen: str) -> bool:
+        """Move the slot's offset back to START if it still is `seen`, and forget its
+        remembered refusals (they name entries of a stream Redis lost); False if it moved."""
+        cur.execute(self._rewind, (START, *slot.values(), seen))
+        if cur.rowcount != 1:
+            return False
+        cur.execute(self._forget, slot.values())
+        return True
 
     def probe(self, cur: Cursor) -> None:
         """Look the offsets table up (raises if it is missing or out of reach)."""

@@ -1,0 +1,219 @@
+"""`streamsink offsets reset`: line Redis up again with the offsets the sinks committed.
+
+After Redis lost data (consumers/recovery.py stops the group, naming this), the reset
+raises what Redis holds back above what the PostgreSQL sinks committed: the stream's
+shard count, each shard's lease epoch counter, its last generated ID (so new entries come
+after every offset) and the group's last delivered ID. It never lowers any of them, so
+running it again, or on a group that lost nothing, changes nothing. Entries a shard
+already holds at or below an offset are the one thing it cannot decide alone: applied
+before the loss (Redis restored from a backup), or published since (Redis came back
+empty, on a clock behind the old one)? The operator says which (`BelowOffset`).
+"""
+
+from __future__ import annotations
+
+from contextlib import closing
+from dataclasses import dataclass, field
+from enum import Enum
+
+import psycopg2
+import redis
+
+from streamsink.errors import ConfigError, ShardCountMismatch
+from streamsink.schemas.config import Config
+from streamsink.sinks.postgres.offsets import START, Offsets, Position, Slot
+from streamsink.sinks.postgres.pool import PostgresSettings
+from streamsink.streams.admin import create_stream
+from streamsink.streams.keys import META_SHARDS, Keys
+from streamsink.streams.reader import parse_id
+from streamsink.streams.recovery import ShardFacts, entries_up_to, read_shard_facts, realign
+
+
+class BelowOffset(Enum):
+    """What to do with entries a shard already holds at or below a committed offset."""
+
+    APPLY = "apply"  # Redis came back empty: they were published since; the offsets go back
+    SKIP = "skip"  # Redis was restored from a backup: they were applied before the loss
+
+
+@dataclass(slots=True)
+class ShardReset:
+    """One shard of a reset: what Redis holds, what the group's sinks committed, what changes."""
+
+    shard: int
+    facts: ShardFacts
+    commits: dict[str, Position]  # the group's sinks' offsets on the shard
+    others: str  # the highest offset the other groups' sinks committed on the shard
+    below: int  # entries in the shard at or below the group's highest offset (up to 1001)
+    rewind: list[str] = field(default_factory=list)  # sinks whose offsets go back to START
+
+    def top(self) -> str:
+        """The group's highest offset on the shard once the rewinds are done."""
+        kept = [p.last_id for s, p in self.commits.items() if s not in self.rewind]
+        return max(kept, key=parse_id, default=START)
+
+    def epoch(self) -> int:
+        return max((p.epoch for p in self.commits.values()), default=0)
+
+    def changes(self) -> list[str]:
+        """What the reset changes on this shard, one line each."""
+        facts, top, lines = self.facts, self.top(), []
+        floor = max(top, self.others, key=parse_id)
+        if self.epoch() > facts.epoch:
+            lines.append(f"lease epoch counter {facts.epoch} -> {self.epoch()} (the stored one)")
+        if not facts.exists:
+            lines.append("create the shard's stream")
+        if parse_id(facts.last_id) < parse_id(floor):
+            lines.append(
+                f"last generated ID {facts.last_id} -> {floor}: new entries come after every "
+                "committed offset"
+            )
+        if not facts.grouped:
+            lines.append(f"create the consumer group at {top}")
+        elif parse_id(facts.delivered) < parse_id(top):
+            lines.append(f"consumer group's last delivered ID {facts.delivered} -> {top}")
+        for sink in self.rewind:
+            lines.append(
+                f"sink {sink!r}: offset {self.commits[sink].last_id} -> {START}: the entries "
+                "the shard holds are applied"
+            )
+        if self.below and not self.rewind:
+            lines.append(f"{self._count()} entries at or below {top} are taken as applied")
+        return lines
+
+    def _count(self) -> str:
+        return "over 1000" if self.below > 1000 else str(self.below)
+
+    def question(self) -> str:
+        """Why the operator must choose `--below-offset` for this shard."""
+        top = max((p.last_id for p in self.commits.values()), key=parse_id)
+        return (
+            f"shard {self.shard}: {self._count()} entries in the shard are at or below the "
+            f"committed offset {top}: applied before the loss, or published since?"
+        )
+
+
+@dataclass(slots=True)
+class ResetPlan:
+    """What `streamsink offsets reset` changes for one group of one stream."""
+
+    stream: str
+    group: str
+    shards: int
+    stream_known: bool  # the stream's shard count is in Redis
+    per_shard: list[ShardReset]
+    choice: BelowOffset | None
+
+    def undecided(self) -> list[ShardReset]:
+        """Shards holding entries at or below an offset, with no choice made for them."""
+        return [s for s in self.per_shard if s.below and self.choice is None]
+
+    def changes(self) -> list[str]:
+        """Every change, one line each."""
+        lines = []
+        if not self.stream_known:
+            lines.append(f"stream {self.stream}: record it again with {self.shards} shards")
+        for shard in self.per_shard:
+            lines += [f"shard {shard.shard}: {line}" for line in shard.changes()]
+        return lines
+
+
+def _settings(config: Config) -> dict[str, PostgresSettings]:
+    """The PostgreSQL sinks of the config, by name."""
+    return {
+        name: PostgresSettings.from_options(name, spec.options, config.postgres_dsn)
+        for name, spec in config.sinks.items()
+        if spec.type == "postgres"
+    }
+
+
+def _offsets(config: Config, stream: str) -> dict[Slot, Position]:
+    """Every offset of `stream` in the offsets tables of the config's PostgreSQL sinks."""
+    found: dict[Slot, Position] = {}
+    places = {(s.dsn, s.offsets_schema) for s in _settings(config).values()}
+    for dsn, schema in sorted(places):
+        with closing(psycopg2.connect(dsn, connect_timeout=10)) as conn, conn.cursor() as cur:
+            found.update(Offsets(schema).of_stream(cur, stream))
+    return found
+
+
+def plan_reset(
+    client: redis.Redis,
+    keys: Keys,
+    config: Config,
+    stream: str,
+    group: str,
+    choice: BelowOffset | None = None,
+) -> ResetPlan:
+    """What a reset of `group` on `stream` would change, reading Redis and PostgreSQL."""
+    spec, reader = config.streams.get(stream), config.groups.get(group)
+    if spec is None or reader is None or reader.stream != stream:
+        raise ConfigError(f"the config has no group {group!r} reading stream {stream!r}")
+    recorded = client.hget(keys.meta(stream), META_SHARDS)
+    if recorded is not None and int(recorded) != spec.shards:
+        raise ShardCountMismatch(
+            f"stream {stream!r} has {int(recorded)} shards in Redis, the config says {spec.shards}"
+        )
+    offsets = _offsets(config, stream)
+    plan = ResetPlan(stream, group, spec.shards, recorded is not None, [], choice)
+    for shard in range(spec.shards):
+        mine = {
+            slot.sink: position
+            for slot, position in offsets.items()
+            if slot.shard == shard and slot.group == group and slot.sink in reader.sinks
+        }
+        others = [
+            p.last_id
+            for s, p in offsets.items()
+            if s.shard == shard and (s.group, s.sink) not in {(group, name) for name in mine}
+        ]
+        facts = read_shard_facts(client, keys, stream, shard, group)
+        top = max((p.last_id for p in mine.values()), key=parse_id, default=START)
+        below = entries_up_to(client, keys, stream, shard, top) if top != START else 0
+        reset = ShardReset(shard, facts, mine, max(others, key=parse_id, default=START), below)
+        if below and choice is BelowOffset.APPLY:
+            reset.rewind = sorted(s for s, p in mine.items() if p.last_id != START)
+        plan.per_shard.append(reset)
+    return plan
+
+
+def apply_reset(client: redis.Redis, keys: Keys, config: Config, plan: ResetPlan) -> None:
+    """Make the plan's changes: PostgreSQL offsets rewound first, then Redis raised.
+
+    Running it again after a failure half-way is safe: the plan is read again, and
+    what was done already is no change any more.
+    """
+    if plan.undecided():
+        raise ValueError(
+            "some shards hold entries at or below their offsets: choose --below-offset"
+        )
+    settings = _settings(config)
+    for shard in plan.per_shard:
+        for sink in shard.rewind:
+            place = settings[sink]
+            slot = Slot(sink, plan.group, plan.stream, shard.shard)
+            with closing(psycopg2.connect(place.dsn, connect_timeout=10)) as conn:
+                with conn.cursor() as cur:
+                    moved = not Offsets(place.offsets_schema).rewind(
+                        cur, slot, shard.commits[sink].last_id
+                    )
+                conn.commit()
+            if moved:
+                raise ValueError(
+                    f"shard {shard.shard}: sink {sink!r} committed meanwhile; stop the workers of "
+                    f"group {plan.group!r} and run the reset again"
+                )
+    if not plan.stream_known:
+        create_stream(client, keys, plan.stream, plan.shards)
+    for shard in plan.per_shard:
+        top = shard.top()
+        realign(
+            client,
+            keys,
+            plan.stream,
+            shard.shard,
+            plan.group,
+            epoch=shard.epoch(),
+            stream_floor=max(top, shard.others, key=parse_id),
+            group_floor=top,
+        )
