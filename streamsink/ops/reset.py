@@ -46,6 +46,7 @@ class ShardReset:
     others: str  # the highest offset the other groups' sinks committed on the shard
     below: int  # entries in the shard at or below the group's highest offset (up to 1001)
     rewind: list[str] = field(default_factory=list)  # sinks whose offsets go back to START
+    skip: bool = False  # the entries at or below the offsets are taken as applied
 
     def top(self) -> str:
         """The group's highest offset on the shard once the rewinds are done."""
@@ -70,14 +71,14 @@ class ShardReset:
             )
         if not facts.grouped:
             lines.append(f"create the consumer group at {top}")
-        elif parse_id(facts.delivered) < parse_id(top):
+        elif parse_id(facts.delivered) < parse_id(top) or (self.rewind and facts.delivered != top):
             lines.append(f"consumer group's last delivered ID {facts.delivered} -> {top}")
         for sink in self.rewind:
             lines.append(
                 f"sink {sink!r}: offset {self.commits[sink].last_id} -> {START}: the entries "
                 "the shard holds are applied"
             )
-        if self.below and not self.rewind:
+        if self.skip:
             lines.append(f"{self._count()} entries at or below {top} are taken as applied")
         return lines
 
@@ -173,6 +174,7 @@ def plan_reset(
         reset = ShardReset(shard, facts, mine, max(others, key=parse_id, default=START), below)
         if below and choice is BelowOffset.APPLY:
             reset.rewind = sorted(s for s, p in mine.items() if p.last_id != START)
+        reset.skip = bool(below) and choice is BelowOffset.SKIP
         plan.per_shard.append(reset)
     return plan
 
@@ -216,4 +218,5 @@ def apply_reset(client: redis.Redis, keys: Keys, config: Config, plan: ResetPlan
             epoch=shard.epoch(),
             stream_floor=max(top, shard.others, key=parse_id),
             group_floor=top,
+            deliver_again=bool(shard.rewind),
         )

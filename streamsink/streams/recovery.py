@@ -47,11 +47,12 @@ return {1, last, 0, '0-0', epoch}
 """
 )
 
-# KEYS: shard stream, epoch counter. ARGV: group, epoch floor, stream floor, group floor.
-# Raises each to at least its floor, never lowers one, in one step (a producer's XADD or a
-# worker's INCR in between cannot be undone): the epoch counter; the stream's last
-# generated ID (XSETID, the stream made if missing), so that new entries come after every
-# offset; the group's last delivered ID (made at the floor if missing).
+# KEYS: shard stream, epoch counter. ARGV: group, epoch floor, stream floor, group floor,
+# '1' to set the group's last delivered ID to its floor even if that lowers it ('' not).
+# Raises each to at least its floor in one step (a producer's XADD or a worker's INCR in
+# between cannot be undone): the epoch counter; the stream's last generated ID (XSETID,
+# the stream made if missing), so that new entries come after every offset; the group's
+# last delivered ID (made at the floor if missing).
 _REALIGN = (
     _FIELD
     + """
@@ -71,7 +72,7 @@ local last = field(redis.call('XINFO', 'STREAM', KEYS[1]), 'last-generated-id')
 if before(last, ARGV[3]) then redis.call('XSETID', KEYS[1], ARGV[3]) end
 for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   if field(group, 'name') == ARGV[1] then
-    if before(field(group, 'last-delivered-id'), ARGV[4]) then
+    if ARGV[5] == '1' or before(field(group, 'last-delivered-id'), ARGV[4]) then
       redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], ARGV[4])
     end
     return 1
@@ -161,8 +162,10 @@ def realign(
     epoch: int,
     stream_floor: str,
     group_floor: str,
+    deliver_again: bool = False,
 ) -> None:
     """Raise the shard's epoch counter, last generated ID and the group's last delivered
-    ID to at least these floors (creating the stream and group where missing)."""
-    args = (group, epoch, stream_floor, group_floor)
+    ID to at least these floors (creating the stream and group where missing); with
+    `deliver_again`, set the group's last delivered ID to its floor even if it is lower."""
+    args = (group, epoch, stream_floor, group_floor, "1" if deliver_again else "")
     client.eval(_REALIGN, 2, *_keys(keys, stream, shard, group), *args)

@@ -210,6 +210,44 @@ def test_entries_below_the_offsets_wait_for_the_operator_to_say_what_they_are(
     assert worker.wait(15) == 0
 
 
+def test_redis_restored_from_an_older_backup_skips_what_was_applied_when_told_so(
+    setup_for: Callable[..., Setup],
+    cluster: Cluster,
+    pg: Connection,
+    server: RedisServer,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A snapshot taken before the worker applied a round comes back: that round is in the
+    shards again, below the offsets. `--below-offset skip` takes it as applied."""
+    setup = setup_for(COUNTERS, GROUP, SHARDS)
+    producer = Producer(setup.client, setup.config)
+    incr(producer)
+    setup.client.save()  # the backup: round one published, nothing applied
+    worker = cluster.start(setup.path)
+    incr(producer)
+    setup.wait_drained([worker], 30)
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(15) == 0
+    assert counters(setup, pg) == {i: 2 for i in range(KEYS)}
+
+    server.kill()
+    server.start()  # loads the backup
+    assert setup.client.xlen(setup.keys.shard("items", 0)) > 0
+    code, printed = reset(setup, capsys, "--yes")
+    assert code == 1 and "entries in the shard are at or below" in printed, printed
+    code, printed = reset(setup, capsys, "--below-offset", "skip", "--yes")
+    assert code == 0, printed
+    assert "entries at or below" in printed and "are taken as applied" in printed, printed
+    assert offsets(setup, pg) and all(e == 1 for _, e in offsets(setup, pg).values())
+
+    worker = cluster.start(setup.path)
+    incr(producer)
+    setup.wait_drained([worker], 30)
+    assert counters(setup, pg) == {i: 3 for i in range(KEYS)}, "round one not applied again"
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(15) == 0
+
+
 def test_redis_behind_a_commit_is_told_apart_from_a_newer_owner() -> None:
     healthy = ShardFacts(True, True, "20-0", True, "20-0", 3)
     commits = {"pg": Committed("15-0", 3)}
