@@ -53,15 +53,30 @@ class ShardReset:
         kept = [p.last_id for s, p in self.commits.items() if s not in self.rewind]
         return max(kept, key=parse_id, default=START)
 
-    def epoch(self) -> int:
-        return max((p.epoch for p in self.commits.values()), default=0)
+    def epoch(self) -> int | None:
+        """The lease epoch the reset takes if Redis' counter fell below the stored epochs:
+        one past them, stored too, so that their owners (a worker paused since before the
+        loss among them) can no longer commit. None if the counter is not behind."""
+        stored = max((p.epoch for p in self.commits.values()), default=0)
+        return stored + 1 if stored > self.facts.epoch else None
+
+    def positions(self) -> dict[str, Position]:
+        """The sinks' offsets once reset, for those that change."""
+        epoch, changed = self.epoch(), {}
+        for sink, seen in self.commits.items():
+            now = Position(START if sink in self.rewind else seen.last_id, epoch or seen.epoch)
+            if now != seen:
+                changed[sink] = now
+        return changed
 
     def changes(self) -> list[str]:
         """What the reset changes on this shard, one line each."""
         facts, top, lines = self.facts, self.top(), []
         floor = max(top, self.others, key=parse_id)
-        if self.epoch() > facts.epoch:
-            lines.append(f"lease epoch counter {facts.epoch} -> {self.epoch()} (the stored one)")
+        if self.epoch() is not None:
+            lines.append(
+                f"lease epoch counter {facts.epoch} -> {self.epoch()}, above the stored epochs"
+            )
         if not facts.exists:
             lines.append("create the shard's stream")
         if parse_id(facts.last_id) < parse_id(floor):
@@ -73,11 +88,18 @@ class ShardReset:
             lines.append(f"create the consumer group at {top}")
         elif parse_id(facts.delivered) < parse_id(top) or (self.rewind and facts.delivered != top):
             lines.append(f"consumer group's last delivered ID {facts.delivered} -> {top}")
-        for sink in self.rewind:
-            lines.append(
-                f"sink {sink!r}: offset {self.commits[sink].last_id} -> {START}: the entries "
-                "the shard holds are applied"
-            )
+        for sink, now in self.positions().items():
+            seen = self.commits[sink]
+            if now.epoch != seen.epoch:
+                lines.append(
+                    f"sink {sink!r}: stored epoch {seen.epoch} -> {now.epoch}: an owner from "
+                    "before the loss can no longer commit"
+                )
+            if now.last_id != seen.last_id:
+                lines.append(
+                    f"sink {sink!r}: offset {seen.last_id} -> {now.last_id}: the entries the "
+                    "shard holds are applied"
+                )
         if self.skip:
             lines.append(f"{self._count()} entries at or below {top} are taken as applied")
         return lines
@@ -180,7 +202,7 @@ def plan_reset(
 
 
 def apply_reset(client: redis.Redis, keys: Keys, config: Config, plan: ResetPlan) -> None:
-    """Make the plan's changes: PostgreSQL offsets rewound first, then Redis raised.
+    """Make the plan's changes: PostgreSQL offsets first (new epoch, rewound), then Redis.
 
     Running it again after a failure half-way is safe: the plan is read again, and
     what was done already is no change any more.
@@ -191,14 +213,13 @@ def apply_reset(client: redis.Redis, keys: Keys, config: Config, plan: ResetPlan
         )
     settings = _settings(config)
     for shard in plan.per_shard:
-        for sink in shard.rewind:
+        for sink, now in shard.positions().items():
             place = settings[sink]
             slot = Slot(sink, plan.group, plan.stream, shard.shard)
             with closing(psycopg2.connect(place.dsn, connect_timeout=10)) as conn:
                 with conn.cursor() as cur:
-                    moved = not Offsets(place.offsets_schema).rewind(
-                        cur, slot, shard.commits[sink].last_id
-                    )
+                    offsets = Offsets(place.offsets_schema)
+                    moved = not offsets.reset(cur, slot, shard.commits[sink], now)
                 conn.commit()
             if moved:
                 raise ValueError(
@@ -215,7 +236,7 @@ def apply_reset(client: redis.Redis, keys: Keys, config: Config, plan: ResetPlan
             plan.stream,
             shard.shard,
             plan.group,
-            epoch=shard.epoch(),
+            epoch=shard.epoch() or 0,
             stream_floor=max(top, shard.others, key=parse_id),
             group_floor=top,
             deliver_again=bool(shard.rewind),

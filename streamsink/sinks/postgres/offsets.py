@@ -61,8 +61,9 @@ class Offsets:
         self._of_stream = sql.SQL(
             "SELECT sink, group_name, stream, shard, last_id, epoch FROM {} WHERE stream = %s"
         ).format(offsets)
-        self._rewind = sql.SQL(
-            "UPDATE {} SET last_id = %s, updated_at = now() WHERE {} AND last_id = %s"
+        self._set = sql.SQL(
+            "UPDATE {} SET last_id = %s, epoch = %s, updated_at = now()"
+            " WHERE {} AND last_id = %s AND epoch = %s"
         ).format(offsets, where)
         self._forget = sql.SQL("DELETE FROM {} WHERE {}").format(rejected, where)
         self._advance = sql.SQL(
@@ -114,13 +115,15 @@ class Offsets:
         cur.execute(self._of_stream, (stream,))
         return {Slot(*row[:4]): Position(row[4], int(row[5])) for row in cur.fetchall()}
 
-    def rewind(self, cur: Cursor, slot: Slot, seen: str) -> bool:
-        """Move the slot's offset back to START if it still is `seen`, and forget its
-        remembered refusals (they name entries of a stream Redis lost); False if it moved."""
-        cur.execute(self._rewind, (START, *slot.values(), seen))
+    def reset(self, cur: Cursor, slot: Slot, seen: Position, now: Position) -> bool:
+        """Set the slot's position to `now` if it still is `seen` (False if it moved), for
+        `streamsink offsets reset`. Back to START, the slot's remembered refusals go too:
+        they name entries of a stream Redis lost."""
+        cur.execute(self._set, (now.last_id, now.epoch, *slot.values(), seen.last_id, seen.epoch))
         if cur.rowcount != 1:
             return False
-        cur.execute(self._forget, slot.values())
+        if now.last_id == START:
+            cur.execute(self._forget, slot.values())
         return True
 
     def probe(self, cur: Cursor) -> None:
