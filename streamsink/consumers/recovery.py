@@ -10,8 +10,7 @@ Redis lost data, and the group stops with one line naming `streamsink offsets re
 from __future__ import annotations
 
 from collections.abc import Mapping
-
-import redis.asyncio as aredis
+from typing import TYPE_CHECKING
 
 from streamsink.consumers.retry import retrying
 from streamsink.consumers.writing import SINK_TRANSIENT
@@ -19,6 +18,9 @@ from streamsink.errors import RedisDataLost
 from streamsink.sinks.base import Committed, Sink
 from streamsink.streams.keys import Keys
 from streamsink.streams.recovery import ShardFacts, shard_facts
+
+if TYPE_CHECKING:
+    import redis.asyncio as aredis
 
 
 def reset_command(stream: str, group: str) -> str:

@@ -12,21 +12,21 @@ empty, on a clock behind the old one)? The operator says which (`BelowOffset`).
 
 from __future__ import annotations
 
-from contextlib import closing
 from dataclasses import dataclass, field
 from enum import Enum
-
-import psycopg2
-import redis
+from typing import TYPE_CHECKING
 
 from streamsink.errors import ConfigError, ShardCountMismatch
 from streamsink.schemas.config import Config
-from streamsink.sinks.postgres.offsets import START, Offsets, Position, Slot
+from streamsink.sinks.postgres.offsets import START, Position, Slot, reset_offset, stream_offsets
 from streamsink.sinks.postgres.pool import PostgresSettings
 from streamsink.streams.admin import create_stream
 from streamsink.streams.keys import META_SHARDS, Keys
 from streamsink.streams.reader import parse_id
 from streamsink.streams.recovery import ShardFacts, entries_up_to, read_shard_facts, realign
+
+if TYPE_CHECKING:
+    import redis
 
 
 class BelowOffset(Enum):
@@ -150,16 +150,6 @@ def _settings(config: Config) -> dict[str, PostgresSettings]:
     }
 
 
-def _offsets(config: Config, stream: str) -> dict[Slot, Position]:
-    """Every offset of `stream` in the offsets tables of the config's PostgreSQL sinks."""
-    found: dict[Slot, Position] = {}
-    places = {(s.dsn, s.offsets_schema) for s in _settings(config).values()}
-    for dsn, schema in sorted(places):
-        with closing(psycopg2.connect(dsn, connect_timeout=10)) as conn, conn.cursor() as cur:
-            found.update(Offsets(schema).of_stream(cur, stream))
-    return found
-
-
 def plan_reset(
     client: redis.Redis,
     keys: Keys,
@@ -177,7 +167,7 @@ def plan_reset(
         raise ShardCountMismatch(
             f"stream {stream!r} has {int(recorded)} shards in Redis, the config says {spec.shards}"
         )
-    offsets = _offsets(config, stream)
+    offsets = stream_offsets(_settings(config).values(), stream)
     plan = ResetPlan(stream, group, spec.shards, recorded is not None, [], choice)
     for shard in range(spec.shards):
         mine = {
@@ -214,14 +204,8 @@ def apply_reset(client: redis.Redis, keys: Keys, config: Config, plan: ResetPlan
     settings = _settings(config)
     for shard in plan.per_shard:
         for sink, now in shard.positions().items():
-            place = settings[sink]
             slot = Slot(sink, plan.group, plan.stream, shard.shard)
-            with closing(psycopg2.connect(place.dsn, connect_timeout=10)) as conn:
-                with conn.cursor() as cur:
-                    offsets = Offsets(place.offsets_schema)
-                    moved = not offsets.reset(cur, slot, shard.commits[sink], now)
-                conn.commit()
-            if moved:
+            if not reset_offset(settings[sink], slot, shard.commits[sink], now):
                 raise ValueError(
                     f"shard {shard.shard}: sink {sink!r} committed meanwhile; stop the workers of "
                     f"group {plan.group!r} and run the reset again"

@@ -191,6 +191,12 @@ def test_entries_below_the_offsets_wait_for_the_operator_to_say_what_they_are(
         fields = {"key": key, "op": "incr", "data": f'{{"id": {number}, "n": 10}}'}
         client.xadd(setup.keys.shard("items", 1), fields, id=f"1000-{seq}")  # type: ignore[arg-type]
 
+    starting = cluster.start(setup.path)  # a worker started now stops the group at once
+    assert starting.wait(30) == 3
+    [line] = logged([starting], "group stopped: fix the cause and restart the worker")
+    assert "the stream's shard count is gone from Redis" in line["error"], line
+    assert RESET in line["error"] and "Traceback" not in starting.log()
+
     code, printed = reset(setup, capsys, "--yes")
     assert code == 1, printed
     assert "shard 1: 2 entries in the shard are at or below the committed offset" in printed
@@ -235,6 +241,10 @@ def test_redis_restored_from_an_older_backup_skips_what_was_applied_when_told_so
     server.kill()
     server.start()  # loads the backup
     assert setup.client.xlen(setup.keys.shard("items", 0)) > 0
+    starting = cluster.start(setup.path)
+    assert starting.wait(30) == 3
+    [line] = logged([starting], "group stopped: fix the cause and restart the worker")
+    assert "below epoch 1 stored with it" in line["error"] and RESET in line["error"], line
     code, printed = reset(setup, capsys, "--yes")
     assert code == 1 and "entries in the shard are at or below" in printed, printed
     code, printed = reset(setup, capsys, "--below-offset", "skip", "--yes")

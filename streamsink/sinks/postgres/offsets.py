@@ -9,12 +9,15 @@ was paused finds the row fenced by the newer epoch, and cannot commit.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 
+import psycopg2
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
+from streamsink.sinks.postgres.pool import PostgresSettings
 from streamsink.sinks.postgres.schema import OFFSETS, REJECTED
 
 START = "0-0"
@@ -129,3 +132,21 @@ class Offsets:
     def probe(self, cur: Cursor) -> None:
         """Look the offsets table up (raises if it is missing or out of reach)."""
         cur.execute(self._probe)
+
+
+def stream_offsets(sinks: Iterable[PostgresSettings], stream: str) -> dict[Slot, Position]:
+    """Every offset of `stream` in the offsets tables these sinks use, each read once."""
+    found: dict[Slot, Position] = {}
+    for dsn, schema in sorted({(s.dsn, s.offsets_schema) for s in sinks}):
+        with closing(psycopg2.connect(dsn, connect_timeout=10)) as conn, conn.cursor() as cur:
+            found.update(Offsets(schema).of_stream(cur, stream))
+    return found
+
+
+def reset_offset(sink: PostgresSettings, slot: Slot, seen: Position, now: Position) -> bool:
+    """`Offsets.reset` in a transaction of its own: False if the offset moved meanwhile."""
+    with closing(psycopg2.connect(sink.dsn, connect_timeout=10)) as conn:
+        with conn.cursor() as cur:
+            done = Offsets(sink.offsets_schema).reset(cur, slot, seen, now)
+        conn.commit()
+    return done
