@@ -108,6 +108,7 @@ class ShardRunner:
         """
         try:
             await self.writer.publish(RunState.RUNNING)
+            await self._check_redis()
             try:
                 await self._run()
             except (Fenced, RedisDataLost) as exc:
@@ -136,7 +137,6 @@ class ShardRunner:
             raise RedisDataLost(message) from exc
 
     async def _run(self) -> None:
-        await self._check_redis()
         await retrying(self.reader.ensure_group, "create group")
         window, flushing = Window(), cast(asyncio.Task[None] | None, None)
         settings = self.settings

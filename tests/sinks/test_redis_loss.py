@@ -20,13 +20,10 @@ from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
 
 from streamsink.cli import main
-from streamsink.consumers.recovery import lost
 from streamsink.schemas import Event, shard_of
 from streamsink.schemas.event import Op
-from streamsink.sinks.base import Committed
 from streamsink.sinks.postgres.schema import OFFSETS
 from streamsink.streams import Producer
-from streamsink.streams.recovery import ShardFacts
 from tests.conftest import RedisServer, free_port
 from tests.consumers.test_worker_processes import Cluster
 from tests.sinks import test_postgres_faults
@@ -258,22 +255,3 @@ def test_redis_restored_from_an_older_backup_skips_what_was_applied_when_told_so
     assert counters(setup, pg) == {i: 3 for i in range(KEYS)}, "round one not applied again"
     worker.signal(signal.SIGTERM)
     assert worker.wait(15) == 0
-
-
-def test_redis_behind_a_commit_is_told_apart_from_a_newer_owner() -> None:
-    healthy = ShardFacts(True, True, "20-0", True, "20-0", 3)
-    commits = {"pg": Committed("15-0", 3)}
-    assert lost(healthy, commits, expected=True) is None
-    assert lost(healthy, {"pg": Committed("20-0", 2)}, expected=True) is None
-    for facts, why in (
-        (ShardFacts(False, True, "20-0", True, "20-0", 3), "shard count is gone"),
-        (ShardFacts(True, True, "20-0", True, "20-0", 1), "lease epoch counter is 1, below"),
-        (ShardFacts(True, True, "9-0", True, "9-0", 3), "newest entry ID is 9-0, below"),
-        (ShardFacts(True, True, "20-0", False, "0-0", 3), "consumer group is gone"),
-        (ShardFacts(True, True, "20-0", True, "0-0", 3), "last delivered 0-0, below"),
-    ):
-        reason = lost(facts, commits, expected=False)
-        assert reason is not None and why in reason, (facts, reason)
-    fresh = ShardFacts(True, False, "0-0", False, "0-0", 1)
-    assert lost(fresh, {}, expected=False) is None, "a new stream of a new group"
-    assert lost(fresh, {}, expected=True) == "the consumer group is gone from the shard"
