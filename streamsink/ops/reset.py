@@ -77,13 +77,15 @@ class ShardReset:
             lines.append(
                 f"lease epoch counter {facts.epoch} -> {self.epoch()}, above the stored epochs"
             )
-        if not facts.exists:
+        if not facts.exists and (self.commits or floor != START):
             lines.append("create the shard's stream")
         if parse_id(facts.last_id) < parse_id(floor):
             lines.append(
                 f"last generated ID {facts.last_id} -> {floor}: new entries come after every "
                 "committed offset"
             )
+        if not self.commits:  # nothing to be behind of: a worker makes the group at start
+            return lines
         if not facts.grouped:
             lines.append(f"create the consumer group at {top}")
         elif parse_id(facts.delivered) < parse_id(top) or (self.rewind and facts.delivered != top):
@@ -222,6 +224,6 @@ def apply_reset(client: redis.Redis, keys: Keys, config: Config, plan: ResetPlan
             plan.group,
             epoch=shard.epoch() or 0,
             stream_floor=max(top, shard.others, key=parse_id),
-            group_floor=top,
+            group_floor=top if shard.commits else None,
             deliver_again=bool(shard.rewind),
         )

@@ -47,8 +47,9 @@ return {1, last, 0, '0-0', epoch}
 """
 )
 
-# KEYS: shard stream, epoch counter. ARGV: group, epoch floor, stream floor, group floor,
-# '1' to set the group's last delivered ID to its floor even if that lowers it ('' not).
+# KEYS: shard stream, epoch counter. ARGV: group, epoch floor, stream floor, group floor
+# ('' to leave the group alone), '1' to set the group's last delivered ID to its floor even
+# if that lowers it ('' not).
 # Raises each to at least its floor in one step (a producer's XADD or a worker's INCR in
 # between cannot be undone): the epoch counter; the stream's last generated ID (XSETID,
 # the stream made if missing), so that new entries come after every offset; the group's
@@ -66,10 +67,12 @@ if tonumber(redis.call('GET', KEYS[2]) or '0') < tonumber(ARGV[2]) then
   redis.call('SET', KEYS[2], ARGV[2])
 end
 if redis.call('EXISTS', KEYS[1]) == 0 then
+  if ARGV[4] == '' and ARGV[3] == '0-0' then return 0 end
   redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
 end
 local last = field(redis.call('XINFO', 'STREAM', KEYS[1]), 'last-generated-id')
 if before(last, ARGV[3]) then redis.call('XSETID', KEYS[1], ARGV[3]) end
+if ARGV[4] == '' then return 1 end
 for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   if field(group, 'name') == ARGV[1] then
     if ARGV[5] == '1' or before(field(group, 'last-delivered-id'), ARGV[4]) then
@@ -161,11 +164,12 @@ def realign(
     *,
     epoch: int,
     stream_floor: str,
-    group_floor: str,
+    group_floor: str | None,
     deliver_again: bool = False,
 ) -> None:
     """Raise the shard's epoch counter, last generated ID and the group's last delivered
-    ID to at least these floors (creating the stream and group where missing); with
-    `deliver_again`, set the group's last delivered ID to its floor even if it is lower."""
-    args = (group, epoch, stream_floor, group_floor, "1" if deliver_again else "")
+    ID to at least these floors (creating the stream and group where missing; the group
+    left alone if `group_floor` is None); with `deliver_again`, set the group's last
+    delivered ID to its floor even if it is lower."""
+    args = (group, epoch, stream_floor, group_floor or "", "1" if deliver_again else "")
     client.eval(_REALIGN, 2, *_keys(keys, stream, shard, group), *args)

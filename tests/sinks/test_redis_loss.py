@@ -255,3 +255,18 @@ def test_redis_restored_from_an_older_backup_skips_what_was_applied_when_told_so
     assert counters(setup, pg) == {i: 3 for i in range(KEYS)}, "round one not applied again"
     worker.signal(signal.SIGTERM)
     assert worker.wait(15) == 0
+
+
+def test_the_reset_names_what_it_cannot_find_and_changes_nothing(
+    setup_for: Callable[..., Setup], capsys: pytest.CaptureFixture[str]
+) -> None:
+    setup = setup_for(COUNTERS, GROUP, SHARDS)
+    argv = ["offsets", "reset", "--config", str(setup.path), "--stream"]
+    assert main([*argv, "items", "--group", "nobody", "--yes"]) == 2
+    assert "the config has no group 'nobody' reading stream 'items'" in capsys.readouterr().err
+    assert main([*argv, "items", "--group", "pg-writer"]) == 0, "nothing lost: nothing to do"
+    assert "nothing to change" in capsys.readouterr().out
+    setup.client.delete(setup.keys.meta("items"))
+    setup.client.hset(setup.keys.meta("items"), "shards", 5)
+    assert main([*argv, "items", "--group", "pg-writer", "--yes"]) == 2
+    assert "has 5 shards in Redis, the config says 3" in capsys.readouterr().err
