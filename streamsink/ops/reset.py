@@ -2,12 +2,13 @@
 
 After Redis lost data (consumers/recovery.py stops the group, naming this), the reset
 raises what Redis holds back above what the PostgreSQL sinks committed: the stream's
-shard count, each shard's lease epoch counter, its last generated ID (so new entries come
-after every offset) and the group's last delivered ID. It never lowers any of them, so
-running it again, or on a group that lost nothing, changes nothing. Entries a shard
-already holds at or below an offset are the one thing it cannot decide alone: applied
-before the loss (Redis restored from a backup), or published since (Redis came back
-empty, on a clock behind the old one)? The operator says which (`BelowOffset`).
+shard count, each shard's lease epoch counter (and the stored epochs with it: one past
+them), its last generated ID (so new entries come after every offset) and the group's
+last delivered ID. Running it again, or on a group that lost nothing, changes nothing.
+Entries a shard already holds at or below an offset are the one thing it cannot decide
+alone: applied before the loss (Redis restored from a backup), or published since (Redis
+came back empty, on a clock behind the old one)? The operator says which (`BelowOffset`);
+only `APPLY` moves anything back (those offsets, and the group to the shard's start).
 """
 
 from __future__ import annotations
