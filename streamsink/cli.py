@@ -202,6 +202,25 @@ def _parser() -> argparse.ArgumentParser:
         tables, "check", "say how the database differs from the config (exit 1)", _tables_check
     )
 
+    offsets = _group(
+        commands, "offsets", "after Redis lost data: line it up with the offsets in PostgreSQL"
+    )
+    reset = _command(
+        offsets,
+        "reset",
+        "print what lines Redis up with a group's offsets; --yes does it",
+        _offsets_reset,
+    )
+    reset.add_argument("--stream", required=True, help="the stream the group reads")
+    reset.add_argument("--group", required=True, help="the group the worker stopped")
+    reset.add_argument(
+        "--below-offset",
+        choices=("apply", "skip"),
+        help="entries a shard holds at or below an offset: apply them (Redis came back "
+        "empty) or skip them (Redis restored from a backup)",
+    )
+    reset.add_argument("--yes", action="store_true", help="make the changes (default: print)")
+
     demo = _command(
         commands,
         "demo",
@@ -630,6 +649,41 @@ def _on_postgres(config: Config, work: Callable[[Any, Config], list[str]]) -> li
             return work(conn, config)
     except psycopg2.Error as exc:
         raise ValueError(f"PostgreSQL: {str(exc).strip()}") from None
+
+
+def _offsets_reset(args: argparse.Namespace, config: Config) -> int:
+    """Print the reset's changes; make them with --yes. 1 if a choice is missing."""
+    import psycopg2
+
+    from streamsink.ops.reset import BelowOffset, apply_reset, plan_reset
+
+    choice = None if args.below_offset is None else BelowOffset(args.below_offset)
+    client, keys = _client(config), Keys(config.prefix)
+    try:
+        plan = plan_reset(client, keys, config, args.stream, args.group, choice)
+        print(f"offsets reset of group {plan.group} on stream {plan.stream}:")
+        changes = plan.changes()
+        for line in changes or ["nothing to change: Redis holds what the sinks committed"]:
+            print(f"  {line}")
+        if plan.undecided():
+            for shard in plan.undecided():
+                print(shard.question(), file=sys.stderr)
+            print(
+                "choose --below-offset apply (Redis came back empty: they were published "
+                "since the loss; those shards' offsets go back to 0-0 and they are applied) "
+                "or --below-offset skip (Redis was restored from a backup: they were applied "
+                "before the loss, and are skipped); nothing changed",
+                file=sys.stderr,
+            )
+            return 1
+        if changes and not args.yes:
+            print("dry run: nothing changed; run again with --yes to make these changes")
+        elif changes:
+            apply_reset(client, keys, config, plan)
+            print("done: restart the group's workers")
+    except psycopg2.Error as exc:
+        raise ValueError(f"PostgreSQL: {str(exc).strip()}") from None
+    return 0
 
 
 def _demo(args: argparse.Namespace, config: Config) -> int:

@@ -9,7 +9,10 @@
     ├── StreamError            a stream is missing or declared differently in Redis
     │   ├── StreamNotFound     create it first (`streamsink streams create`)
     │   ├── GroupNotFound      no shard of the stream knows the consumer group
-    │   └── ShardCountMismatch the shard count recorded in Redis differs from the one given
+    │   ├── ShardCountMismatch the shard count recorded in Redis differs from the one given
+    │   └── RedisDataLost      Redis holds less than a sink committed (restarted without
+    │                          persistence, restored from an older backup, keys deleted): the
+    │                          group stops; `streamsink offsets reset` lines them up again
     ├── SinkError              a sink failed to write a window (any other exception from a
     │   │                      sink is a bug: tried `max_attempts` times, then isolated)
     │   ├── Fenced             a newer owner holds the shard: this worker stops it
@@ -76,6 +79,12 @@ class GroupNotFound(StreamError):
 
 class ShardCountMismatch(StreamError):
     """The stream exists in Redis with another shard count."""
+
+
+class RedisDataLost(StreamError):
+    """Redis no longer holds what the group's sinks committed: its stream, consumer group
+    or lease epochs are behind the offsets stored with the data. The group stops; an
+    operator runs `streamsink offsets reset` (README, "Recovery"), then restarts it."""
 
 
 class PublishError(StreamsinkError):

@@ -11,12 +11,13 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import cast
 
 from streamsink.consumers.merge import Entry, merge
+from streamsink.consumers.recovery import check_shard, committed, lost_message, on_shard
 from streamsink.consumers.retry import TRANSIENT, Backoff, cancelling, retrying, server
 from streamsink.consumers.settings import GroupSettings
 from streamsink.consumers.telemetry import Telemetry
 from streamsink.consumers.window import Window
 from streamsink.consumers.writing import SINK_TRANSIENT, ShardStats, SinkWriter, sink_attempts
-from streamsink.errors import EventError, Fenced, SinkMisconfigured
+from streamsink.errors import EventError, Fenced, RedisDataLost, SinkMisconfigured
 from streamsink.schemas.config import Config
 from streamsink.schemas.wire import encode, replayed, unpacker
 from streamsink.sinks.base import Sink
@@ -64,6 +65,7 @@ class ShardRunner:
         self.stream, self.sinks, self.settings = stream, dict(sinks), settings
         self.draining = asyncio.Event()
         self.lost = False  # the lease is gone: stop without flushing or acknowledging
+        self.expect_group = False  # its worker made the stream's groups: gone means Redis lost them
         self.stats = ShardStats()
         self.telemetry: Telemetry | None = None  # ops: set by the worker when measuring
         self.lead = 0.0  # how long a flush may take (seconds): windows close that early
@@ -103,17 +105,38 @@ class ShardRunner:
 
         Returns early, acknowledging nothing more, when a sink or Redis says a newer owner
         has fenced the shard: the lease loop then finds the lease gone. Raises
-        SinkMisconfigured (the group stops) with nothing of the window acknowledged.
+        SinkMisconfigured, or RedisDataLost when Redis is behind what the sinks committed
+        (the group stops), with nothing of the window acknowledged.
         """
         try:
             await self.writer.publish(RunState.RUNNING)
-            await self._run()
-        except Fenced as exc:
-            log.warning("shard fenced by a newer owner", extra={**self._where, "error": str(exc)})
-        except SinkMisconfigured as exc:
+            await self._check_redis()
+            try:
+                await self._run()
+            except (Fenced, RedisDataLost) as exc:
+                await self._diagnose(exc)
+                log.warning(
+                    "shard fenced by a newer owner", extra={**self._where, "error": str(exc)}
+                )
+        except (SinkMisconfigured, RedisDataLost) as exc:
             self.writer.stopped(str(exc))
             await self.writer.publish(RunState.STOPPED, str(exc))
             raise
+
+    async def _check_redis(self) -> None:
+        """RedisDataLost if Redis is behind what the group's sinks committed on the shard."""
+        group, shard = self.reader.group, self.lease.shard
+        commits = on_shard(await committed(self.sinks, group, self.stream), shard)
+        client, keys, stream = self.reader.client, self._keys, self.stream
+        await check_shard(client, keys, stream, shard, group, commits, self.expect_group)
+
+    async def _diagnose(self, exc: Fenced | RedisDataLost) -> None:
+        """A newer owner, or Redis that lost data? RedisDataLost, naming the fix, if the
+        latter (a fenced shard whose lease epoch Redis forgot, a group gone under it)."""
+        await self._check_redis()
+        if isinstance(exc, RedisDataLost):
+            message = lost_message(self.stream, self.reader.group, self.lease.shard, str(exc))
+            raise RedisDataLost(message) from exc
 
     async def _run(self) -> None:
         await retrying(self.reader.ensure_group, "create group", where=self._redis)

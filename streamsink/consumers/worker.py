@@ -27,11 +27,18 @@ import redis.asyncio as aredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from streamsink.consumers.recovery import check_shard, committed, lost_message, on_shard
 from streamsink.consumers.retry import TRANSIENT, cancelling, retrying, server
 from streamsink.consumers.settings import GroupSettings
 from streamsink.consumers.shard import SINK_TRANSIENT, ShardRunner
 from streamsink.consumers.telemetry import Telemetry
-from streamsink.errors import ShardCountMismatch, SinkMisconfigured, StreamError, StreamNotFound
+from streamsink.errors import (
+    RedisDataLost,
+    ShardCountMismatch,
+    SinkMisconfigured,
+    StreamError,
+    StreamNotFound,
+)
 from streamsink.schemas.config import Config, GroupSpec
 from streamsink.sinks.base import Sink
 from streamsink.streams.keys import META_SHARDS, Keys
@@ -108,16 +115,20 @@ class GroupRunner:
         log.info("group stopped", extra={"group": self.group.name, "worker": self.worker})
 
     async def _prepared(self, stop: asyncio.Event) -> bool:
-        """Check the stream, create the groups and check the sinks, riding out Redis or a
-        sink being away, until done (True), `stop` (False), or an error that waiting
-        cannot clear (False, the group stopped: stream missing, sink misconfigured)."""
+        """Check the sinks, the stream and what Redis holds of it against what the sinks
+        committed, and create the groups, riding out Redis or a sink being away, until done
+        (True), `stop` (False), or an error that waiting cannot clear (False, the group
+        stopped: sink misconfigured, stream missing, Redis lost data)."""
         try:
-            if not await self._until(stop, self._prepare, "prepare streams", self._redis):
-                return False
             for name, sink in self.sinks.items():
                 check = getattr(sink, "check", None)
                 if check is not None and not await self._until(stop, check, f"check {name}"):
                     return False
+            if not await self._until(stop, self._prepare, "prepare streams", self._redis):
+                return False
+        except RedisDataLost as exc:
+            self._stop_group(str(exc))
+            return False
         except StreamError as exc:
             self._stop_group(f"{exc}; run `streamsink streams create --config FILE`, then restart")
             return False
@@ -197,16 +208,25 @@ class GroupRunner:
         """Check the stream, and create every group of the config that reads it on every shard.
 
         Creating the other groups too means trimming never outruns a group whose workers
-        have not started yet.
+        have not started yet. First, Redis must hold what the group's sinks committed: a
+        group created again from the first entry would be behind its offsets.
         """
         recorded = await self.client.hget(self.keys.meta(self.stream), META_SHARDS)
+        commits = await committed(self.sinks, self.group.name, self.stream)
         if recorded is None:
+            if any(commits.values()):
+                shard = min(s for rows in commits.values() for s in rows)
+                reason = "the stream's shard count is gone from Redis"
+                raise RedisDataLost(lost_message(self.stream, self.group.name, shard, reason))
             raise StreamNotFound(f"stream {self.stream!r} does not exist; create it first")
         if int(recorded) != self.shards:
             raise ShardCountMismatch(
                 f"stream {self.stream!r} has {int(recorded)} shards in Redis, config says "
                 f"{self.shards}"
             )
+        for shard in range(self.shards):
+            mine = on_shard(commits, shard)
+            await check_shard(self.client, self.keys, self.stream, shard, self.group.name, mine)
         readers = [g.name for g in self.config.groups.values() if g.stream == self.stream]
         for shard in range(self.shards):
             for name in readers:
@@ -256,6 +276,7 @@ class GroupRunner:
             runner = ShardRunner(
                 reader, lease, self.config, self.stream, self.sinks, self.settings, self.alone
             )
+            runner.expect_group = True  # _prepare made it: gone later means Redis lost it
             if self.telemetry is not None:  # ops: kept across owners of the shard in this process
                 runner.telemetry = self.telemetry.setdefault(shard, Telemetry())
             task = tasks.create_task(self._run_shard(runner), name=f"shard-{shard}")
@@ -266,11 +287,12 @@ class GroupRunner:
     async def _run_shard(self, runner: ShardRunner) -> None:
         """Run a shard; once it has drained (flushed, acknowledged), give its lease back.
 
-        A sink misconfigured stops the whole group: its other shards stop where they are.
+        A sink misconfigured, or Redis found behind what the sinks committed, stops the
+        whole group: its other shards stop where they are.
         """
         try:
             await runner.run()
-        except SinkMisconfigured as exc:
+        except (SinkMisconfigured, RedisDataLost) as exc:
             self._stop_group(str(exc))
         if runner.lost:
             return

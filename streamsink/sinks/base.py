@@ -52,6 +52,18 @@ class Rejected:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """What a sink with exactly-once offsets holds of a shard: the last entry ID applied,
+    and the lease epoch of the owner that claimed the offset last. A sink may say it with
+    `async def committed(group, stream) -> Mapping[int, Committed]` (by shard); the worker
+    compares it with Redis when it takes a shard, to tell a Redis data loss (README,
+    "Recovery")."""
+
+    last_id: str
+    epoch: int
+
+
 class Sink(Protocol):
     """What the worker needs of a sink."""
 

@@ -18,7 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from streamsink.errors import Fenced
+from streamsink.errors import Fenced, RedisDataLost
 from streamsink.streams.keys import Keys
 
 _CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
@@ -178,6 +178,12 @@ def _lost(exc: WatchError) -> RedisConnectionError:
     return RedisConnectionError(f"connection lost under WATCH ({exc.__context__!r})")
 
 
+def _gone(exc: ResponseError) -> bool:
+    """Whether Redis said the shard's stream or the group does not exist."""
+    text = str(exc)
+    return "NOGROUP" in text or "no such key" in text
+
+
 def parse_id(entry_id: str | bytes) -> tuple[int, int]:
     """An entry ID as (milliseconds, sequence), for comparing IDs."""
     ms, _, seq = _text(entry_id).partition("-")
@@ -235,7 +241,18 @@ class ShardReader:
         """The next entries: first the ones left pending by earlier owners, then new ones.
 
         Waits up to `block_ms` for new entries (not at all when 0); no entries when none came.
+        RedisDataLost if the stream or the group vanished under the reader.
         """
+        try:
+            return await self._next(count, block_ms)
+        except ResponseError as exc:
+            if not _gone(exc):
+                raise
+            raise RedisDataLost(
+                f"{self.key}: the shard's stream or consumer group {self.group!r} is gone"
+            ) from exc
+
+    async def _next(self, count: int, block_ms: int) -> Read:
         while self._claiming:
             claimed = await self._claim(count)
             if claimed.entries:
@@ -383,7 +400,12 @@ class ShardReader:
         """Delete this group's consumers of workers that are gone and hold nothing pending."""
         alive = set(live) | {self.consumer}
         removed = []
-        consumers: Any = await self._client.xinfo_consumers(self.key, self.group)
+        try:
+            consumers: Any = await self._client.xinfo_consumers(self.key, self.group)
+        except ResponseError as exc:  # the stream or group is gone: the shard's reads say so
+            if not _gone(exc):
+                raise
+            return []
         for consumer in consumers:
             name = _text(consumer["name"])
             if name not in alive and int(consumer["pending"]) == 0:

@@ -29,7 +29,7 @@ from streamsink.schemas import Column, ColumnType, Config, Event, GroupSpec, Sin
 from streamsink.schemas.table import Policy, Table
 from streamsink.schemas.wire import encode, shard_of
 from streamsink.sinks.postgres import Pool, PostgresSettings, PostgresSink
-from streamsink.sinks.postgres.schema import ensure_offsets, table_ddl
+from streamsink.sinks.postgres.schema import OFFSETS, ensure_offsets, table_ddl
 from streamsink.streams import Keys, create_stream
 from streamsink.streams.admin import group_status
 from tests.conftest import fresh_keys
@@ -180,6 +180,10 @@ def test_malformed_entries_are_dead_lettered_and_every_valid_event_applies_as_th
     with pg.cursor() as cur:
         cur.execute(table_ddl(table))
     ensure_offsets(pg, schema)
+    # Each example is a new deployment (a new Redis prefix): the last one's offsets would
+    # read as Redis having lost what PostgreSQL committed, and the worker would stop.
+    with pg.cursor() as cur:
+        cur.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(schema, OFFSETS)))
     create_stream(r, keys, "s", SHARDS)
 
     events: list[Event] = []

@@ -9,12 +9,15 @@ was paused finds the row fenced by the newer epoch, and cannot commit.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 
+import psycopg2
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
+from streamsink.sinks.postgres.pool import PostgresSettings
 from streamsink.sinks.postgres.schema import OFFSETS, REJECTED
 
 START = "0-0"
@@ -58,6 +61,14 @@ class Offsets:
         ).format(offsets)
         self._read = sql.SQL("SELECT last_id, epoch FROM {} WHERE {}").format(offsets, where)
         self._probe = sql.SQL("SELECT 1 FROM {} LIMIT 0").format(offsets)
+        self._of_stream = sql.SQL(
+            "SELECT sink, group_name, stream, shard, last_id, epoch FROM {} WHERE stream = %s"
+        ).format(offsets)
+        self._set = sql.SQL(
+            "UPDATE {} SET last_id = %s, epoch = %s, updated_at = now()"
+            " WHERE {} AND last_id = %s AND epoch = %s"
+        ).format(offsets, where)
+        self._forget = sql.SQL("DELETE FROM {} WHERE {}").format(rejected, where)
         self._advance = sql.SQL(
             "UPDATE {} SET last_id = %s, updated_at = now()"
             " WHERE {} AND last_id = %s AND epoch = %s"
@@ -102,6 +113,40 @@ class Offsets:
         cur.execute(self._rejected, (*slot.values(), list(ids)))
         return {entry_id: reason for entry_id, reason in cur.fetchall()}
 
+    def of_stream(self, cur: Cursor, stream: str) -> dict[Slot, Position]:
+        """Every sink's and group's offset on the shards of `stream`."""
+        cur.execute(self._of_stream, (stream,))
+        return {Slot(*row[:4]): Position(row[4], int(row[5])) for row in cur.fetchall()}
+
+    def reset(self, cur: Cursor, slot: Slot, seen: Position, now: Position) -> bool:
+        """Set the slot's position to `now` if it still is `seen` (False if it moved), for
+        `streamsink offsets reset`. Back to START, the slot's remembered refusals go too:
+        they name entries of a stream Redis lost."""
+        cur.execute(self._set, (now.last_id, now.epoch, *slot.values(), seen.last_id, seen.epoch))
+        if cur.rowcount != 1:
+            return False
+        if now.last_id == START:
+            cur.execute(self._forget, slot.values())
+        return True
+
     def probe(self, cur: Cursor) -> None:
         """Look the offsets table up (raises if it is missing or out of reach)."""
         cur.execute(self._probe)
+
+
+def stream_offsets(sinks: Iterable[PostgresSettings], stream: str) -> dict[Slot, Position]:
+    """Every offset of `stream` in the offsets tables these sinks use, each read once."""
+    found: dict[Slot, Position] = {}
+    for dsn, schema in sorted({(s.dsn, s.offsets_schema) for s in sinks}):
+        with closing(psycopg2.connect(dsn, connect_timeout=10)) as conn, conn.cursor() as cur:
+            found.update(Offsets(schema).of_stream(cur, stream))
+    return found
+
+
+def reset_offset(sink: PostgresSettings, slot: Slot, seen: Position, now: Position) -> bool:
+    """`Offsets.reset` in a transaction of its own: False if the offset moved meanwhile."""
+    with closing(psycopg2.connect(sink.dsn, connect_timeout=10)) as conn:
+        with conn.cursor() as cur:
+            done = Offsets(sink.offsets_schema).reset(cur, slot, seen, now)
+        conn.commit()
+    return done

@@ -25,7 +25,7 @@ from psycopg2.extensions import connection as Connection
 
 from streamsink.consumers.merge import Entry, Merged, merge
 from streamsink.errors import Fenced, SinkUnavailable
-from streamsink.sinks.base import Batch, Rejected
+from streamsink.sinks.base import Batch, Committed, Rejected
 from streamsink.sinks.postgres.errors import classify
 from streamsink.sinks.postgres.offsets import Offsets, Position, Slot
 from streamsink.sinks.postgres.pool import Pool, PostgresSettings
@@ -71,6 +71,30 @@ class PostgresSink:
         bad credentials or tables never created stop the group at start-up, not at its
         first window (SinkMisconfigured; SinkUnavailable while the server is away)."""
         await asyncio.get_running_loop().run_in_executor(self._executor, self._check)
+
+    async def committed(self, group: str, stream: str) -> dict[int, Committed]:
+        """This sink's offsets of `group` on the shards of `stream`, by shard (a shard
+        nothing was applied from may be missing)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._committed, group, stream)
+
+    def _committed(self, group: str, stream: str) -> dict[int, Committed]:
+        offsets = f"{self._offsets.schema}.{OFFSETS}"
+        try:
+            with self.pool.connection() as conn:
+                with conn.cursor() as cur:
+                    rows = self._offsets.of_stream(cur, stream)
+                conn.rollback()
+        except psycopg2.Error as error:
+            known = classify(error, self.name, offsets)
+            if known is None:
+                raise
+            raise known from error
+        return {
+            slot.shard: Committed(position.last_id, position.epoch)
+            for slot, position in rows.items()
+            if slot.sink == self.name and slot.group == group
+        }
 
     def _check(self) -> None:
         offsets = f"{self._offsets.schema}.{OFFSETS}"
