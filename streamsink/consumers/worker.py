@@ -27,7 +27,6 @@ import redis.asyncio as aredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from streamsink.consumers.retry import TRANSIENT, cancelling, retrying
 from streamsink.consumers.settings import GroupSettings
 from streamsink.consumers.shard import SINK_TRANSIENT, ShardRunner
 from streamsink.consumers.telemetry import Telemetry
@@ -37,6 +36,7 @@ from streamsink.sinks.base import Sink
 from streamsink.streams.keys import META_SHARDS, Keys
 from streamsink.streams.leases import Leases
 from streamsink.streams.reader import ShardReader, create_group
+from streamsink.streams.retry import TRANSIENT, cancelling, retrying
 
 log = logging.getLogger("streamsink.worker")
 

@@ -19,6 +19,7 @@ from redis.exceptions import ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streamsink.errors import Fenced
+from streamsink.schemas.wire import parse_id
 from streamsink.streams.keys import Keys
 
 _CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
@@ -176,12 +177,6 @@ def _lost(exc: WatchError) -> RedisConnectionError:
     (`recover`), instead of crashing the worker or reading past those entries.
     """
     return RedisConnectionError(f"connection lost under WATCH ({exc.__context__!r})")
-
-
-def parse_id(entry_id: str | bytes) -> tuple[int, int]:
-    """An entry ID as (milliseconds, sequence), for comparing IDs."""
-    ms, _, seq = _text(entry_id).partition("-")
-    return int(ms), int(seq or 0)
 
 
 class ShardReader:

@@ -23,7 +23,6 @@ import time
 from collections import Counter
 from datetime import UTC
 
-from streamsink.consumers.retry import TRANSIENT, retrying
 from streamsink.sinks.base import Rejected
 from streamsink.sinks.http.breaker import Breaker
 from streamsink.sinks.http.plan import Request
@@ -33,6 +32,7 @@ from streamsink.sinks.http.transport import Reply, Transport
 from streamsink.sinks.http.urls import Refused, Vetter
 from streamsink.streams.endpoints import EndpointStats
 from streamsink.streams.ratelimit import AsyncRateLimiter, Permit, Rate
+from streamsink.streams.retry import TRANSIENT, retrying
 
 log = logging.getLogger("streamsink.http")
 
