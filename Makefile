@@ -18,7 +18,7 @@ help:
 	@echo "make services  make sure Redis and PostgreSQL answer (scripts/services.sh)"
 	@echo "make demo      publish a realistic burst and show the streams"
 	@echo "make test      run the tests (PYTEST_ARGS=... passes arguments to pytest)"
-	@echo "make lint      ruff check, ruff format --check, mypy"
+	@echo "make lint      ruff check, ruff format --check, mypy, import-linter (layers)"
 	@echo "make bench     run the producer benchmark"
 
 setup: $(STAMP)
@@ -39,12 +39,14 @@ demo: setup services
 test: setup services
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-# Runs all three checks, then fails if any did, so one run shows every problem.
+# Runs all four checks, then fails if any did, so one run shows every problem.
+# lint-imports checks the layers and library imports of pyproject.toml's [tool.importlinter].
 lint: setup
 	@status=0; \
 	echo "$(BIN)/ruff check ."; $(BIN)/ruff check . || status=1; \
 	echo "$(BIN)/ruff format --check ."; $(BIN)/ruff format --check . || status=1; \
 	echo "$(BIN)/mypy"; $(BIN)/mypy || status=1; \
+	echo "$(BIN)/lint-imports"; $(BIN)/lint-imports --no-cache --no-logo || status=1; \
 	exit $$status
 
 bench: setup services
