@@ -1,4 +1,4 @@
-"""The `streamsink` command: streams, publish, demo (and, later, worker and status)."""
+"""The `streamsink` command: streams, publish, status, dead, limits, worker, tables, demo."""
 
 from __future__ import annotations
 
