@@ -25,18 +25,8 @@ from streamsink.schemas.table import Column, ColumnType, Mode, Policy, Table
 from streamsink.sinks.base import Batch, Rejected
 from streamsink.sinks.postgres import Pool, PostgresSink
 from streamsink.sinks.postgres.statements import target
-from tests.schemas.test_merge import Case, windows
+from tests.schemas.test_merge import BOOL, FLOAT, INT, JSON, TEXT, TS, UUID, Case, windows
 from tests.sinks.conftest import create, rows, schema_of
-
-INT, FLOAT, TEXT, BOOL, JSON, TS, UUID = (
-    ColumnType.INT,
-    ColumnType.FLOAT,
-    ColumnType.TEXT,
-    ColumnType.BOOL,
-    ColumnType.JSON,
-    ColumnType.TIMESTAMP,
-    ColumnType.UUID,
-)
 
 _ids = itertools.count(1)
 
