@@ -23,7 +23,7 @@ help:
 	@echo "make services  make sure Redis and PostgreSQL answer (scripts/services.sh)"
 	@echo "make demo      publish a realistic burst, drain it into PostgreSQL with a worker, show the rows"
 	@echo "make test      run the tests on 2 workers (PYTEST_ARGS=... passes arguments to pytest)"
-	@echo "make lint      ruff check, ruff format --check, mypy, docker compose config"
+	@echo "make lint      ruff check, ruff format --check, mypy, import-linter (layers), docker compose config"
 	@echo "make bench     run the producer benchmark"
 
 setup: $(STAMP)
@@ -45,11 +45,13 @@ test: setup services
 	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 # Runs every check, then fails if any did, so one run shows every problem.
+# lint-imports checks the layers and library imports of pyproject.toml's [tool.importlinter].
 lint: setup
 	@status=0; \
 	echo "$(BIN)/ruff check ."; $(BIN)/ruff check . || status=1; \
 	echo "$(BIN)/ruff format --check ."; $(BIN)/ruff format --check . || status=1; \
 	echo "$(BIN)/mypy"; $(BIN)/mypy || status=1; \
+	echo "$(BIN)/lint-imports"; $(BIN)/lint-imports --no-cache --no-logo || status=1; \
 	echo "scripts/compose_check.sh"; bash scripts/compose_check.sh || status=1; \
 	exit $$status
 

@@ -62,7 +62,10 @@ def measure(case: str, flats: list[list[bytes]]) -> tuple[float, float]:
     """µs per event to decode, then to merge, in the package importable as `streamsink`."""
     table_mod = importlib.import_module("streamsink.schemas.table")
     wire = importlib.import_module("streamsink.schemas.wire")
-    merge_mod = importlib.import_module("streamsink.consumers.merge")
+    try:  # the merge rules live in schemas/ since issue 17; a baseline may be older
+        merge_mod = importlib.import_module("streamsink.schemas.merge")
+    except ModuleNotFoundError:
+        merge_mod = importlib.import_module("streamsink.consumers.merge")
     Column, ColumnType, Policy, Table = (
         table_mod.Column,
         table_mod.ColumnType,

@@ -50,7 +50,7 @@ How it measures:
   time after the sink's thread hands back both make the figure a little longer, never
   shorter. Nothing is sampled: every event published in the scenario is counted.
   Every worker run is checked: the rows in PostgreSQL are compared with applying every
-  event one by one (streamsink.consumers.merge.apply_event), or counted for unique keys.
+  event one by one (streamsink.schemas.merge.apply_event), or counted for unique keys.
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
 
 from streamsink import Event, Op, Producer, create_stream
-from streamsink.consumers.merge import Row, apply_event
 from streamsink.schemas import Column, ColumnType, Config, Policy, StreamSpec, Table, load
+from streamsink.schemas.merge import Row, apply_event
 from streamsink.sinks.base import Batch, Rejected, Sink
 from streamsink.streams import Keys
 

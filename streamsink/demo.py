@@ -10,9 +10,8 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import redis.asyncio as aredis
 from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
 
@@ -22,6 +21,9 @@ from streamsink.schemas.event import Event, Op
 from streamsink.sinks.base import Sink
 from streamsink.streams.aio import AsyncProducer
 from streamsink.streams.keys import Keys
+
+if TYPE_CHECKING:  # only streams/ talks to Redis: the demo names the client's type
+    import redis.asyncio as aredis
 
 STATUSES = ("queued", "running", "rendering", "uploading", "done")
 

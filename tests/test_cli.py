@@ -15,10 +15,10 @@ import redis
 import redis.asyncio as aredis
 
 from streamsink.cli import main
-from streamsink.consumers.merge import apply_event
 from streamsink.demo import burst
 from streamsink.schemas.config import Config, load
 from streamsink.schemas.event import Op
+from streamsink.schemas.merge import apply_event
 from streamsink.schemas.wire import decode
 from streamsink.streams.keys import Keys
 from streamsink.streams.state import RunState, publish_state

@@ -1,1 +1,1 @@
-"""Reading shards through consumer groups, merging windows, leases (the workers)."""
+"""The worker: runs each owned shard through windows, merges them, writes the sinks, acks."""

@@ -12,12 +12,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from streamsink.consumers.retry import retrying
 from streamsink.consumers.writing import SINK_TRANSIENT
 from streamsink.errors import RedisDataLost
 from streamsink.sinks.base import Committed, Sink
 from streamsink.streams.keys import Keys
 from streamsink.streams.recovery import ShardFacts, shard_facts
+from streamsink.streams.retry import retrying
 
 if TYPE_CHECKING:
     import redis.asyncio as aredis

@@ -10,20 +10,20 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import cast
 
-from streamsink.consumers.merge import Entry, merge
 from streamsink.consumers.recovery import check_shard, committed, lost_message, on_shard
-from streamsink.consumers.retry import TRANSIENT, Backoff, cancelling, retrying, server
 from streamsink.consumers.settings import GroupSettings
 from streamsink.consumers.telemetry import Telemetry
 from streamsink.consumers.window import Window
 from streamsink.consumers.writing import SINK_TRANSIENT, ShardStats, SinkWriter, sink_attempts
 from streamsink.errors import EventError, Fenced, RedisDataLost, SinkMisconfigured
 from streamsink.schemas.config import Config
-from streamsink.schemas.wire import encode, replayed, unpacker
+from streamsink.schemas.merge import Entry, merge
+from streamsink.schemas.wire import encode, parse_id, replayed, unpacker
 from streamsink.sinks.base import Sink
 from streamsink.streams.keys import Keys
 from streamsink.streams.leases import Lease
-from streamsink.streams.reader import Raw, Read, ShardReader, parse_id
+from streamsink.streams.reader import Raw, Read, ShardReader
+from streamsink.streams.retry import TRANSIENT, Backoff, cancelling, retrying, server
 from streamsink.streams.state import RunState
 
 log = logging.getLogger("streamsink.shard")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from streamsink.consumers.merge import Entry
 from streamsink.consumers.settings import GroupSettings
+from streamsink.schemas.merge import Entry
 
 
 class Window:

@@ -28,7 +28,6 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from streamsink.consumers.recovery import check_shard, committed, lost_message, on_shard
-from streamsink.consumers.retry import TRANSIENT, cancelling, retrying, server
 from streamsink.consumers.settings import GroupSettings
 from streamsink.consumers.shard import SINK_TRANSIENT, ShardRunner
 from streamsink.consumers.telemetry import Telemetry
@@ -44,6 +43,7 @@ from streamsink.sinks.base import Sink
 from streamsink.streams.keys import META_SHARDS, Keys
 from streamsink.streams.leases import Leases
 from streamsink.streams.reader import ShardReader, create_group
+from streamsink.streams.retry import TRANSIENT, cancelling, retrying, server
 
 log = logging.getLogger("streamsink.worker")
 

@@ -17,14 +17,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from streamsink.consumers.merge import Entry, Merged, merge
-from streamsink.consumers.retry import TRANSIENT, Backoff, cancelling
 from streamsink.errors import Fenced, SinkMisconfigured, SinkUnavailable
 from streamsink.schemas.config import Config
+from streamsink.schemas.merge import Entry, Merged, merge
 from streamsink.sinks.base import Batch, Rejected, Sink
 from streamsink.streams.keys import Keys
 from streamsink.streams.leases import Lease
 from streamsink.streams.reader import ShardReader
+from streamsink.streams.retry import TRANSIENT, Backoff, cancelling
 from streamsink.streams.state import RunState, publish_state
 
 log = logging.getLogger("streamsink.shard")

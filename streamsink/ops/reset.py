@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 
 from streamsink.errors import ConfigError, ShardCountMismatch
 from streamsink.schemas.config import Config
+from streamsink.schemas.wire import parse_id
 from streamsink.sinks.postgres.offsets import START, Position, Slot, reset_offset, stream_offsets
 from streamsink.sinks.postgres.pool import PostgresSettings
 from streamsink.streams.admin import create_stream
 from streamsink.streams.keys import META_SHARDS, Keys
-from streamsink.streams.reader import parse_id
 from streamsink.streams.recovery import ShardFacts, entries_up_to, read_shard_facts, realign
 
 if TYPE_CHECKING:

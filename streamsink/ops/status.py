@@ -12,9 +12,7 @@ import dataclasses
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from enum import Enum
-from typing import Any
-
-import redis
+from typing import TYPE_CHECKING, Any
 
 from streamsink.schemas.config import Config
 from streamsink.streams.admin import group_status, list_streams, stream_info
@@ -22,6 +20,9 @@ from streamsink.streams.dead import dead_letters
 from streamsink.streams.endpoints import endpoint_rows
 from streamsink.streams.keys import Keys
 from streamsink.streams.telemetry import read_telemetry
+
+if TYPE_CHECKING:  # only streams/ talks to Redis: this module names the client's type
+    import redis
 
 SCHEMA = 1
 DEAD_LETTERS = 20

@@ -1,4 +1,7 @@
-"""Events, tables and the wire format: pure data, no I/O, imports nothing of streamsink's others."""
+"""Events, tables, config, the wire format and the merge rules: pure data, no I/O.
+
+The lowest layer: it imports nothing of streamsink but `errors` (checked by `make lint`).
+"""
 
 from streamsink.schemas.config import Config, GroupSpec, SinkSpec, StreamSpec, from_dict, load
 from streamsink.schemas.event import Event, Op

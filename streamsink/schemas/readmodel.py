@@ -1,7 +1,7 @@
 """The Redis read model of a table: its declaration, and how an event changes a key's hash.
 
 Pure (no I/O). The publish script applies what `changes` lays out, in the same step as the
-XADD; the rules are the merge's (`consumers/merge.py`, `apply_event`), field by field:
+XADD; the rules are the merge's (`schemas/merge.py`, `apply_event`), field by field:
 
     set of an lww column    field = value                       '='
     set of a sum column,    field = (field or 0) + delta        'i' (int: HINCRBY, exact)

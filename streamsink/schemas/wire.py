@@ -76,6 +76,13 @@ def shard_of(key: str, shards: int) -> int:
     return zlib.crc32(key.encode("utf-8")) % shards
 
 
+def parse_id(entry_id: str | bytes) -> tuple[int, int]:
+    """A stream entry ID as (milliseconds, sequence), for comparing IDs."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
 PACKED_FIELDS = (F_KEY, F_OP, F_DATA, F_TABLE, F_TS, F_VERSION, F_ID)
 """The order of `pack`'s values: producers hand events to their script as these seven."""
 

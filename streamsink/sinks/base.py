@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from streamsink.consumers.merge import Entry, Merged
+from streamsink.schemas.merge import Entry, Merged
 
 
 @dataclass(frozen=True, slots=True)

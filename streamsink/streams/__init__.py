@@ -1,4 +1,4 @@
-"""Everything that talks to Redis: key names, stream creation, producers (and, later, readers)."""
+"""Everything that talks to Redis: keys, streams, producers, the shard reader, leases, limits."""
 
 from streamsink.streams.admin import StreamInfo, create_stream, list_streams, stream_info
 from streamsink.streams.aio import AsyncProducer

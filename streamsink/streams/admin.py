@@ -11,8 +11,8 @@ from redis.exceptions import ResponseError
 
 from streamsink.errors import ShardCountMismatch, StreamNotFound
 from streamsink.schemas.config import MAX_SHARDS, NAME
+from streamsink.schemas.wire import parse_id
 from streamsink.streams.keys import META_CREATED, META_SHARDS, Keys
-from streamsink.streams.reader import parse_id
 from streamsink.streams.state import ShardState, shown_state
 
 

@@ -99,17 +99,8 @@ class Leases:
 
     async def heartbeat(self) -> int:
         """Say this worker is alive for one TTL, forget the dead; return the live count."""
-        now = int(time.time() * 1000)
-        key = self._keys.workers(self.stream, self.group)
-        async with self._client.pipeline(
-            transaction=True
-        ) as pipe:  # reset on exit: never left holding a connection
-            pipe.zadd(key, {self.worker: now + self.ttl_ms})
-            pipe.zremrangebyscore(key, "-inf", now)
-            pipe.zcard(key)
-            pipe.pexpire(key, self.ttl_ms * 10)
-            replies = await pipe.execute()
-        return int(replies[2])
+        live, _ = await self.heartbeat_and_renew(())
+        return live
 
     async def heartbeat_and_renew(self, shards: Sequence[int]) -> tuple[int, list[bool]]:
         """`heartbeat` and `renew` of every shard in `shards`, in one round trip."""

@@ -19,6 +19,7 @@ from redis.exceptions import ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streamsink.errors import Fenced, RedisDataLost
+from streamsink.schemas.wire import parse_id
 from streamsink.streams.keys import Keys
 
 _CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
@@ -182,12 +183,6 @@ def _gone(exc: ResponseError) -> bool:
     """Whether Redis said the shard's stream or the group does not exist."""
     text = str(exc)
     return "NOGROUP" in text or "no such key" in text
-
-
-def parse_id(entry_id: str | bytes) -> tuple[int, int]:
-    """An entry ID as (milliseconds, sequence), for comparing IDs."""
-    ms, _, seq = _text(entry_id).partition("-")
-    return int(ms), int(seq or 0)
 
 
 class ShardReader:

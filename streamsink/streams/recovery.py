@@ -17,8 +17,8 @@ from typing import Any
 import redis
 import redis.asyncio as aredis
 
+from streamsink.schemas.wire import parse_id
 from streamsink.streams.keys import META_SHARDS, Keys
-from streamsink.streams.reader import parse_id
 
 # XINFO's flat replies: the value after `name`. Shared by both scripts.
 _FIELD = """

@@ -29,11 +29,12 @@ from streamsink.schemas import Column, ColumnType, Config, Event, GroupSpec, Sin
 from streamsink.schemas.table import Policy, Table
 from streamsink.schemas.wire import encode, shard_of
 from streamsink.sinks.postgres import Pool, PostgresSettings, PostgresSink
-from streamsink.sinks.postgres.schema import OFFSETS, ensure_offsets, table_ddl
+from streamsink.sinks.postgres.schema import OFFSETS, table_ddl
 from streamsink.streams import Keys, create_stream
 from streamsink.streams.admin import group_status
 from tests.conftest import fresh_keys
 from tests.consumers.test_worker import FAST
+from tests.sinks.pgsetup import ensure_offsets
 
 SHARDS = 2
 KEYS = [f"k{n}" for n in range(6)]

@@ -9,7 +9,8 @@ from decimal import Decimal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamsink.consumers.merge import (
+from streamsink.schemas.event import Event, Op
+from streamsink.schemas.merge import (
     ADD,
     ASSIGN,
     MAX,
@@ -19,7 +20,6 @@ from streamsink.consumers.merge import (
     apply_event,
     merge,
 )
-from streamsink.schemas.event import Event, Op
 from streamsink.schemas.table import Column, ColumnType, Policy, Table, validate
 
 ORDERS = Table(

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from streamsink.consumers.retry import Backoff
 from streamsink.consumers.settings import GroupSettings
 from streamsink.errors import ConfigError
+from streamsink.streams.retry import Backoff
 
 DEFAULTS = {
     "max_events": 5000,

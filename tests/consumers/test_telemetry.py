@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from streamsink.consumers.merge import Entry, merge
 from streamsink.consumers.telemetry import Histogram, Telemetry
 from streamsink.schemas import Column, ColumnType, Event, Policy, Table
+from streamsink.schemas.merge import Entry, merge
 
 TASKS = Table(
     "tasks",

@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-from streamsink.consumers.merge import Entry
 from streamsink.consumers.settings import GroupSettings
 from streamsink.consumers.window import Window
 from streamsink.schemas.event import Event
+from streamsink.schemas.merge import Entry
 
 T0 = 1000.0  # a monotonic clock reading, in seconds
 EPS = 1e-6

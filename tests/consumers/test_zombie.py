@@ -47,11 +47,12 @@ from streamsink.schemas import (
     shard_of,
 )
 from streamsink.schemas.event import Op
+from streamsink.schemas.wire import parse_id
 from streamsink.sinks import Batch, Rejected
 from streamsink.sinks.postgres.schema import OFFSETS, create_tables
 from streamsink.streams import Keys, Producer, create_stream
 from streamsink.streams.leases import Leases
-from streamsink.streams.reader import ShardReader, parse_id
+from streamsink.streams.reader import ShardReader
 from tests.consumers import recording
 from tests.consumers.test_worker_processes import Cluster, eventually
 from tests.sinks.conftest import pg as pg  # the fixture, from tests/sinks

@@ -13,8 +13,9 @@ from psycopg2.extensions import connection as Connection
 
 from streamsink.schemas.table import Table
 from streamsink.sinks.postgres import Pool, PostgresSettings, PostgresSink
-from streamsink.sinks.postgres.schema import ensure_offsets, table_ddl
+from streamsink.sinks.postgres.schema import table_ddl
 from streamsink.sinks.postgres.statements import target
+from tests.sinks.pgsetup import ensure_offsets
 
 
 class TestConnection(Connection):

@@ -21,8 +21,8 @@ import orjson
 import redis.asyncio as aredis
 from aiohttp import web
 
-from streamsink.consumers.merge import Entry, merge
 from streamsink.schemas import Event
+from streamsink.schemas.merge import Entry, merge
 from streamsink.sinks.base import Batch
 from streamsink.sinks.http import AiohttpTransport, HttpSettings, HttpSink, Reply, Vetter
 from streamsink.sinks.http.deliver import Sender

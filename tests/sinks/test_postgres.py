@@ -18,25 +18,15 @@ from hypothesis import strategies as st
 from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
 
-from streamsink.consumers.merge import Entry, Row, apply_event, merge
 from streamsink.errors import Fenced, SinkMisconfigured, SinkUnavailable
 from streamsink.schemas.event import Event, Op
+from streamsink.schemas.merge import Entry, Row, apply_event, merge
 from streamsink.schemas.table import Column, ColumnType, Mode, Policy, Table
 from streamsink.sinks.base import Batch, Rejected
 from streamsink.sinks.postgres import Pool, PostgresSink
 from streamsink.sinks.postgres.statements import target
-from tests.consumers.test_merge import Case, windows
+from tests.schemas.test_merge import BOOL, FLOAT, INT, JSON, TEXT, TS, UUID, Case, windows
 from tests.sinks.conftest import create, rows, schema_of
-
-INT, FLOAT, TEXT, BOOL, JSON, TS, UUID = (
-    ColumnType.INT,
-    ColumnType.FLOAT,
-    ColumnType.TEXT,
-    ColumnType.BOOL,
-    ColumnType.JSON,
-    ColumnType.TIMESTAMP,
-    ColumnType.UUID,
-)
 
 _ids = itertools.count(1)
 

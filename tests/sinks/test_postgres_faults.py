@@ -33,9 +33,9 @@ import redis
 from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
 
-from streamsink.consumers.merge import Row, apply_event
 from streamsink.schemas import Config, Event, encode, from_dict
 from streamsink.schemas.event import Op
+from streamsink.schemas.merge import Row, apply_event
 from streamsink.schemas.table import Table
 from streamsink.sinks.postgres.schema import OFFSETS, create_tables
 from streamsink.streams import Keys, Producer, create_stream

@@ -23,8 +23,8 @@ from streamsink.sinks.postgres.schema import (
     REJECTED,
     check_tables,
     create_tables,
-    ensure_offsets,
 )
+from tests.sinks.pgsetup import ensure_offsets
 
 
 @pytest.fixture

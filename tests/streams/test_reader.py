@@ -12,6 +12,7 @@ import redis
 import redis.asyncio as aredis
 
 from streamsink.errors import Fenced
+from streamsink.schemas.wire import parse_id
 from streamsink.streams.keys import Keys
 from streamsink.streams.leases import Leases
 from streamsink.streams.reader import (
@@ -20,7 +21,6 @@ from streamsink.streams.reader import (
     Read,
     ShardReader,
     create_group,
-    parse_id,
     trim_floor,
 )
 

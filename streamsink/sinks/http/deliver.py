@@ -23,7 +23,6 @@ import time
 from collections import Counter
 from datetime import UTC
 
-from streamsink.consumers.retry import TRANSIENT, retrying
 from streamsink.sinks.base import Rejected
 from streamsink.sinks.http.breaker import Breaker
 from streamsink.sinks.http.plan import Request
@@ -33,6 +32,7 @@ from streamsink.sinks.http.transport import Reply, Transport
 from streamsink.sinks.http.urls import Refused, Vetter
 from streamsink.streams.endpoints import EndpointStats
 from streamsink.streams.ratelimit import AsyncRateLimiter, Permit, Rate
+from streamsink.streams.retry import TRANSIENT, backoff_bound, retrying
 
 log = logging.getLogger("streamsink.http")
 
@@ -58,7 +58,7 @@ class Endpoint:
 
 def backoff_delay(attempt: int, settings: EndpointSettings) -> float:
     """Full jitter: uniform in [0, min(cap, base * 2^(attempt - 1))] seconds."""
-    bound = min(settings.max_backoff_ms, settings.backoff_ms * 2 ** min(attempt - 1, 32))
+    bound = backoff_bound(attempt - 1, settings.backoff_ms, settings.max_backoff_ms)
     return random.uniform(0, bound / 1000)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 from yarl import URL
 
-from streamsink.consumers.merge import Entry
+from streamsink.schemas.merge import Entry
 from streamsink.sinks.base import Batch
 from streamsink.sinks.http.settings import EndpointSettings, HttpSettings
 from streamsink.sinks.http.signing import batch_key, header_refusal, idempotency_key

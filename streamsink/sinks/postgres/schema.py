@@ -92,14 +92,6 @@ def offsets_ddl(schema: str) -> list[sql.Composed]:
     ]
 
 
-def ensure_offsets(conn: Connection, schema: str = "public") -> None:
-    """Create the offsets tables if they are missing, and commit."""
-    with conn.cursor() as cur:
-        for statement in offsets_ddl(schema):
-            cur.execute(statement)
-    conn.commit()
-
-
 def schema_of(table: Table) -> str:
     """The PostgreSQL schema of a declared table ("public" unless it names one)."""
     return table.schema or "public"

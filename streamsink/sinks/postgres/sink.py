@@ -23,8 +23,9 @@ from typing import Any, NoReturn
 import psycopg2
 from psycopg2.extensions import connection as Connection
 
-from streamsink.consumers.merge import Entry, Merged, merge
 from streamsink.errors import Fenced, SinkUnavailable
+from streamsink.schemas.merge import Entry, Merged, merge
+from streamsink.schemas.wire import parse_id
 from streamsink.sinks.base import Batch, Committed, Rejected
 from streamsink.sinks.postgres.errors import classify
 from streamsink.sinks.postgres.offsets import Offsets, Position, Slot
@@ -39,7 +40,6 @@ from streamsink.sinks.postgres.writer import (
     entry_ids,
     table_names,
 )
-from streamsink.streams.reader import parse_id
 
 log = logging.getLogger("streamsink.postgres")
 

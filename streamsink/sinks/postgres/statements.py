@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from psycopg2 import sql
 
-from streamsink.consumers.merge import ADD, ASSIGN, MAX, Kind
+from streamsink.schemas.merge import ADD, ASSIGN, MAX, Kind
 from streamsink.schemas.table import ColumnType, Table
 from streamsink.sinks.postgres.schema import pg_type
 

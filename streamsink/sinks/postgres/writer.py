@@ -21,8 +21,8 @@ import psycopg2
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
-from streamsink.consumers.merge import Entry, Merged, RowChange
 from streamsink.schemas.event import Op
+from streamsink.schemas.merge import Entry, Merged, RowChange
 from streamsink.schemas.table import ColumnType, Mode, Table
 from streamsink.sinks.postgres import copy, errors, statements
 

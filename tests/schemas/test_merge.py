@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamsink.consumers.merge import (
+from streamsink.schemas.event import Event, Op, check_call
+from streamsink.schemas.merge import (
     ADD,
     ASSIGN,
     MAX,
@@ -26,7 +27,6 @@ from streamsink.consumers.merge import (
     apply_event,
     merge,
 )
-from streamsink.schemas.event import Event, Op, check_call
 from streamsink.schemas.table import Column, ColumnType, Mode, Policy, Table, validate
 
 PROPERTY = settings(max_examples=1000, deadline=None)

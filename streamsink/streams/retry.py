@@ -1,4 +1,8 @@
-"""Retrying transient failures with exponential backoff and full jitter."""
+"""Retrying transient failures with exponential backoff and jitter.
+
+A leaf: it imports nothing of streamsink. It lives in streams/ because its TRANSIENT set is
+Redis' errors (only streams/ imports redis); the worker and the sinks both use it.
+"""
 
 from __future__ import annotations
 
@@ -37,15 +41,23 @@ def cancelling() -> bool:
 log = logging.getLogger("streamsink.retry")
 
 
+def backoff_bound(attempt: int, base: float, cap: float) -> float:
+    """`base * 2^attempt`, at most `cap` (attempt 0 is the first retry)."""
+    return min(cap, base * 2.0 ** min(attempt, 32))  # 2^32 at most: no overflow, however long
+
+
 class Backoff:
-    """Delays of 2^n * base seconds, capped, each drawn uniformly below the bound."""
+    """Delays under a doubling bound (`backoff_bound`), with "equal jitter": each is drawn
+    uniformly between half the bound and the bound, so workers failing together spread out
+    yet none hammers a restarting Redis with near-zero waits. (The HTTP sink's retries use
+    full jitter instead: `sinks.http.deliver.backoff_delay`, uniform in [0, bound].)"""
 
     def __init__(self, base: float = 0.05, cap: float = 5.0) -> None:
         self.base, self.cap, self.attempt = base, cap, 0
 
     def next(self) -> float:
         """The delay before the next attempt."""
-        bound = min(self.cap, self.base * 2 ** min(self.attempt, 32))
+        bound = backoff_bound(self.attempt, self.base, self.cap)
         self.attempt += 1
         return random.uniform(bound / 2, bound)
 
