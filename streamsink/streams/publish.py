@@ -23,7 +23,8 @@ from streamsink.streams.keys import Keys
 # KEYS[1]: shard stream. ARGV[1]: dedup key prefix, ARGV[2]: dedup TTL (ms), ARGV[3]:
 # max lag (0: none), ARGV[4]: memory ceiling as a fraction of maxmemory (0: none), then each
 # event either as `key, op, data` (no table, ts, v or id: most events, three values and one
-# XADD) or as `key, '+', op, data, table, ts, v, id` ('' where absent), or, for a table
+# XADD), as `key, '!', op, data, id` (an id and no table, ts or v: the idempotent publish's
+# usual shape), or as `key, '+', op, data, table, ts, v, id` ('' where absent), or, for a table
 # with a read model, as `key, '*', op, data, row hash key, changes` (no table, ts, v or id)
 # or `key, '#', op, data, table, ts, v, id, row hash key, changes` (schemas.readmodel's
 # changer; the hash is changed only by a fresh publish, not a repeated one). Returns the entry
@@ -132,6 +133,15 @@ while i <= n do
     entry = redis.call(
       'XADD', KEYS[1], '*', names[1], ARGV[i], names[2], ARGV[i + 2], names[3], ARGV[i + 3])
     i = model(ARGV[i + 4], i + 5, true)
+  elseif form == '!' then  -- key, '!', op, data, id: what the '+' form does, in fewer steps
+    local seen = ARGV[1] .. ARGV[i + 4]
+    entry = redis.call('GET', seen)
+    if not entry then
+      entry = redis.call('XADD', KEYS[1], '*', names[1], ARGV[i], names[2], ARGV[i + 2],
+        names[3], ARGV[i + 3], names[7], ARGV[i + 4])
+      redis.call('SET', seen, entry, 'PX', ARGV[2])
+    end
+    i = i + 5
   elseif form ~= '+' and form ~= '#' then
     entry = redis.call(
       'XADD', KEYS[1], '*', names[1], ARGV[i], names[2], ARGV[i + 1], names[3], ARGV[i + 2])
@@ -180,6 +190,8 @@ dedup prefix, dedup TTL, max lag, memory ceiling)."""
 
 FULL = b"+"
 """After the key, marks an event sent with all its values (one with a table, ts, v or id)."""
+IDENTIFIED = b"!"
+"""After the key, marks an event sent with op, data and its id (no table, ts or v)."""
 MODEL = b"#"
 """After the key, marks an event sent with all its values and its read-model changes."""
 MODEL_SHORT = b"*"
@@ -335,6 +347,8 @@ class Preparer:
                 elif values[1] == MODEL_SHORT or values[1] == MODEL:
                     command.args += values  # read model: laid out by the packer, marker too
                     command.guarded = True
+                elif values[6] and not (values[3] or values[4] or values[5]):
+                    command.args += (values[0], IDENTIFIED, values[1], values[2], values[6])
                 else:
                     command.args += (values[0], FULL, *values[1:])
                 command.slots.append(slot)
