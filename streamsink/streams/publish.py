@@ -21,12 +21,14 @@ from streamsink.streams.applied import Receipt
 from streamsink.streams.keys import Keys
 
 # KEYS[1]: shard stream. ARGV[1]: dedup key prefix, ARGV[2]: dedup TTL (ms), ARGV[3]:
-# max lag (0: none), ARGV[4]: memory ceiling as a fraction of maxmemory (0: none), then each
+# max lag (0: none), ARGV[4]: memory ceiling as a fraction of maxmemory (0: none), ARGV[5]:
+# the shard's read-model key prefix (`Keys.row_prefix`), ARGV[6]: the stream's default
+# table ('' if none; a row's hash is `Keys.row`: prefix, table, ':', routing key), then each
 # event either as `key, op, data` (no table, ts, v or id: most events, three values and one
 # XADD), as `key, '!', op, data, id` (an id and no table, ts or v: the idempotent publish's
 # usual shape), or as `key, '+', op, data, table, ts, v, id` ('' where absent), or, for a table
-# with a read model, as `key, '*', op, data, row hash key, changes` (no table, ts, v or id)
-# or `key, '#', op, data, table, ts, v, id, row hash key, changes` (schemas.readmodel's
+# with a read model, as `key, '*', op, data, changes` (no table, ts, v or id) or
+# `key, '#', op, data, table, ts, v, id, changes` (schemas.readmodel's
 # changer; the hash is changed only by a fresh publish, not a repeated one). Returns the entry
 # ID of each event; a repeated id returns the first publish's entry ID. The type check and
 # the backpressure check come first so that a refused call has written nothing.
@@ -125,14 +127,16 @@ local function model(row, at, apply)  -- the read model: one event's changes to 
   return j + 4 * others
 end
 local ids, count = {}, 0
-local i, n = 5, #ARGV
+local rows = ARGV[5]
+local home = rows .. ARGV[6] .. ':'  -- the row hashes of the default table, but for the key
+local i, n = 7, #ARGV
 while i <= n do
   local entry = false
   local form = ARGV[i + 1]
-  if form == '*' then  -- key, '*', op, data, the row's hash key, its changes (read model)
+  if form == '*' then  -- key, '*', op, data, the row's changes (read model)
     entry = redis.call(
       'XADD', KEYS[1], '*', names[1], ARGV[i], names[2], ARGV[i + 2], names[3], ARGV[i + 3])
-    i = model(ARGV[i + 4], i + 5, true)
+    i = model(home .. ARGV[i], i + 4, true)
   elseif form == '!' then  -- key, '!', op, data, id: what the '+' form does, in fewer steps
     local seen = ARGV[1] .. ARGV[i + 4]
     entry = redis.call('GET', seen)
@@ -166,8 +170,10 @@ while i <= n do
         redis.call('SET', ARGV[1] .. eid, entry, 'PX', ARGV[2])
       end
     end
-    if form == '#' then  -- then the row's hash key and its changes (a repeated publish's
-      i = model(ARGV[i + 8], i + 9, fresh)  -- are in the hash already: skipped)
+    if form == '#' then  -- then the row's changes (a repeated publish's are in the hash
+      local named = ARGV[i + 4]  -- already: skipped)
+      local row = named == '' and home .. ARGV[i] or rows .. named .. ':' .. ARGV[i]
+      i = model(row, i + 8, fresh)
     else
       i = i + 8
     end
@@ -184,9 +190,9 @@ FIRST_RETRY = 0.005
 LAST_RETRY = 0.1
 """Under backpressure with a timeout, producers try again after 5 ms, doubling to 100 ms."""
 
-FIRST_EVENT = 8
+FIRST_EVENT = 10
 """Where the first event's values start in a command's arguments (EVAL, script, 1, shard,
-dedup prefix, dedup TTL, max lag, memory ceiling)."""
+dedup prefix, dedup TTL, max lag, memory ceiling, row prefix, default table)."""
 
 FULL = b"+"
 """After the key, marks an event sent with all its values (one with a table, ts, v or id)."""
@@ -292,20 +298,19 @@ class Preparer:
         table = self.config.default_table(stream)
         pack = packer(table, validate, self.config.max_data_bytes)
         if self.config.read_models:
-            pack = self._with_read_model(stream, shards, pack)
+            pack = self._with_read_model(stream, pack)
         self.packers[stream] = pack
         return shards
 
     def _with_read_model(
-        self, stream: str, shards: int, pack: Callable[[Event], Prepared]
+        self, stream: str, pack: Callable[[Event], Prepared]
     ) -> Callable[[Event], Prepared]:
         """`pack`, adding the read-model changes to events of tables that have one."""
-        config, keys = self.config, self.keys
+        config = self.config
         default = config.streams[stream].table if stream in config.streams else None
         changers = {
             name: changer(config.tables[name], model) for name, model in config.read_models.items()
         }
-        row_prefixes = [keys.row_prefix(stream, shard) for shard in range(shards)]
 
         def pack_with_model(event: Event) -> Prepared:
             values = pack(event)
@@ -313,10 +318,9 @@ class Preparer:
             changes = changers.get(name) if name is not None else None
             if changes is None or event.op not in _ROW_OPS:
                 return values
-            row = f"{row_prefixes[crc32(values[0]) % shards]}{name}:{event.key}"  # Keys.row
-            if len(values) == 3:
-                return (values[0], MODEL_SHORT, values[1], values[2], row, *changes(event))
-            return (values[0], MODEL, *values[1:], row, *changes(event))
+            if len(values) == 3:  # the script finds the row's hash from the key (`Keys.row`)
+                return (values[0], MODEL_SHORT, values[1], values[2], *changes(event))
+            return (values[0], MODEL, *values[1:], *changes(event))
 
         return pack_with_model
 
@@ -374,8 +378,14 @@ class Preparer:
         lag = spec.max_lag if spec is not None and spec.max_lag else 0
         memory = spec.max_memory if spec is not None and spec.max_memory else 0
         args: list[bytes | str | int] = ["EVAL", PUBLISH_SCRIPT, 1, shard_key, dedup, ttl]
-        args += [lag, repr(memory) if memory else 0]
+        args += [lag, repr(memory) if memory else 0, *self._rows(stream, shard)]
         return Command(args, guarded=bool(lag or memory))
+
+    def _rows(self, stream: str, shard: int) -> tuple[str, str]:
+        """The shard's read-model key prefix and the stream's default table ('' if none)."""
+        spec = self.config.streams.get(stream)
+        default = spec.table if spec is not None and spec.table else ""
+        return self.keys.row_prefix(stream, shard), default
 
 
 def refusal(error: Exception) -> Backpressure | None:
