@@ -1,9 +1,11 @@
-"""The publish script's quick layout of plain read-model sets ('=': the HSET of a shape's
-fields) changes every hash exactly as the general layout does (whose rules the PostgreSQL
-property test in tests/sinks/test_read_model.py checks)."""
+"""The publish script's quick layouts: plain read-model sets ('=': the HSET of a shape's
+fields) change every hash exactly as the general layout does (whose rules the PostgreSQL
+property test in tests/sinks/test_read_model.py checks); events with only an id ('!') and
+read-model events with ids ('#') publish each id once, repeated in one call or not."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any
 
@@ -15,6 +17,7 @@ from hypothesis import strategies as st
 from streamsink.schemas import Column, ColumnType, Config, Event, StreamSpec, Table
 from streamsink.schemas.readmodel import ReadModel
 from streamsink.streams import Keys, Producer, create_stream, publish
+from tests.streams.conftest import lengths
 
 SHARDS = 2
 TYPES = [ColumnType.INT, ColumnType.TEXT, ColumnType.FLOAT, ColumnType.TIMESTAMP, ColumnType.UUID]
@@ -96,3 +99,23 @@ def test_a_plain_set_goes_in_the_quick_layout(r: redis.Redis, keys: Keys) -> Non
     assert command.args[publish.FIRST_EVENT + 1] == publish.MODEL_PLAIN
     assert r.hgetall(keys.row("s", publish.crc32(b"1") % SHARDS, "wide", "1")) == {
         b"id": b"1", b"status": b"success"}  # fmt: skip
+
+
+@pytest.mark.parametrize("read_model", [False, True])  # the '!' layout, and '#'
+def test_each_id_is_published_once(r: redis.Redis, keys: Keys, read_model: bool) -> None:
+    create_stream(r, keys, "s", SHARDS)
+    setup = config(keys, "s")
+    producer = Producer(r, setup if read_model else dataclasses.replace(setup, read_models={}))
+
+    def event(n: int) -> Event:
+        return Event.make("1", "set", {"id": 1, "c0": n}, id=f"e{n}")
+
+    first = producer.publish_many("s", [event(n) for n in range(0, 2500, 2)])
+    again = [event(n) for n in range(2500)]
+    again += again[:3]  # repeated in the same call too
+    ids = producer.publish_many("s", again)
+    assert ids[0:2500:2] == first and ids[2500:] == ids[:3]
+    assert len(set(ids)) == 2500 and sum(lengths(r, keys, "s", SHARDS)) == 2500
+    if read_model:  # the last fresh publish set c0
+        row = keys.row("s", publish.crc32(b"1") % SHARDS, "wide", "1")
+        assert r.hget(row, "c0") == b"2499"
