@@ -40,6 +40,7 @@ VALUES: dict[ColumnType, st.SearchStrategy[Any]] = {
 }
 FIELDS = {name: VALUES[column.type] for name, column in COLUMNS.items()}
 FIELDS["status"] = st.sampled_from(["processing", "success", "queued"])
+FIELDS["c0"] = st.integers(-(10**6), 10**6)  # incremented: far from an int64's ends (c5 is not)
 
 
 @st.composite
