@@ -2,7 +2,9 @@
 
     python bench/producer.py [--events 50000] [--runs 5] [--redis-url URL]
 
-Rows (events/s, median of --runs runs; each run publishes every row's events afresh):
+Rows (events/s, median of --runs runs; each run publishes every row's events afresh; with
+the µs of CPU an event took in this process and in Redis: INFO cpu, so use a Redis of the
+bench's own for that column, e.g. `redis-server --port 6391 --save ''`):
   sync pipeline      plain redis-py: pipeline of 1,000 XADDs, orjson-encoded data (baseline)
   asyncio producer   AsyncProducer, 1,000 concurrent coroutines each awaiting its publishes
   sync producer      Producer.publish_many, 1,000 events a call
@@ -109,7 +111,8 @@ async def awaited_publish(client: aredis.Redis, config: Config, events: list[Eve
 
 
 def run_once(url: str, count: int, single: int) -> dict[str, float]:
-    """One run of every row, each on a fresh prefix; returns events/s per row."""
+    """One run of every row, each on a fresh prefix; returns events/s per row, and µs of
+    CPU an event in this process (`<row> cpu`) and in Redis (`<row> redis cpu`)."""
     results: dict[str, float] = {}
     sync_client = redis.Redis.from_url(url)
     events, few = make_events(count), make_events(single)
@@ -127,13 +130,19 @@ def run_once(url: str, count: int, single: int) -> dict[str, float]:
         for key in sync_client.scan_iter(match=f"{keys.prefix}:*", count=1000):
             sync_client.unlink(key)
 
+    def redis_cpu() -> float:
+        info = sync_client.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
     def timed(
         name: str, n: int, work: Callable[[Keys, Config], Any], read_model: bool = False
     ) -> None:
         keys, config = fresh(read_model)
-        started = time.perf_counter()
+        server, client, started = redis_cpu(), time.process_time(), time.perf_counter()
         work(keys, config)
         results[name] = n / (time.perf_counter() - started)
+        results[f"{name} cpu"] = 1e6 * (time.process_time() - client) / n
+        results[f"{name} redis cpu"] = 1e6 * (redis_cpu() - server) / n
         assert sum(sync_client.xlen(keys.shard("tasks", s)) for s in range(SHARDS)) == n
         clean(keys)
 
@@ -177,11 +186,18 @@ def main() -> None:
         f"\n{args.events} events ({args.single} for one-coroutine rows), {SHARDS} shards, "
         f"median of {args.runs} runs\n"
     )
-    print(f"| {'row':<28} | {'events/s':>10} | {'min':>10} | {'max':>10} |")
-    print(f"|{'-' * 30}|{'-' * 12}|{'-' * 12}|{'-' * 12}|")
+    head = f"| {'row':<28} | {'events/s':>10} | {'min':>10} | {'max':>10} |"
+    print(f"{head} client CPU µs/event | Redis CPU µs/event |")
+    print(f"|{'-' * 30}|{'-' * 12}|{'-' * 12}|{'-' * 12}|{'-' * 21}|{'-' * 20}|")
     for name, value in median.items():
+        if name.endswith(" cpu"):
+            continue
         low, high = min(r[name] for r in runs), max(r[name] for r in runs)
-        print(f"| {name:<28} | {value:>10,.0f} | {low:>10,.0f} | {high:>10,.0f} |")
+        cpu, server = median[f"{name} cpu"], median[f"{name} redis cpu"]
+        print(
+            f"| {name:<28} | {value:>10,.0f} | {low:>10,.0f} | {high:>10,.0f} "
+            f"| {cpu:>19.2f} | {server:>18.2f} |"
+        )
     print("\nratios within each run (the machine's load drifts between runs), median (min-max):")
     ratios = [
         ("asyncio producer / sync pipeline", "asyncio producer", "sync pipeline", ">= 0.80"),
@@ -203,6 +219,13 @@ def main() -> None:
         print(
             f"  {row}: the read model costs {100 * mid:.0f}% "
             f"({100 * each[0]:.0f}-{100 * each[-1]:.0f}%)  target < 25%"
+        )
+        plain = [r[f"{row} cpu"] + r[f"{row} redis cpu"] for r in runs]
+        model = [r[f"{row}, read model cpu"] + r[f"{row}, read model redis cpu"] for r in runs]
+        each = sorted(1 - off / on for off, on in zip(plain, model, strict=True))
+        print(
+            f"    in CPU (client + Redis, what bounds a busy machine): "
+            f"{100 * statistics.median(each):.0f}% ({100 * each[0]:.0f}-{100 * each[-1]:.0f}%)"
         )
 
 
