@@ -7,6 +7,7 @@ check and the XADD atomically, and costs Redis and the client far less than N XA
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -240,7 +241,8 @@ LAST_RETRY = 0.1
 
 FIRST_EVENT = 11
 """Where the first event's values start in a command's arguments (EVAL, script, 1, shard,
-dedup prefix, dedup TTL, max lag, memory ceiling, row prefix, default table, shapes)."""
+dedup prefix, dedup TTL, max lag, memory ceiling, row prefix, default table, where the
+shapes start)."""
 MAX_SHAPES = 1024
 """Most shapes (field names in order) of plain read-model sets a producer numbers; events of
 further shapes go in the general layout."""
@@ -336,6 +338,7 @@ class Preparer:
         self.shapes: dict[tuple[str, ...], bytes] = {}
         """The number of each shape (field names in order) of plain read-model sets."""
         self.shape_names: dict[bytes, tuple[str, ...]] = {}
+        self._numbers = itertools.count()
 
     def check_shards(self, stream: str, recorded: bytes | str | None) -> int:
         """Remember the shard count Redis recorded for `stream`, or raise if unusable."""
@@ -391,11 +394,16 @@ class Preparer:
         return pack_with_model
 
     def _shape(self, names: tuple[str, ...]) -> bytes | None:
-        """The number of a new shape, or None once MAX_SHAPES are numbered."""
-        if len(self.shapes) >= MAX_SHAPES:
+        """The number of a new shape, or None once MAX_SHAPES are numbered.
+
+        Safe for threads sharing a producer: a number is never given twice (two threads
+        numbering one shape at once give it two, both right), and a shape is named before
+        any event can carry its number."""
+        if len(self.shape_names) >= MAX_SHAPES:
             return None
-        shape = self.shapes[names] = b"%d" % len(self.shapes)
+        shape = b"%d" % next(self._numbers)
         self.shape_names[shape] = names
+        self.shapes[names] = shape
         return shape
 
     def encode(self, stream: str, events: Iterable[Event]) -> list[Prepared]:
