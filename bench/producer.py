@@ -2,7 +2,9 @@
 
     python bench/producer.py [--events 50000] [--runs 5] [--redis-url URL]
 
-Rows (events/s, median of --runs runs; each run publishes every row's events afresh):
+Rows (events/s, median of --runs runs; each run publishes every row's events afresh; with
+the µs of CPU an event took in this process and in Redis: INFO cpu, so use a Redis of the
+bench's own for that column, e.g. `redis-server --port 6391 --save ''`):
   sync pipeline      plain redis-py: pipeline of 1,000 XADDs, orjson-encoded data (baseline)
   asyncio producer   AsyncProducer, 1,000 concurrent coroutines each awaiting its publishes
   sync producer      Producer.publish_many, 1,000 events a call
@@ -10,8 +12,11 @@ Rows (events/s, median of --runs runs; each run publishes every row's events afr
   awaited publish    AsyncProducer: one coroutine, `await publish(...)` per event
   sync producer, read model     Producer.publish_many with the table's read model on
   asyncio producer, read model  AsyncProducer, 1,000 coroutines, the read model on
-The issue's targets: asyncio producer >= 80% of sync pipeline; awaited publish >= awaited XADD;
-the read model costs < 25% of the producers' throughput.
+  asyncio producer, ids         AsyncProducer, 1,000 coroutines, an idempotency id per event
+The targets: asyncio producer >= 80% of sync pipeline, with ids too (issue 18); awaited
+publish >= awaited XADD; the read model costs < 25% of the producers' throughput (issue 16).
+The summary gives each ratio within each run (rows compared run one after the other), their
+median and range: on a shared machine the load drifts between rows far apart.
 """
 
 from __future__ import annotations
@@ -62,6 +67,12 @@ def make_events(count: int) -> list[Event]:
     ]
 
 
+def with_ids(events: list[Event]) -> list[Event]:
+    """The same events, each with an idempotency id (the safe way to retry a publish)."""
+    run = uuid.uuid4().hex[:8]
+    return [dataclasses.replace(e, id=f"{run}-{i}") for i, e in enumerate(events)]
+
+
 def sync_pipeline(client: redis.Redis, keys: Keys, events: list[Event]) -> None:
     for start in range(0, len(events), 1000):
         pipe = client.pipeline(transaction=False)
@@ -100,10 +111,12 @@ async def awaited_publish(client: aredis.Redis, config: Config, events: list[Eve
 
 
 def run_once(url: str, count: int, single: int) -> dict[str, float]:
-    """One run of every row, each on a fresh prefix; returns events/s per row."""
+    """One run of every row, each on a fresh prefix; returns events/s per row, and µs of
+    CPU an event in this process (`<row> cpu`) and in Redis (`<row> redis cpu`)."""
     results: dict[str, float] = {}
     sync_client = redis.Redis.from_url(url)
     events, few = make_events(count), make_events(single)
+    identified = with_ids(events)
 
     def fresh(read_model: bool = False) -> tuple[Keys, Config]:
         keys = Keys(f"bench{uuid.uuid4().hex[:8]}")
@@ -117,13 +130,19 @@ def run_once(url: str, count: int, single: int) -> dict[str, float]:
         for key in sync_client.scan_iter(match=f"{keys.prefix}:*", count=1000):
             sync_client.unlink(key)
 
+    def redis_cpu() -> float:
+        info = sync_client.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
     def timed(
         name: str, n: int, work: Callable[[Keys, Config], Any], read_model: bool = False
     ) -> None:
         keys, config = fresh(read_model)
-        started = time.perf_counter()
+        server, client, started = redis_cpu(), time.process_time(), time.perf_counter()
         work(keys, config)
         results[name] = n / (time.perf_counter() - started)
+        results[f"{name} cpu"] = 1e6 * (time.process_time() - client) / n
+        results[f"{name} redis cpu"] = 1e6 * (redis_cpu() - server) / n
         assert sum(sync_client.xlen(keys.shard("tasks", s)) for s in range(SHARDS)) == n
         clean(keys)
 
@@ -137,15 +156,19 @@ def run_once(url: str, count: int, single: int) -> dict[str, float]:
 
         asyncio.run(main())
 
+    def asyncio_rows(evs: list[Event]) -> Callable[[Keys, Config], None]:
+        return lambda k, c: in_loop(lambda a: asyncio_producer(a, c, evs))
+
+    # rows compared in the summary run one after the other (the load drifts)
     timed("sync pipeline", count, lambda k, c: sync_pipeline(sync_client, k, events))
-    timed("asyncio producer", count, lambda k, c: in_loop(lambda a: asyncio_producer(a, c, events)))
-    timed("sync producer", count, lambda k, c: sync_producer(sync_client, c, events))
+    timed("asyncio producer", count, asyncio_rows(events))
+    timed("asyncio producer, ids", count, asyncio_rows(identified))
+    timed("asyncio producer, read model", count, asyncio_rows(events), read_model=True)
+    producer = lambda k, c: sync_producer(sync_client, c, events)  # noqa: E731
+    timed("sync producer", count, producer)
+    timed("sync producer, read model", count, producer, read_model=True)
     timed("awaited XADD", single, lambda k, c: in_loop(lambda a: awaited_xadd(a, k, few)))
     timed("awaited publish", single, lambda k, c: in_loop(lambda a: awaited_publish(a, c, few)))
-    producer = lambda k, c: sync_producer(sync_client, c, events)  # noqa: E731
-    timed("sync producer, read model", count, producer, read_model=True)
-    aproducer = lambda k, c: in_loop(lambda a: asyncio_producer(a, c, events))  # noqa: E731
-    timed("asyncio producer, read model", count, aproducer, read_model=True)
     sync_client.close()
     return results
 
@@ -163,18 +186,47 @@ def main() -> None:
         f"\n{args.events} events ({args.single} for one-coroutine rows), {SHARDS} shards, "
         f"median of {args.runs} runs\n"
     )
-    print(f"| {'row':<28} | {'events/s':>10} | {'min':>10} | {'max':>10} |")
-    print(f"|{'-' * 30}|{'-' * 12}|{'-' * 12}|{'-' * 12}|")
+    head = f"| {'row':<28} | {'events/s':>10} | {'min':>10} | {'max':>10} |"
+    print(f"{head} client CPU µs/event | Redis CPU µs/event |")
+    print(f"|{'-' * 30}|{'-' * 12}|{'-' * 12}|{'-' * 12}|{'-' * 21}|{'-' * 20}|")
     for name, value in median.items():
+        if name.endswith(" cpu"):
+            continue
         low, high = min(r[name] for r in runs), max(r[name] for r in runs)
-        print(f"| {name:<28} | {value:>10,.0f} | {low:>10,.0f} | {high:>10,.0f} |")
-    concurrent = median["asyncio producer"] / median["sync pipeline"]
-    single = median["awaited publish"] / median["awaited XADD"]
-    print(f"\nasyncio producer / sync pipeline = {concurrent:.2f}  (target >= 0.80)")
-    print(f"awaited publish / awaited XADD   = {single:.2f}  (target >= 1.00)")
+        cpu, server = median[f"{name} cpu"], median[f"{name} redis cpu"]
+        print(
+            f"| {name:<28} | {value:>10,.0f} | {low:>10,.0f} | {high:>10,.0f} "
+            f"| {cpu:>19.2f} | {server:>18.2f} |"
+        )
+    print("\nratios within each run (the machine's load drifts between runs), median (min-max):")
+    ratios = [
+        ("asyncio producer / sync pipeline", "asyncio producer", "sync pipeline", ">= 0.80"),
+        (
+            "asyncio producer, ids / sync pipeline",
+            "asyncio producer, ids",
+            "sync pipeline",
+            ">= 0.80",
+        ),
+        ("awaited publish / awaited XADD", "awaited publish", "awaited XADD", ">= 1.00"),
+    ]
+    for label, top, bottom, target in ratios:
+        each = sorted(r[top] / r[bottom] for r in runs)
+        mid = statistics.median(each)
+        print(f"  {label:<40} {mid:.2f} ({each[0]:.2f}-{each[-1]:.2f})  target {target}")
     for row in ("sync producer", "asyncio producer"):
-        cost = 1 - median[f"{row}, read model"] / median[row]
-        print(f"{row}: the read model costs {100 * cost:.0f}% of its throughput  (target < 25%)")
+        each = sorted(1 - r[f"{row}, read model"] / r[row] for r in runs)
+        mid = statistics.median(each)
+        print(
+            f"  {row}: the read model costs {100 * mid:.0f}% "
+            f"({100 * each[0]:.0f}-{100 * each[-1]:.0f}%)  target < 25%"
+        )
+        plain = [r[f"{row} cpu"] + r[f"{row} redis cpu"] for r in runs]
+        model = [r[f"{row}, read model cpu"] + r[f"{row}, read model redis cpu"] for r in runs]
+        each = sorted(1 - off / on for off, on in zip(plain, model, strict=True))
+        print(
+            f"    in CPU (client + Redis, what bounds a busy machine): "
+            f"{100 * statistics.median(each):.0f}% ({100 * each[0]:.0f}-{100 * each[-1]:.0f}%)"
+        )
 
 
 if __name__ == "__main__":

@@ -106,53 +106,63 @@ def key_value(table: Table, key: str) -> Any:
     return key
 
 
-def changer(table: Table, model: ReadModel) -> Callable[[Event], list[Any]]:
-    """`changes(event)` for events of `table`, with what it needs worked out once.
+class Changer:
+    """What an event does to its key's hash, with what it needs worked out once per table.
 
-    What an event does to its key's hash: [TTL ms (negative: only if the hash has none),
+    Calling it gives the general layout: [TTL ms (negative: only if the hash has none),
     how many assignments (-1: a del), then (field, value) per assignment, how many other
     changes, then (field, kind, value, order key) per other change]. Values go as the
     client sends them (text, int and float as they are: no encoding in Python), see
-    `encode`. The event is valid for `table`; its routing key must be its row's key."""
-    key = table.key[0]
-    as_text = str.lower if table.columns[key].type is ColumnType.UUID else str
-    set_kinds = {name: _set_kind(column) for name, column in table.columns.items()}
-    incr_kinds = {
-        name: "=" if name == key else _SUM_KINDS.get(c.type, "f")
-        for name, c in table.columns.items()
-    }
-    types = {name: column.type for name, column in table.columns.items()}
-    coded = {name: ENCODERS[kind] for name, kind in types.items() if kind in ENCODERS}
-    coded |= {name: partial(_numeric_text, numeric) for name, numeric in table.numerics.items()}
-    plain = all(kind == "=" for kind in set_kinds.values()) and not coded
-    status, default = model.ttl_by, model.ttl_ms(None)
-    ttls = {value: model.ttl_ms(value) for value in model.ttl}
-    delete = [default, -1]
+    `ENCODERS`. `plain_ttl` is the quick way for the most common event, a set of plain
+    columns: its changes are then its data as it is. The event is valid for the table; its
+    routing key must be its row's key."""
 
-    def changes(event: Event) -> list[Any]:
+    def __init__(self, table: Table, model: ReadModel) -> None:
+        key = self._key = table.key[0]
+        self._table = table.name
+        self._as_text = str.lower if table.columns[key].type is ColumnType.UUID else str
+        self._set_kinds = {name: _set_kind(column) for name, column in table.columns.items()}
+        self._incr_kinds = {
+            name: "=" if name == key else _SUM_KINDS.get(c.type, "f")
+            for name, c in table.columns.items()
+        }
+        self._types = {name: column.type for name, column in table.columns.items()}
+        self._coded = {
+            name: ENCODERS[kind] for name, kind in self._types.items() if kind in ENCODERS
+        }
+        self._coded |= {
+            name: partial(_numeric_text, numeric) for name, numeric in table.numerics.items()
+        }
+        self._plain = all(kind == "=" for kind in self._set_kinds.values()) and not self._coded
+        self._status, self._default = model.ttl_by, model.ttl_ms(None)
+        self._ttls = {value: model.ttl_ms(value) for value in model.ttl}
+        self._delete = [self._default, -1]
+
+    def plain_ttl(self, event: Event) -> int | None:
+        """The TTL `event` gives its hash if it is a set of plain columns (lww, neither bool
+        nor json) without nulls: its changes are then its data's fields as they are. None
+        for any other event (call the changer for its layout)."""
+        data = event.data
+        if event.op is not Op.SET or not self._plain or None in data.values():
+            return None
+        self._check_key(event)
+        return self._ttl(data)
+
+    def __call__(self, event: Event) -> list[Any]:
+        """The event's changes in the general layout (see the class)."""
+        self._check_key(event)
         op, data = event.op, event.data
-        if key not in data or as_text(data[key]) != event.key:
-            raise ValidationError(
-                "key",
-                f"table {table.name!r} has a read model: the routing key must be the row's "
-                f"{key} ({event.key!r} is not {data.get(key)!r})",
-            )
         if op is Op.DEL:
-            return delete
-        if status is None:
-            ttl = default
-        elif status in data:
-            value = data[status]
-            ttl = ttls.get(value, default) if type(value) is str else default
-        else:
-            ttl = -default  # the status is not set here: keep the TTL it chose
-        if op is Op.SET and plain and None not in data.values():
+            return self._delete
+        ttl = self._ttl(data)
+        if op is Op.SET and self._plain and None not in data.values():
             out: list[Any] = [ttl, len(data)]
             for pair in data.items():
                 out += pair
             out.append(0)
             return out
-        kinds = set_kinds if op is Op.SET else incr_kinds
+        kinds = self._set_kinds if op is Op.SET else self._incr_kinds
+        coded, types = self._coded, self._types
         assigns: list[Any] = []
         others: list[Any] = []
         for name, value in data.items():
@@ -170,7 +180,29 @@ def changer(table: Table, model: ReadModel) -> Callable[[Event], list[Any]]:
                 others += (name, kind, value, order_key(types[name], value))
         return [ttl, len(assigns) // 2, *assigns, len(others) // 4, *others]
 
-    return changes
+    def _check_key(self, event: Event) -> None:
+        data, key = event.data, self._key
+        if key not in data or self._as_text(data[key]) != event.key:
+            raise ValidationError(
+                "key",
+                f"table {self._table!r} has a read model: the routing key must be the row's "
+                f"{key} ({event.key!r} is not {data.get(key)!r})",
+            )
+
+    def _ttl(self, data: Mapping[str, Any]) -> int:
+        """The TTL of a set or incr of `data` (negative: keep the one the status chose)."""
+        status = self._status
+        if status is None:
+            return self._default
+        if status in data:
+            value = data[status]
+            return self._ttls.get(value, self._default) if type(value) is str else self._default
+        return -self._default  # the status is not set here: keep the TTL it chose
+
+
+def changer(table: Table, model: ReadModel) -> Changer:
+    """The `Changer` of events of `table` (see there for the layout of their changes)."""
+    return Changer(table, model)
 
 
 def _bool(value: Any) -> str:

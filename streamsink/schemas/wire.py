@@ -34,6 +34,7 @@ import orjson
 
 from streamsink.errors import DecodeError, EventError, PayloadTooLarge, ValidationError
 from streamsink.schemas.event import (
+    MAX_ID_BYTES,
     MAX_KEY_BYTES,
     MAX_NUMBER,
     Event,
@@ -119,11 +120,11 @@ def packer(
     """`pack` then `validate` (same errors), quick for plain events of `table`.
 
     The values are `pack`'s, only three (key, op, data) when the event has no table, ts,
-    version or id. Plain: such a set (keyed `table`) or append (keyless one) bound for
-    `table`, with an ASCII key, a dict of data holding every key column, each value of a
-    type its column takes as is (`Table.plain`), and JSON free of null and NUL. Those pass
-    every check, so one dict lookup and one type test a field replace them; any other event
-    takes the full path.
+    version or id. Plain: a set (keyed `table`) or append (keyless one) bound for `table`
+    without table, ts or version (an ASCII id may come), with an ASCII key, a dict of data
+    holding every key column, each value of a type its column takes as is (`Table.plain`),
+    and JSON free of null and NUL. Those pass every check, so one dict lookup and one type
+    test a field replace them; any other event takes the full path.
     """
     plain = table.plain if table is not None else {}
     key_columns = frozenset(table.key) if table is not None else frozenset()
@@ -133,7 +134,7 @@ def packer(
     second = Op.APPEND if table is not None and not table.key else never
 
     def pack_validated(event: Event) -> tuple[bytes, ...]:
-        key, op, data = event.key, event.op, event.data
+        key, op, data, ident = event.key, event.op, event.data, event.id
         if (
             (op is first or op is second)
             and type(data) is dict
@@ -143,7 +144,10 @@ def packer(
             and event.table is None
             and event.ts is None
             and event.version is None
-            and event.id is None
+            and (
+                ident is None
+                or (type(ident) is str and 0 < len(ident) <= MAX_ID_BYTES and ident.isascii())
+            )
             and data.keys() >= key_columns
         ):
             try:
@@ -157,7 +161,9 @@ def packer(
                 and _as_is(data, plain)
                 and (key_of is None or key_of(data) == key)
             ):
-                return key.encode(), _OP_BYTES[op], encoded
+                if ident is None:
+                    return key.encode(), _OP_BYTES[op], encoded
+                return key.encode(), _OP_BYTES[op], encoded, b"", b"", b"", ident.encode()
         values = pack(event, max_data_bytes)
         validate(event)
         return values if values[3] or values[4] or values[5] or values[6] else values[:3]

@@ -241,8 +241,11 @@ class AsyncProducer:
             recorded = await asyncio.shield(lookup)
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise PublishError(_UNREACHABLE.format(exc)) from exc
-        self._prep.check_shards(stream, recorded)
-        return self._prep.packers[stream]
+        pack = self._prep.packers.get(stream)
+        if pack is None:  # the first of the publishers that waited for the lookup
+            self._prep.check_shards(stream, recorded)
+            pack = self._prep.packers[stream]
+        return pack
 
     def _forget_lookup(self, stream: str, lookup: asyncio.Future[Any]) -> None:
         """A finished lookup is not reused: its failure belongs to those who waited for it."""

@@ -7,6 +7,7 @@ check and the XADD atomically, and costs Redis and the client far less than N XA
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,15 +21,44 @@ from streamsink.schemas.wire import PACKED_FIELDS, packer
 from streamsink.streams.applied import Receipt
 from streamsink.streams.keys import Keys
 
+
+def _hset_by_arity(most: int) -> bytes:
+    """Lua: the HSET of `k` fields and values, written out up to `most` fields (no table to
+    build: an event's values are HSET straight from ARGV), with a loop beyond."""
+    lines = []
+    for k in range(1, most + 1):
+        pairs = ", ".join(f"fields[{m + 1}], ARGV[j + {m}]" for m in range(k))
+        lines.append(
+            f"    {'if' if k == 1 else 'elseif'} k == {k} then redis.call('HSET', row, {pairs})"
+        )
+    lines += [
+        "    else",
+        "      local assigns = {}",
+        "      for m = 1, k do",
+        "        assigns[m + m - 1], assigns[m + m] = fields[m], ARGV[j + m - 1]",
+        "      end",
+        "      redis.call('HSET', row, unpack(assigns))",
+        "    end",
+    ]
+    return "\n".join(lines).encode()
+
+
 # KEYS[1]: shard stream. ARGV[1]: dedup key prefix, ARGV[2]: dedup TTL (ms), ARGV[3]:
-# max lag (0: none), ARGV[4]: memory ceiling as a fraction of maxmemory (0: none), then each
+# max lag (0: none), ARGV[4]: memory ceiling as a fraction of maxmemory (0: none), ARGV[5]:
+# the shard's read-model key prefix (`Keys.row_prefix`), ARGV[6]: the stream's default
+# table ('' if none; a row's hash is `Keys.row`: prefix, table, ':', routing key), ARGV[7]:
+# where the shapes start (0: none; see below), then each
 # event either as `key, op, data` (no table, ts, v or id: most events, three values and one
-# XADD) or as `key, '+', op, data, table, ts, v, id` ('' where absent), or, for a table
-# with a read model, as `key, '*', op, data, row hash key, changes` (no table, ts, v or id)
-# or `key, '#', op, data, table, ts, v, id, row hash key, changes` (schemas.readmodel's
+# XADD), as `key, '!', op, data, id` (an id and no table, ts or v: the idempotent publish's
+# usual shape), or as `key, '+', op, data, table, ts, v, id` ('' where absent), or, for a table
+# with a read model, as `key, '=', op, data, TTL, shape, values` (a set of plain columns, no
+# table, ts, v or id: the HSET of the shape's fields and these values), `key, '*', op,
+# data, changes` (any other without table, ts, v or id) or
+# `key, '#', op, data, table, ts, v, id, changes` (schemas.readmodel's
 # changer; the hash is changed only by a fresh publish, not a repeated one). Returns the entry
-# ID of each event; a repeated id returns the first publish's entry ID. The type check and
-# the backpressure check come first so that a refused call has written nothing.
+# ID of each event; a repeated id returns the first publish's entry ID. After the events come
+# the shapes that '=' events name: `shape, field count, field names`, once per call. The
+# type check and the backpressure check come first so that a refused call has written nothing.
 #
 # Lag (see `Backpressure`): per group, the entries it has not acknowledged: Redis' own
 # `lag` (entries added but not yet delivered to the group) plus its pending entries
@@ -173,14 +203,44 @@ local function model(row, at, apply)  -- the read model: one event's changes to 
   return j + 4 * others
 end
 local ids, count = {}, 0
-local i, n = 5, #ARGV
+local rows = ARGV[5]
+local home = rows .. ARGV[6] .. ':'  -- the row hashes of the default table, but for the key
+local shapes, i, n = {}, 8, #ARGV
+local tail = tonumber(ARGV[7])
+if tail > 0 then
+  n = tail - 1
+  local j = tail
+  while j <= #ARGV do
+    local k = tonumber(ARGV[j + 1])
+    shapes[ARGV[j]] = {unpack(ARGV, j + 2, j + 1 + k)}
+    j = j + 2 + k
+  end
+end
 while i <= n do
   local entry = false
   local form = ARGV[i + 1]
-  if form == '*' then  -- key, '*', op, data, the row's hash key, its changes (read model)
+  if form == '=' then  -- key, '=', op, data, TTL, shape, values (read model, plain set)
     entry = redis.call(
       'XADD', KEYS[1], '*', names[1], ARGV[i], names[2], ARGV[i + 2], names[3], ARGV[i + 3])
-    i = model(ARGV[i + 4], i + 5, true)
+    local row, fields, j = home .. ARGV[i], shapes[ARGV[i + 5]], i + 6
+    local k = #fields
+%s
+    local ttl = tonumber(ARGV[i + 4])
+    if ttl > 0 then redis.call('PEXPIRE', row, ttl) else redis.call('PEXPIRE', row, -ttl, 'NX') end
+    i = j + k
+  elseif form == '*' then  -- key, '*', op, data, the row's changes (read model)
+    entry = redis.call(
+      'XADD', KEYS[1], '*', names[1], ARGV[i], names[2], ARGV[i + 2], names[3], ARGV[i + 3])
+    i = model(home .. ARGV[i], i + 4, true)
+  elseif form == '!' then  -- key, '!', op, data, id: what the '+' form does, in fewer steps
+    local seen = ARGV[1] .. ARGV[i + 4]
+    entry = redis.call('GET', seen)
+    if not entry then
+      entry = redis.call('XADD', KEYS[1], '*', names[1], ARGV[i], names[2], ARGV[i + 2],
+        names[3], ARGV[i + 3], names[7], ARGV[i + 4])
+      redis.call('SET', seen, entry, 'PX', ARGV[2])
+    end
+    i = i + 5
   elseif form ~= '+' and form ~= '#' then
     entry = redis.call(
       'XADD', KEYS[1], '*', names[1], ARGV[i], names[2], ARGV[i + 1], names[3], ARGV[i + 2])
@@ -205,8 +265,10 @@ while i <= n do
         redis.call('SET', ARGV[1] .. eid, entry, 'PX', ARGV[2])
       end
     end
-    if form == '#' then  -- then the row's hash key and its changes (a repeated publish's
-      i = model(ARGV[i + 8], i + 9, fresh)  -- are in the hash already: skipped)
+    if form == '#' then  -- then the row's changes (a repeated publish's are in the hash
+      local named = ARGV[i + 4]  -- already: skipped)
+      local row = named == '' and home .. ARGV[i] or rows .. named .. ':' .. ARGV[i]
+      i = model(row, i + 8, fresh)
     else
       i = i + 8
     end
@@ -215,7 +277,10 @@ while i <= n do
   ids[count] = entry
 end
 return ids
-""" % b", ".join(b"'%s'" % name for name in PACKED_FIELDS)
+""" % (
+    b", ".join(b"'%s'" % name for name in PACKED_FIELDS),
+    _hset_by_arity(8),
+)
 
 _ROW_OPS = frozenset({Op.SET, Op.INCR, Op.DEL})
 
@@ -223,14 +288,22 @@ FIRST_RETRY = 0.005
 LAST_RETRY = 0.1
 """Under backpressure with a timeout, producers try again after 5 ms, doubling to 100 ms."""
 
-FIRST_EVENT = 8
+FIRST_EVENT = 11
 """Where the first event's values start in a command's arguments (EVAL, script, 1, shard,
-dedup prefix, dedup TTL, max lag, memory ceiling)."""
+dedup prefix, dedup TTL, max lag, memory ceiling, row prefix, default table, where the
+shapes start)."""
+MAX_SHAPES = 1024
+"""Most shapes (field names in order) of plain read-model sets a producer numbers; events of
+further shapes go in the general layout."""
 
 FULL = b"+"
 """After the key, marks an event sent with all its values (one with a table, ts, v or id)."""
+IDENTIFIED = b"!"
+"""After the key, marks an event sent with op, data and its id (no table, ts or v)."""
 MODEL = b"#"
 """After the key, marks an event sent with all its values and its read-model changes."""
+MODEL_PLAIN = b"="
+"""After the key, marks a plain set with only op and data, its TTL, shape and values."""
 MODEL_SHORT = b"*"
 """After the key, marks an event with only op and data, and its read-model changes."""
 
@@ -280,6 +353,8 @@ class Command:
     plain: bool = False
     guarded: bool = False
     """The script checks backpressure or writes a read model: never sent as a plain XADD."""
+    shapes: set[bytes] = field(default_factory=set)
+    """The shapes its plain read-model sets name (sent after the events)."""
 
     def plain_xadd(self) -> None:
         """Send a lone event without idempotency id as a plain XADD: the same effect, and
@@ -309,6 +384,10 @@ class Preparer:
         self.shards: dict[str, int] = {}
         self.packers: dict[str, Callable[[Event], Prepared]] = {}
         """Per stream whose shards are known: validate and pack one event (`wire.packer`)."""
+        self.shapes: dict[tuple[str, ...], bytes] = {}
+        """The number of each shape (field names in order) of plain read-model sets."""
+        self.shape_names: dict[bytes, tuple[str, ...]] = {}
+        self._numbers = itertools.count()
 
     def check_shards(self, stream: str, recorded: bytes | str | None) -> int:
         """Remember the shard count Redis recorded for `stream`, or raise if unusable."""
@@ -329,20 +408,20 @@ class Preparer:
         table = self.config.default_table(stream)
         pack = packer(table, validate, self.config.max_data_bytes)
         if self.config.read_models:
-            pack = self._with_read_model(stream, shards, pack)
+            pack = self._with_read_model(stream, pack)
         self.packers[stream] = pack
         return shards
 
     def _with_read_model(
-        self, stream: str, shards: int, pack: Callable[[Event], Prepared]
+        self, stream: str, pack: Callable[[Event], Prepared]
     ) -> Callable[[Event], Prepared]:
         """`pack`, adding the read-model changes to events of tables that have one."""
-        config, keys = self.config, self.keys
+        config = self.config
         default = config.streams[stream].table if stream in config.streams else None
         changers = {
             name: changer(config.tables[name], model) for name, model in config.read_models.items()
         }
-        row_prefixes = [keys.row_prefix(stream, shard) for shard in range(shards)]
+        shapes = self.shapes
 
         def pack_with_model(event: Event) -> Prepared:
             values = pack(event)
@@ -350,12 +429,31 @@ class Preparer:
             changes = changers.get(name) if name is not None else None
             if changes is None or event.op not in _ROW_OPS:
                 return values
-            row = f"{row_prefixes[crc32(values[0]) % shards]}{name}:{event.key}"  # Keys.row
-            if len(values) == 3:
-                return (values[0], MODEL_SHORT, values[1], values[2], row, *changes(event))
-            return (values[0], MODEL, *values[1:], row, *changes(event))
+            if len(values) == 3:  # the script finds the row's hash from the key (`Keys.row`)
+                ttl = changes.plain_ttl(event)
+                if ttl is not None:
+                    data = event.data
+                    shape = shapes.get(tuple(data)) or self._shape(tuple(data))
+                    if shape is not None:  # HSET of the shape's fields and these values
+                        key, op, encoded = values
+                        return (key, MODEL_PLAIN, op, encoded, ttl, shape, *data.values())
+                return (values[0], MODEL_SHORT, values[1], values[2], *changes(event))
+            return (values[0], MODEL, *values[1:], *changes(event))
 
         return pack_with_model
+
+    def _shape(self, names: tuple[str, ...]) -> bytes | None:
+        """The number of a new shape, or None once MAX_SHAPES are numbered.
+
+        Safe for threads sharing a producer: a number is never given twice (two threads
+        numbering one shape at once give it two, both right), and a shape is named before
+        any event can carry its number."""
+        if len(self.shape_names) >= MAX_SHAPES:
+            return None
+        shape = b"%d" % next(self._numbers)
+        self.shape_names[shape] = names
+        self.shapes[names] = shape
+        return shape
 
     def encode(self, stream: str, events: Iterable[Event]) -> list[Prepared]:
         """Validate and pack every event (all or nothing)."""
@@ -381,14 +479,25 @@ class Preparer:
                     made.append(command)
                 if len(values) == 3:
                     command.args += values
+                elif values[1] == MODEL_PLAIN:
+                    command.args += values
+                    command.guarded = True
+                    command.shapes.add(values[5])
                 elif values[1] == MODEL_SHORT or values[1] == MODEL:
                     command.args += values  # read model: laid out by the packer, marker too
                     command.guarded = True
+                elif values[6] and not (values[3] or values[4] or values[5]):
+                    command.args += (values[0], IDENTIFIED, values[1], values[2], values[6])
                 else:
                     command.args += (values[0], FULL, *values[1:])
                 command.slots.append(slot)
                 slot += 1
         for command in made:
+            if command.shapes:  # after the events, the shapes they name
+                command.args[FIRST_EVENT - 1] = len(command.args) - 3  # its place in ARGV
+                for shape in command.shapes:
+                    names = self.shape_names[shape]
+                    command.args += (shape, len(names), *names)
             if (
                 len(command.slots) == 1
                 and not command.guarded
@@ -409,8 +518,14 @@ class Preparer:
         lag = spec.max_lag if spec is not None and spec.max_lag else 0
         memory = spec.max_memory if spec is not None and spec.max_memory else 0
         args: list[bytes | str | int] = ["EVAL", PUBLISH_SCRIPT, 1, shard_key, dedup, ttl]
-        args += [lag, repr(memory) if memory else 0]
+        args += [lag, repr(memory) if memory else 0, *self._rows(stream, shard), 0]
         return Command(args, guarded=bool(lag or memory))
+
+    def _rows(self, stream: str, shard: int) -> tuple[str, str]:
+        """The shard's read-model key prefix and the stream's default table ('' if none)."""
+        spec = self.config.streams.get(stream)
+        default = spec.table if spec is not None and spec.table else ""
+        return self.keys.row_prefix(stream, shard), default
 
 
 def refusal(error: Exception) -> Backpressure | None:

@@ -1083,3 +1083,19 @@ def test_a_name_given_twice_inside_data_keeps_its_last_value() -> None:
     quick = set_of(b'{"id":1,"s":"a","s":"b"}')
     for flat in (quick, [*quick, b"v", b"1"]):
         assert unpacker(ROWS, CONFIG.validator("rows"))(flat)[0].data == {"id": 1, "s": "b"}
+
+
+def test_packer_takes_an_event_with_an_ascii_id_the_quick_way(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    event = Event("k", Op.SET, {"id": 7, "s": "x"}, id="order-7:retry")
+    expected = pack(event)
+    CONFIG.validator("rows")(event)
+
+    def refuse(event: Event, *_: object) -> None:
+        raise AssertionError("took the full path")
+
+    monkeypatch.setattr(wire, "pack", refuse)
+    assert packer(CONFIG.tables["rows"], refuse)(event) == expected
+    with pytest.raises(AssertionError, match="full path"):  # not ASCII: checked the full way
+        packer(CONFIG.tables["rows"], refuse)(Event("k", Op.SET, {"id": 7}, id="é"))

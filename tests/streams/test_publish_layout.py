@@ -1,0 +1,122 @@
+"""The publish script's quick layouts: plain read-model sets ('=': the HSET of a shape's
+fields) change every hash exactly as the general layout does (whose rules the PostgreSQL
+property test in tests/sinks/test_read_model.py checks); events with only an id ('!') and
+read-model events with ids ('#') publish each id once, repeated in one call or not."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any
+
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from streamsink.schemas import Column, ColumnType, Config, Event, StreamSpec, Table
+from streamsink.schemas.readmodel import ReadModel
+from streamsink.streams import Keys, Producer, create_stream, publish
+from tests.streams.conftest import lengths
+
+SHARDS = 2
+TYPES = [ColumnType.INT, ColumnType.TEXT, ColumnType.FLOAT, ColumnType.TIMESTAMP, ColumnType.UUID]
+COLUMNS = {f"c{n}": Column(TYPES[n % len(TYPES)]) for n in range(9)}  # more than 8 fields too
+WIDE = Table("wide", ("id",), {"id": Column(ColumnType.INT, nullable=False),
+                               "status": Column(ColumnType.TEXT), **COLUMNS})  # fmt: skip
+MODEL = ReadModel(ttl_by="status", ttl={"processing": 300, "success": 86400}, default=3600)
+STREAMS = itertools.count()
+
+VALUES: dict[ColumnType, st.SearchStrategy[Any]] = {
+    ColumnType.INT: st.integers(-(2**63), 2**63 - 1),
+    ColumnType.TEXT: st.text(
+        st.characters(blacklist_categories=("Cs",), blacklist_characters="\0")
+    ),
+    ColumnType.FLOAT: st.floats(allow_nan=False, allow_infinity=False),
+    ColumnType.TIMESTAMP: st.sampled_from(
+        ["2026-12-03T10:00:00+00:00", "2026-12-03T12:00:00+01:00"]
+    ),
+    ColumnType.UUID: st.uuids().map(str),
+}
+FIELDS = {name: VALUES[column.type] for name, column in COLUMNS.items()}
+FIELDS["status"] = st.sampled_from(["processing", "success", "queued"])
+FIELDS["c0"] = st.integers(-(10**6), 10**6)  # incremented: far from an int64's ends (c5 is not)
+
+
+@st.composite
+def events(draw: st.DrawFn) -> Event:
+    """A set of some fields in any order (now and then a null), an incr or a del."""
+    row = draw(st.integers(1, 3))
+    op = draw(st.sampled_from(["set", "set", "set", "incr", "del"]))
+    data: dict[str, Any] = {"id": row}
+    if op == "set":
+        for name in draw(st.lists(st.sampled_from(sorted(FIELDS)), unique=True)):
+            data[name] = None if draw(st.integers(0, 9)) == 0 else draw(FIELDS[name])
+    elif op == "incr":
+        data["c0"] = draw(st.integers(-1000, 1000))
+    ident = draw(st.none() | st.sampled_from(["a", "b"]))  # ids: the general '#' layout
+    return Event.make(str(row), op, data, **({"id": ident} if ident else {}))
+
+
+def config(keys: Keys, *streams: str) -> Config:
+    return Config(
+        prefix=keys.prefix,
+        streams={stream: StreamSpec(stream, SHARDS, table="wide") for stream in streams},
+        tables={"wide": WIDE},
+        read_models={"wide": MODEL},
+    )
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(batches=st.lists(st.lists(events(), min_size=1, max_size=6), min_size=1, max_size=5))
+def test_plain_sets_change_the_hash_as_the_general_layout_does(
+    r: redis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch, batches: list[list[Event]]
+) -> None:
+    n = next(STREAMS)
+    mine, theirs = f"q{n}", f"g{n}"  # the same events, the quick way and the general way
+    quick, general = (Producer(r, config(keys, mine, theirs)) for _ in range(2))
+    for stream in (mine, theirs):
+        create_stream(r, keys, stream, SHARDS)
+    for batch in batches:
+        quick.publish_many(mine, batch)
+        with monkeypatch.context() as patch:
+            patch.setattr(publish, "MAX_SHAPES", 0)  # no shape: every event the general way
+            general.publish_many(theirs, batch)
+    for row in ("1", "2", "3"):
+        shard = publish.crc32(row.encode()) % SHARDS
+        got, expected = (keys.row(stream, shard, "wide", row) for stream in (mine, theirs))
+        assert r.hgetall(got) == r.hgetall(expected), row
+        assert abs(r.pttl(got) - r.pttl(expected)) < 10_000, row
+
+
+def test_a_plain_set_goes_in_the_quick_layout(r: redis.Redis, keys: Keys) -> None:
+    create_stream(r, keys, "s", SHARDS)
+    producer = Producer(r, config(keys, "s"))
+    producer.publish_many("s", [Event.make("1", "set", {"id": 1, "status": "success"})] * 2)
+    command = producer._prep.commands([("s", producer._prep.encode("s", [Event.make(
+        "1", "set", {"status": "queued", "id": 1})]), None)])[0]  # fmt: skip
+    assert command.args[publish.FIRST_EVENT + 1] == publish.MODEL_PLAIN
+    assert r.hgetall(keys.row("s", publish.crc32(b"1") % SHARDS, "wide", "1")) == {
+        b"id": b"1", b"status": b"success"}  # fmt: skip
+
+
+@pytest.mark.parametrize("read_model", [False, True])  # the '!' layout, and '#'
+def test_each_id_is_published_once(r: redis.Redis, keys: Keys, read_model: bool) -> None:
+    create_stream(r, keys, "s", SHARDS)
+    setup = config(keys, "s")
+    producer = Producer(r, setup if read_model else dataclasses.replace(setup, read_models={}))
+
+    def event(n: int) -> Event:
+        return Event.make("1", "set", {"id": 1, "c0": n}, id=f"e{n}")
+
+    first = producer.publish_many("s", [event(n) for n in range(0, 2500, 2)])
+    again = [event(n) for n in range(2500)]
+    again += again[:3]  # repeated in the same call too
+    ids = producer.publish_many("s", again)
+    assert ids[0:2500:2] == first and ids[2500:] == ids[:3]
+    assert len(set(ids)) == 2500 and sum(lengths(r, keys, "s", SHARDS)) == 2500
+    if read_model:  # the last fresh publish set c0
+        row = keys.row("s", publish.crc32(b"1") % SHARDS, "wide", "1")
+        assert r.hget(row, "c0") == b"2499"
