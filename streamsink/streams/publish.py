@@ -181,18 +181,29 @@ local function model(row, at, apply)  -- the read model: one event's changes to 
   if apply then
     for k = j, j + 4 * others - 4, 4 do
       local name, kind, value, order = ARGV[k], ARGV[k + 1], ARGV[k + 2], ARGV[k + 3]
+      local added = true
       if kind == 'x' then  -- null: no field
         redis.call('HDEL', row, name, '~o:' .. name)
       elseif kind == 'i' or kind == 'f' or kind == 'd' then
         local old = redis.call('HGET', row, name)
         if not old then
           redis.call('HSET', row, name, value)
-        elseif kind == 'i' then
-          redis.call('HINCRBY', row, name, value)
+        elseif kind == 'i' then  -- past 64 bits: an error reply, not a raised error
+          added = redis.pcall('HINCRBY', row, name, value)
         elseif kind == 'd' then  -- numeric: exact, as text
           redis.call('HSET', row, name, decimal_add(old, value))
-        else
-          redis.call('HINCRBYFLOAT', row, name, value)
+        else  -- Redis adds in long double: past the largest double is refused here
+          added = redis.pcall('HINCRBYFLOAT', row, name, value)
+          local sum = tonumber(added)
+          if sum and (sum == math.huge or sum == -math.huge or sum ~= sum) then
+            added = {err = 'not a finite double'}
+          end
+        end
+        if type(added) == 'table' and added.err then
+          -- a sum the hash cannot hold (the sink refuses it too): the hash is dropped, so a
+          -- read falls back to PostgreSQL, and the entry is published whatever the hash
+          redis.call('DEL', row)
+          return j + 4 * others
         end
       elseif better(kind, order, redis.call('HGET', row, '~o:' .. name)) then
         redis.call('HSET', row, name, value, '~o:' .. name, order)

@@ -309,3 +309,27 @@ def test_a_lone_del_leaves_a_tombstone_and_a_set_re_creates(
     assert Rows(r, setup).read("jobs", 5) is None
     producer.publish("jobs", Event.make("5", "incr", {"id": 5, "n": 2}))
     assert Rows(r, setup).read("jobs", 5) == {**dict.fromkeys(JOBS.columns), "id": 5, "n": 2}
+
+
+def test_a_sum_the_hash_cannot_hold_drops_the_hash_and_publishes_every_event(
+    r: redis.Redis, keys: Keys, pg: Connection, setup: Config
+) -> None:
+    """An incr past 64 bits (the sink refuses it too) or a float sum past the largest
+    double: the script's HINCRBY fails; the whole call's events are still published, and
+    that key's hash is dropped (a read falls back to PostgreSQL), not left half-changed."""
+    producer = Producer(r, setup)
+    shard = _shard(6)
+    before = r.xlen(keys.shard("jobs", shard))
+    events = [
+        Event.make("6", "set", {"id": 6, "status": "processing", "n": 2**63 - 2}),
+        Event.make("6", "incr", {"id": 6, "n": 5, "hits": 1}),  # past 2^63 - 1
+        Event.make("6", "incr", {"id": 6, "ratio": 1.5e308}),
+        Event.make("6", "incr", {"id": 6, "ratio": 1.5e308}),  # to infinity
+    ]
+    producer.publish_many("jobs", events[:2])
+    assert r.xlen(keys.shard("jobs", shard)) == before + 2, "both published"
+    name = Keys(setup.prefix).row("jobs", shard, "jobs", "6")
+    assert not r.exists(name), "the hash is dropped, not left with the set but not the incr"
+    producer.publish_many("jobs", events[2:])
+    assert r.xlen(keys.shard("jobs", shard)) == before + 4
+    assert not r.exists(name)
