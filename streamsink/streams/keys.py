@@ -108,6 +108,14 @@ class Keys:
         retried, dead) and `<endpoint>|breaker` -> `state ms worker`; kept for `status`."""
         return f"{self.prefix}:http:{sink}:endpoints"
 
+    def http_gate(self, sink: str, endpoint: str) -> str:
+        """HASH of one endpoint's shared circuit breaker and Retry-After hold, for every
+        worker of an HTTP sink (`endpoint`: a digest of its name): `failures` in a row,
+        `last` failure, `until` (open until, µs on Redis' clock; absent: closed), `probe`
+        (a half-open probe is out until, µs), `hold` (Retry-After: nothing before, µs).
+        Expires a day after its last change (a forgotten endpoint leaves nothing)."""
+        return f"{self.prefix}:http:{sink}:gate:{endpoint}"
+
 
 META_SHARDS = b"shards"  # field of the meta hash: shard count
 META_CREATED = b"created_ms"  # field of the meta hash: creation time, ms

@@ -27,7 +27,7 @@ from streamsink.sinks.base import Batch
 from streamsink.sinks.http import AiohttpTransport, HttpSettings, HttpSink, Reply, Vetter
 from streamsink.sinks.http.deliver import Sender
 from streamsink.streams import Keys
-from streamsink.streams.endpoints import EndpointStats
+from streamsink.streams.endpoints import EndpointGates, EndpointStats
 from streamsink.streams.ratelimit import AsyncRateLimiter
 
 SECRET_ENV = "STREAMSINK_TEST_SECRET"
@@ -195,7 +195,8 @@ def build_sink(
     vetter = Vetter(settings.allow_private, settings.dns_cache_s)
     transport = CountingTransport(vetter)
     stats = EndpointStats(client, keys, name)
-    sender = Sender(transport, vetter, AsyncRateLimiter(client, keys), stats)
+    gates = EndpointGates(client, keys, name)
+    sender = Sender(transport, vetter, AsyncRateLimiter(client, keys), stats, gates)
     secrets = settings.secrets(name, {SECRET_ENV: SECRET})
     sink = HttpSink(name, settings, secrets, sender, on_close=[transport.close, client.aclose])
     return Built(sink, transport, vetter, client)

@@ -3,8 +3,10 @@
 Each window is planned into requests (plan.py), whose chains run concurrently: every
 endpoint at once, each within its own concurrency, breaker and shared rate limit
 (deliver.py). `write` returns when every request was delivered or given up; what was
-given up (hostile URL, last attempt failed, breaker open) comes back as Rejected and
-goes to the dead-letter stream, so the window is acknowledged either way.
+given up (hostile URL, a status not retried, last attempt failed with the breaker
+closed) comes back as Rejected and goes to the dead-letter stream, so the window is
+acknowledged either way. While an endpoint's breaker is open its calls wait, and so does
+the window (the lease kept, nothing acknowledged).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from streamsink.sinks.http.plan import Request, plan
 from streamsink.sinks.http.settings import HttpSettings
 from streamsink.sinks.http.transport import AiohttpTransport
 from streamsink.sinks.http.urls import Vetter
-from streamsink.streams.endpoints import EndpointStats
+from streamsink.streams.endpoints import EndpointGates, EndpointStats
 from streamsink.streams.keys import Keys
 from streamsink.streams.ratelimit import AsyncRateLimiter
 
@@ -63,7 +65,8 @@ class HttpSink:
         vetter = Vetter(settings.allow_private, settings.dns_cache_s)
         transport = AiohttpTransport(vetter)
         stats = EndpointStats(client, keys, name)
-        sender = Sender(transport, vetter, AsyncRateLimiter(client, keys), stats)
+        gates = EndpointGates(client, keys, name)
+        sender = Sender(transport, vetter, AsyncRateLimiter(client, keys), stats, gates)
         return cls(name, settings, secrets, sender, on_close=[transport.close, client.aclose])
 
     async def write(self, batch: Batch) -> Sequence[Rejected]:
@@ -96,8 +99,9 @@ class HttpSink:
         endpoint = self._endpoints.get(request.endpoint)
         if endpoint is None:
             secret = self._secrets[request.settings.secret_env]
+            sender = self.sender
             endpoint = Endpoint(
-                self.name, request.endpoint, request.settings, secret, self.sender.stats
+                self.name, request.endpoint, request.settings, secret, sender.stats, sender.gates
             )
             self._endpoints[request.endpoint] = endpoint
         return endpoint
