@@ -81,8 +81,10 @@ class Receiver:
     def url(self, path: str = "/hook", host: str = "127.0.0.1") -> str:
         return f"http://{host}:{self.port}{path}"
 
-    def start(self) -> Receiver:
+    def start(self, port: int = 0) -> Receiver:
+        """Serve on `port` (0: a free one); again after `stop`, to end an outage."""
         started = threading.Event()
+        self.port = port
         self._thread = threading.Thread(target=self._serve, args=(started,), daemon=True)
         self._thread.start()
         assert started.wait(10), "the receiver did not start"
@@ -97,7 +99,7 @@ class Receiver:
             app.router.add_route("*", "/{tail:.*}", self._handle)
             self._runner = web.AppRunner(app, access_log=None)
             await self._runner.setup()
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
+            site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
             await site.start()
             server = site._server
             assert server is not None
