@@ -321,3 +321,42 @@ async def test_a_replayed_call_keeps_the_idempotency_key_of_its_first_entry(
         (record,) = receiver.records
         sent = {item["payload"]["n"]: item["idempotency_key"] for item in record.json()["items"]}
     assert sent == {1: f"hooks:0:{first.id}", 2: f"hooks:0:{plain.id}"}
+
+
+async def test_a_429_from_one_worker_pauses_all_four_without_a_rate(
+    receiver: Receiver, redis_url: str, keys: Keys
+) -> None:
+    """Four workers' sinks (each its own Redis client, as four processes), no `rate`: one
+    429 with Retry-After: 3 holds every one of them, for 3 s, then all go on."""
+    told: list[float] = []
+
+    def one_429(record: Record, server: Receiver) -> Answer:
+        if not told and len(server.records) >= 20:  # once all four are sending
+            told.append(record.at)
+            return Answer(429, {"Retry-After": "3"}, b"slow down")
+        return Answer(200, delay=0.02)
+
+    receiver.answer = one_429
+    windows = [Window(shard=n) for n in range(4)]
+    batches = [
+        w.batch([w.entry(f"k{n}-{i}", receiver.url(f"/w{n}"), {"n": i}) for i in range(60)])
+        for n, w in enumerate(windows)
+    ]
+    async with contextlib.AsyncExitStack() as stack:
+        sinks = [await stack.enter_async_context(http_sink(redis_url, keys)) for _ in range(4)]
+        results = await asyncio.gather(
+            *(built.sink.write(batch) for built, batch in zip(sinks, batches, strict=True))
+        )
+    assert results == [[], [], [], []]
+    (at,) = told
+    during = [record for record in receiver.records if at + 0.3 < record.at < at + 3.0]
+    after = [record for record in receiver.records if record.at >= at + 3.0]
+    before = {record.path for record in receiver.records if record.at < at}
+    print(
+        f"\n429 Retry-After 3: {len(during)} requests during the pause, the next "
+        f"{min(r.at for r in after) - at:.2f} s after the 429"
+    )
+    assert before == {"/w0", "/w1", "/w2", "/w3"}, "all four were sending before it"
+    assert during == []
+    assert {record.path for record in after} == {"/w0", "/w1", "/w2", "/w3"}
+    assert len(receiver.accepted()) == 240
