@@ -3,6 +3,8 @@
 - Counters and breaker states for `status`: every worker adds its counts to one hash per
   sink (HINCRBY, so workers add up) and writes its breaker changes there; the last change
   of any worker is what `status` shows.
+- The callbacks delivered of a window not yet acknowledged (`DeliveredMarks`), so that a
+  new owner of the shard sends again only what was in flight when its owner died.
 - The gate (`EndpointGates`): each endpoint's circuit breaker and Retry-After hold, one
   hash per endpoint changed by small scripts on Redis' clock, so one worker's discovery
   (the endpoint is down, or asked for a pause) holds every worker's calls.
@@ -10,6 +12,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -22,6 +25,7 @@ import redis
 import redis.asyncio as aredis
 
 from streamsink.streams.keys import Keys
+from streamsink.streams.reader import parse_id
 
 COUNTERS = ("sent", "failed", "retried", "dead")
 """sent: callbacks delivered (2xx); failed: attempts that failed; retried: attempts
@@ -244,3 +248,49 @@ class EndpointGates:
 
 def _us(seconds: float) -> int:
     return max(0, int(seconds * 1_000_000))
+
+
+class DeliveredMarks:
+    """The entries of one shard whose callbacks one sink delivered, kept until acknowledged.
+
+    `start(first_id)` at each window: the marks below it are of acknowledged (or
+    dead-lettered) windows and are removed; those left were delivered by an owner that
+    died before its acknowledgement, and are skipped. `add` marks as deliveries succeed:
+    one write at a time, the marks made meanwhile going with the next one, so a success
+    costs no round trip of its own; `drain` waits for the last.
+    """
+
+    def __init__(self, client: aredis.Redis, key: str) -> None:
+        self._client, self._key = client, key
+        self._pending: list[str] = []
+        self._writing: asyncio.Task[None] | None = None
+
+    async def start(self, first_id: str) -> set[str]:
+        """The entries already delivered, after dropping the marks below `first_id`."""
+        members: Any = await self._client.smembers(self._key)
+        marked = {m.decode() if isinstance(m, bytes) else str(m) for m in members}
+        first = parse_id(first_id)
+        done = [m for m in marked if parse_id(m) < first]
+        if done:
+            await self._client.srem(self._key, *done)
+        return marked.difference(done)
+
+    def add(self, entry_ids: tuple[str, ...]) -> None:
+        """Mark entries as delivered (written in the background, in order)."""
+        self._pending.extend(entry_ids)
+        if self._writing is None or self._writing.done():
+            self._writing = asyncio.ensure_future(self._write())
+
+    async def drain(self) -> None:
+        """Wait until every mark added was written (or given up on)."""
+        if self._writing is not None:
+            await self._writing
+            self._writing = None
+
+    async def _write(self) -> None:
+        while self._pending:
+            ids, self._pending = self._pending, []
+            try:
+                await self._client.sadd(self._key, *ids)
+            except (redis.RedisError, OSError) as exc:  # a crash now repeats them: allowed
+                log.warning("delivered callbacks not marked", extra={"error": repr(exc)})

@@ -27,7 +27,7 @@ from streamsink.sinks.base import Batch
 from streamsink.sinks.http import AiohttpTransport, HttpSettings, HttpSink, Reply, Vetter
 from streamsink.sinks.http.deliver import Sender
 from streamsink.streams import Keys
-from streamsink.streams.endpoints import EndpointGates, EndpointStats
+from streamsink.streams.endpoints import DeliveredMarks, EndpointGates, EndpointStats
 from streamsink.streams.ratelimit import AsyncRateLimiter
 
 SECRET_ENV = "STREAMSINK_TEST_SECRET"
@@ -200,7 +200,13 @@ def build_sink(
     gates = EndpointGates(client, keys, name)
     sender = Sender(transport, vetter, AsyncRateLimiter(client, keys), stats, gates)
     secrets = settings.secrets(name, {SECRET_ENV: SECRET})
-    sink = HttpSink(name, settings, secrets, sender, on_close=[transport.close, client.aclose])
+
+    def marks(batch: Batch) -> DeliveredMarks:
+        key = keys.http_delivered(batch.stream, batch.shard, batch.group, name)
+        return DeliveredMarks(client, key)
+
+    closing = [transport.close, client.aclose]
+    sink = HttpSink(name, settings, secrets, sender, on_close=closing, marks=marks)
     return Built(sink, transport, vetter, client)
 
 

@@ -80,7 +80,9 @@ class Run:
     def publish(self, url: str, n: int = CALLS) -> set[str]:
         """Publish `n` calls; their idempotency keys."""
         names = [f"order-{i % 30}" for i in range(n)]
-        events = [Event.make(name, "call", {"url": url, "payload": i}) for i, name in enumerate(names)]
+        events = [
+            Event.make(name, "call", {"url": url, "payload": i}) for i, name in enumerate(names)
+        ]
         ids = Producer(self.r, self.config).publish_many("hooks", events)
         return {
             f"hooks:{shard_of(name, SHARDS)}:{entry_id}"

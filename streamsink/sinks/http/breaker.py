@@ -107,8 +107,8 @@ class Breaker:
             self._dirty = False
             if closed or self.state is not State.CLOSED:
                 self._see(State.CLOSED)
-            self._clear_until = time.monotonic() + REFRESH_S
-            self._changed.set()
+                self._changed.set()  # waiting calls ask again (a success is no clear view:
+                # a Retry-After hold may run)
 
     async def failed(self, what: str, probe: bool) -> bool:
         """A request failed (error, timeout, 5xx); True while the breaker is open (its calls

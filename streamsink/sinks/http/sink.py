@@ -20,6 +20,7 @@ import redis.asyncio as aredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from streamsink.consumers.retry import retrying
 from streamsink.schemas.config import Config
 from streamsink.sinks.base import Batch, Rejected
 from streamsink.sinks.http.deliver import Endpoint, Sender
@@ -27,7 +28,7 @@ from streamsink.sinks.http.plan import Request, plan
 from streamsink.sinks.http.settings import HttpSettings
 from streamsink.sinks.http.transport import AiohttpTransport
 from streamsink.sinks.http.urls import Vetter
-from streamsink.streams.endpoints import EndpointGates, EndpointStats
+from streamsink.streams.endpoints import DeliveredMarks, EndpointGates, EndpointStats
 from streamsink.streams.keys import Keys
 from streamsink.streams.ratelimit import AsyncRateLimiter
 
@@ -44,8 +45,10 @@ class HttpSink:
         secrets: Mapping[str, bytes],
         sender: Sender,
         on_close: Sequence[Callable[[], Awaitable[Any]]] = (),
+        marks: Callable[[Batch], DeliveredMarks] | None = None,
     ) -> None:
         self.name, self.settings, self.sender = name, settings, sender
+        self._marks = marks
         self._secrets = dict(secrets)
         self._on_close = list(on_close)
         self._endpoints: dict[str, Endpoint] = {}
@@ -67,10 +70,24 @@ class HttpSink:
         stats = EndpointStats(client, keys, name)
         gates = EndpointGates(client, keys, name)
         sender = Sender(transport, vetter, AsyncRateLimiter(client, keys), stats, gates)
-        return cls(name, settings, secrets, sender, on_close=[transport.close, client.aclose])
+
+        def marks(batch: Batch) -> DeliveredMarks:
+            key = keys.http_delivered(batch.stream, batch.shard, batch.group, name)
+            return DeliveredMarks(client, key)
+
+        closing = [transport.close, client.aclose]
+        return cls(name, settings, secrets, sender, on_close=closing, marks=marks)
 
     async def write(self, batch: Batch) -> Sequence[Rejected]:
-        """Deliver every call of the window; return those given up, with why."""
+        """Deliver every call of the window; return those given up, with why.
+
+        Calls an earlier owner of the shard delivered before it died (marked in Redis,
+        the window not acknowledged) are not sent again.
+        """
+        marks = self._marks(batch) if self._marks is not None else None
+        delivered: set[str] = set()
+        if marks is not None:
+            delivered = await retrying(lambda: marks.start(batch.first_id), "delivered marks")
         work = plan(batch, self.settings)
         rejected = [Rejected(refusal.entry_id, refusal.reason) for refusal in work.refused]
         for refusal in work.refused:
@@ -79,19 +96,35 @@ class HttpSink:
                 "callback refused",
                 extra={"sink": self.name, "entry": refusal.entry_id, "reason": refusal.reason},
             )
-        if work.chains:
-            async with asyncio.TaskGroup() as tasks:
-                runs = [tasks.create_task(self._chain(chain)) for chain in work.chains]
-            for run in runs:
-                rejected.extend(run.result())
+        chains = _unsent(work.chains, delivered) if delivered else work.chains
+        skipped = sum(map(len, work.chains)) - sum(map(len, chains)) if delivered else 0
+        if skipped:
+            log.info(
+                "callbacks delivered before the shard changed owner: not sent again",
+                extra={"sink": self.name, "shard": batch.shard, "requests": skipped},
+            )
+        try:
+            if chains:
+                async with asyncio.TaskGroup() as tasks:
+                    runs = [tasks.create_task(self._chain(chain, marks)) for chain in chains]
+                for run in runs:
+                    rejected.extend(run.result())
+        finally:
+            if marks is not None:
+                await marks.drain()
         await self.sender.stats.flush()
         return rejected
 
-    async def _chain(self, chain: Sequence[Request]) -> list[Rejected]:
+    async def _chain(
+        self, chain: Sequence[Request], marks: DeliveredMarks | None
+    ) -> list[Rejected]:
         """Deliver requests one after the other (one event key's, or one batch's parts)."""
         rejected: list[Rejected] = []
         for request in chain:
-            rejected.extend(await self.sender.deliver(self.endpoint(request), request))
+            refused = await self.sender.deliver(self.endpoint(request), request)
+            if not refused and marks is not None:
+                marks.add(request.entry_ids)
+            rejected.extend(refused)
         return rejected
 
     def endpoint(self, request: Request) -> Endpoint:
@@ -111,3 +144,9 @@ class HttpSink:
         await self.sender.stats.flush()
         for close in self._on_close:
             await close()
+
+
+def _unsent(chains: list[list[Request]], delivered: set[str]) -> list[list[Request]]:
+    """The chains without the requests whose every entry was delivered already."""
+    left = [[r for r in chain if not delivered.issuperset(r.entry_ids)] for chain in chains]
+    return [chain for chain in left if chain]
