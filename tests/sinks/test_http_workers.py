@@ -207,3 +207,73 @@ def test_a_killed_workers_callbacks_come_again_with_the_same_idempotency_keys(
     assert all(len(same) == 1 for same in bodies.values())  # a repeat is byte for byte the same
     for shard in range(SHARDS):
         assert int(r.xpending(keys.shard("hooks", shard), "g")["pending"]) == 0
+
+
+KILLS, BIG = 5, 3000
+
+
+def test_sigkills_repeat_only_the_callbacks_in_flight(
+    tmp_path: Path, keys: Keys, redis_url: str, r: redis.Redis, receiver: Receiver
+) -> None:
+    """3 workers (concurrency 4), 5 SIGKILLs during 3,000 callbacks: nothing lost, and each
+    kill repeats at most what its worker had in flight (delivered marks, streams/endpoints.py),
+    not its whole windows: at most concurrency x workers = 12 extra deliveries per kill."""
+    receiver.answer = lambda record, server: Answer(delay=0.005)
+    path = tmp_path / "streamsink.toml"
+    text = config_toml(keys, redis_url, receiver.url("/")).replace(f"rate = {RATE}", "rate = 0")
+    path.write_text(text)
+    config = from_dict(tomllib.loads(text))
+    create_stream(r, keys, "hooks", SHARDS)
+    names = [f"order-{n % 300}" for n in range(BIG)]
+    events = [
+        Event.make(name, "call", {"url": receiver.url("/o"), "payload": n})
+        for n, name in enumerate(names)
+    ]
+    ids = Producer(r, config).publish_many("hooks", events)
+    expected = {
+        f"hooks:{shard_of(name, SHARDS)}:{entry_id}"
+        for name, entry_id in zip(names, ids, strict=True)
+    }
+    started = 0
+
+    def start() -> subprocess.Popen[bytes]:
+        nonlocal started
+        started += 1
+        return start_worker(path, tmp_path / f"worker-{started}.err")
+
+    workers = [start() for _ in range(WORKERS)]
+    try:
+        deadline = time.monotonic() + 180
+        for kill in range(KILLS):
+            goal = (kill + 1) * BIG // (KILLS + 2)
+            while len(receiver.accepted()) < goal:
+                assert time.monotonic() < deadline, f"{len(receiver.accepted())} of {goal}"
+                assert all(w.poll() is None for w in workers), "a worker died"
+                time.sleep(0.02)
+            victim = workers.pop(kill % WORKERS)
+            victim.kill()
+            victim.wait(10)
+            workers.insert(kill % WORKERS, start())
+        while {record.key for record in receiver.accepted()} != expected:
+            assert time.monotonic() < deadline, "not every callback was delivered"
+            assert all(w.poll() is None for w in workers), "a worker died"
+            time.sleep(0.1)
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        assert [worker.wait(30) for worker in workers] == [0] * WORKERS
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait(10)
+    accepted = receiver.accepted()
+    extra = len(accepted) - len(expected)
+    print(
+        f"\n{KILLS} SIGKILLs during {BIG} callbacks: {len(accepted)} deliveries, "
+        f"{extra} extra ({extra / KILLS:.1f} per kill)"
+    )
+    assert {record.key for record in accepted} == expected  # nothing lost
+    assert extra <= 12 * KILLS
+    for shard in range(SHARDS):
+        assert int(r.xpending(keys.shard("hooks", shard), "g")["pending"]) == 0
+        assert int(r.xlen(keys.dead("hooks", shard, "g"))) == 0
