@@ -277,3 +277,57 @@ def test_sigkills_repeat_only_the_callbacks_in_flight(
     for shard in range(SHARDS):
         assert int(r.xpending(keys.shard("hooks", shard), "g")["pending"]) == 0
         assert int(r.xlen(keys.dead("hooks", shard, "g"))) == 0
+
+
+def test_a_new_worker_starts_delivering_within_10_s_under_a_slow_rate(
+    tmp_path: Path, keys: Keys, redis_url: str, r: redis.Redis, receiver: Receiver
+) -> None:
+    """Under `rate = 20` a window of calls takes minutes; the first worker holds every
+    shard. A worker joining gets its share between requests (the HTTP sink's write is
+    interrupted on a drain, what it delivered marked), not after the slow windows."""
+    path = tmp_path / "streamsink.toml"
+    text = config_toml(keys, redis_url, receiver.url("/")).replace(f"rate = {RATE}", "rate = 20")
+    path.write_text(text)
+    config = from_dict(tomllib.loads(text))
+    create_stream(r, keys, "hooks", SHARDS)
+    events = [
+        Event.make(f"order-{n % 250}", "call", {"url": receiver.url("/o"), "payload": n})
+        for n in range(1000)
+    ]
+    Producer(r, config).publish_many("hooks", events)
+    first = start_worker(path, tmp_path / "first.err")
+    second = None
+    try:
+        deadline = time.monotonic() + 30
+        while len(receiver.records) < 40:  # every shard's first window in flight
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.05)
+        joined = time.monotonic()
+        second = start_worker(path, tmp_path / "second.err")
+        seen: dict[int, int] = {}  # shard taken by the second -> requests of it until then
+        while True:
+            waited = time.monotonic() - joined
+            assert waited < 10, f"the new worker took {sorted(seen)} but sent nothing in 10 s"
+            assert first.poll() is None and second.poll() is None, "a worker died"
+            lines = (tmp_path / "second.err").read_text().splitlines()
+            for line in (orjson.loads(x) for x in lines if x.startswith("{")):
+                if line["msg"] == "shard taken" and line["shard"] not in seen:
+                    seen[line["shard"]] = _requests_of(receiver, line["shard"])
+            if any(_requests_of(receiver, shard) > n for shard, n in seen.items()):
+                break
+            time.sleep(0.05)
+        print(
+            f"\nrate 20: a worker joining sent its first callback {waited:.1f} s after it started"
+        )
+        for worker in (first, second):
+            worker.send_signal(signal.SIGTERM)
+        assert first.wait(30) == 0 and second.wait(30) == 0
+    finally:
+        for worker in (first, second):
+            if worker is not None and worker.poll() is None:
+                worker.kill()
+                worker.wait(10)
+
+
+def _requests_of(receiver: Receiver, shard: int) -> int:
+    return sum(1 for record in list(receiver.records) if record.key.split(":")[1] == str(shard))

@@ -38,6 +38,10 @@ log = logging.getLogger("streamsink.http")
 class HttpSink:
     """Delivers the calls of each window; see the module docstring."""
 
+    interruptible = True
+    """A write may be cancelled when the shard is handed over: what it delivered is marked,
+    and the next owner sends only the rest (consumers/shard.py)."""
+
     def __init__(
         self,
         name: str,
