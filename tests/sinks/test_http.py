@@ -360,3 +360,21 @@ async def test_a_429_from_one_worker_pauses_all_four_without_a_rate(
     assert during == []
     assert {record.path for record in after} == {"/w0", "/w1", "/w2", "/w3"}
     assert len(receiver.accepted()) == 240
+
+
+async def test_endpoint_counts_show_while_a_window_is_in_flight(
+    receiver: Receiver, redis_url: str, keys: Keys, r: redis.Redis
+) -> None:
+    receiver.answer = lambda record, server: Answer(delay=0.05)
+    window = Window()
+    entries = [window.entry("one-key", receiver.url(), {"n": n}) for n in range(60)]  # 3 s
+    endpoint = f"http://127.0.0.1:{receiver.port}"
+    async with http_sink(redis_url, keys) as built:
+        writing = asyncio.create_task(built.sink.write(window.batch(entries)))
+        deadline = time.monotonic() + 10
+        while counts(r, keys).get(endpoint, (0,))[0] == 0:
+            assert time.monotonic() < deadline and not writing.done(), "no counts while sending"
+            await asyncio.sleep(0.05)
+        assert not writing.done(), "the counts should show before the window is done"
+        assert await writing == []
+    assert counts(r, keys)[endpoint] == (60, 0, 0, 0, "closed")
