@@ -250,14 +250,19 @@ def _us(seconds: float) -> int:
     return max(0, int(seconds * 1_000_000))
 
 
+MARKS_EVERY_S = 0.005
+"""Delivered marks are written at most this often (one SADD for all made meanwhile)."""
+
+
 class DeliveredMarks:
     """The entries of one shard whose callbacks one sink delivered, kept until acknowledged.
 
     `start(first_id)` at each window: the marks below it are of acknowledged (or
     dead-lettered) windows and are removed; those left were delivered by an owner that
     died before its acknowledgement, and are skipped. `add` marks as deliveries succeed:
-    one write at a time, the marks made meanwhile going with the next one, so a success
-    costs no round trip of its own; `drain` waits for the last.
+    one write at a time, at most every MARKS_EVERY_S, so a success costs no round trip of
+    its own (a crash repeats the deliveries of that last moment too); `drain` waits for
+    the last.
     """
 
     def __init__(self, client: aredis.Redis, key: str) -> None:
@@ -289,6 +294,7 @@ class DeliveredMarks:
 
     async def _write(self) -> None:
         while self._pending:
+            await asyncio.sleep(MARKS_EVERY_S)  # the marks made meanwhile go in one write
             ids, self._pending = self._pending, []
             try:
                 await self._client.sadd(self._key, *ids)

@@ -44,6 +44,9 @@ log = logging.getLogger("streamsink.http")
 RETRIED = (0, 408, 429)
 """Statuses below 500 that are retried: no reply (0), Request Timeout, Too Many Requests."""
 
+FREE = Permit(0.0)
+"""The permit of an endpoint without a rate limit."""
+
 STATS_EVERY_S = 1.0
 """How often the endpoint counts reach Redis while callbacks flow (and at each window's end)."""
 
@@ -187,7 +190,7 @@ class Sender:
         except OSError as exc:  # the host does not resolve (now): worth another attempt
             return Reply(0, f"cannot resolve {url.raw_host}: {exc}")
         timeout = endpoint.settings.timeout_s
-        permit = await self._permit(endpoint, timeout + 1.0)
+        permit = await self._permit(endpoint, timeout + 1.0) if endpoint.rate.limited else FREE
         try:
             headers = {
                 **request.headers,
