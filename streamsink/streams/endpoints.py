@@ -250,7 +250,7 @@ def _us(seconds: float) -> int:
     return max(0, int(seconds * 1_000_000))
 
 
-MARKS_EVERY_S = 0.005
+MARKS_EVERY_S = 0.01
 """Delivered marks are written at most this often (one SADD for all made meanwhile)."""
 
 

@@ -1,18 +1,19 @@
 """The HTTP callback sink: a window's `call` events, delivered per endpoint, at least once.
 
 Each window is planned into requests (plan.py), whose chains run concurrently: every
-endpoint at once, each within its own concurrency, breaker and shared rate limit
-(deliver.py). `write` returns when every request was delivered or given up; what was
-given up (hostile URL, a status not retried, last attempt failed with the breaker
-closed) comes back as Rejected and goes to the dead-letter stream, so the window is
-acknowledged either way. While an endpoint's breaker is open its calls wait, and so does
-the window (the lease kept, nothing acknowledged).
+endpoint at once, each within its own concurrency (that many tasks take its chains),
+breaker and shared rate limit (deliver.py). `write` returns when every request was
+delivered or given up; what was given up (hostile URL, a status not retried, last attempt
+failed with the breaker closed) comes back as Rejected and goes to the dead-letter
+stream, so the window is acknowledged either way. While an endpoint's breaker is open its
+calls wait, and so does the window (the lease kept, nothing acknowledged).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -107,29 +108,40 @@ class HttpSink:
                 "callbacks delivered before the shard changed owner: not sent again",
                 extra={"sink": self.name, "shard": batch.shard, "requests": skipped},
             )
+        queues: dict[str, deque[list[Request]]] = {}  # endpoint -> its chains
+        for chain in chains:
+            queues.setdefault(chain[0].endpoint, deque()).append(chain)
         try:
-            if chains:
+            if queues:
                 async with asyncio.TaskGroup() as tasks:
-                    runs = [tasks.create_task(self._chain(chain, marks)) for chain in chains]
+                    runs = [
+                        tasks.create_task(self._chains(queue, marks, rejected))
+                        for queue in queues.values()
+                        for _ in range(min(len(queue), queue[0][0].settings.concurrency))
+                    ]
                 for run in runs:
-                    rejected.extend(run.result())
+                    run.result()
         finally:
             if marks is not None:
                 await marks.drain()
         await self.sender.stats.flush()
         return rejected
 
-    async def _chain(
-        self, chain: Sequence[Request], marks: DeliveredMarks | None
-    ) -> list[Rejected]:
-        """Deliver requests one after the other (one event key's, or one batch's parts)."""
-        rejected: list[Rejected] = []
-        for request in chain:
-            refused = await self.sender.deliver(self.endpoint(request), request)
-            if not refused and marks is not None:
-                marks.add(request.entry_ids)
-            rejected.extend(refused)
-        return rejected
+    async def _chains(
+        self,
+        queue: deque[list[Request]],
+        marks: DeliveredMarks | None,
+        rejected: list[Rejected],
+    ) -> None:
+        """Take chains of one endpoint until none is left, delivering each chain's requests
+        one after the other (one event key's, or one batch's parts). An endpoint runs
+        `concurrency` of these: a task per chain would cost more than its request."""
+        while queue:
+            for request in queue.popleft():
+                refused = await self.sender.deliver(self.endpoint(request), request)
+                if not refused and marks is not None:
+                    marks.add(request.entry_ids)
+                rejected.extend(refused)
 
     def endpoint(self, request: Request) -> Endpoint:
         """The endpoint a request goes to, made on its first request."""
