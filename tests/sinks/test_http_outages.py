@@ -90,9 +90,12 @@ class Run:
         }
 
     def start(self, n: int = WORKERS) -> None:
+        """Start `n` workers; return once each runs (its SIGTERM handler is in place)."""
         for _ in range(n):
             log = self.tmp_path / f"worker-{len(self.workers)}.err"
             self.workers.append(start_worker(self.path, log))
+        running = len(self.workers)
+        self.wait("the workers start", lambda: self.logged("worker started") >= running)
 
     def wait(self, what: str, done: Callable[[], bool], within: float = 60.0) -> None:
         deadline = time.monotonic() + within

@@ -254,7 +254,11 @@ def test_sigkills_repeat_only_the_callbacks_in_flight(
             victim.kill()
             victim.wait(10)
             workers.insert(kill % WORKERS, start())
-        while {record.key for record in receiver.accepted()} != expected:
+        logs = [tmp_path / f"worker-{n}.err" for n in range(started - WORKERS + 1, started + 1)]
+        while {record.key for record in receiver.accepted()} != expected or not all(
+            '"worker started"' in log.read_text()
+            for log in logs  # its SIGTERM handler is set
+        ):
             assert time.monotonic() < deadline, "not every callback was delivered"
             assert all(w.poll() is None for w in workers), "a worker died"
             time.sleep(0.1)
