@@ -74,6 +74,10 @@ class Breaker:
         self._held_since: float | None = None
         self._told_success = -REFRESH_S  # time.monotonic() when Redis last heard of one
 
+    def clear(self) -> bool:
+        """Whether a request may go now without asking (the gate was seen clear lately)."""
+        return time.monotonic() < self._clear_until
+
     async def enter(self) -> bool:
         """Wait until a request may go; True if it goes as the half-open breaker's probe."""
         if time.monotonic() < self._clear_until:

@@ -115,14 +115,20 @@ class Sender:
         self.transport, self.vetter, self.limiter, self.stats = transport, vetter, limiter, stats
         self.gates = gates
         self.requests: Counter[tuple[str, str]] = Counter()  # (endpoint, status class): sent
-        self.permit_wait_s: dict[str, float] = {}  # per endpoint: time waited for a permit
+        # Per endpoint: time requests waited for a permit, a Retry-After or an open breaker.
+        self.permit_wait_s: dict[str, float] = {}
 
     async def deliver(self, endpoint: Endpoint, request: Request) -> list[Rejected]:
         """Send until delivered or given up; the entries given up come back as Rejected."""
         attempts = 0
         while True:
             async with endpoint.slots:
-                probe = await endpoint.breaker.enter()
+                if endpoint.breaker.clear():
+                    probe = False
+                else:  # the breaker is open or a Retry-After runs: the wait is measured
+                    started = time.monotonic()
+                    probe = await endpoint.breaker.enter()
+                    self._waited(endpoint, time.monotonic() - started)
                 attempts += 1
                 try:
                     reply = await self._attempt(endpoint, request)
@@ -211,8 +217,11 @@ class Sender:
         try:
             return await self._wait_permit(endpoint, busy_s)
         finally:
-            waited = time.monotonic() - started
-            self.permit_wait_s[endpoint.name] = self.permit_wait_s.get(endpoint.name, 0.0) + waited
+            self._waited(endpoint, time.monotonic() - started)
+
+    def _waited(self, endpoint: Endpoint, seconds: float) -> None:
+        """Count time a request waited (rate limit, Retry-After hold, open breaker)."""
+        self.permit_wait_s[endpoint.name] = self.permit_wait_s.get(endpoint.name, 0.0) + seconds
 
     async def _wait_permit(self, endpoint: Endpoint, busy_s: float) -> Permit:
         if not endpoint.rate.limited:
