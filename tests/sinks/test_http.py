@@ -378,3 +378,23 @@ async def test_endpoint_counts_show_while_a_window_is_in_flight(
         assert not writing.done(), "the counts should show before the window is done"
         assert await writing == []
     assert counts(r, keys)[endpoint] == (60, 0, 0, 0, "closed")
+
+
+async def test_a_new_owner_skips_the_callbacks_marked_delivered_until_the_next_window(
+    receiver: Receiver, redis_url: str, keys: Keys, r: redis.Redis
+) -> None:
+    """A window written again before its acknowledgement (its owner died) sends nothing
+    already delivered; the next window's start forgets the marks below it."""
+    window = Window()
+    first = [window.entry(f"k{n}", receiver.url(), {"n": n}) for n in range(10)]
+    async with http_sink(redis_url, keys) as built:
+        assert await built.sink.write(window.batch(first)) == []
+    marked = keys.http_delivered("hooks", 0, "g", "hooks")
+    assert r.scard(marked) == 10
+    async with http_sink(redis_url, keys) as again:  # the next owner, same window
+        assert await again.sink.write(window.batch(first)) == []
+        assert again.transport.posts == 0
+        second = [window.entry(f"k{n}", receiver.url(), {"n": 10 + n}) for n in range(5)]
+        assert await again.sink.write(window.batch(second)) == []
+    assert sorted(record.json()["n"] for record in receiver.records) == list(range(15))
+    assert {m.decode() for m in r.smembers(marked)} == {e.id for e in second}
