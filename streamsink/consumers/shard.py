@@ -42,6 +42,11 @@ def _sends_calls(sinks: Iterable[Sink]) -> bool:
     return any(postgres is None or not isinstance(s, postgres.PostgresSink) for s in sinks)
 
 
+HANDOVER_S = 1.0
+"""On a drain, how long a flush of sinks that may be interrupted (`interruptible`) has before
+it is cancelled, its entries left pending for the next owner."""
+
+
 class ShardRunner:
     """Runs one shard until told to hand it over (`drain`) or cancelled (lease lost).
 
@@ -82,6 +87,9 @@ class ShardRunner:
             tables=config.tables,
         )
         self._stash: Read | None = None  # entries read but left for the next window
+        # Every sink may be stopped mid-window on a drain (the HTTP sink: it marks what it
+        # delivered), so a slow endpoint does not keep the shard from its next owner.
+        self._interruptible = all(getattr(s, "interruptible", False) for s in sinks.values())
         attempts = {name: sink_attempts(config, name, settings.max_attempts) for name in sinks}
         self.writer = SinkWriter(reader, lease, config, stream, attempts, self.stats)
 
@@ -141,6 +149,7 @@ class ShardRunner:
     async def _run(self) -> None:
         await retrying(self.reader.ensure_group, "create group", where=self._redis)
         window, flushing = Window(), cast(asyncio.Task[None] | None, None)
+        interrupted = False
         settings = self.settings
         try:
             while not self.draining.is_set() and not self.lost:
@@ -164,7 +173,12 @@ class ShardRunner:
                 read, self._stash = self._stash or await self._read(count, block), None
                 await self._take(window, read, count)
             if flushing is not None and not self.lost:
-                await flushing
+                if not self._interruptible:
+                    await flushing
+                elif (await asyncio.wait([flushing], timeout=HANDOVER_S))[0]:
+                    flushing.result()  # a flush that failed (fenced, misconfigured) ends it
+                else:
+                    interrupted = True  # cancelled below, its window left to the next owner
         finally:
             # Cancelled (lease lost) or crashed: the flush in flight must not write or
             # acknowledge on behalf of an owner that is gone; the next owner claims it.
@@ -176,8 +190,15 @@ class ShardRunner:
                     flushing.exception()  # seen: whatever it was, this shard is done
         if self.lost:
             return
-        if window:
-            await self.flush(window)
+        if window and not interrupted:
+            try:
+                async with asyncio.timeout(HANDOVER_S if self._interruptible else None):
+                    await self.flush(window)
+            except TimeoutError:
+                interrupted = True
+        if interrupted:  # what was delivered is marked: the next owner sends the rest
+            log.info("shard handed over mid-window", extra=self._where)
+            return
         log.info("shard drained", extra=self._where)
 
     async def _read(self, count: int, block: int) -> Read:

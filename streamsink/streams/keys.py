@@ -108,6 +108,20 @@ class Keys:
         retried, dead) and `<endpoint>|breaker` -> `state ms worker`; kept for `status`."""
         return f"{self.prefix}:http:{sink}:endpoints"
 
+    def http_delivered(self, stream: str, shard: int, group: str, sink: str) -> str:
+        """SET of the entry IDs of (group, shard) whose callbacks an HTTP sink delivered and
+        whose window may not be acknowledged yet: a new owner skips them (a crash repeats
+        only what was in flight). IDs below a newer window's first are removed by it."""
+        return f"{self.prefix}:{{{stream}:{shard}}}:delivered:{group}:{sink}"
+
+    def http_gate(self, sink: str, endpoint: str) -> str:
+        """HASH of one endpoint's shared circuit breaker and Retry-After hold, for every
+        worker of an HTTP sink (`endpoint`: a digest of its name): `failures` in a row,
+        `last` failure, `until` (open until, µs on Redis' clock; absent: closed), `probe`
+        (a half-open probe is out until, µs), `hold` (Retry-After: nothing before, µs).
+        Expires a day after its last change (a forgotten endpoint leaves nothing)."""
+        return f"{self.prefix}:http:{sink}:gate:{endpoint}"
+
 
 META_SHARDS = b"shards"  # field of the meta hash: shard count
 META_CREATED = b"created_ms"  # field of the meta hash: creation time, ms

@@ -27,7 +27,7 @@ from streamsink.sinks.base import Batch
 from streamsink.sinks.http import AiohttpTransport, HttpSettings, HttpSink, Reply, Vetter
 from streamsink.sinks.http.deliver import Sender
 from streamsink.streams import Keys
-from streamsink.streams.endpoints import EndpointStats
+from streamsink.streams.endpoints import DeliveredMarks, EndpointGates, EndpointStats
 from streamsink.streams.ratelimit import AsyncRateLimiter
 
 SECRET_ENV = "STREAMSINK_TEST_SECRET"
@@ -81,8 +81,10 @@ class Receiver:
     def url(self, path: str = "/hook", host: str = "127.0.0.1") -> str:
         return f"http://{host}:{self.port}{path}"
 
-    def start(self) -> Receiver:
+    def start(self, port: int = 0) -> Receiver:
+        """Serve on `port` (0: a free one); again after `stop`, to end an outage."""
         started = threading.Event()
+        self.port = port
         self._thread = threading.Thread(target=self._serve, args=(started,), daemon=True)
         self._thread.start()
         assert started.wait(10), "the receiver did not start"
@@ -97,7 +99,7 @@ class Receiver:
             app.router.add_route("*", "/{tail:.*}", self._handle)
             self._runner = web.AppRunner(app, access_log=None)
             await self._runner.setup()
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
+            site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
             await site.start()
             server = site._server
             assert server is not None
@@ -195,9 +197,16 @@ def build_sink(
     vetter = Vetter(settings.allow_private, settings.dns_cache_s)
     transport = CountingTransport(vetter)
     stats = EndpointStats(client, keys, name)
-    sender = Sender(transport, vetter, AsyncRateLimiter(client, keys), stats)
+    gates = EndpointGates(client, keys, name)
+    sender = Sender(transport, vetter, AsyncRateLimiter(client, keys), stats, gates)
     secrets = settings.secrets(name, {SECRET_ENV: SECRET})
-    sink = HttpSink(name, settings, secrets, sender, on_close=[transport.close, client.aclose])
+
+    def marks(batch: Batch) -> DeliveredMarks:
+        key = keys.http_delivered(batch.stream, batch.shard, batch.group, name)
+        return DeliveredMarks(client, key)
+
+    closing = [transport.close, client.aclose]
+    sink = HttpSink(name, settings, secrets, sender, on_close=closing, marks=marks)
     return Built(sink, transport, vetter, client)
 
 

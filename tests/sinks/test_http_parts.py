@@ -1,4 +1,4 @@
-"""The HTTP sink's pure parts: options, endpoint matching, planning, breaker, Retry-After."""
+"""The HTTP sink's pure parts: options, endpoint matching, planning, Retry-After."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from streamsink.errors import ConfigError
 from streamsink.schemas import Config, GroupSpec, SinkSpec, StreamSpec
 from streamsink.sinks import build_sinks
 from streamsink.sinks.http import HttpSettings, HttpSink
-from streamsink.sinks.http.breaker import Breaker, State
 from streamsink.sinks.http.deliver import backoff_delay, retry_after_seconds
 from streamsink.sinks.http.plan import INVALID, plan
 from streamsink.sinks.http.settings import EndpointSettings
@@ -173,67 +172,6 @@ def test_a_batch_item_too_large_alone_is_refused_and_the_rest_sent() -> None:
     ((request,),) = work.chains
     assert request.entry_ids == (entries[0].id,)
     assert len(request.body) <= 500
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_breaker_opens_after_n_failures_in_a_row_and_probes_after_the_cool_down() -> None:
-    clock = Clock()
-    changes: list[State] = []
-    breaker = Breaker(3, 10.0, on_change=changes.append, clock=clock)
-    breaker.failed("e1")
-    breaker.failed("e2")
-    breaker.succeeded()  # not in a row
-    breaker.failed("e3")
-    breaker.failed("e4")
-    assert breaker.allow() and breaker.state is State.CLOSED
-    breaker.failed("HTTP 500")
-    assert breaker.state is State.OPEN and not breaker.allow()
-    assert breaker.why() == "circuit breaker open: 3 failures in a row (last: HTTP 500)"
-    clock.now += 9.9
-    assert not breaker.allow()
-    clock.now += 0.2
-    assert breaker.allow()  # the one probe
-    assert breaker.state is State.HALF_OPEN
-    assert not breaker.allow()  # no second probe while it is out
-    breaker.failed("HTTP 502")  # the probe failed: open again, for a new cool-down
-    assert breaker.state is State.OPEN and not breaker.allow()
-    clock.now += 10.1
-    assert breaker.allow()
-    breaker.succeeded()
-    assert breaker.state is State.CLOSED and breaker.allow() and breaker.allow()
-    assert changes == ["open", "half-open", "open", "half-open", "closed"]
-
-
-def test_a_lost_probe_does_not_keep_the_breaker_half_open_forever() -> None:
-    clock = Clock()
-    breaker = Breaker(1, 5.0, clock=clock)
-    breaker.failed("x")
-    clock.now += 5
-    assert breaker.allow()  # a probe goes and is never heard of (cancelled)
-    clock.now += 4
-    assert not breaker.allow()
-    clock.now += 1.5
-    assert breaker.allow()
-
-
-async def test_a_sleeping_retry_wakes_when_the_breaker_opens() -> None:
-    import asyncio
-    import time
-
-    breaker = Breaker(1, 60.0)
-    sleeping = asyncio.create_task(breaker.sleep(30))
-    await asyncio.sleep(0.01)
-    started = time.monotonic()
-    breaker.failed("boom")
-    await asyncio.wait_for(sleeping, 1)
-    assert time.monotonic() - started < 0.5
 
 
 def test_retry_after_in_seconds_or_an_http_date() -> None:

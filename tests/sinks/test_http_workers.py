@@ -207,3 +207,131 @@ def test_a_killed_workers_callbacks_come_again_with_the_same_idempotency_keys(
     assert all(len(same) == 1 for same in bodies.values())  # a repeat is byte for byte the same
     for shard in range(SHARDS):
         assert int(r.xpending(keys.shard("hooks", shard), "g")["pending"]) == 0
+
+
+KILLS, BIG = 5, 3000
+
+
+def test_sigkills_repeat_only_the_callbacks_in_flight(
+    tmp_path: Path, keys: Keys, redis_url: str, r: redis.Redis, receiver: Receiver
+) -> None:
+    """3 workers (concurrency 4), 5 SIGKILLs during 3,000 callbacks: nothing lost, and each
+    kill repeats at most what its worker had in flight (delivered marks, streams/endpoints.py),
+    not its whole windows: at most concurrency x workers = 12 extra deliveries per kill."""
+    receiver.answer = lambda record, server: Answer(delay=0.005)
+    path = tmp_path / "streamsink.toml"
+    text = config_toml(keys, redis_url, receiver.url("/")).replace(f"rate = {RATE}", "rate = 0")
+    path.write_text(text)
+    config = from_dict(tomllib.loads(text))
+    create_stream(r, keys, "hooks", SHARDS)
+    names = [f"order-{n % 300}" for n in range(BIG)]
+    events = [
+        Event.make(name, "call", {"url": receiver.url("/o"), "payload": n})
+        for n, name in enumerate(names)
+    ]
+    ids = Producer(r, config).publish_many("hooks", events)
+    expected = {
+        f"hooks:{shard_of(name, SHARDS)}:{entry_id}"
+        for name, entry_id in zip(names, ids, strict=True)
+    }
+    started = 0
+
+    def start() -> subprocess.Popen[bytes]:
+        nonlocal started
+        started += 1
+        return start_worker(path, tmp_path / f"worker-{started}.err")
+
+    workers = [start() for _ in range(WORKERS)]
+    try:
+        deadline = time.monotonic() + 180
+        for kill in range(KILLS):
+            goal = (kill + 1) * BIG // (KILLS + 2)
+            while len(receiver.accepted()) < goal:
+                assert time.monotonic() < deadline, f"{len(receiver.accepted())} of {goal}"
+                assert all(w.poll() is None for w in workers), "a worker died"
+                time.sleep(0.02)
+            victim = workers.pop(kill % WORKERS)
+            victim.kill()
+            victim.wait(10)
+            workers.insert(kill % WORKERS, start())
+        logs = [tmp_path / f"worker-{n}.err" for n in range(started - WORKERS + 1, started + 1)]
+        while {record.key for record in receiver.accepted()} != expected or not all(
+            '"worker started"' in log.read_text()
+            for log in logs  # its SIGTERM handler is set
+        ):
+            assert time.monotonic() < deadline, "not every callback was delivered"
+            assert all(w.poll() is None for w in workers), "a worker died"
+            time.sleep(0.1)
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        assert [worker.wait(30) for worker in workers] == [0] * WORKERS
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait(10)
+    accepted = receiver.accepted()
+    extra = len(accepted) - len(expected)
+    print(
+        f"\n{KILLS} SIGKILLs during {BIG} callbacks: {len(accepted)} deliveries, "
+        f"{extra} extra ({extra / KILLS:.1f} per kill)"
+    )
+    assert {record.key for record in accepted} == expected  # nothing lost
+    assert extra <= 12 * KILLS
+    for shard in range(SHARDS):
+        assert int(r.xpending(keys.shard("hooks", shard), "g")["pending"]) == 0
+        assert int(r.xlen(keys.dead("hooks", shard, "g"))) == 0
+
+
+def test_a_new_worker_starts_delivering_within_10_s_under_a_slow_rate(
+    tmp_path: Path, keys: Keys, redis_url: str, r: redis.Redis, receiver: Receiver
+) -> None:
+    """Under `rate = 20` a window of calls takes minutes; the first worker holds every
+    shard. A worker joining gets its share between requests (the HTTP sink's write is
+    interrupted on a drain, what it delivered marked), not after the slow windows."""
+    path = tmp_path / "streamsink.toml"
+    text = config_toml(keys, redis_url, receiver.url("/")).replace(f"rate = {RATE}", "rate = 20")
+    path.write_text(text)
+    config = from_dict(tomllib.loads(text))
+    create_stream(r, keys, "hooks", SHARDS)
+    events = [
+        Event.make(f"order-{n % 250}", "call", {"url": receiver.url("/o"), "payload": n})
+        for n in range(1000)
+    ]
+    Producer(r, config).publish_many("hooks", events)
+    first = start_worker(path, tmp_path / "first.err")
+    second = None
+    try:
+        deadline = time.monotonic() + 30
+        while len(receiver.records) < 40:  # every shard's first window in flight
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.05)
+        joined = time.monotonic()
+        second = start_worker(path, tmp_path / "second.err")
+        seen: dict[int, int] = {}  # shard taken by the second -> requests of it until then
+        while True:
+            waited = time.monotonic() - joined
+            assert waited < 10, f"the new worker took {sorted(seen)} but sent nothing in 10 s"
+            assert first.poll() is None and second.poll() is None, "a worker died"
+            lines = (tmp_path / "second.err").read_text().splitlines()
+            for line in (orjson.loads(x) for x in lines if x.startswith("{")):
+                if line["msg"] == "shard taken" and line["shard"] not in seen:
+                    seen[line["shard"]] = _requests_of(receiver, line["shard"])
+            if any(_requests_of(receiver, shard) > n for shard, n in seen.items()):
+                break
+            time.sleep(0.05)
+        print(
+            f"\nrate 20: a worker joining sent its first callback {waited:.1f} s after it started"
+        )
+        for worker in (first, second):
+            worker.send_signal(signal.SIGTERM)
+        assert first.wait(30) == 0 and second.wait(30) == 0
+    finally:
+        for worker in (first, second):
+            if worker is not None and worker.poll() is None:
+                worker.kill()
+                worker.wait(10)
+
+
+def _requests_of(receiver: Receiver, shard: int) -> int:
+    return sum(1 for record in list(receiver.records) if record.key.split(":")[1] == str(shard))

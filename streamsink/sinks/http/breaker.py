@@ -1,20 +1,43 @@
-"""A circuit breaker per endpoint: after N failures in a row, fail fast for a while.
+"""A circuit breaker per endpoint, shared by every worker: while open, calls wait.
 
     closed ──N consecutive failures──▶ open ──cool-down over──▶ half-open (one probe)
       ▲                                  ▲                          │
       └────────── probe succeeds ────────┼──────── probe fails ─────┘
 
-While open, requests to the endpoint are not sent (their callbacks are dead-lettered at
-once), so a dead endpoint costs each window nothing and the other endpoints go on.
+The state lives in Redis (streams/endpoints.py), so one worker's discovery spares the
+others' requests. While it is open or half-open, or a Retry-After hold runs, calls to the
+endpoint wait before their next attempt: nothing is sent, nothing acknowledged, nothing
+dead-lettered, the shard's lease kept. Half-open lets one probe through (of any worker);
+when it succeeds every waiting call goes on. A wait is bounded by the worker's shutdown
+timeout (it is cancelled, its window left for the next owner) and is seen: one log line
+when calls start waiting and one when they go on, the state in `status` and metrics.
+
+Each worker asks Redis at most every REFRESH_S while the gate is clear (and tells it of a
+success as often), and one waiting call per endpoint polls it while it is not: the
+breaker costs no round trip per request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from enum import StrEnum
+
+from streamsink.streams.endpoints import EndpointGates, Passage
+from streamsink.streams.retry import retrying
+
+log = logging.getLogger("streamsink.http")
+
+REFRESH_S = 0.1
+"""How long a worker trusts a clear gate before asking again: another worker's breaker or
+Retry-After reaches it within this time."""
+
+POLL_S = 0.25
+"""Most time a waiting call sleeps before asking the gate again (a probe elsewhere may
+have closed it)."""
 
 
 class State(StrEnum):
@@ -26,76 +49,146 @@ class State(StrEnum):
 
 
 class Breaker:
-    """The breaker of one endpoint in one sink; `on_change(state)` hears every transition."""
+    """One endpoint's gate as one worker's sink sees it; `on_change(state)` hears the
+    transitions this worker made or saw."""
 
     def __init__(
         self,
+        gates: EndpointGates,
+        endpoint: str,
+        gate: str,
         failures: int,
         cooldown_s: float,
+        probe_s: float,
         on_change: Callable[[State], None] = lambda state: None,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.failures, self.cooldown_s = failures, cooldown_s
+        self._gates, self.endpoint, self._gate = gates, endpoint, gate
+        self.failures, self.cooldown_s, self._probe_s = failures, cooldown_s, probe_s
+        self._on_change = on_change
         self.state = State.CLOSED
-        self.in_a_row = 0
-        self.last_failure = ""
-        self._on_change, self._clock = on_change, clock
-        self._opened_at = 0.0
-        self._probe_at: float | None = None
-        self._opened = asyncio.Event()
+        self.waiting = 0  # calls of this worker waiting at the gate now
+        self._clear_until = 0.0  # time.monotonic() until which the gate is taken as clear
+        self._dirty = False  # failures were counted: a success must reset them
+        self._asking = asyncio.Lock()  # one waiting call per worker asks Redis
+        self._changed = asyncio.Event()  # this worker learnt something: ask again now
+        self._held_since: float | None = None
+        self._told_success = -REFRESH_S  # time.monotonic() when Redis last heard of one
 
-    def allow(self) -> bool:
-        """Whether a request may go now; in half-open, only one probe per cool-down."""
-        if self.state is State.CLOSED:
-            return True
-        now = self._clock()
-        if self.state is State.OPEN:
-            if now - self._opened_at < self.cooldown_s:
-                return False
-            self._move(State.HALF_OPEN)
-        if self._probe_at is not None and now - self._probe_at < self.cooldown_s:
-            return False  # a probe is out (or was lost: after a cool-down, another may go)
-        self._probe_at = now
-        return True
+    def clear(self) -> bool:
+        """Whether a request may go now without asking (the gate was seen clear lately)."""
+        return time.monotonic() < self._clear_until
 
-    def succeeded(self) -> None:
+    async def enter(self) -> bool:
+        """Wait until a request may go; True if it goes as the half-open breaker's probe."""
+        if time.monotonic() < self._clear_until:
+            return False
+        self.waiting += 1
+        try:
+            async with self._asking:
+                while True:
+                    if time.monotonic() < self._clear_until:
+                        return False
+                    passage = await retrying(
+                        lambda: self._gates.ask(self._gate, self._probe_s), "breaker"
+                    )
+                    if passage.goes:
+                        return self._going(passage)
+                    self._holding(passage)
+                    self._changed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(min(passage.wait_s, POLL_S)):
+                            await self._changed.wait()
+        finally:
+            self.waiting -= 1
+
+    async def succeeded(self, probe: bool) -> None:
         """A request got an answer that shows the endpoint works."""
-        self.in_a_row = 0
-        self._probe_at = None
-        if self.state is not State.CLOSED:
-            self._move(State.CLOSED)
+        now = time.monotonic()
+        stale = now - self._told_success >= REFRESH_S  # another's failures may be counting
+        if probe or self._dirty or stale or self.state is not State.CLOSED:
+            self._told_success = now
+            closed = await retrying(lambda: self._gates.succeeded(self._gate), "breaker")
+            self._dirty = False
+            if closed or self.state is not State.CLOSED:
+                self._see(State.CLOSED)
+                self._changed.set()  # waiting calls ask again (a success is no clear view:
+                # a Retry-After hold may run)
 
-    def neutral(self) -> None:
+    async def failed(self, what: str, probe: bool) -> bool:
+        """A request failed (error, timeout, 5xx); True while the breaker is open (its calls
+        then wait rather than being given up)."""
+        self._dirty = True
+        opened, is_open = await retrying(
+            lambda: self._gates.failed(self._gate, self.failures, self.cooldown_s, what, probe),
+            "breaker",
+        )
+        if opened:
+            log.warning(
+                "circuit breaker opened: calls wait",
+                extra={"endpoint": self.endpoint, "error": what, "cooldown_s": self.cooldown_s},
+            )
+            self._see(State.OPEN)
+        if is_open:
+            self._clear_until = 0.0
+            self._changed.set()
+        return is_open
+
+    async def neutral(self, probe: bool) -> None:
         """A request ended in a way that tells nothing of the endpoint (a 429, a refusal)."""
-        self._probe_at = None
+        if probe:
+            await retrying(lambda: self._gates.probe_over(self._gate), "breaker")
+            self._changed.set()
 
-    def failed(self, what: str) -> None:
-        """A request failed (error, timeout, 5xx)."""
-        self.in_a_row += 1
-        self.last_failure = what
-        self._probe_at = None
-        if self.state is State.HALF_OPEN or (
-            self.state is State.CLOSED and self.in_a_row >= self.failures
-        ):
-            self._opened_at = self._clock()
-            self._move(State.OPEN)
+    async def hold(self, seconds: float) -> None:
+        """Send nothing to the endpoint for `seconds`, from any worker (a Retry-After)."""
+        await retrying(lambda: self._gates.hold(self._gate, seconds), "hold")
+        self._clear_until = 0.0
 
-    def why(self) -> str:
-        """Why requests fail fast now."""
+    def _going(self, passage: Passage) -> bool:
+        probe = passage.what == "probe"
+        self._dirty = passage.failures > 0
+        if probe:
+            self._see(State.HALF_OPEN)
+        else:
+            self._clear_until = time.monotonic() + REFRESH_S
+            if self.state is not State.CLOSED:
+                self._see(State.CLOSED)  # another worker's probe closed it
+        if self._held_since is not None and not probe:
+            log.info(
+                "callbacks go on",
+                extra={
+                    "endpoint": self.endpoint,
+                    "waited_s": round(time.monotonic() - self._held_since, 3),
+                },
+            )
+            self._held_since = None
+        return probe
+
+    def _holding(self, passage: Passage) -> None:
+        if passage.what in ("open", "half-open") and self.state is State.CLOSED:
+            self._see(State(passage.what))
+        if self._held_since is None:
+            self._held_since = time.monotonic()
+            log.warning(
+                "callbacks wait",
+                extra={
+                    "endpoint": self.endpoint,
+                    "why": self.why(passage),
+                    "in_s": round(passage.wait_s, 3),
+                    "waiting": self.waiting,
+                },
+            )
+
+    def why(self, passage: Passage) -> str:
+        """Why calls wait now."""
+        if passage.what == "hold":
+            return f"the endpoint asked to wait (Retry-After), {passage.wait_s:.1f} s more"
         return (
-            f"circuit breaker {self.state}: {self.in_a_row} failures in a row "
-            f"(last: {self.last_failure})"
+            f"circuit breaker {passage.what}: {passage.failures} failures in a row "
+            f"(last: {passage.last})"
         )
 
-    async def sleep(self, seconds: float) -> None:
-        """Sleep `seconds`, or less if the breaker opens meanwhile (no point waiting then)."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._opened.wait(), seconds)
-
-    def _move(self, state: State) -> None:
-        self.state = state
-        if state is State.OPEN:
-            self._opened.set()
-        else:
-            self._opened.clear()
-        self._on_change(state)
+    def _see(self, state: State) -> None:
+        if state is not self.state:
+            self.state = state
+            self._on_change(state)

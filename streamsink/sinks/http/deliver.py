@@ -1,15 +1,20 @@
-"""Delivering one request: vet, wait for a permit, send, and retry or give up.
+"""Delivering one request: vet, pass the endpoint's gate, wait for a permit, send, retry.
 
     2xx                         delivered
     connection error, timeout   retried (backoff, full jitter); counts for the breaker
-    5xx                         retried (backoff, full jitter); counts for the breaker
+    5xx, 408                    retried (backoff, full jitter); counts for the breaker
     429                         retried after Retry-After (seconds or HTTP date), else
                                 backoff; every worker holds that endpoint as long
     other status (3xx, 4xx)     not retried: the request itself is wrong
-    refused URL, open breaker   not sent at all
+    refused URL                 not sent at all
 
-A request that is not delivered comes back as Rejected entries (dead letters) whose
-reason has the last status and body excerpt (or error) and the attempt count.
+Before each attempt a request passes its endpoint's gate (breaker.py): while the breaker
+is open or a Retry-After runs, it waits there. A request is given up (its callbacks
+dead-lettered) only when it can never succeed (refused URL, a status not retried, a
+Retry-After over `max_retry_after_s`) or after `max_attempts` attempts, the last one
+failing while the breaker is closed: while the breaker is open its calls wait instead,
+however many attempts they made. The reason has the last status and body excerpt (or
+error) and the attempt count.
 """
 
 from __future__ import annotations
@@ -30,30 +35,48 @@ from streamsink.sinks.http.settings import EndpointSettings
 from streamsink.sinks.http.signing import IDEMPOTENCY_HEADER, signed_headers
 from streamsink.sinks.http.transport import Reply, Transport
 from streamsink.sinks.http.urls import Refused, Vetter
-from streamsink.streams.endpoints import EndpointStats
+from streamsink.streams.endpoints import EndpointGates, EndpointStats
 from streamsink.streams.ratelimit import AsyncRateLimiter, Permit, Rate
 from streamsink.streams.retry import TRANSIENT, backoff_bound, retrying
 
 log = logging.getLogger("streamsink.http")
+
+RETRIED = (0, 408, 429)
+"""Statuses below 500 that are retried: no reply (0), Request Timeout, Too Many Requests."""
+
+FREE = Permit(0.0)
+"""The permit of an endpoint without a rate limit."""
+
+STATS_EVERY_S = 1.0
+"""How often the endpoint counts reach Redis while callbacks flow (and at each window's end)."""
 
 
 class Endpoint:
     """One endpoint as one sink drives it: settings, secret, slots, breaker, rate limit."""
 
     def __init__(
-        self, sink: str, name: str, settings: EndpointSettings, secret: bytes, stats: EndpointStats
+        self,
+        sink: str,
+        name: str,
+        settings: EndpointSettings,
+        secret: bytes,
+        stats: EndpointStats,
+        gates: EndpointGates,
     ) -> None:
         self.name, self.settings, self.secret = name, settings, secret
         self.slots = asyncio.Semaphore(settings.concurrency)
+        digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:16]
         self.breaker = Breaker(
+            gates,
+            name,
+            digest,
             settings.breaker_failures,
             settings.breaker_cooldown_s,
+            probe_s=settings.timeout_s + 1.0,
             on_change=lambda state: stats.breaker(name, state),
         )
         self.rate = Rate(settings.rate, settings.burst, settings.min_interval_ms)
-        digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:16]
         self.limit = f"http:{sink}:{digest}"  # the shared limit's name in Redis
-        self.hold_until = 0.0  # time.monotonic() before which nothing is sent (Retry-After)
 
 
 def backoff_delay(attempt: int, settings: EndpointSettings) -> float:
@@ -87,32 +110,40 @@ class Sender:
         vetter: Vetter,
         limiter: AsyncRateLimiter,
         stats: EndpointStats,
+        gates: EndpointGates,
         sink: str = "",
     ) -> None:
         self.transport, self.vetter, self.limiter, self.stats = transport, vetter, limiter, stats
+        self.gates = gates
         self.sink = sink  # the config's name, for log lines
         self.requests: Counter[tuple[str, str]] = Counter()  # (endpoint, status class): sent
-        self.permit_wait_s: dict[str, float] = {}  # per endpoint: time waited for a permit
+        # Per endpoint: time requests waited for a permit, a Retry-After or an open breaker.
+        self.permit_wait_s: dict[str, float] = {}
 
     async def deliver(self, endpoint: Endpoint, request: Request) -> list[Rejected]:
         """Send until delivered or given up; the entries given up come back as Rejected."""
         attempts = 0
         while True:
             async with endpoint.slots:
-                if not endpoint.breaker.allow():
-                    why = f"{endpoint.breaker.why()}; {_attempts(attempts)}"
-                    return self._dead(endpoint, request, why)
+                if endpoint.breaker.clear():
+                    probe = False
+                else:  # the breaker is open or a Retry-After runs: the wait is measured
+                    started = time.monotonic()
+                    probe = await endpoint.breaker.enter()
+                    self._waited(endpoint, time.monotonic() - started)
                 attempts += 1
                 try:
                     reply = await self._attempt(endpoint, request)
                 except Refused as exc:
-                    endpoint.breaker.neutral()  # nothing was sent: not the endpoint's fault
+                    await endpoint.breaker.neutral(probe)  # nothing was sent
                     return self._dead(endpoint, request, f"URL refused: {exc}")
             if 200 <= reply.status < 300:
-                endpoint.breaker.succeeded()
+                await endpoint.breaker.succeeded(probe)
                 self.stats.count(endpoint.name, "sent", len(request.entry_ids))
+                await self.stats.flush_every(STATS_EVERY_S)
                 return []
-            outcome = await self._failed(endpoint, request, reply, attempts)
+            outcome = await self._failed(endpoint, request, reply, attempts, probe)
+            await self.stats.flush_every(STATS_EVERY_S)
             if isinstance(outcome, str):
                 return self._dead(endpoint, request, outcome)
             self.stats.count(endpoint.name, "retried")
@@ -127,27 +158,28 @@ class Sender:
                     "in_s": round(outcome, 3),
                 },
             )
-            await endpoint.breaker.sleep(outcome)
+            await asyncio.sleep(outcome)
 
     async def _failed(
-        self, endpoint: Endpoint, request: Request, reply: Reply, attempts: int
+        self, endpoint: Endpoint, request: Request, reply: Reply, attempts: int, probe: bool
     ) -> float | str:
         """After a failed attempt: the delay before the next, or why to give up."""
         settings = endpoint.settings
         self.stats.count(endpoint.name, "failed")
-        retry = not reply.final and (reply.status in (0, 429) or reply.status >= 500)
+        retry = not reply.final and (reply.status in RETRIED or reply.status >= 500)
+        held = False  # the breaker is open: the call waits at the gate, whatever its attempts
         if reply.status == 429 or reply.final:
-            endpoint.breaker.neutral()  # says nothing of the endpoint's health
+            await endpoint.breaker.neutral(probe)  # says nothing of the endpoint's health
         elif retry:
-            endpoint.breaker.failed(reply.describe())
+            held = await endpoint.breaker.failed(reply.describe(), probe)
         else:
-            endpoint.breaker.succeeded()  # it answers; this request is what is wrong
+            await endpoint.breaker.succeeded(probe)  # it answers; this request is wrong
         if not retry:
             return f"{reply.describe()}; not retried; {_attempts(attempts)}"
-        if attempts >= settings.max_attempts:
+        if attempts >= settings.max_attempts and not held:
             return f"{reply.describe()}; {_attempts(attempts)}"
         if reply.status != 429:
-            return backoff_delay(attempts, settings)
+            return 0.0 if held else backoff_delay(attempts, settings)
         asked = retry_after_seconds(reply.retry_after, time.time())
         if asked is None:
             return backoff_delay(attempts, settings)
@@ -157,7 +189,7 @@ class Sender:
                 f"({settings.max_retry_after_s:g}); {_attempts(attempts)}"
             )
         await self._hold(endpoint, asked)
-        return asked
+        return 0.0  # the gate holds it (and every other call to the endpoint) as long
 
     async def _attempt(self, endpoint: Endpoint, request: Request) -> Reply:
         """Vet the host, wait for a permit, send. Refused if the host may not be called."""
@@ -167,7 +199,7 @@ class Sender:
         except OSError as exc:  # the host does not resolve (now): worth another attempt
             return Reply(0, f"cannot resolve {url.raw_host}: {exc}")
         timeout = endpoint.settings.timeout_s
-        permit = await self._permit(endpoint, timeout + 1.0)
+        permit = await self._permit(endpoint, timeout + 1.0) if endpoint.rate.limited else FREE
         try:
             headers = {
                 **request.headers,
@@ -183,20 +215,18 @@ class Sender:
                 await self._done(endpoint, permit)
 
     async def _permit(self, endpoint: Endpoint, busy_s: float) -> Permit:
-        """Wait out a Retry-After hold, then for a start under the endpoint's shared limit."""
+        """Wait for a start under the endpoint's shared limit."""
         started = time.monotonic()
         try:
             return await self._wait_permit(endpoint, busy_s)
         finally:
-            waited = time.monotonic() - started
-            self.permit_wait_s[endpoint.name] = self.permit_wait_s.get(endpoint.name, 0.0) + waited
+            self._waited(endpoint, time.monotonic() - started)
+
+    def _waited(self, endpoint: Endpoint, seconds: float) -> None:
+        """Count time a request waited (rate limit, Retry-After hold, open breaker)."""
+        self.permit_wait_s[endpoint.name] = self.permit_wait_s.get(endpoint.name, 0.0) + seconds
 
     async def _wait_permit(self, endpoint: Endpoint, busy_s: float) -> Permit:
-        while True:  # a 429 meanwhile may move the hold further
-            wait = endpoint.hold_until - time.monotonic()
-            if wait <= 0:
-                break
-            await asyncio.sleep(wait)
         if not endpoint.rate.limited:
             return Permit(0.0)
         limit, rate = endpoint.limit, endpoint.rate
@@ -217,8 +247,9 @@ class Sender:
             )
 
     async def _hold(self, endpoint: Endpoint, seconds: float) -> None:
-        """Send nothing to the endpoint for `seconds`, in this worker and (if limited) all."""
-        endpoint.hold_until = max(endpoint.hold_until, time.monotonic() + seconds)
+        """Send nothing to the endpoint for `seconds`, from any worker: the gate holds the
+        calls, and (if limited) the shared limit books no start before then."""
+        await endpoint.breaker.hold(seconds)
         if endpoint.rate.limited:
             await retrying(
                 lambda: self.limiter.defer(endpoint.limit, seconds),

@@ -68,14 +68,16 @@ def plan(batch: Batch, settings: HttpSettings) -> Plan:
     by_key: dict[tuple[str, str], list[Request]] = {}
     grouped: dict[tuple[str, str, tuple[tuple[str, str], ...]], list[_Item]] = {}
     targets: dict[tuple[str, str, tuple[tuple[str, str], ...]], tuple[URL, EndpointSettings]] = {}
+    checked: dict[str, tuple[URL, str, EndpointSettings] | str] = {}  # URL text -> its check
     for entry in batch.merged.calls:
         data = entry.event.data
-        try:
-            url = check_url(data["url"], settings.max_url_bytes, settings.allowed_hosts)
-        except Refused as exc:
-            result.refused.append(Refusal(INVALID, entry.id, f"URL refused: {exc}"))
+        target = checked.get(data["url"])
+        if target is None:
+            target = checked[data["url"]] = _target(data["url"], settings)
+        if isinstance(target, str):
+            result.refused.append(Refusal(INVALID, entry.id, target))
             continue
-        name, endpoint = settings.endpoint_for(url)
+        url, name, endpoint = target
         headers: dict[str, str] = dict(data.get("headers") or {})
         reason = header_refusal(headers)
         if reason is not None:
@@ -105,6 +107,15 @@ def plan(batch: Batch, settings: HttpSettings) -> Plan:
         if chain:
             result.chains.append(chain)
     return result
+
+
+def _target(text: str, settings: HttpSettings) -> tuple[URL, str, EndpointSettings] | str:
+    """A call's URL, its endpoint's name and settings; or why the URL is refused."""
+    try:
+        url = check_url(text, settings.max_url_bytes, settings.allowed_hosts)
+    except Refused as exc:
+        return f"URL refused: {exc}"
+    return (url, *settings.endpoint_for(url))
 
 
 def _item(entry: Entry, key: str) -> bytes:

@@ -1,16 +1,19 @@
 """The HTTP callback sink: a window's `call` events, delivered per endpoint, at least once.
 
 Each window is planned into requests (plan.py), whose chains run concurrently: every
-endpoint at once, each within its own concurrency, breaker and shared rate limit
-(deliver.py). `write` returns when every request was delivered or given up; what was
-given up (hostile URL, last attempt failed, breaker open) comes back as Rejected and
-goes to the dead-letter stream, so the window is acknowledged either way.
+endpoint at once, each within its own concurrency (that many tasks take its chains),
+breaker and shared rate limit (deliver.py). `write` returns when every request was
+delivered or given up; what was given up (hostile URL, a status not retried, last attempt
+failed with the breaker closed) comes back as Rejected and goes to the dead-letter
+stream, so the window is acknowledged either way. While an endpoint's breaker is open its
+calls wait, and so does the window (the lease kept, nothing acknowledged).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -25,15 +28,20 @@ from streamsink.sinks.http.plan import Request, plan
 from streamsink.sinks.http.settings import HttpSettings
 from streamsink.sinks.http.transport import AiohttpTransport
 from streamsink.sinks.http.urls import Vetter
-from streamsink.streams.endpoints import EndpointStats
+from streamsink.streams.endpoints import DeliveredMarks, EndpointGates, EndpointStats
 from streamsink.streams.keys import Keys
 from streamsink.streams.ratelimit import AsyncRateLimiter
+from streamsink.streams.retry import retrying
 
 log = logging.getLogger("streamsink.http")
 
 
 class HttpSink:
     """Delivers the calls of each window; see the module docstring."""
+
+    interruptible = True
+    """A write may be cancelled when the shard is handed over: what it delivered is marked,
+    and the next owner sends only the rest (consumers/shard.py)."""
 
     def __init__(
         self,
@@ -42,8 +50,10 @@ class HttpSink:
         secrets: Mapping[str, bytes],
         sender: Sender,
         on_close: Sequence[Callable[[], Awaitable[Any]]] = (),
+        marks: Callable[[Batch], DeliveredMarks] | None = None,
     ) -> None:
         self.name, self.settings, self.sender = name, settings, sender
+        self._marks = marks
         self._secrets = dict(secrets)
         self._on_close = list(on_close)
         self._endpoints: dict[str, Endpoint] = {}
@@ -63,11 +73,26 @@ class HttpSink:
         vetter = Vetter(settings.allow_private, settings.dns_cache_s)
         transport = AiohttpTransport(vetter)
         stats = EndpointStats(client, keys, name)
-        sender = Sender(transport, vetter, AsyncRateLimiter(client, keys), stats, sink=name)
-        return cls(name, settings, secrets, sender, on_close=[transport.close, client.aclose])
+        gates = EndpointGates(client, keys, name)
+        sender = Sender(transport, vetter, AsyncRateLimiter(client, keys), stats, gates, sink=name)
+
+        def marks(batch: Batch) -> DeliveredMarks:
+            key = keys.http_delivered(batch.stream, batch.shard, batch.group, name)
+            return DeliveredMarks(client, key)
+
+        closing = [transport.close, client.aclose]
+        return cls(name, settings, secrets, sender, on_close=closing, marks=marks)
 
     async def write(self, batch: Batch) -> Sequence[Rejected]:
-        """Deliver every call of the window; return those given up, with why."""
+        """Deliver every call of the window; return those given up, with why.
+
+        Calls an earlier owner of the shard delivered before it died (marked in Redis,
+        the window not acknowledged) are not sent again.
+        """
+        marks = self._marks(batch) if self._marks is not None else None
+        delivered: set[str] = set()
+        if marks is not None:
+            delivered = await retrying(lambda: marks.start(batch.first_id), "delivered marks")
         work = plan(batch, self.settings)
         rejected = [Rejected(refusal.entry_id, refusal.reason) for refusal in work.refused]
         for refusal in work.refused:
@@ -76,28 +101,56 @@ class HttpSink:
                 "callback refused",
                 extra={"sink": self.name, "entry": refusal.entry_id, "reason": refusal.reason},
             )
-        if work.chains:
-            async with asyncio.TaskGroup() as tasks:
-                runs = [tasks.create_task(self._chain(chain)) for chain in work.chains]
-            for run in runs:
-                rejected.extend(run.result())
+        chains = _unsent(work.chains, delivered) if delivered else work.chains
+        skipped = sum(map(len, work.chains)) - sum(map(len, chains)) if delivered else 0
+        if skipped:
+            log.info(
+                "callbacks delivered before the shard changed owner: not sent again",
+                extra={"sink": self.name, "shard": batch.shard, "requests": skipped},
+            )
+        queues: dict[str, deque[list[Request]]] = {}  # endpoint -> its chains
+        for chain in chains:
+            queues.setdefault(chain[0].endpoint, deque()).append(chain)
+        try:
+            if queues:
+                async with asyncio.TaskGroup() as tasks:
+                    runs = [
+                        tasks.create_task(self._chains(queue, marks, rejected))
+                        for queue in queues.values()
+                        for _ in range(min(len(queue), queue[0][0].settings.concurrency))
+                    ]
+                for run in runs:
+                    run.result()
+        finally:
+            if marks is not None:
+                await marks.drain()
         await self.sender.stats.flush()
         return rejected
 
-    async def _chain(self, chain: Sequence[Request]) -> list[Rejected]:
-        """Deliver requests one after the other (one event key's, or one batch's parts)."""
-        rejected: list[Rejected] = []
-        for request in chain:
-            rejected.extend(await self.sender.deliver(self.endpoint(request), request))
-        return rejected
+    async def _chains(
+        self,
+        queue: deque[list[Request]],
+        marks: DeliveredMarks | None,
+        rejected: list[Rejected],
+    ) -> None:
+        """Take chains of one endpoint until none is left, delivering each chain's requests
+        one after the other (one event key's, or one batch's parts). An endpoint runs
+        `concurrency` of these: a task per chain would cost more than its request."""
+        while queue:
+            for request in queue.popleft():
+                refused = await self.sender.deliver(self.endpoint(request), request)
+                if not refused and marks is not None:
+                    marks.add(request.entry_ids)
+                rejected.extend(refused)
 
     def endpoint(self, request: Request) -> Endpoint:
         """The endpoint a request goes to, made on its first request."""
         endpoint = self._endpoints.get(request.endpoint)
         if endpoint is None:
             secret = self._secrets[request.settings.secret_env]
+            sender = self.sender
             endpoint = Endpoint(
-                self.name, request.endpoint, request.settings, secret, self.sender.stats
+                self.name, request.endpoint, request.settings, secret, sender.stats, sender.gates
             )
             self._endpoints[request.endpoint] = endpoint
         return endpoint
@@ -107,3 +160,9 @@ class HttpSink:
         await self.sender.stats.flush()
         for close in self._on_close:
             await close()
+
+
+def _unsent(chains: list[list[Request]], delivered: set[str]) -> list[list[Request]]:
+    """The chains without the requests whose every entry was delivered already."""
+    left = [[r for r in chain if not delivered.issuperset(r.entry_ids)] for chain in chains]
+    return [chain for chain in left if chain]

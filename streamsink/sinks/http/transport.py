@@ -61,6 +61,7 @@ class AiohttpTransport:
         self._resolver = resolver
         self._limit = limit
         self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -79,10 +80,12 @@ class AiohttpTransport:
         self, url: URL, body: bytes, headers: Mapping[str, str], timeout_s: float
     ) -> Reply:
         """POST with a total timeout; the Reply holds at most MAX_READ bytes of the body."""
-        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        timeout = self._timeouts.get(timeout_s)
+        if timeout is None:
+            timeout = self._timeouts[timeout_s] = aiohttp.ClientTimeout(total=timeout_s)
         try:
             async with self._client().post(
-                url, data=body, headers=dict(headers), timeout=timeout, allow_redirects=False
+                url, data=body, headers=headers, timeout=timeout, allow_redirects=False
             ) as response:
                 content = await response.content.read(MAX_READ)
                 return Reply(response.status, "", response.headers.get("Retry-After"), content)

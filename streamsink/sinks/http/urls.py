@@ -51,12 +51,15 @@ class Refused(ValueError):
     """
 
 
+_CONTROL = re.compile(r"[\x00-\x20\x7f]")
+
+
 def check_url(text: str, max_bytes: int, allowed_hosts: Sequence[str]) -> URL:
     """The parsed URL if its text is acceptable, else Refused (no DNS, no connection)."""
     size = len(text.encode("utf-8", "surrogatepass"))
     if size > max_bytes:
         raise Refused(f"the URL is {size} bytes long; the limit is {max_bytes}")
-    if any(ord(char) <= 0x20 or ord(char) == 0x7F for char in text):
+    if _CONTROL.search(text):
         raise Refused("malformed URL: it contains spaces or control characters")
     try:
         url = URL(text)
@@ -166,10 +169,10 @@ class Vetter(AbstractResolver):
     async def vet(self, host: str, port: int) -> list[ResolveResult]:
         """The vetted addresses of `host`; Refused if any is forbidden, OSError if none."""
         host = host.lower()
-        literal = _ip_literal(host)
         cached = self._cache.get((host, port))
         if cached is not None and cached[0] > time.monotonic():
-            return cached[1]
+            return cached[1]  # before any parsing: this runs before every request
+        literal = _ip_literal(host)
         if literal:
             infos: Sequence[tuple[Any, ...]] = [_literal_info(host, port)]
         else:
