@@ -36,6 +36,7 @@ from streamsink.streams.publish import (
     ProducerSettings,
     refusal,
 )
+from streamsink.streams.retry import cancelling
 
 _LOST = (
     "lost Redis while publishing ({}); the events may or may not be in the stream: "
@@ -275,6 +276,8 @@ class AsyncProducer:
                 if self._settings.max_wait > 0 and not self._closing and not self._full.is_set():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._full.wait(), self._settings.max_wait)
+                    if cancelling():  # a cancel landing as the wait timed out: stop anyway
+                        raise asyncio.CancelledError
                 while (
                     self._pending
                     and not self._busy

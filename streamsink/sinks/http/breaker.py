@@ -27,7 +27,7 @@ from collections.abc import Callable
 from enum import StrEnum
 
 from streamsink.streams.endpoints import EndpointGates, Passage
-from streamsink.streams.retry import retrying
+from streamsink.streams.retry import cancelling, retrying
 
 log = logging.getLogger("streamsink.http")
 
@@ -98,6 +98,8 @@ class Breaker:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(min(passage.wait_s, POLL_S)):
                             await self._changed.wait()
+                    if cancelling():  # a cancel landing as the timeout fired became its
+                        raise asyncio.CancelledError  # TimeoutError: the call must stop
         finally:
             self.waiting -= 1
 
