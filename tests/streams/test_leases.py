@@ -9,6 +9,7 @@ import redis.asyncio as aredis
 
 from streamsink.streams.keys import Keys
 from streamsink.streams.leases import Lease, Leases
+from tests.conftest import RedisServer
 
 STREAM, GROUP = "tasks", "pg-writer"
 TTL_MS = 300
@@ -240,12 +241,15 @@ async def test_heartbeat_and_renew_in_one_round_trip(
 
 
 async def test_a_renewal_cancelled_anywhere_leaves_no_pipeline_holding_a_connection(
-    ar: aredis.Redis, keys: Keys
+    redis_server: RedisServer, keys: Keys
 ) -> None:
     """The lease loop's timeout may cancel a renewal at any await; redis-py then reported
-    "Unclosed Pipeline client" (a bare line on stderr) when the pipeline was collected."""
+    "Unclosed Pipeline client" (a bare line on stderr) when the pipeline was collected.
+    (A Redis of its own: flushing the script cache of the shared one would break the
+    scripts of tests running alongside between their load and their call.)"""
     import gc
 
+    ar = aredis.Redis.from_url(redis_server.url)
     reported: list[dict[str, object]] = []
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(lambda _, context: reported.append(context))
@@ -263,3 +267,4 @@ async def test_a_renewal_cancelled_anywhere_leaves_no_pipeline_holding_a_connect
         assert not [c for c in reported if "Unclosed" in str(c.get("message"))], reported
     finally:
         loop.set_exception_handler(None)
+        await ar.aclose()
