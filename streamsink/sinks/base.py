@@ -8,6 +8,14 @@ dead-letter stream. Raising says why the window failed (errors.py): `SinkUnavail
 is retried with backoff as long as it takes, keeping the lease; `SinkMisconfigured`
 stops the group; anything else is taken for a bug, tried `max_attempts` times, then the
 window is split until the entries the sink fails on are found and dead-lettered.
+
+Optional attributes a sink may have: `check()` (async, run at start-up: raise
+`SinkMisconfigured` for what waiting cannot fix), `committed(group, stream)` (see
+`Committed`), and `interruptible = True`: the sink's `write` may be cancelled between
+its own steps without harm (it remembers what it did, as the HTTP sink's delivered marks
+do), so on a handover a window of a group whose sinks all are interruptible gets a
+second to finish, then is cancelled and left to the next owner instead of holding the
+shard until it ends.
 """
 
 from __future__ import annotations
