@@ -23,18 +23,15 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
-import redis.asyncio as aredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-
 from streamsink.consumers.retry import TRANSIENT, cancelling, retrying
 from streamsink.consumers.settings import GroupSettings
 from streamsink.consumers.shard import SINK_TRANSIENT, ShardRunner
 from streamsink.consumers.telemetry import Telemetry
-from streamsink.errors import ShardCountMismatch, SinkMisconfigured, StreamError, StreamNotFound
+from streamsink.errors import ShardCountMismatch, SinkMisconfigured, StreamError
 from streamsink.schemas.config import Config, GroupSpec
 from streamsink.sinks.base import Sink
-from streamsink.streams.keys import META_SHARDS, Keys
+from streamsink.streams.connection import AsyncClient, connect_async, shard_count_async
+from streamsink.streams.keys import Keys
 from streamsink.streams.leases import Leases
 from streamsink.streams.reader import ShardReader, create_group
 
@@ -54,7 +51,7 @@ class GroupRunner:
 
     def __init__(
         self,
-        client: aredis.Redis,
+        client: AsyncClient,
         config: Config,
         group: GroupSpec,
         sinks: Mapping[str, Sink],
@@ -189,13 +186,10 @@ class GroupRunner:
         Creating the other groups too means trimming never outruns a group whose workers
         have not started yet.
         """
-        recorded = await self.client.hget(self.keys.meta(self.stream), META_SHARDS)
-        if recorded is None:
-            raise StreamNotFound(f"stream {self.stream!r} does not exist; create it first")
-        if int(recorded) != self.shards:
+        recorded = await shard_count_async(self.client, self.keys, self.stream)
+        if recorded != self.shards:
             raise ShardCountMismatch(
-                f"stream {self.stream!r} has {int(recorded)} shards in Redis, config says "
-                f"{self.shards}"
+                f"stream {self.stream!r} has {recorded} shards in Redis, config says {self.shards}"
             )
         readers = [g.name for g in self.config.groups.values() if g.stream == self.stream]
         for shard in range(self.shards):
@@ -312,7 +306,7 @@ class Worker:
 
     def __init__(
         self,
-        client: aredis.Redis,
+        client: AsyncClient,
         config: Config,
         sinks: Mapping[str, Sink],
         worker: str | None = None,
@@ -344,16 +338,10 @@ class Worker:
         return {g.group.name: g.stopped for g in self.groups if g.stopped is not None}
 
 
-def worker_client(url: str) -> aredis.Redis:
-    """A client for workers: no silent retries (a retried read could strand entries; the
-    worker retries on its own and claims them back), socket timeout well above BLOCK."""
-    return aredis.Redis.from_url(
-        url,
-        socket_timeout=15,
-        socket_connect_timeout=5,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=30,
-    )
+def worker_client(url: str) -> AsyncClient:
+    """A client for workers (streams.connection: no silent retries, a socket timeout well
+    above BLOCK; one server or a cluster)."""
+    return connect_async(url)
 
 
 EXIT_STOPPED = 3
@@ -442,7 +430,7 @@ async def serve(
         await _close(built.values(), client)
 
 
-async def _close(sinks: Iterable[Sink], client: aredis.Redis, timeout_s: float = 10.0) -> None:
+async def _close(sinks: Iterable[Sink], client: AsyncClient, timeout_s: float = 10.0) -> None:
     """Close the sinks and the client; a sink stuck in a write is left after `timeout_s`."""
     try:
         async with asyncio.timeout(timeout_s):

@@ -14,10 +14,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from enum import Enum
 from typing import Any
 
-import redis
-
 from streamsink.schemas.config import Config
 from streamsink.streams.admin import group_status, list_streams, stream_info
+from streamsink.streams.connection import SyncClient
 from streamsink.streams.dead import dead_letters
 from streamsink.streams.endpoints import endpoint_rows
 from streamsink.streams.keys import Keys
@@ -52,7 +51,7 @@ def plain(record: Any) -> Any:
     return str(record)
 
 
-def status_document(client: redis.Redis, keys: Keys, config: Config) -> dict[str, Any]:
+def status_document(client: SyncClient, keys: Keys, config: Config) -> dict[str, Any]:
     """Streams, groups (shards, totals, tables, hot keys, dead letters) and HTTP sinks."""
     streams = []
     for name in list_streams(client, keys):
@@ -78,7 +77,7 @@ def status_document(client: redis.Redis, keys: Keys, config: Config) -> dict[str
 
 
 def _group(
-    client: redis.Redis, keys: Keys, name: str, stream: str, sinks: Sequence[str]
+    client: SyncClient, keys: Keys, name: str, stream: str, sinks: Sequence[str]
 ) -> dict[str, Any]:
     rows = group_status(client, keys, stream, name)
     measured = read_telemetry(client, keys, stream, name, len(rows))

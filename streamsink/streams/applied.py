@@ -17,11 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 from zlib import crc32
 
-import redis
-import redis.asyncio as aredis
-
 from streamsink.errors import ConfigError, NotYetApplied
 from streamsink.schemas.config import Config
+from streamsink.streams.connection import AsyncClient, SyncClient
 from streamsink.streams.keys import Keys
 
 FIRST_POLL = 0.001
@@ -104,7 +102,7 @@ def _group_names(reply: Any) -> list[str]:
 
 
 def wait_applied(
-    client: redis.Redis,
+    client: SyncClient,
     keys: Keys,
     receipts: Sequence[Receipt],
     groups: Sequence[str] = (),
@@ -136,7 +134,7 @@ def wait_applied(
 
 
 async def wait_applied_async(
-    client: aredis.Redis,
+    client: AsyncClient,
     keys: Keys,
     receipts: Sequence[Receipt],
     groups: Sequence[str] = (),

@@ -14,10 +14,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-
 from streamsink.schemas.wire import F_DATA, F_FOR, F_ORIGIN, F_SINKS, ROUTING_FIELDS
 from streamsink.streams.admin import shard_count
+from streamsink.streams.connection import SyncClient
 from streamsink.streams.keys import Keys
 from streamsink.streams.reader import DEAD_PREFIX
 
@@ -55,7 +54,7 @@ def _text(value: bytes | None) -> str:
 
 
 def dead_letters(
-    client: redis.Redis, keys: Keys, stream: str, group: str, limit: int | None = 100
+    client: SyncClient, keys: Keys, stream: str, group: str, limit: int | None = 100
 ) -> Iterator[DeadLetter]:
     """The group's dead letters, shard by shard, oldest first (at most `limit` per shard,
     every one with None)."""
@@ -79,7 +78,7 @@ def dead_letters(
 
 
 def replay(
-    client: redis.Redis,
+    client: SyncClient,
     keys: Keys,
     stream: str,
     group: str,
@@ -106,6 +105,6 @@ def replay(
     return _text(new_id) if new_id else None
 
 
-def drop(client: redis.Redis, keys: Keys, stream: str, group: str, letter: DeadLetter) -> None:
+def drop(client: SyncClient, keys: Keys, stream: str, group: str, letter: DeadLetter) -> None:
     """Delete one dead letter for good."""
     client.xdel(keys.dead(stream, letter.shard, group), letter.id)

@@ -14,8 +14,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 import redis
-import redis.asyncio as aredis
 
+from streamsink.streams.connection import AsyncClient, SyncClient
 from streamsink.streams.keys import Keys
 
 COUNTERS = ("sent", "failed", "retried", "dead")
@@ -30,7 +30,7 @@ log = logging.getLogger("streamsink.http")
 class EndpointStats:
     """Counts kept in memory by one sink and added to Redis at each `flush`."""
 
-    def __init__(self, client: aredis.Redis, keys: Keys, sink: str) -> None:
+    def __init__(self, client: AsyncClient, keys: Keys, sink: str) -> None:
         self._client = client
         self._key = keys.http_endpoints(sink)
         self._counts: Counter[str] = Counter()
@@ -80,7 +80,7 @@ class EndpointRow:
     breaker_by: str = ""
 
 
-def endpoint_rows(client: redis.Redis, keys: Keys, sink: str) -> list[EndpointRow]:
+def endpoint_rows(client: SyncClient, keys: Keys, sink: str) -> list[EndpointRow]:
     """Every endpoint an HTTP sink has seen, by name, with its counts and breaker state."""
     raw: dict[bytes, bytes] = client.hgetall(keys.http_endpoints(sink))  # type: ignore[assignment]
     fields: dict[str, dict[str, str]] = {}

@@ -19,10 +19,17 @@ from streamsink.streams.applied import (
     configured_groups,
     wait_applied,
 )
-from streamsink.streams.keys import META_SHARDS
+from streamsink.streams.connection import (
+    REDIRECTED,
+    SyncClient,
+    refresh_sync,
+    shard_count,
+    sync_pool,
+)
 from streamsink.streams.publish import (
     FIRST_RETRY,
     LAST_RETRY,
+    Command,
     Prepared,
     Preparer,
     ProducerSettings,
@@ -30,6 +37,10 @@ from streamsink.streams.publish import (
 )
 
 _UNREACHABLE = "cannot reach Redis ({}); nothing was published, so publishing again is safe"
+_LOST = (
+    "lost Redis while publishing ({}); the events may or may not be in the stream: "
+    "publish again only events that carry an idempotency id"
+)
 
 
 class Producer:
@@ -42,7 +53,7 @@ class Producer:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: SyncClient,
         config: Config | None = None,
         settings: ProducerSettings | None = None,
     ) -> None:
@@ -74,10 +85,10 @@ class Producer:
             raise ProducerClosed("this producer is closed")
         if stream not in self._prep.shards:
             try:
-                recorded = self._client.hget(self._prep.keys.meta(stream), META_SHARDS)
+                shards = shard_count(self._client, self._prep.keys, stream)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 raise PublishError(_UNREACHABLE.format(exc)) from exc
-            self._prep.check_shards(stream, recorded)
+            self._prep.check_shards(stream, shards)
         prepared = self._prep.encode(stream, events)
         if not prepared:
             return []
@@ -97,7 +108,7 @@ class Producer:
         pause = FIRST_RETRY
         while True:
             commands = self._prep.commands([(stream, [prepared[i] for i in todo], None)])
-            replies = self._send([c.args for c in commands])
+            replies = self._send(commands)
             refused: Backpressure | None = None
             for command, reply in zip(commands, replies, strict=True):
                 if isinstance(reply, Backpressure):
@@ -132,17 +143,46 @@ class Producer:
             groups = configured_groups(self._prep.config, receipts[0].stream)
         wait_applied(self._client, self._prep.keys, receipts, groups, timeout)
 
-    def _send(self, commands: list[list[Any]]) -> list[Any]:
-        """Each command's reply, or the Backpressure that refused it."""
-        pool = self._client.connection_pool
+    def _send(self, commands: list[Command]) -> list[Any]:
+        """Each command's reply, or the Backpressure that refused it (one pipelined round
+        trip per server: a cluster's shards live on several)."""
+        by_pool: dict[int, tuple[redis.ConnectionPool, list[int]]] = {}
+        try:
+            for i, command in enumerate(commands):
+                pool = sync_pool(self._client, command.key)
+                by_pool.setdefault(id(pool), (pool, []))[1].append(i)
+        except (redis.RedisError, OSError) as exc:  # a cluster's slot map could not be read
+            refresh_sync(self._client)
+            raise PublishError(_UNREACHABLE.format(exc)) from exc
+        replies: list[Any] = [None] * len(commands)
+        failure: redis.ResponseError | None = None
+        for n, (pool, indices) in enumerate(by_pool.values()):
+            got, refused = self._send_to(pool, [commands[i] for i in indices], n == 0)
+            failure = failure or refused
+            for i, reply in zip(indices, got, strict=True):
+                replies[i] = reply
+        if failure is not None:
+            if isinstance(failure, REDIRECTED):
+                refresh_sync(self._client)
+            raise PublishError(
+                f"Redis refused part of the publish ({failure}); events of other shards "
+                "may be in the stream: publish again only events with an idempotency id"
+            ) from failure
+        return replies
+
+    def _send_to(
+        self, pool: redis.ConnectionPool, commands: list[Command], first: bool
+    ) -> tuple[list[Any], redis.ResponseError | None]:
+        """Send `commands` to one server: their replies, and the first error among them."""
         try:
             conn = pool.get_connection()
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            raise PublishError(_UNREACHABLE.format(exc)) from exc
+            refresh_sync(self._client)
+            if first:
+                raise PublishError(_UNREACHABLE.format(exc)) from exc
+            raise PublishError(_LOST.format(exc)) from exc
         try:
-            packed = [
-                hiredis.pack_command(tuple(c)) for c in commands
-            ]  # C, not per-argument Python
+            packed = [hiredis.pack_command(tuple(c.args)) for c in commands]  # type: ignore[arg-type]
             conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
             replies: list[Any] = []
             failure: redis.ResponseError | None = None
@@ -154,20 +194,11 @@ class Producer:
                     if refused is None:
                         failure = failure or exc
                     replies.append(refused)
-            if failure is not None:
-                raise PublishError(
-                    f"Redis refused part of the publish ({failure}); events of other shards "
-                    "may be in the stream: publish again only events with an idempotency id"
-                ) from failure
-            return replies
+            return replies, failure
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             conn.disconnect()  # type: ignore[no-untyped-call]
-            raise PublishError(
-                f"lost Redis while publishing ({exc}); the events may or may not be in the "
-                "stream: publish again only events that carry an idempotency id"
-            ) from exc
-        except PublishError:
-            raise
+            refresh_sync(self._client)
+            raise PublishError(_LOST.format(exc)) from exc
         except BaseException:  # interrupted mid-read: unread replies must not reach others
             conn.disconnect()  # type: ignore[no-untyped-call]
             raise

@@ -13,12 +13,13 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
-import redis.asyncio as aredis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streamsink.errors import Fenced
+from streamsink.streams.connection import AsyncClient
 from streamsink.streams.keys import Keys
 
 _CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
@@ -195,7 +196,7 @@ class ShardReader:
 
     def __init__(
         self,
-        client: aredis.Redis,
+        client: AsyncClient,
         keys: Keys,
         stream: str,
         shard: int,
@@ -268,7 +269,8 @@ class ShardReader:
         """
         while True:
             async with self._client.pipeline(transaction=True) as pipe:
-                pipe.response_callbacks = _AS_SENT
+                if isinstance(pipe, Pipeline):
+                    pipe.response_callbacks = _AS_SENT
                 try:
                     await pipe.watch(self.lease_key, self.epoch_key)
                     owner, epoch = await pipe.mget(self._fence)
@@ -277,11 +279,13 @@ class ShardReader:
                 if owner != self._owner or (epoch or b"0") != self._held:
                     raise self._fenced("reading")
                 pipe.multi()  # type: ignore[no-untyped-call]
+                # Lower case: a cluster pipeline keeps its client's reply parsers, keyed by
+                # upper-case name; the entries must come as Redis sent them (see _AS_SENT).
                 pipe.execute_command(
-                    "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count,
+                    "xreadgroup", "GROUP", self.group, self.consumer, "COUNT", count,
                     "STREAMS", self.key, ">",
                 )  # fmt: skip
-                pipe.execute_command("XREVRANGE", self.key, "+", "-", "COUNT", 1)
+                pipe.execute_command("xrevrange", self.key, "+", "-", "COUNT", 1)
                 try:
                     read, newest = await pipe.execute()
                 except WatchError as exc:
@@ -392,7 +396,7 @@ class ShardReader:
         return removed
 
 
-async def create_group(client: aredis.Redis, key: str, group: str) -> bool:
+async def create_group(client: AsyncClient, key: str, group: str) -> bool:
     """Create `group` on the stream `key` from its first entry; False if it existed."""
     try:
         await client.xgroup_create(key, group, id="0", mkstream=True)
@@ -403,7 +407,7 @@ async def create_group(client: aredis.Redis, key: str, group: str) -> bool:
     return True
 
 
-async def trim_floor(client: aredis.Redis, key: str) -> tuple[int, int] | None:
+async def trim_floor(client: AsyncClient, key: str) -> tuple[int, int] | None:
     """The lowest entry ID some group of the stream `key` still needs (None: no group)."""
     try:
         groups: Any = await client.xinfo_groups(key)

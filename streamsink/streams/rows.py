@@ -18,12 +18,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 from zlib import crc32
 
-import redis
-
 from streamsink.errors import ConfigError
 from streamsink.schemas.config import Config
 from streamsink.schemas.readmodel import Row, from_hash, key_text, key_value, to_hash
 from streamsink.schemas.table import Table
+from streamsink.streams.connection import SyncClient
 from streamsink.streams.keys import META_SHARDS, Keys
 
 Fallback = Callable[[Table, Sequence[Any]], Mapping[str, Row]]
@@ -44,7 +43,7 @@ class Rows:
     """Reads the current state of rows from the read model (sync), one round trip a call."""
 
     def __init__(
-        self, client: redis.Redis, config: Config, fallback: Fallback | None = None
+        self, client: SyncClient, config: Config, fallback: Fallback | None = None
     ) -> None:
         self._client = client
         self._config = config

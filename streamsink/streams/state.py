@@ -12,8 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
-import redis.asyncio as aredis
-
+from streamsink.streams.connection import AsyncClient
 from streamsink.streams.keys import Keys
 
 
@@ -49,7 +48,7 @@ STATE_TTL_S = 7 * 24 * 3600
 
 
 async def publish_state(
-    client: aredis.Redis,
+    client: AsyncClient,
     keys: Keys,
     stream: str,
     shard: int,
