@@ -93,25 +93,8 @@ class LocalCluster:
         return f"redis+cluster://{seeds}"
 
     def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not installed")
         for node in self.nodes:
-            node.process = subprocess.Popen(
-                [
-                    binary,
-                    "--port", str(node.port),
-                    "--bind", "127.0.0.1",
-                    "--cluster-enabled", "yes",
-                    "--cluster-config-file", f"nodes-{node.port}.conf",
-                    "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
-                    "--save", "",
-                    "--appendonly", "no",
-                    "--dir", str(self.directory),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )  # fmt: skip
+            self.spawn(node)
         for node in self.nodes:
             self.wait(lambda node=node: node.info("server") != {}, f"node {node.port} answers")
         cli = shutil.which("redis-cli")
@@ -124,8 +107,45 @@ class LocalCluster:
             timeout=60,
         )
         if made.returncode != 0:
-            raise RuntimeError(f"redis-cli --cluster create failed: {made.stdout!r} {made.stderr!r}")
+            raise RuntimeError(
+                f"redis-cli --cluster create failed: {made.stdout!r} {made.stderr!r}"
+            )
         self.wait(self.healthy, "cluster_state:ok on every node with three masters")
+
+    def spawn(self, node: Node) -> None:
+        """Start `node`'s server (again: it rejoins with its nodes.conf, as a replica if its
+        slots were failed over meanwhile)."""
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed")
+        node.process = subprocess.Popen(
+            [
+                binary,
+                "--port", str(node.port),
+                "--bind", "127.0.0.1",
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", f"nodes-{node.port}.conf",
+                "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", str(self.directory),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def restore(self) -> None:
+        """Restart every killed node and wait until each master has a replica again."""
+        for node in self.nodes:
+            if not node.alive():
+                self.spawn(node)
+
+        def whole() -> bool:
+            return self.healthy() and all(
+                m.info("replication").get("connected_slaves") == "1" for m in self.masters()
+            )
+
+        self.wait(whole, "every node back, three masters with a replica each")
 
     def healthy(self) -> bool:
         """Every live node says cluster_state:ok and sees three masters with a replica each
@@ -137,7 +157,9 @@ class LocalCluster:
 
     def masters(self) -> list[Node]:
         """The live nodes that are masters now."""
-        return [n for n in self.nodes if n.alive() and n.info("replication").get("role") == "master"]
+        return [
+            n for n in self.nodes if n.alive() and n.info("replication").get("role") == "master"
+        ]
 
     def replica_of(self, master: Node) -> Node:
         """The live replica of `master`."""

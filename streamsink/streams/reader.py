@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
-from redis.asyncio.client import Pipeline
+import redis.asyncio as aredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -77,6 +77,19 @@ _FENCED_CLAIM = (
 if not owned(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) then return {0} end
 local reply = redis.call('XAUTOCLAIM', KEYS[3], ARGV[3], ARGV[1], 0, ARGV[4], 'COUNT', ARGV[5])
 return {1, reply[1], reply[2]}
+"""
+)
+
+# On a Redis Cluster (see ShardReader._read_by_script), the read too:
+# KEYS: lease, epoch, shard stream. ARGV: owner (= consumer), epoch, group, count.
+# {0}: not the owner. {1, XREADGROUP's reply or 0 if none, the newest entry (XREVRANGE)}.
+_FENCED_READ = (
+    _OWNED
+    + """
+if not owned(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) then return {0} end
+local read = redis.call('XREADGROUP', 'GROUP', ARGV[3], ARGV[1], 'COUNT', ARGV[4],
+                        'STREAMS', KEYS[3], '>')
+return {1, read or 0, redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)}
 """
 )
 
@@ -220,6 +233,7 @@ class ShardReader:
         self._fence = [self.lease_key, self.epoch_key]
         self._fence_args = [self._owner, self._held]
         self._fenced_claim = client.register_script(_FENCED_CLAIM)
+        self._fenced_read = client.register_script(_FENCED_READ)
         self._ack = client.register_script(_ACK)
         self._fields = client.register_script(_FIELDS)
 
@@ -267,10 +281,11 @@ class ShardReader:
         fails if a key changed in between (taken over, or renewed: then check again), so nothing
         is read unless the lease was ours when the read ran.
         """
+        if isinstance(self._client, aredis.RedisCluster):
+            return await self._read_by_script(count)
         while True:
             async with self._client.pipeline(transaction=True) as pipe:
-                if isinstance(pipe, Pipeline):
-                    pipe.response_callbacks = _AS_SENT
+                pipe.response_callbacks = _AS_SENT
                 try:
                     await pipe.watch(self.lease_key, self.epoch_key)
                     owner, epoch = await pipe.mget(self._fence)
@@ -279,13 +294,11 @@ class ShardReader:
                 if owner != self._owner or (epoch or b"0") != self._held:
                     raise self._fenced("reading")
                 pipe.multi()  # type: ignore[no-untyped-call]
-                # Lower case: a cluster pipeline keeps its client's reply parsers, keyed by
-                # upper-case name; the entries must come as Redis sent them (see _AS_SENT).
                 pipe.execute_command(
-                    "xreadgroup", "GROUP", self.group, self.consumer, "COUNT", count,
+                    "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count,
                     "STREAMS", self.key, ">",
                 )  # fmt: skip
-                pipe.execute_command("xrevrange", self.key, "+", "-", "COUNT", 1)
+                pipe.execute_command("XREVRANGE", self.key, "+", "-", "COUNT", 1)
                 try:
                     read, newest = await pipe.execute()
                 except WatchError as exc:
@@ -293,6 +306,17 @@ class ShardReader:
                         raise _lost(exc) from exc  # the read may have run: claim it back
                     continue  # the lease key changed: check it again
             return _entries(read), (newest[0][0] if newest else b"0-0")
+
+    async def _read_by_script(self, count: int) -> tuple[list[list[Any]], bytes]:
+        """`_read_once` on a cluster: redis-py's cluster transactions run each queued command
+        on a thread of its own, so the fence and the read go in one script instead."""
+        got: Any = await self._fenced_read(
+            [*self._fence, self.key], [*self._fence_args, self.group, count]
+        )
+        if not int(got[0]):
+            raise self._fenced("reading")
+        newest = got[2]
+        return _entries(got[1] or None), (newest[0][0] if newest else b"0-0")
 
     def recover(self) -> None:
         """After a failed read: claim again what was delivered to us past the last entry seen.

@@ -1,0 +1,333 @@
+"""streamsink on a real Redis Cluster: publish, drain into PostgreSQL, fail masters over.
+
+A session-wide cluster of six loopback redis-servers (tests/redis_cluster.py); each test has
+its own key prefix and PostgreSQL schema. Workers run as real `streamsink worker` processes
+given the `redis+cluster://` URL, so the CLI's client goes through the cluster too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import psycopg2
+import pytest
+from psycopg2 import sql
+
+from streamsink.errors import PublishError
+from streamsink.schemas import Config, Event, from_dict
+from streamsink.sinks.postgres.schema import create_tables
+from streamsink.streams import Keys, Producer, create_stream
+from streamsink.streams.aio import AsyncProducer
+from streamsink.streams.connection import SyncClient, connect, connect_async
+from tests.conftest import unavailable
+from tests.consumers.test_worker_processes import ROOT, Cluster, WorkerProcess
+from tests.redis_cluster import LocalCluster, Node, free_ports
+
+STREAM = "items"
+GROUP = "pg"
+SHARDS = 8
+KEYS = 40
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalCluster]:
+    """Three masters and three replicas on loopback ports, for the whole run."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        unavailable("redis-server and redis-cli (for a local Redis Cluster)")
+    with tempfile.TemporaryDirectory(prefix="streamsink-cluster-") as directory:
+        local = LocalCluster(Path(directory), [Node(port) for port in free_ports(6)])
+        try:
+            local.start()
+            yield local
+        finally:
+            local.stop()
+
+
+@pytest.fixture
+def schema(database_url: str) -> Iterator[str]:
+    """A PostgreSQL schema of the test's own."""
+    name = f"c_{uuid.uuid4().hex[:10]}"
+    conn = psycopg2.connect(database_url)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
+    try:
+        yield name
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
+        conn.close()
+
+
+def config_text(url: str, keys: Keys, database_url: str, schema: str) -> str:
+    """`items` (SHARDS shards) into table counters (n adds up), group pg -> PostgreSQL."""
+    return f"""
+[redis]
+url = "{url}"
+prefix = "{keys.prefix}"
+
+[postgres]
+dsn = "{database_url}"
+
+[tables.counters]
+schema = "{schema}"
+key = ["id"]
+columns = {{ id = "text", n = {{ type = "int", policy = "sum" }} }}
+
+[streams.{STREAM}]
+shards = {SHARDS}
+table = "counters"
+
+[sinks.pg]
+type = "postgres"
+pool_size = 2
+statement_timeout_ms = 10000
+offsets_schema = "{schema}"
+
+[groups.{GROUP}]
+stream = "{STREAM}"
+sinks = ["pg"]
+lease_ttl_ms = 1500
+linger_ms = 20
+max_age_ms = 100
+block_ms = 100
+maintenance_ms = 500
+"""
+
+
+class Setup:
+    """The test's config on the cluster, its client, and what PostgreSQL holds."""
+
+    def __init__(
+        self, local: LocalCluster, keys: Keys, database_url: str, schema: str, directory: Path
+    ) -> None:
+        text = config_text(local.url, keys, database_url, schema)
+        self.path = directory / "streamsink.toml"
+        self.path.write_text(text)
+        self.config: Config = from_dict(tomllib.loads(text))
+        self.local, self.keys, self.schema, self.database_url = local, keys, schema, database_url
+        self.client: SyncClient = connect(local.url)
+        with psycopg2.connect(database_url) as conn:
+            create_tables(conn, self.config, offsets_schema=schema)
+        create_stream(self.client, keys, STREAM, SHARDS)
+
+    def counters(self) -> dict[str, int]:
+        """id -> n of every row."""
+        with psycopg2.connect(self.database_url) as conn, conn.cursor() as cur:
+            cur.execute(
+                sql.SQL("SELECT id, n FROM {}").format(sql.Identifier(self.schema, "counters"))
+            )
+            return dict(cur.fetchall())
+
+    def owners(self) -> list[str | None]:
+        """The worker id holding each shard's lease."""
+        pipe = self.client.pipeline(transaction=False)
+        for shard in range(SHARDS):
+            pipe.get(self.keys.lease(STREAM, shard, GROUP))
+        return [None if v is None else v.decode() for v in pipe.execute()]
+
+    def epochs(self) -> list[int]:
+        pipe = self.client.pipeline(transaction=False)
+        for shard in range(SHARDS):
+            pipe.get(self.keys.epoch(STREAM, shard, GROUP))
+        return [int(v or 0) for v in pipe.execute()]
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "streamsink.cli", "--config", str(self.path), *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+
+@pytest.fixture
+def setup(
+    redis_cluster: LocalCluster, keys: Keys, database_url: str, schema: str, tmp_path: Path
+) -> Iterator[Setup]:
+    made = Setup(redis_cluster, keys, database_url, schema, tmp_path)
+    try:
+        yield made
+    finally:
+        for key in made.client.scan_iter(match=f"{keys.prefix}:*", count=1000):
+            made.client.delete(key)
+        made.client.close()
+
+
+def event(n: int, unique: bool = False) -> Event:
+    """The n-th event: +1 on key `n % KEYS` (with an idempotency id if `unique`)."""
+    key = f"k{n % KEYS}"
+    return Event.make(key, "incr", {"id": key, "n": 1}, id=f"e{n}" if unique else None)
+
+
+def expected(count: int) -> dict[str, int]:
+    """Rows after events 0..count-1, each applied exactly once: n = events of the key."""
+    return dict(Counter(f"k{n % KEYS}" for n in range(count)))
+
+
+def wait_for(check: object, what: str, timeout: float, workers: list[WorkerProcess]) -> None:
+    """Poll `check()` until true; fail after `timeout` s, or at once if a worker died."""
+    assert callable(check)
+    deadline = time.monotonic() + timeout
+    while not check():
+        for worker in workers:
+            if not worker.alive():
+                raise AssertionError(f"worker {worker.pid} exited ({worker.process.poll()})")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.05)
+
+
+def test_shards_spread_over_the_masters_and_drain_into_postgres(
+    setup: Setup, cluster: Cluster
+) -> None:
+    masters = {setup.local.master_of(setup.keys.shard(STREAM, s)).port for s in range(SHARDS)}
+    assert len(masters) == 3, f"{SHARDS} shards on masters {masters}"
+
+    producer = Producer(setup.client, setup.config)
+    first = producer.publish_many(STREAM, [event(n, unique=True) for n in range(600)])
+    again = producer.publish_many(STREAM, [event(n, unique=True) for n in range(600)])
+    assert again == first, "an idempotent publish repeated returns the first entry IDs"
+
+    async def publish_async() -> None:
+        client = connect_async(setup.local.url)
+        try:
+            async with AsyncProducer(client, setup.config) as aproducer:
+                await asyncio.gather(
+                    *(aproducer.publish(STREAM, event(n)) for n in range(600, 1100))
+                )
+                await aproducer.publish_many(STREAM, [event(n) for n in range(1100, 1200)])
+        finally:
+            await client.aclose()
+
+    asyncio.run(publish_async())
+    lengths = [int(setup.client.xlen(setup.keys.shard(STREAM, s))) for s in range(SHARDS)]
+    assert sum(lengths) == 1200, lengths
+
+    workers = [cluster.start(setup.path), cluster.start(setup.path)]
+    want = expected(1200)
+    wait_for(lambda: setup.counters() == want, "every event applied once", 60, workers)
+    wait_for(lambda: None not in setup.owners(), "every shard leased", 30, workers)
+    assert len(set(setup.owners())) == 2, "both workers own shards"
+
+    status = setup.cli("status", "--json")
+    assert status.returncode == 0, status.stderr
+    document = orjson.loads(status.stdout)
+    assert document, status.stdout
+
+    for worker in workers:
+        worker.signal(15)
+    for worker in workers:
+        assert worker.wait(30) == 0, worker.log()[-3000:]
+    assert setup.counters() == want
+
+
+class Publisher:
+    """Publishes events with idempotency ids in a thread, retrying each batch (same ids)
+    after any error until Redis took it, the way a careful service would."""
+
+    def __init__(self, setup: Setup) -> None:
+        self.producer = Producer(connect(setup.local.url), setup.config)
+        self.sent = 0
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            batch = [event(n, unique=True) for n in range(self.sent, self.sent + 20)]
+            pause = 0.01
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    self.producer.publish_many(STREAM, batch)
+                    break
+                except PublishError as exc:
+                    self.errors.append(str(exc))
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.3)
+            self.sent += len(batch)
+            time.sleep(0.01)
+
+    def __enter__(self) -> Publisher:
+        self._thread.start()
+        return self
+
+    def wait_past(self, count: int, timeout: float = 60) -> None:
+        """Return once at least `count` events were published."""
+        LocalCluster.wait(
+            lambda: self.sent >= count or not self._thread.is_alive(), "publishes", timeout
+        )
+        assert self._thread.is_alive(), "the publisher gave up"
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(90)
+        assert not self._thread.is_alive(), "the publisher did not stop"
+
+
+@pytest.fixture
+def restored(redis_cluster: LocalCluster) -> Iterator[LocalCluster]:
+    """The cluster, whole again afterwards (killed nodes back as replicas)."""
+    try:
+        yield redis_cluster
+    finally:
+        redis_cluster.restore()
+
+
+def test_failover_and_a_killed_master_lose_and_double_nothing(
+    setup: Setup, cluster: Cluster, restored: LocalCluster
+) -> None:
+    local = setup.local
+    workers = [cluster.start(setup.path), cluster.start(setup.path)]
+    wait_for(lambda: len(set(setup.owners()) - {None}) == 2, "both workers own shards", 30, workers)
+
+    with Publisher(setup) as publisher:
+        publisher.wait_past(400)
+
+        # A planned failover: the replica of shard 0's master takes over, losing nothing.
+        old = local.master_of(setup.keys.shard(STREAM, 0))
+        replica = local.replica_of(old)
+        with replica.client() as client:
+            assert client.execute_command("CLUSTER", "FAILOVER") in (b"OK", "OK", True)
+        local.wait(lambda: replica in local.masters() and local.healthy(), "the replica promoted")
+        publisher.wait_past(publisher.sent + 400)
+
+        # A crash: the master of shard 1 is killed (once its replica has every write it took:
+        # replication is asynchronous, so a master killed mid-stream may lose its last writes,
+        # a documented limit of Redis itself). Publishes go on the whole time.
+        victim = local.master_of(setup.keys.shard(STREAM, 1))
+        heir = local.replica_of(victim)
+        local.wait(lambda: local.in_sync(victim), "the replica caught up", timeout=10)
+        local.kill(victim)
+        local.wait(lambda: heir in local.masters(), "the killed master's replica promoted")
+        # ... and a worker dies too: its leases must move to the other one.
+        before = setup.epochs()
+        victim_worker, survivor = workers
+        victim_worker.process.kill()
+        victim_worker.process.wait()
+        publisher.wait_past(publisher.sent + 400)
+    sent = publisher.sent
+
+    want = expected(sent)
+    wait_for(lambda: setup.counters() == want, f"{sent} events applied once", 90, [survivor])
+    owners = setup.owners()
+    assert all(o is not None and f"-{survivor.pid}-" in o for o in owners), owners
+    moved = [s for s, (b, a) in enumerate(zip(before, setup.epochs(), strict=True)) if a > b]
+    assert moved, "leases of the killed worker moved to the survivor under a new epoch"
+    assert publisher.errors, "the failover was seen by the producer (else it tested nothing)"
