@@ -176,6 +176,14 @@ class LocalCluster:
         replica = info.get("slave0", "")
         return offset is not None and f"offset={offset}," in replica
 
+    def quiesce(self, master: Node) -> None:
+        """Hold every write `master` gets (they wait, as if the network were slow) until its
+        replica has all it took: a kill then loses nothing acknowledged. Replication is
+        asynchronous, so a master killed mid-stream may lose its last writes."""
+        with master.client() as client:
+            client.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
+        self.wait(lambda: self.in_sync(master), f"the replica of {master.port} caught up")
+
     def master_of(self, key: str) -> Node:
         """The live master serving the slot of `key`, as that master says."""
         slot = key_slot(key.encode())
