@@ -110,7 +110,7 @@ class LocalCluster:
             raise RuntimeError(
                 f"redis-cli --cluster create failed: {made.stdout!r} {made.stderr!r}"
             )
-        self.wait(self.healthy, "cluster_state:ok on every node with three masters")
+        self.wait(self.whole, "cluster_state:ok, three masters with a replica each")
 
     def spawn(self, node: Node) -> None:
         """Start `node`'s server (again: it rejoins with its nodes.conf, as a replica if its
@@ -126,6 +126,7 @@ class LocalCluster:
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", f"nodes-{node.port}.conf",
                 "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+                "--cluster-replica-validity-factor", "0",  # a replica always takes over
                 "--save", "",
                 "--appendonly", "no",
                 "--dir", str(self.directory),
@@ -140,12 +141,14 @@ class LocalCluster:
             if not node.alive():
                 self.spawn(node)
 
-        def whole() -> bool:
-            return self.healthy() and all(
-                m.info("replication").get("connected_slaves") == "1" for m in self.masters()
-            )
+        self.wait(self.whole, "every node back, three masters with a replica each")
 
-        self.wait(whole, "every node back, three masters with a replica each")
+    def whole(self) -> bool:
+        """`healthy`, and every master has a replica linked to it."""
+        if not self.healthy():
+            return False
+        linked = [n.info("replication").get("master_link_status") for n in self.nodes]
+        return linked.count("up") == 3
 
     def healthy(self) -> bool:
         """Every live node says cluster_state:ok and sees three masters with a replica each

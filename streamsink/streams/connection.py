@@ -26,10 +26,18 @@ from urllib.parse import unquote, urlsplit
 import redis
 import redis.asyncio as aredis
 from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
+from redis.asyncio.cluster import ClusterPipeline as AsyncClusterPipeline
 from redis.asyncio.connection import Connection
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode
-from redis.exceptions import AskError, ClusterDownError, TryAgainError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ConnectionError,
+    SlotNotCoveredError,
+    TimeoutError,
+    TryAgainError,
+)
 from redis.retry import Retry
 
 from streamsink.errors import ConfigError, StreamNotFound
@@ -91,11 +99,38 @@ def connect(url: str, timeout: float = SOCKET_TIMEOUT_S) -> SyncClient:
     return redis.Redis.from_url(url, **_options(timeout))
 
 
+class _ClusterPipeline(AsyncClusterPipeline):
+    """A pipeline that reads the slot map again after a lost node or a failing-over slot.
+
+    redis-py's does so only when it retries a pipeline, and ours never retry: without it a
+    client would keep sending a dead master's slots to it after its replica took over.
+    """
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        try:
+            return await super().execute(raise_on_error, allow_redirections)
+        except (ConnectionError, TimeoutError, ClusterDownError, SlotNotCoveredError, OSError):
+            with contextlib.suppress(redis.RedisError, OSError):
+                client = self.cluster_client
+                await client.nodes_manager.initialize()
+                client.replace_default_node()  # it may be the one lost (COMMAND lookups go there)
+            raise
+
+
+class _AsyncCluster(aredis.RedisCluster):
+    """redis-py's asyncio cluster client, its pipelines `_ClusterPipeline`s."""
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
+        if shard_hint:
+            raise ValueError("shard_hint has no meaning in a cluster")
+        return _ClusterPipeline(self, transaction)  # type: ignore[abstract]
+
+
 def connect_async(url: str, timeout: float = SOCKET_TIMEOUT_S) -> AsyncClient:
     """An asyncio client for `url` (see the module docstring for the forms and the policy)."""
     if is_cluster_url(url):
         single, seeds = _cluster_url(url)
-        return aredis.RedisCluster.from_url(
+        return _AsyncCluster.from_url(
             single,
             startup_nodes=[AsyncClusterNode(h, p) for h, p in seeds],
             **_options(timeout),
