@@ -271,7 +271,11 @@ class ShardReader:
                 break
             # Returns as soon as an entry past the newest one exists (no entry is missed
             # between the read and this wait), or after block_ms.
-            await self._client.xread({self.key: newest}, count=1, block=block_ms)
+            try:
+                await self._client.xread({self.key: newest}, count=1, block=block_ms)
+            except ResponseError as exc:  # its server became a replica (a failover): read
+                if not str(exc).startswith("UNBLOCKED"):  # again, on the new master
+                    raise
         return Read([], {})
 
     async def _read_once(self, count: int) -> tuple[list[list[Any]], bytes]:
