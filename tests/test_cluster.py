@@ -8,6 +8,7 @@ given the `redis+cluster://` URL, so the CLI's client goes through the cluster t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import time
 import tomllib
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import orjson
@@ -185,9 +186,9 @@ def event(n: int, unique: bool = False) -> Event:
     return Event.make(key, "incr", {"id": key, "n": 1}, id=f"e{n}" if unique else None)
 
 
-def expected(count: int) -> dict[str, int]:
-    """Rows after events 0..count-1, each applied exactly once: n = events of the key."""
-    return dict(Counter(f"k{n % KEYS}" for n in range(count)))
+def expected(numbers: Iterable[int]) -> dict[str, int]:
+    """Rows after the events numbered `numbers`, each applied once: n = events of the key."""
+    return dict(Counter(f"k{n % KEYS}" for n in numbers))
 
 
 def wait_for(check: object, what: str, timeout: float, workers: list[WorkerProcess]) -> None:
@@ -206,6 +207,8 @@ def wait_for(check: object, what: str, timeout: float, workers: list[WorkerProce
 def test_shards_spread_over_the_masters_and_drain_into_postgres(
     setup: Setup, cluster: Cluster
 ) -> None:
+    assert isinstance(setup.client, redis.RedisCluster)
+    assert setup.client.retry.get_retries() == 0, "no silent retries, on a cluster too"
     masters = {setup.local.master_of(setup.keys.shard(STREAM, s)).port for s in range(SHARDS)}
     assert len(masters) == 3, f"{SHARDS} shards on masters {masters}"
 
@@ -230,7 +233,7 @@ def test_shards_spread_over_the_masters_and_drain_into_postgres(
     assert sum(lengths) == 1200, lengths
 
     workers = [cluster.start(setup.path), cluster.start(setup.path)]
-    want = expected(1200)
+    want = expected(range(1200))
     wait_for(lambda: setup.counters() == want, "every event applied once", 60, workers)
     wait_for(lambda: len(set(setup.owners()) - {None}) == 2, "both own shards", 30, workers)
 
@@ -246,38 +249,76 @@ def test_shards_spread_over_the_masters_and_drain_into_postgres(
     assert setup.counters() == want
 
 
-class Publisher:
-    """Publishes events with idempotency ids in a thread, retrying each batch (same ids)
-    after any error until Redis took it, the way a careful service would."""
+ASYNC_FIRST = 1_000_000
+"""The asyncio publisher's events are numbered from here (the sync one's from 0)."""
 
-    def __init__(self, setup: Setup) -> None:
-        self.producer = Producer(connect(setup.local.url), setup.config)
+
+class Publisher:
+    """Publishes events with idempotency ids in a thread, 20 at a time, retrying a batch
+    (same ids) after any error until Redis took it, the way a careful service would: the
+    sync producer's publish_many, or (`asyncio`) 20 concurrent publishes of the asyncio
+    producer, which it gathers into pipelined round trips."""
+
+    def __init__(self, setup: Setup, asyncio_: bool = False) -> None:
+        self.setup, self.asyncio = setup, asyncio_
+        self.first = ASYNC_FIRST if asyncio_ else 0
         self.sent = 0
         self.errors: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def numbers(self) -> range:
+        """The numbers of the events published."""
+        return range(self.first, self.first + self.sent)
+
+    def _batch(self) -> list[Event]:
+        start = self.first + self.sent
+        return [event(n, unique=True) for n in range(start, start + 20)]
+
     def _run(self) -> None:
+        if self.asyncio:
+            asyncio.run(self._run_async())
+            return
+        producer = Producer(connect(self.setup.local.url), self.setup.config)
         while not self._stop.is_set():
-            batch = [event(n, unique=True) for n in range(self.sent, self.sent + 20)]
-            pause = 0.01
-            deadline = time.monotonic() + 60
+            batch, pause, deadline = self._batch(), 0.01, time.monotonic() + 60
             while True:
                 try:
-                    self.producer.publish_many(STREAM, batch)
+                    producer.publish_many(STREAM, batch)
                     break
                 except PublishError as exc:
                     self.errors.append(str(exc))
-                    if time.monotonic() > deadline:
-                        raise
+                    assert time.monotonic() < deadline, "publishing failed for a minute"
                     time.sleep(pause)
                     pause = min(pause * 2, 0.3)
             self.sent += len(batch)
             time.sleep(0.01)
 
-    def __enter__(self) -> Publisher:
+    async def _run_async(self) -> None:
+        client = connect_async(self.setup.local.url)
+        try:
+            async with AsyncProducer(client, self.setup.config) as producer:
+                while not self._stop.is_set():
+                    batch, pause, deadline = self._batch(), 0.01, time.monotonic() + 60
+                    while True:
+                        replies = await asyncio.gather(
+                            *(producer.publish(STREAM, e) for e in batch), return_exceptions=True
+                        )
+                        failed = [r for r in replies if isinstance(r, BaseException)]
+                        if not failed:
+                            break
+                        assert all(isinstance(r, PublishError) for r in failed), failed
+                        self.errors.append(str(failed[0]))
+                        assert time.monotonic() < deadline, "publishing failed for a minute"
+                        await asyncio.sleep(pause)
+                        pause = min(pause * 2, 0.3)
+                    self.sent += len(batch)
+                    await asyncio.sleep(0.01)
+        finally:
+            await client.aclose()
+
+    def start(self) -> None:
         self._thread.start()
-        return self
 
     def wait_past(self, count: int, timeout: float = 60) -> None:
         """Return once at least `count` events were published."""
@@ -286,10 +327,23 @@ class Publisher:
         )
         assert self._thread.is_alive(), "the publisher gave up"
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> None:
         self._stop.set()
         self._thread.join(90)
         assert not self._thread.is_alive(), "the publisher did not stop"
+
+
+@contextlib.contextmanager
+def publishing(setup: Setup) -> Iterator[tuple[Publisher, Publisher]]:
+    """A sync and an asyncio publisher, running for the block."""
+    both = (Publisher(setup), Publisher(setup, asyncio_=True))
+    for publisher in both:
+        publisher.start()
+    try:
+        yield both
+    finally:
+        for publisher in both:
+            publisher.stop()
 
 
 @pytest.fixture
@@ -308,8 +362,9 @@ def test_failover_and_a_killed_master_lose_and_double_nothing(
     workers = [cluster.start(setup.path), cluster.start(setup.path)]
     wait_for(lambda: len(set(setup.owners()) - {None}) == 2, "both workers own shards", 30, workers)
 
-    with Publisher(setup) as publisher:
+    with publishing(setup) as (publisher, apublisher):
         publisher.wait_past(400)
+        apublisher.wait_past(400)
 
         # A planned failover: the replica of shard 0's master takes over, losing nothing.
         old = local.master_of(setup.keys.shard(STREAM, 0))
@@ -318,6 +373,7 @@ def test_failover_and_a_killed_master_lose_and_double_nothing(
             assert client.execute_command("CLUSTER", "FAILOVER") in (b"OK", "OK", True)
         local.wait(lambda: replica in local.masters() and local.healthy(), "the replica promoted")
         publisher.wait_past(publisher.sent + 400)
+        apublisher.wait_past(apublisher.sent + 400)
 
         # A crash: the master of shard 1 is killed while publishes to it are in flight (held
         # until its replica had every write it took: see LocalCluster.quiesce).
@@ -332,12 +388,14 @@ def test_failover_and_a_killed_master_lose_and_double_nothing(
         victim_worker.process.kill()
         victim_worker.process.wait()
         publisher.wait_past(publisher.sent + 400)
-    sent = publisher.sent
+        apublisher.wait_past(apublisher.sent + 400)
+    numbers = [*publisher.numbers(), *apublisher.numbers()]
 
-    want = expected(sent)
-    wait_for(lambda: setup.counters() == want, f"{sent} events applied once", 90, [survivor])
+    want = expected(numbers)
+    wait_for(lambda: setup.counters() == want, f"{len(numbers)} events once", 90, [survivor])
     owners = setup.owners()
     assert all(o is not None and f"-{survivor.pid}-" in o for o in owners), owners
     moved = [s for s, (b, a) in enumerate(zip(before, setup.epochs(), strict=True)) if a > b]
     assert moved, "leases of the killed worker moved to the survivor under a new epoch"
-    assert publisher.errors, "the failover was seen by the producer (else it tested nothing)"
+    assert publisher.errors, "the sync producer saw the failover (else it tested nothing)"
+    assert apublisher.errors, "the asyncio producer saw the failover"
