@@ -20,6 +20,7 @@ Every client has the same policy, for the reasons below:
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any, TypeAlias
 from urllib.parse import unquote, urlsplit
 
@@ -34,6 +35,7 @@ from redis.exceptions import (
     AskError,
     ClusterDownError,
     ConnectionError,
+    RedisClusterException,
     SlotNotCoveredError,
     TimeoutError,
     TryAgainError,
@@ -110,7 +112,7 @@ class _ClusterPipeline(AsyncClusterPipeline):
         try:
             return await super().execute(raise_on_error, allow_redirections)
         except (ConnectionError, TimeoutError, ClusterDownError, SlotNotCoveredError, OSError):
-            with contextlib.suppress(redis.RedisError, OSError):
+            with contextlib.suppress(redis.RedisError, RedisClusterException, OSError):
                 client = self.cluster_client
                 await client.nodes_manager.initialize()
                 client.replace_default_node()  # it may be the one lost (COMMAND lookups go there)
@@ -171,10 +173,21 @@ REDIRECTED = (AskError, TryAgainError, ClusterDownError)
 lives elsewhere now, or the cluster is failing over; the slot map must be read again."""
 
 
+@contextlib.contextmanager
+def _unreachable() -> Iterator[None]:
+    """A cluster whose slot map cannot be read (no seed answers, a slot without master) is
+    unreachable for now: a ConnectionError, which every caller treats as transient."""
+    try:
+        yield
+    except RedisClusterException as exc:
+        raise ConnectionError(f"Redis Cluster unreachable: {exc}") from exc
+
+
 def sync_pool(client: SyncClient, key: str) -> redis.ConnectionPool:
     """The connection pool of the server holding `key` (its slot's primary in a cluster)."""
     if isinstance(client, redis.RedisCluster):
-        node = client.nodes_manager.get_node_from_slot(client.keyslot(key))  # type: ignore[no-untyped-call]
+        with _unreachable():
+            node = client.nodes_manager.get_node_from_slot(client.keyslot(key))  # type: ignore[no-untyped-call]
         pool: redis.ConnectionPool = client.get_redis_connection(node).connection_pool
         return pool
     return client.connection_pool
@@ -183,7 +196,7 @@ def sync_pool(client: SyncClient, key: str) -> redis.ConnectionPool:
 def refresh_sync(client: SyncClient) -> None:
     """Read a cluster's slot map again after a redirect or a lost node (no-op otherwise)."""
     if isinstance(client, redis.RedisCluster):
-        with contextlib.suppress(redis.RedisError, OSError):
+        with contextlib.suppress(redis.RedisError, RedisClusterException, OSError):
             client.nodes_manager.initialize()
 
 
@@ -199,16 +212,18 @@ class AsyncLinks:
         """Make sure a cluster client knows its slot map (read again with `refresh`)."""
         client = self.client
         if isinstance(client, aredis.RedisCluster):
-            if refresh:
-                await client.nodes_manager.initialize()
-            else:
-                await client.initialize()
+            with _unreachable():
+                if refresh:
+                    await client.nodes_manager.initialize()
+                else:
+                    await client.initialize()
 
     async def connection(self, key: str) -> Connection:
         """The connection to the server holding `key`, taken on first use."""
         client = self.client
         if isinstance(client, aredis.RedisCluster):
-            node = client.nodes_manager.get_node_from_slot(client.keyslot(key))
+            with _unreachable():
+                node = client.nodes_manager.get_node_from_slot(client.keyslot(key))
             name = node.name
         else:
             node, name = None, ""
