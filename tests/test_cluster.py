@@ -30,7 +30,7 @@ from psycopg2 import sql
 from streamsink.errors import PublishError
 from streamsink.schemas import Config, Event, from_dict
 from streamsink.sinks.postgres.schema import create_tables
-from streamsink.streams import Keys, Producer, create_stream
+from streamsink.streams import Keys, Producer, RateLimiter, Rows, create_stream
 from streamsink.streams.aio import AsyncProducer
 from streamsink.streams.connection import SyncClient, connect, connect_async
 from tests.conftest import unavailable
@@ -87,6 +87,7 @@ dsn = "{database_url}"
 schema = "{schema}"
 key = ["id"]
 columns = {{ id = "text", n = {{ type = "int", policy = "sum" }} }}
+read_model = true
 
 [streams.{STREAM}]
 shards = {SHARDS}
@@ -236,6 +237,23 @@ def test_shards_spread_over_the_masters_and_drain_into_postgres(
     want = expected(range(1200))
     wait_for(lambda: setup.counters() == want, "every event applied once", 60, workers)
     wait_for(lambda: len(set(setup.owners()) - {None}) == 2, "both own shards", 30, workers)
+
+    # Around the pipeline, through the cluster: wait until applied, the read model (written
+    # by the publish script in the shard's slot), the rate limiter.
+    producer.publish(STREAM, event(1200, unique=True), wait=True, timeout=30)
+    want["k0"] += 1
+    assert setup.counters() == want
+    assert Rows(setup.client, setup.config).read_many("counters", ["k0", "k1", "nope"]) == [
+        {"id": "k0", "n": want["k0"]},
+        {"id": "k1", "n": want["k1"]},
+        None,
+    ]
+    limiter = RateLimiter(setup.client, setup.keys)
+    assert [limiter.allow("user:1", rate=1, burst=2).allowed for _ in range(3)] == [
+        True,
+        True,
+        False,
+    ]
 
     status = setup.cli("status", "--json")
     assert status.returncode == 0, status.stderr

@@ -121,8 +121,8 @@ def wait_applied(
     deadline, pause = time.monotonic() + timeout, FIRST_POLL
     while True:
         pipe = client.pipeline(transaction=False)
-        for read in waiter.reads:
-            pipe.mget(read)
+        for read in waiter.reads:  # (a cluster pipeline blocks mget(); each is one slot)
+            pipe.execute_command("MGET", *read)
         late = waiter.behind(pipe.execute())
         if not late:
             return
@@ -154,8 +154,8 @@ async def wait_applied_async(
     deadline, pause = loop.time() + timeout, FIRST_POLL
     while True:
         pipe = client.pipeline(transaction=False)
-        for read in waiter.reads:
-            pipe.mget(read)
+        for read in waiter.reads:  # (a cluster pipeline blocks mget(); each is one slot)
+            pipe.execute_command("MGET", *read)
         late = waiter.behind(await pipe.execute())
         if not late:
             return

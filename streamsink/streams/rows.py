@@ -49,7 +49,6 @@ class Rows:
         self._config = config
         self._keys = Keys(config.prefix)
         self._fallback = fallback
-        self._repopulate = client.register_script(_REPOPULATE)
         self._shards: dict[str, int] = {}
 
     def read(self, table: str, key: str | int) -> Row | None:
@@ -86,7 +85,8 @@ class Rows:
                 found[at] = {**dict.fromkeys(spec.columns), **row}
                 status = row.get(model.ttl_by) if model.ttl_by else None
                 ttl = model.ttl_ms(status)
-                self._repopulate(keys=[names[at]], args=[ttl, *to_hash(spec, row)], client=pipe)
+                # EVAL: a cluster pipeline cannot load a script it lacks (misses are few)
+                pipe.eval(_REPOPULATE, 1, names[at], ttl, *to_hash(spec, row))
             pipe.execute()
         return found
 
