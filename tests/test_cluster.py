@@ -257,8 +257,9 @@ def test_shards_spread_over_the_masters_and_drain_into_postgres(
 
     status = setup.cli("status", "--json")
     assert status.returncode == 0, status.stderr
-    document = orjson.loads(status.stdout)
-    assert document, status.stdout
+    (group,) = orjson.loads(status.stdout)["groups"]  # read from all three masters
+    assert group["totals"]["outstanding"] == 0 and group["totals"]["owned"] == SHARDS, group
+    assert {shard["owner"] for shard in group["shards"]} == set(setup.owners())
 
     for worker in workers:
         worker.signal(15)

@@ -108,11 +108,12 @@ def group_status(
     group: str,
     count_limit: int = LAG_COUNT_LIMIT,
 ) -> list[ShardStatus]:
-    """Every shard of `stream` for `group`: one pipeline per shard, plus a bounded count."""
-    rows = []
-    for shard in range(shard_count(client, keys, stream)):
+    """Every shard of `stream` for `group`: one pipeline for them all (on a cluster, redis-py
+    splits it into one per master), plus a bounded count where a shard has a backlog."""
+    shards = shard_count(client, keys, stream)
+    pipe = client.pipeline(transaction=False)
+    for shard in range(shards):
         key = keys.shard(stream, shard)
-        pipe = client.pipeline(transaction=False)
         pipe.xlen(key)
         pipe.get(keys.lease(stream, shard, group))
         pipe.get(keys.epoch(stream, shard, group))
@@ -120,7 +121,11 @@ def group_status(
         pipe.hgetall(keys.state(stream, shard, group))
         pipe.xinfo_stream(key)
         pipe.xinfo_groups(key)
-        length, owner, epoch, dead, stored, info, groups = pipe.execute(raise_on_error=False)
+    replies = pipe.execute(raise_on_error=False)
+    rows = []
+    for shard in range(shards):
+        key = keys.shard(stream, shard)
+        length, owner, epoch, dead, stored, info, groups = replies[7 * shard : 7 * shard + 7]
         for reply in (length, owner, epoch, dead, stored):
             if isinstance(reply, Exception):
                 raise reply
