@@ -18,12 +18,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 from zlib import crc32
 
-from streamsink.errors import ConfigError
+from streamsink.errors import ConfigError, StreamNotFound
 from streamsink.schemas.config import Config
 from streamsink.schemas.readmodel import Row, from_hash, key_text, key_value, to_hash
 from streamsink.schemas.table import Table
-from streamsink.streams.connection import SyncClient
-from streamsink.streams.keys import META_SHARDS, Keys
+from streamsink.streams.connection import SyncClient, shard_count
+from streamsink.streams.keys import Keys
 
 Fallback = Callable[[Table, Sequence[Any]], Mapping[str, Row]]
 """Rows of `table` by their key values, from the database: {routing key: row}, values
@@ -93,8 +93,8 @@ class Rows:
     def _shard_count(self, stream: str) -> int:
         shards = self._shards.get(stream)
         if shards is None:
-            recorded = self._client.hget(self._keys.meta(stream), META_SHARDS)
-            if recorded is None:
-                raise ConfigError(f"stream {stream!r} does not exist in Redis")
-            shards = self._shards[stream] = int(recorded)
+            try:
+                shards = self._shards[stream] = shard_count(self._client, self._keys, stream)
+            except StreamNotFound as exc:  # the config names it: the config is wrong
+                raise ConfigError(str(exc)) from exc
         return shards
