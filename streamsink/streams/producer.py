@@ -156,11 +156,38 @@ class Producer:
             raise PublishError(_UNREACHABLE.format(exc)) from exc
         replies: list[Any] = [None] * len(commands)
         failure: redis.ResponseError | None = None
-        for n, (pool, indices) in enumerate(by_pool.values()):
-            got, refused = self._send_to(pool, [commands[i] for i in indices], n == 0)
-            failure = failure or refused
-            for i, reply in zip(indices, got, strict=True):
-                replies[i] = reply
+        taken: list[tuple[redis.ConnectionPool, Any, list[int]]] = []
+        try:
+            for pool, indices in by_pool.values():  # every server's share goes out first ...
+                try:
+                    conn = pool.get_connection()
+                except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                    said = _LOST if taken else _UNREACHABLE  # earlier servers may have them
+                    raise PublishError(said.format(exc)) from exc
+                taken.append((pool, conn, indices))
+                packed = [hiredis.pack_command(tuple(commands[i].args)) for i in indices]  # type: ignore[arg-type]
+                conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
+            for _, conn, indices in taken:  # ... then the replies are read: one wait in all
+                for i in indices:
+                    try:
+                        replies[i] = conn.read_response()
+                    except redis.ResponseError as exc:
+                        refused = refusal(exc)  # the script wrote nothing: the caller may retry
+                        if refused is None:
+                            failure = failure or exc
+                        replies[i] = refused
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            self._drop(taken)
+            raise PublishError(_LOST.format(exc)) from exc
+        except PublishError:
+            self._drop(taken)
+            raise
+        except BaseException:  # interrupted mid-read: unread replies must not reach others
+            self._drop(taken)
+            raise
+        finally:
+            for pool, conn, _ in taken:
+                pool.release(conn)
         if failure is not None:
             if isinstance(failure, REDIRECTED):
                 refresh_sync(self._client)
@@ -170,40 +197,11 @@ class Producer:
             ) from failure
         return replies
 
-    def _send_to(
-        self, pool: redis.ConnectionPool, commands: list[Command], first: bool
-    ) -> tuple[list[Any], redis.ResponseError | None]:
-        """Send `commands` to one server: their replies, and the first error among them."""
-        try:
-            conn = pool.get_connection()
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            refresh_sync(self._client)
-            if first:
-                raise PublishError(_UNREACHABLE.format(exc)) from exc
-            raise PublishError(_LOST.format(exc)) from exc
-        try:
-            packed = [hiredis.pack_command(tuple(c.args)) for c in commands]  # type: ignore[arg-type]
-            conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
-            replies: list[Any] = []
-            failure: redis.ResponseError | None = None
-            for _ in commands:
-                try:
-                    replies.append(conn.read_response())
-                except redis.ResponseError as exc:
-                    refused = refusal(exc)  # the script wrote nothing: the caller may retry
-                    if refused is None:
-                        failure = failure or exc
-                    replies.append(refused)
-            return replies, failure
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            conn.disconnect()  # type: ignore[no-untyped-call]
-            refresh_sync(self._client)
-            raise PublishError(_LOST.format(exc)) from exc
-        except BaseException:  # interrupted mid-read: unread replies must not reach others
-            conn.disconnect()  # type: ignore[no-untyped-call]
-            raise
-        finally:
-            pool.release(conn)
+    def _drop(self, taken: list[tuple[redis.ConnectionPool, Any, list[int]]]) -> None:
+        """Disconnect connections whose replies may be unread; read the slot map again."""
+        for _, conn, _ in taken:
+            conn.disconnect()
+        refresh_sync(self._client)
 
     def close(self) -> None:
         """Refuse further publishes (the client belongs to the caller and stays open)."""
