@@ -4,9 +4,9 @@
 # Only the local defaults are managed: Redis on 127.0.0.1:6379 and PostgreSQL on
 # 127.0.0.1:5432 (user postgres, trust auth, the database DATABASE_URL names, default `test`).
 # Missing servers are installed with apt (as root) and started; a REDIS_URL or DATABASE_URL
-# that points elsewhere is only waited for. Also makes sure the redis-server binary exists:
-# tests start throwaway servers of their own, and that Debian's chromium is there (the status
-# page's browser test drives it). Idempotent, and silent when all is fine.
+# that points elsewhere is only waited for. Also makes sure redis-server and redis-cli exist
+# (tests start throwaway servers and a local cluster of their own), and that Debian's chromium
+# is there (the status page's browser test drives it). Idempotent, and silent when all is fine.
 # SERVICES_TIMEOUT (seconds, default 30) bounds each wait.
 set -euo pipefail
 
@@ -103,6 +103,9 @@ redis_local_ping() {
 ensure_redis_binary() {
     have redis-server || apt_install redis-server
     have redis-server || die "redis-server is not on PATH, even after installing it"
+    # redis-cli: tests/test_cluster.py joins its local Redis Cluster with `redis-cli --cluster`
+    have redis-cli || apt_install redis-tools
+    have redis-cli || die "redis-cli is not on PATH, even after installing redis-tools"
 }
 
 ensure_redis() {

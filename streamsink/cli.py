@@ -20,7 +20,6 @@ from typing import Any
 
 import orjson
 import redis
-import redis.asyncio as aredis
 from tqdm import tqdm
 
 from streamsink.checks import check_environment, load_checked
@@ -37,6 +36,7 @@ from streamsink.streams.admin import (
     shard_count,
     stream_info,
 )
+from streamsink.streams.connection import SyncClient, connect, connect_async
 from streamsink.streams.dead import check_group, choose, dead_letters, drop, replay
 from streamsink.streams.keys import Keys
 from streamsink.streams.producer import Producer
@@ -270,8 +270,8 @@ def _check(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _client(config: Config) -> redis.Redis:
-    return redis.Redis.from_url(config.redis_url, socket_timeout=10)
+def _client(config: Config) -> SyncClient:
+    return connect(config.redis_url)
 
 
 def _streams_create(args: argparse.Namespace, config: Config) -> int:
@@ -298,7 +298,7 @@ def _streams_list(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _print_streams(client: redis.Redis, keys: Keys, names: Iterable[str]) -> None:
+def _print_streams(client: SyncClient, keys: Keys, names: Iterable[str]) -> None:
     rows = [stream_info(client, keys, name) for name in names]
     print(f"{'stream':<12} {'shards':>6} {'entries':>9}  per shard")
     for info in rows:
@@ -513,7 +513,7 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def _print_http_sink(client: redis.Redis, keys: Keys, sink: str) -> None:
+def _print_http_sink(client: SyncClient, keys: Keys, sink: str) -> None:
     """Per endpoint: callbacks sent, attempts failed and retried, dead-lettered; breaker."""
     from streamsink.streams.endpoints import endpoint_rows
 
@@ -703,7 +703,7 @@ def _demo(args: argparse.Namespace, config: Config) -> int:
         create_stream(client, keys, spec.name, spec.shards)
 
     async def run() -> Any:
-        async_client = aredis.Redis.from_url(config.redis_url, socket_timeout=10)
+        async_client = connect_async(config.redis_url)
         try:
             return await publish_burst(async_client, config)
         finally:

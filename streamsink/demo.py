@@ -20,10 +20,11 @@ from streamsink.schemas.config import Config
 from streamsink.schemas.event import Event, Op
 from streamsink.sinks.base import Sink
 from streamsink.streams.aio import AsyncProducer
+from streamsink.streams.connection import AsyncClient
 from streamsink.streams.keys import Keys
 
 if TYPE_CHECKING:  # only streams/ talks to Redis: the demo names the client's type
-    import redis.asyncio as aredis
+    pass
 
 STATUSES = ("queued", "running", "rendering", "uploading", "done")
 
@@ -105,7 +106,7 @@ def _logs(rng: random.Random, users: int, start: datetime) -> Iterator[tuple[str
         )
 
 
-async def publish_burst(client: aredis.Redis, config: Config) -> tuple[Counter[str], float]:
+async def publish_burst(client: AsyncClient, config: Config) -> tuple[Counter[str], float]:
     """Publish the burst with the asyncio producer from 200 concurrent senders."""
     counts: Counter[str] = Counter()
     queue: asyncio.Queue[tuple[str, Event] | None] = asyncio.Queue(maxsize=10_000)
@@ -154,7 +155,7 @@ def report(conn: Connection) -> list[str]:
 
 
 async def drain(
-    client: aredis.Redis,
+    client: AsyncClient,
     config: Config,
     sinks: Mapping[str, Sink],
     stall_s: float = 30.0,
@@ -173,7 +174,7 @@ async def drain(
         return await _drain(client, config, worker, stall_s)
 
 
-async def _drain(client: aredis.Redis, config: Config, worker: Worker, stall_s: float) -> float:
+async def _drain(client: AsyncClient, config: Config, worker: Worker, stall_s: float) -> float:
     stop = asyncio.Event()
     started = time.perf_counter()
     running = asyncio.create_task(worker.run(stop))
@@ -200,7 +201,7 @@ async def _drain(client: aredis.Redis, config: Config, worker: Worker, stall_s: 
     return time.perf_counter() - started
 
 
-async def _left(client: aredis.Redis, keys: Keys, config: Config) -> int:
+async def _left(client: AsyncClient, keys: Keys, config: Config) -> int:
     """Entries not yet acknowledged (pending) or not yet read (lag), over every group."""
     left = 0
     for group in config.groups.values():

@@ -20,7 +20,7 @@ from streamsink.streams.recovery import ShardFacts, shard_facts
 from streamsink.streams.retry import retrying
 
 if TYPE_CHECKING:
-    import redis.asyncio as aredis
+    from streamsink.streams.connection import AsyncClient
 
 
 def reset_command(stream: str, group: str) -> str:
@@ -82,7 +82,7 @@ def on_shard(commits: Mapping[str, Mapping[int, Committed]], shard: int) -> dict
 
 
 async def check_shard(
-    client: aredis.Redis,
+    client: AsyncClient,
     keys: Keys,
     stream: str,
     shard: int,

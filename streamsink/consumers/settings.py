@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from streamsink.errors import ConfigError
+from streamsink.streams.connection import check_block
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +25,8 @@ class GroupSettings:
     read_count: int = 1000
     """Most entries one read asks for."""
     block_ms: int = 500
-    """Longest a read waits for new entries; far below any socket timeout."""
+    """Longest a read waits for new entries; at most `connection.MAX_BLOCK_MS` (10 s), far
+    below the clients' socket timeout."""
     lease_ttl_ms: int = 10_000
     """A lease not renewed for this long is free; renewals come every third of it."""
     max_deliveries: int = 5
@@ -60,6 +62,7 @@ class GroupSettings:
             raise ConfigError(
                 f"group {group!r}: {', '.join(at_least_one)} must be >= 1, lease_ttl_ms >= 300"
             )
+        check_block(settings.block_ms)
         if settings.max_deliveries < 2:  # a takeover's claim is a delivery too
             raise ConfigError(
                 f"group {group!r}: max_deliveries must be >= 2: the claim that follows a "

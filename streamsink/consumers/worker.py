@@ -23,10 +23,6 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
-import redis.asyncio as aredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-
 from streamsink.consumers.recovery import check_shard, committed, lost_message, on_shard
 from streamsink.consumers.settings import GroupSettings
 from streamsink.consumers.shard import SINK_TRANSIENT, ShardRunner
@@ -40,7 +36,8 @@ from streamsink.errors import (
 )
 from streamsink.schemas.config import Config, GroupSpec
 from streamsink.sinks.base import Sink
-from streamsink.streams.keys import META_SHARDS, Keys
+from streamsink.streams.connection import AsyncClient, connect_async, shard_count_async
+from streamsink.streams.keys import Keys
 from streamsink.streams.leases import Leases
 from streamsink.streams.reader import ShardReader, create_group
 from streamsink.streams.retry import TRANSIENT, cancelling, retrying, server
@@ -61,7 +58,7 @@ class GroupRunner:
 
     def __init__(
         self,
-        client: aredis.Redis,
+        client: AsyncClient,
         config: Config,
         group: GroupSpec,
         sinks: Mapping[str, Sink],
@@ -211,18 +208,20 @@ class GroupRunner:
         have not started yet. First, Redis must hold what the group's sinks committed: a
         group created again from the first entry would be behind its offsets.
         """
-        recorded = await self.client.hget(self.keys.meta(self.stream), META_SHARDS)
         commits = await committed(self.sinks, self.group.name, self.stream)
-        if recorded is None:
+        try:
+            recorded = await shard_count_async(self.client, self.keys, self.stream)
+        except StreamNotFound:
             if any(commits.values()):
                 shard = min(s for rows in commits.values() for s in rows)
                 reason = "the stream's shard count is gone from Redis"
-                raise RedisDataLost(lost_message(self.stream, self.group.name, shard, reason))
-            raise StreamNotFound(f"stream {self.stream!r} does not exist; create it first")
-        if int(recorded) != self.shards:
+                raise RedisDataLost(
+                    lost_message(self.stream, self.group.name, shard, reason)
+                ) from None
+            raise
+        if recorded != self.shards:
             raise ShardCountMismatch(
-                f"stream {self.stream!r} has {int(recorded)} shards in Redis, config says "
-                f"{self.shards}"
+                f"stream {self.stream!r} has {recorded} shards in Redis, config says {self.shards}"
             )
         for shard in range(self.shards):
             mine = on_shard(commits, shard)
@@ -351,7 +350,7 @@ class Worker:
 
     def __init__(
         self,
-        client: aredis.Redis,
+        client: AsyncClient,
         config: Config,
         sinks: Mapping[str, Sink],
         worker: str | None = None,
@@ -383,16 +382,10 @@ class Worker:
         return {g.group.name: g.stopped for g in self.groups if g.stopped is not None}
 
 
-def worker_client(url: str) -> aredis.Redis:
-    """A client for workers: no silent retries (a retried read could strand entries; the
-    worker retries on its own and claims them back), socket timeout well above BLOCK."""
-    return aredis.Redis.from_url(
-        url,
-        socket_timeout=15,
-        socket_connect_timeout=5,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=30,
-    )
+def worker_client(url: str) -> AsyncClient:
+    """A client for workers (streams.connection: no silent retries, a socket timeout well
+    above BLOCK; one server or a cluster)."""
+    return connect_async(url)
 
 
 EXIT_STOPPED = 3
@@ -481,7 +474,7 @@ async def serve(
         await _close(built.values(), client)
 
 
-async def _close(sinks: Iterable[Sink], client: aredis.Redis, timeout_s: float = 10.0) -> None:
+async def _close(sinks: Iterable[Sink], client: AsyncClient, timeout_s: float = 10.0) -> None:
     """Close the sinks and the client; a sink stuck in a write is left after `timeout_s`."""
     try:
         async with asyncio.timeout(timeout_s):

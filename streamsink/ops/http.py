@@ -28,6 +28,7 @@ from streamsink.consumers.worker import GroupRunner, Worker
 from streamsink.ops.metrics import Facts, WorkerCollector, group_stopped
 from streamsink.ops.status import HOT_KEYS, plain, status_document
 from streamsink.streams.admin import group_status
+from streamsink.streams.connection import SyncClient, connect
 from streamsink.streams.endpoints import endpoint_rows
 from streamsink.streams.keys import Keys
 from streamsink.streams.telemetry import publish_telemetry
@@ -90,7 +91,7 @@ class Ops:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(WorkerCollector(worker, self.facts))
         self.started = time.time()
-        self._sync: redis.Redis | None = None  # for the status document, in a thread
+        self._sync: SyncClient | None = None  # for the status document, in a thread
         self._checks: dict[str, asyncio.Future[None]] = {}
 
     def app(self) -> web.Application:
@@ -263,11 +264,9 @@ class Ops:
     def _document(self) -> dict[str, Any]:
         return status_document(self._client(), self.keys, self.worker.config)
 
-    def _client(self) -> redis.Redis:
+    def _client(self) -> SyncClient:
         if self._sync is None:
-            self._sync = redis.Redis.from_url(
-                self.worker.config.redis_url, socket_timeout=CHECK_TIMEOUT_S
-            )
+            self._sync = connect(self.worker.config.redis_url, CHECK_TIMEOUT_S)
         return self._sync
 
     def _uptime(self) -> float:

@@ -27,7 +27,7 @@ from streamsink.streams.keys import META_SHARDS, Keys
 from streamsink.streams.recovery import ShardFacts, entries_up_to, read_shard_facts, realign
 
 if TYPE_CHECKING:
-    import redis
+    from streamsink.streams.connection import SyncClient
 
 
 class BelowOffset(Enum):
@@ -154,7 +154,7 @@ def _settings(config: Config) -> dict[str, PostgresSettings]:
 
 
 def plan_reset(
-    client: redis.Redis,
+    client: SyncClient,
     keys: Keys,
     config: Config,
     stream: str,
@@ -194,7 +194,7 @@ def plan_reset(
     return plan
 
 
-def apply_reset(client: redis.Redis, keys: Keys, config: Config, plan: ResetPlan) -> None:
+def apply_reset(client: SyncClient, keys: Keys, config: Config, plan: ResetPlan) -> None:
     """Make the plan's changes: PostgreSQL offsets first (new epoch, rewound), then Redis.
 
     Running it again after a failure half-way is safe: the plan is read again, and

@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 from streamsink.schemas.config import Config
 from streamsink.streams.admin import group_status, list_streams, stream_info
+from streamsink.streams.connection import SyncClient
 from streamsink.streams.dead import dead_letters
 from streamsink.streams.endpoints import endpoint_rows
 from streamsink.streams.keys import Keys
 from streamsink.streams.telemetry import read_telemetry
 
 if TYPE_CHECKING:  # only streams/ talks to Redis: this module names the client's type
-    import redis
+    pass
 
 SCHEMA = 1
 DEAD_LETTERS = 20
@@ -53,7 +54,7 @@ def plain(record: Any) -> Any:
     return str(record)
 
 
-def status_document(client: redis.Redis, keys: Keys, config: Config) -> dict[str, Any]:
+def status_document(client: SyncClient, keys: Keys, config: Config) -> dict[str, Any]:
     """Streams, groups (shards, totals, tables, hot keys, dead letters) and HTTP sinks."""
     streams = []
     for name in list_streams(client, keys):
@@ -79,7 +80,7 @@ def status_document(client: redis.Redis, keys: Keys, config: Config) -> dict[str
 
 
 def _group(
-    client: redis.Redis, keys: Keys, name: str, stream: str, sinks: Sequence[str]
+    client: SyncClient, keys: Keys, name: str, stream: str, sinks: Sequence[str]
 ) -> dict[str, Any]:
     rows = group_status(client, keys, stream, name)
     measured = read_telemetry(client, keys, stream, name, len(rows))

@@ -2,6 +2,7 @@
 
 from streamsink.streams.admin import StreamInfo, create_stream, list_streams, stream_info
 from streamsink.streams.aio import AsyncProducer
+from streamsink.streams.connection import connect, connect_async
 from streamsink.streams.keys import Keys
 from streamsink.streams.producer import Producer
 from streamsink.streams.publish import ProducerSettings
@@ -18,6 +19,8 @@ __all__ = [
     "RateLimiter",
     "Rows",
     "StreamInfo",
+    "connect",
+    "connect_async",
     "create_stream",
     "list_streams",
     "stream_info",

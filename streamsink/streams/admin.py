@@ -6,12 +6,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import redis
 from redis.exceptions import ResponseError
 
-from streamsink.errors import ShardCountMismatch, StreamNotFound
+from streamsink.errors import ShardCountMismatch
 from streamsink.schemas.config import MAX_SHARDS, NAME
 from streamsink.schemas.wire import parse_id
+from streamsink.streams.connection import SyncClient
+from streamsink.streams.connection import shard_count as shard_count  # where callers had it
 from streamsink.streams.keys import META_CREATED, META_SHARDS, Keys
 from streamsink.streams.state import ShardState, shown_state
 
@@ -30,7 +31,7 @@ class StreamInfo:
         return sum(self.lengths)
 
 
-def create_stream(client: redis.Redis, keys: Keys, name: str, shards: int) -> bool:
+def create_stream(client: SyncClient, keys: Keys, name: str, shards: int) -> bool:
     """Record `name` with `shards` shards; True if created, False if it already was.
 
     Re-creating with the same count is a no-op; with another count it is an error,
@@ -40,12 +41,12 @@ def create_stream(client: redis.Redis, keys: Keys, name: str, shards: int) -> bo
         raise ValueError(f"stream name {name!r} must match {NAME.pattern}")
     if not 1 <= shards <= MAX_SHARDS:
         raise ValueError(f"shards must be 1..{MAX_SHARDS}, got {shards}")
-    pipe = client.pipeline(transaction=True)
+    pipe = client.pipeline(transaction=True)  # one key: one slot, in a cluster too
     pipe.hsetnx(keys.meta(name), META_SHARDS, shards)
     pipe.hsetnx(keys.meta(name), META_CREATED, int(time.time() * 1000))
     pipe.hget(keys.meta(name), META_SHARDS)
-    pipe.sadd(keys.index(), name)
-    created, _, recorded, _ = pipe.execute()
+    created, _, recorded = pipe.execute()
+    client.sadd(keys.index(), name)  # another slot; after the meta, so a listed stream exists
     if int(recorded) != shards:
         raise ShardCountMismatch(
             f"stream {name!r} already exists with {int(recorded)} shards, not {shards}"
@@ -53,20 +54,12 @@ def create_stream(client: redis.Redis, keys: Keys, name: str, shards: int) -> bo
     return bool(created)
 
 
-def shard_count(client: redis.Redis, keys: Keys, name: str) -> int:
-    """The shard count recorded for `name`; StreamNotFound if it was never created."""
-    recorded = client.hget(keys.meta(name), META_SHARDS)
-    if recorded is None:
-        raise StreamNotFound(f"stream {name!r} does not exist under prefix {keys.prefix!r}")
-    return int(recorded)
-
-
-def list_streams(client: redis.Redis, keys: Keys) -> list[str]:
+def list_streams(client: SyncClient, keys: Keys) -> list[str]:
     """Names of every stream created under the prefix, sorted."""
     return sorted(n.decode() if isinstance(n, bytes) else n for n in client.smembers(keys.index()))
 
 
-def stream_info(client: redis.Redis, keys: Keys, name: str) -> StreamInfo:
+def stream_info(client: SyncClient, keys: Keys, name: str) -> StreamInfo:
     """Shard count and per-shard lengths of `name`."""
     shards = shard_count(client, keys, name)
     pipe = client.pipeline(transaction=False)
@@ -109,17 +102,18 @@ class ShardStatus:
 
 
 def group_status(
-    client: redis.Redis,
+    client: SyncClient,
     keys: Keys,
     stream: str,
     group: str,
     count_limit: int = LAG_COUNT_LIMIT,
 ) -> list[ShardStatus]:
-    """Every shard of `stream` for `group`: one pipeline per shard, plus a bounded count."""
-    rows = []
-    for shard in range(shard_count(client, keys, stream)):
+    """Every shard of `stream` for `group`: one pipeline for them all (on a cluster, redis-py
+    splits it into one per master), plus a bounded count where a shard has a backlog."""
+    shards = shard_count(client, keys, stream)
+    pipe = client.pipeline(transaction=False)
+    for shard in range(shards):
         key = keys.shard(stream, shard)
-        pipe = client.pipeline(transaction=False)
         pipe.xlen(key)
         pipe.get(keys.lease(stream, shard, group))
         pipe.get(keys.epoch(stream, shard, group))
@@ -127,7 +121,11 @@ def group_status(
         pipe.hgetall(keys.state(stream, shard, group))
         pipe.xinfo_stream(key)
         pipe.xinfo_groups(key)
-        length, owner, epoch, dead, stored, info, groups = pipe.execute(raise_on_error=False)
+    replies = pipe.execute(raise_on_error=False)
+    rows = []
+    for shard in range(shards):
+        key = keys.shard(stream, shard)
+        length, owner, epoch, dead, stored, info, groups = replies[7 * shard : 7 * shard + 7]
         for reply in (length, owner, epoch, dead, stored):
             if isinstance(reply, Exception):
                 raise reply
@@ -161,7 +159,7 @@ def group_status(
 
 
 def _lag(
-    client: redis.Redis, key: str, info: Any, delivered: tuple[int, int], limit: int
+    client: SyncClient, key: str, info: Any, delivered: tuple[int, int], limit: int
 ) -> tuple[int, bool]:
     """Entries after the group's last-delivered ID, counted (at most `limit` fetched).
 

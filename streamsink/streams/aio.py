@@ -11,7 +11,6 @@ from types import TracebackType
 from typing import Any
 
 import hiredis
-import redis.asyncio as aredis
 from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -26,7 +25,7 @@ from streamsink.streams.applied import (
     configured_groups,
     wait_applied_async,
 )
-from streamsink.streams.keys import META_SHARDS
+from streamsink.streams.connection import REDIRECTED, AsyncClient, AsyncLinks, shard_count_async
 from streamsink.streams.publish import (
     FIRST_RETRY,
     LAST_RETRY,
@@ -50,11 +49,16 @@ _Request = tuple[str, list[Prepared], "asyncio.Future[list[str]]"]
 a class: concurrent publishers make one an event)."""
 
 
+Plan = list[tuple[Connection, list[Command]]]
+"""Where a batch's commands went: per server (several in a cluster), its connection and
+its commands in order (its replies come back in that order)."""
+
+
 @dataclass(slots=True)
 class _InFlight:
     batch: list[_Request]
-    commands: list[Command]
-    conn: Connection
+    plan: Plan
+    links: AsyncLinks
 
 
 def _stopped() -> PublishError:
@@ -75,7 +79,7 @@ class AsyncProducer:
 
     def __init__(
         self,
-        client: aredis.Redis,
+        client: AsyncClient,
         config: Config | None = None,
         settings: ProducerSettings | None = None,
     ) -> None:
@@ -89,7 +93,8 @@ class AsyncProducer:
         self._wakeup = asyncio.Event()
         self._full = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._conn: Connection | None = None
+        self._links: AsyncLinks | None = None
+        self._stale = False  # a cluster moved a slot or lost a node: read its slot map again
         self._closing = False
         self._failure: BaseException | None = None
         self._lookups: dict[str, asyncio.Future[Any]] = {}
@@ -233,18 +238,16 @@ class AsyncProducer:
         return the stream's packer."""
         lookup = self._lookups.get(stream)
         if lookup is None:
-            lookup = asyncio.ensure_future(
-                self._client.hget(self._prep.keys.meta(stream), META_SHARDS)
-            )
+            lookup = asyncio.ensure_future(shard_count_async(self._client, self._prep.keys, stream))
             self._lookups[stream] = lookup
             lookup.add_done_callback(lambda done: self._forget_lookup(stream, done))
         try:
-            recorded = await asyncio.shield(lookup)
+            shards = await asyncio.shield(lookup)
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise PublishError(_UNREACHABLE.format(exc)) from exc
         pack = self._prep.packers.get(stream)
         if pack is None:  # the first of the publishers that waited for the lookup
-            self._prep.check_shards(stream, recorded)
+            self._prep.check_shards(stream, shards)
             pack = self._prep.packers[stream]
         return pack
 
@@ -315,7 +318,7 @@ class AsyncProducer:
         commands = self._prep.commands(batch)
         self._busy = True
         try:
-            conn = await self._write(commands)
+            plan = await self._write(commands)
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             await self._drop_connection(PublishError(_LOST.format(exc)))
             for _, _, future in batch:
@@ -328,7 +331,8 @@ class AsyncProducer:
             raise
         finally:
             self._busy = False
-        self._inflight.append(_InFlight(batch, commands, conn))
+        assert self._links is not None
+        self._inflight.append(_InFlight(batch, plan, self._links))
         self._replied.set()
 
     async def _read_replies(self) -> None:
@@ -338,12 +342,12 @@ class AsyncProducer:
                 self._replied.clear()
                 await self._replied.wait()
             sent = self._inflight[0]
-            results = [""] * sum(len(command.slots) for command in sent.commands)
+            results = [""] * sum(len(c.slots) for _, commands in sent.plan for c in commands)
             errors: dict[int, Exception] = {}
             try:
-                await self._read(sent.conn, sent.commands, results, errors)
+                await self._read(sent.plan, results, errors)
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                await self._drop_connection(PublishError(_LOST.format(exc)), sent.conn)
+                await self._drop_connection(PublishError(_LOST.format(exc)), sent.links)
                 self._wakeup.set()  # the sender may wait for room in flight: there is some now
                 continue
             if self._inflight and self._inflight[0] is sent:
@@ -366,8 +370,8 @@ class AsyncProducer:
         results = [""] * sum(len(command.slots) for command in commands)
         errors: dict[int, Exception] = {}
         try:
-            conn = await self._write(commands)
-            await self._read(conn, commands, results, errors)
+            plan = await self._write(commands)
+            await self._read(plan, results, errors)
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             await self._drop_connection()
             errors = dict.fromkeys(range(len(results)), PublishError(_LOST.format(exc)))
@@ -378,47 +382,57 @@ class AsyncProducer:
             raise
         _settle_all(batch, results, errors)
 
-    async def _write(self, commands: list[Command]) -> Connection:
-        if self._conn is None:
-            self._conn = await self._client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
-        conn = self._conn
-        packed = [hiredis.pack_command(tuple(c.args)) for c in commands]  # type: ignore[arg-type]
-        await conn.send_packed_command(packed, check_health=False)
-        return conn
-
-    @staticmethod
-    async def _read(
-        conn: Connection, commands: list[Command], results: list[str], errors: dict[int, Exception]
-    ) -> None:
-        """Read each command's reply into `results` (or `errors`), by slot."""
+    async def _write(self, commands: list[Command]) -> Plan:
+        """Send the commands, each to the server of its shard; where they went."""
+        if self._stale and self._links is not None and not self._inflight:
+            links, self._links = self._links, None  # every reply read: reconnect by the map
+            await links.close(drop=False)
+        if self._links is None:
+            links = AsyncLinks(self._client)
+            await links.open(refresh=self._stale)
+            self._links, self._stale = links, False
+        by_conn: dict[Connection, list[Command]] = {}
         for command in commands:
-            try:
-                reply = await conn.read_response()
-            except ResponseError as exc:
-                refused: Exception | None = refusal(exc)  # then the script wrote nothing
-                if refused is None:
-                    refused = PublishError(f"Redis refused the publish: {exc}")
-                errors.update(dict.fromkeys(command.slots, refused))
-                continue
-            for slot, entry in zip(command.slots, command.entry_ids(reply), strict=True):
-                results[slot] = entry
+            by_conn.setdefault(await self._links.connection(command.key), []).append(command)
+        for conn, some in by_conn.items():
+            packed = [hiredis.pack_command(tuple(c.args)) for c in some]  # type: ignore[arg-type]
+            await conn.send_packed_command(packed, check_health=False)
+        return list(by_conn.items())
+
+    async def _read(self, plan: Plan, results: list[str], errors: dict[int, Exception]) -> None:
+        """Read each command's reply into `results` (or `errors`), by slot."""
+        for conn, commands in plan:
+            for command in commands:
+                try:
+                    reply = await conn.read_response()
+                except ResponseError as exc:
+                    refused: Exception | None = refusal(exc)  # then the script wrote nothing
+                    if refused is None:
+                        if isinstance(exc, REDIRECTED):
+                            self._stale = True  # the next connections follow the new map
+                        refused = PublishError(f"Redis refused the publish: {exc}")
+                    errors.update(dict.fromkeys(command.slots, refused))
+                    continue
+                for slot, entry in zip(command.slots, command.entry_ids(reply), strict=True):
+                    results[slot] = entry
 
     async def _drop_connection(
-        self, error: Exception | None = None, conn: Connection | None = None
+        self, error: Exception | None = None, links: AsyncLinks | None = None
     ) -> None:
-        """Close the connection (or only `conn`, if still current); fail what was in flight
-        on it: its replies are lost with it."""
-        if conn is not None and conn is not self._conn:
+        """Close the connections (or only `links`, if still current); fail what was in
+        flight on them: their replies are lost with them."""
+        if links is not None and links is not self._links:
             return
-        dropped, self._conn = self._conn, None
-        lost = [sent for sent in self._inflight if sent.conn is dropped]
-        self._inflight = deque(sent for sent in self._inflight if sent.conn is not dropped)
+        dropped, self._links = self._links, None
+        lost = [sent for sent in self._inflight if sent.links is dropped]
+        self._inflight = deque(sent for sent in self._inflight if sent.links is not dropped)
         for sent in lost:
             for _, _, future in sent.batch:
                 _settle(future, error or _stopped())
         if dropped is not None:
-            await dropped.disconnect(nowait=True)
-            await self._client.connection_pool.release(dropped)
+            if error is not None:
+                self._stale = True  # a node may be gone: read a cluster's slot map again
+            await dropped.close(drop=True)
 
     def _fail_pending(self, error: Exception) -> None:
         for _, _, future in self._pending:
@@ -448,9 +462,9 @@ class AsyncProducer:
             except Exception:  # the failure already reached every pending publish
                 pass
         self._fail_pending(ProducerClosed("the producer closed before this publish was sent"))
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            await self._client.connection_pool.release(conn)
+        if self._links is not None:
+            links, self._links = self._links, None
+            await links.close(drop=False)
 
     async def __aenter__(self) -> AsyncProducer:
         return self

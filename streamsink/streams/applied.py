@@ -17,11 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 from zlib import crc32
 
-import redis
-import redis.asyncio as aredis
-
 from streamsink.errors import ConfigError, NotYetApplied
 from streamsink.schemas.config import Config
+from streamsink.streams.connection import AsyncClient, SyncClient
 from streamsink.streams.keys import Keys
 
 FIRST_POLL = 0.001
@@ -104,7 +102,7 @@ def _group_names(reply: Any) -> list[str]:
 
 
 def wait_applied(
-    client: redis.Redis,
+    client: SyncClient,
     keys: Keys,
     receipts: Sequence[Receipt],
     groups: Sequence[str] = (),
@@ -123,8 +121,8 @@ def wait_applied(
     deadline, pause = time.monotonic() + timeout, FIRST_POLL
     while True:
         pipe = client.pipeline(transaction=False)
-        for read in waiter.reads:
-            pipe.mget(read)
+        for read in waiter.reads:  # (a cluster pipeline blocks mget(); each is one slot)
+            pipe.execute_command("MGET", *read)
         late = waiter.behind(pipe.execute())
         if not late:
             return
@@ -136,7 +134,7 @@ def wait_applied(
 
 
 async def wait_applied_async(
-    client: aredis.Redis,
+    client: AsyncClient,
     keys: Keys,
     receipts: Sequence[Receipt],
     groups: Sequence[str] = (),
@@ -156,8 +154,8 @@ async def wait_applied_async(
     deadline, pause = loop.time() + timeout, FIRST_POLL
     while True:
         pipe = client.pipeline(transaction=False)
-        for read in waiter.reads:
-            pipe.mget(read)
+        for read in waiter.reads:  # (a cluster pipeline blocks mget(); each is one slot)
+            pipe.execute_command("MGET", *read)
         late = waiter.behind(await pipe.execute())
         if not late:
             return

@@ -19,6 +19,7 @@ import redis
 from streamsink.errors import GroupNotFound
 from streamsink.schemas.wire import F_DATA, F_FOR, F_ORIGIN, F_SINKS, ROUTING_FIELDS
 from streamsink.streams.admin import shard_count
+from streamsink.streams.connection import SyncClient
 from streamsink.streams.keys import Keys
 from streamsink.streams.reader import DEAD_PREFIX
 
@@ -60,7 +61,7 @@ def _text(value: bytes | None) -> str:
     return value.decode("utf-8", "replace") if value else ""
 
 
-def check_group(client: redis.Redis, keys: Keys, stream: str, group: str) -> int:
+def check_group(client: SyncClient, keys: Keys, stream: str, group: str) -> int:
     """The stream's shard count; StreamNotFound or GroupNotFound when either is unknown."""
     shards = shard_count(client, keys, stream)
     known: set[str] = set()
@@ -83,7 +84,7 @@ def check_group(client: redis.Redis, keys: Keys, stream: str, group: str) -> int
 
 
 def dead_letters(
-    client: redis.Redis, keys: Keys, stream: str, group: str, limit: int | None = 100
+    client: SyncClient, keys: Keys, stream: str, group: str, limit: int | None = 100
 ) -> Iterator[DeadLetter]:
     """The group's dead letters, shard by shard, oldest first (at most `limit` per shard,
     every one with None)."""
@@ -134,7 +135,7 @@ def choose(letters: Iterable[DeadLetter], wanted: Sequence[str]) -> list[DeadLet
 
 
 def replay(
-    client: redis.Redis,
+    client: SyncClient,
     keys: Keys,
     stream: str,
     group: str,
@@ -161,6 +162,6 @@ def replay(
     return _text(new_id) if new_id else None
 
 
-def drop(client: redis.Redis, keys: Keys, stream: str, group: str, letter: DeadLetter) -> None:
+def drop(client: SyncClient, keys: Keys, stream: str, group: str, letter: DeadLetter) -> None:
     """Delete one dead letter for good."""
     client.xdel(keys.dead(stream, letter.shard, group), letter.id)

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-import redis.asyncio as aredis
 
 from streamsink.schemas.wire import parse_id
+from streamsink.streams.connection import AsyncClient, SyncClient
 from streamsink.streams.keys import Keys
 
 COUNTERS = ("sent", "failed", "retried", "dead")
@@ -39,7 +39,7 @@ log = logging.getLogger("streamsink.http")
 class EndpointStats:
     """Counts kept in memory by one sink and added to Redis at each `flush`."""
 
-    def __init__(self, client: aredis.Redis, keys: Keys, sink: str) -> None:
+    def __init__(self, client: AsyncClient, keys: Keys, sink: str) -> None:
         self._client = client
         self._key = keys.http_endpoints(sink)
         self._counts: Counter[str] = Counter()
@@ -97,7 +97,7 @@ class EndpointRow:
     breaker_by: str = ""
 
 
-def endpoint_rows(client: redis.Redis, keys: Keys, sink: str) -> list[EndpointRow]:
+def endpoint_rows(client: SyncClient, keys: Keys, sink: str) -> list[EndpointRow]:
     """Every endpoint an HTTP sink has seen, by name, with its counts and breaker state."""
     raw: dict[bytes, bytes] = client.hgetall(keys.http_endpoints(sink))  # type: ignore[assignment]
     fields: dict[str, dict[str, str]] = {}
@@ -204,7 +204,7 @@ class EndpointGates:
     Endpoints are named by a digest of their name (a key stays short whatever the URL).
     """
 
-    def __init__(self, client: aredis.Redis, keys: Keys, sink: str) -> None:
+    def __init__(self, client: AsyncClient, keys: Keys, sink: str) -> None:
         self._keys, self._sink = keys, sink
         self._ask = client.register_script(_ASK)
         self._succeeded = client.register_script(_SUCCEEDED)
@@ -265,7 +265,7 @@ class DeliveredMarks:
     the last.
     """
 
-    def __init__(self, client: aredis.Redis, key: str) -> None:
+    def __init__(self, client: AsyncClient, key: str) -> None:
         self._client, self._key = client, key
         self._pending: list[str] = []
         self._writing: asyncio.Task[None] | None = None

@@ -12,8 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import redis.asyncio as aredis
-
+from streamsink.streams.connection import AsyncClient
 from streamsink.streams.keys import Keys
 
 # KEYS: lease, epoch. ARGV: worker id, TTL ms. Returns the new epoch, or 0 if another owns it.
@@ -56,7 +55,7 @@ class Leases:
 
     def __init__(
         self,
-        client: aredis.Redis,
+        client: AsyncClient,
         keys: Keys,
         stream: str,
         group: str,
@@ -94,7 +93,10 @@ class Leases:
     async def owners(self, shards: int) -> list[str | None]:
         """Current owner of every shard (None where free), for balancing and status."""
         keys = [self._keys.lease(self.stream, s, self.group) for s in range(shards)]
-        values = await self._client.mget(keys)
+        async with self._client.pipeline(transaction=False) as pipe:  # not MGET: many slots
+            for key in keys:
+                pipe.get(key)
+            values = await pipe.execute()
         return [v.decode() if isinstance(v, bytes) else v for v in values]
 
     async def heartbeat(self) -> int:
@@ -113,10 +115,8 @@ class Leases:
             pipe.zremrangebyscore(key, "-inf", now)
             pipe.zcard(key)
             pipe.pexpire(key, self.ttl_ms * 10)
-            for shard in shards:
-                await self._renew(
-                    self._lease_keys(shard)[:1], [self.worker, self.ttl_ms], client=pipe
-                )
+            for shard in shards:  # EVAL: a script cannot be loaded inside a cluster pipeline
+                pipe.eval(_RENEW, 1, self._lease_keys(shard)[0], self.worker, self.ttl_ms)
             replies = await pipe.execute()
         return int(replies[2]), [bool(reply) for reply in replies[4:]]
 

@@ -19,10 +19,17 @@ from streamsink.streams.applied import (
     configured_groups,
     wait_applied,
 )
-from streamsink.streams.keys import META_SHARDS
+from streamsink.streams.connection import (
+    REDIRECTED,
+    SyncClient,
+    refresh_sync,
+    shard_count,
+    sync_pool,
+)
 from streamsink.streams.publish import (
     FIRST_RETRY,
     LAST_RETRY,
+    Command,
     Prepared,
     Preparer,
     ProducerSettings,
@@ -30,6 +37,10 @@ from streamsink.streams.publish import (
 )
 
 _UNREACHABLE = "cannot reach Redis ({}); nothing was published, so publishing again is safe"
+_LOST = (
+    "lost Redis while publishing ({}); the events may or may not be in the stream: "
+    "publish again only events that carry an idempotency id"
+)
 
 
 class Producer:
@@ -42,7 +53,7 @@ class Producer:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: SyncClient,
         config: Config | None = None,
         settings: ProducerSettings | None = None,
     ) -> None:
@@ -74,10 +85,10 @@ class Producer:
             raise ProducerClosed("this producer is closed")
         if stream not in self._prep.shards:
             try:
-                recorded = self._client.hget(self._prep.keys.meta(stream), META_SHARDS)
+                shards = shard_count(self._client, self._prep.keys, stream)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 raise PublishError(_UNREACHABLE.format(exc)) from exc
-            self._prep.check_shards(stream, recorded)
+            self._prep.check_shards(stream, shards)
         prepared = self._prep.encode(stream, events)
         if not prepared:
             return []
@@ -97,7 +108,7 @@ class Producer:
         pause = FIRST_RETRY
         while True:
             commands = self._prep.commands([(stream, [prepared[i] for i in todo], None)])
-            replies = self._send([c.args for c in commands])
+            replies = self._send(commands)
             refused: Backpressure | None = None
             for command, reply in zip(commands, replies, strict=True):
                 if isinstance(reply, Backpressure):
@@ -132,47 +143,65 @@ class Producer:
             groups = configured_groups(self._prep.config, receipts[0].stream)
         wait_applied(self._client, self._prep.keys, receipts, groups, timeout)
 
-    def _send(self, commands: list[list[Any]]) -> list[Any]:
-        """Each command's reply, or the Backpressure that refused it."""
-        pool = self._client.connection_pool
+    def _send(self, commands: list[Command]) -> list[Any]:
+        """Each command's reply, or the Backpressure that refused it (one pipelined round
+        trip per server: a cluster's shards live on several)."""
+        by_pool: dict[int, tuple[redis.ConnectionPool, list[int]]] = {}
         try:
-            conn = pool.get_connection()
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            for i, command in enumerate(commands):
+                pool = sync_pool(self._client, command.key)
+                by_pool.setdefault(id(pool), (pool, []))[1].append(i)
+        except (redis.RedisError, OSError) as exc:  # a cluster's slot map could not be read
+            refresh_sync(self._client)
             raise PublishError(_UNREACHABLE.format(exc)) from exc
+        replies: list[Any] = [None] * len(commands)
+        failure: redis.ResponseError | None = None
+        taken: list[tuple[redis.ConnectionPool, Any, list[int]]] = []
         try:
-            packed = [
-                hiredis.pack_command(tuple(c)) for c in commands
-            ]  # C, not per-argument Python
-            conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
-            replies: list[Any] = []
-            failure: redis.ResponseError | None = None
-            for _ in commands:
+            for pool, indices in by_pool.values():  # every server's share goes out first ...
                 try:
-                    replies.append(conn.read_response())
-                except redis.ResponseError as exc:
-                    refused = refusal(exc)  # the script wrote nothing: the caller may retry
-                    if refused is None:
-                        failure = failure or exc
-                    replies.append(refused)
-            if failure is not None:
-                raise PublishError(
-                    f"Redis refused part of the publish ({failure}); events of other shards "
-                    "may be in the stream: publish again only events with an idempotency id"
-                ) from failure
-            return replies
+                    conn = pool.get_connection()
+                except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                    said = _LOST if taken else _UNREACHABLE  # earlier servers may have them
+                    raise PublishError(said.format(exc)) from exc
+                taken.append((pool, conn, indices))
+                packed = [hiredis.pack_command(tuple(commands[i].args)) for i in indices]  # type: ignore[arg-type]
+                conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
+            for _, conn, indices in taken:  # ... then the replies are read: one wait in all
+                for i in indices:
+                    try:
+                        replies[i] = conn.read_response()
+                    except redis.ResponseError as exc:
+                        refused = refusal(exc)  # the script wrote nothing: the caller may retry
+                        if refused is None:
+                            failure = failure or exc
+                        replies[i] = refused
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            conn.disconnect()  # type: ignore[no-untyped-call]
-            raise PublishError(
-                f"lost Redis while publishing ({exc}); the events may or may not be in the "
-                "stream: publish again only events that carry an idempotency id"
-            ) from exc
+            self._drop(taken)
+            raise PublishError(_LOST.format(exc)) from exc
         except PublishError:
+            self._drop(taken)
             raise
         except BaseException:  # interrupted mid-read: unread replies must not reach others
-            conn.disconnect()  # type: ignore[no-untyped-call]
+            self._drop(taken)
             raise
         finally:
-            pool.release(conn)
+            for pool, conn, _ in taken:
+                pool.release(conn)
+        if failure is not None:
+            if isinstance(failure, REDIRECTED):
+                refresh_sync(self._client)
+            raise PublishError(
+                f"Redis refused part of the publish ({failure}); events of other shards "
+                "may be in the stream: publish again only events with an idempotency id"
+            ) from failure
+        return replies
+
+    def _drop(self, taken: list[tuple[redis.ConnectionPool, Any, list[int]]]) -> None:
+        """Disconnect connections whose replies may be unread; read the slot map again."""
+        for _, conn, _ in taken:
+            conn.disconnect()
+        refresh_sync(self._client)
 
     def close(self) -> None:
         """Refuse further publishes (the client belongs to the caller and stays open)."""

@@ -34,9 +34,7 @@ import math
 import uuid
 from dataclasses import dataclass
 
-import redis
-import redis.asyncio as aredis
-
+from streamsink.streams.connection import AsyncClient, SyncClient
 from streamsink.streams.keys import Keys
 
 # KEYS: state hash, window zset. ARGV: T µs, tolerance µs ((burst-1)*T), min gap µs,
@@ -193,7 +191,7 @@ class AsyncRateLimiter:
     """Shared limits by name (one per HTTP endpoint, per user...), kept in Redis, for asyncio:
     admission (`allow`) and booked starts (`acquire`, as the HTTP sink sends)."""
 
-    def __init__(self, client: aredis.Redis, keys: Keys | None = None) -> None:
+    def __init__(self, client: AsyncClient, keys: Keys | None = None) -> None:
         keys = keys or Keys()
         self._keys = keys
         self._client = client
@@ -268,7 +266,7 @@ class RateLimiter:
     """Admission control for synchronous code: the same limits and script as
     `AsyncRateLimiter`, so a sync and an asyncio service may share one limit."""
 
-    def __init__(self, client: redis.Redis, keys: Keys | None = None) -> None:
+    def __init__(self, client: SyncClient, keys: Keys | None = None) -> None:
         self._keys = keys or Keys()
         self._client = client
         self._acquire = client.register_script(_ACQUIRE)

@@ -20,6 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streamsink.errors import Fenced, RedisDataLost
 from streamsink.schemas.wire import parse_id
+from streamsink.streams.connection import AsyncClient
 from streamsink.streams.keys import Keys
 
 _CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
@@ -77,6 +78,19 @@ _FENCED_CLAIM = (
 if not owned(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) then return {0} end
 local reply = redis.call('XAUTOCLAIM', KEYS[3], ARGV[3], ARGV[1], 0, ARGV[4], 'COUNT', ARGV[5])
 return {1, reply[1], reply[2]}
+"""
+)
+
+# On a Redis Cluster (see ShardReader._read_by_script), the read too:
+# KEYS: lease, epoch, shard stream. ARGV: owner (= consumer), epoch, group, count.
+# {0}: not the owner. {1, XREADGROUP's reply or 0 if none, the newest entry (XREVRANGE)}.
+_FENCED_READ = (
+    _OWNED
+    + """
+if not owned(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) then return {0} end
+local read = redis.call('XREADGROUP', 'GROUP', ARGV[3], ARGV[1], 'COUNT', ARGV[4],
+                        'STREAMS', KEYS[3], '>')
+return {1, read or 0, redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)}
 """
 )
 
@@ -196,7 +210,7 @@ class ShardReader:
 
     def __init__(
         self,
-        client: aredis.Redis,
+        client: AsyncClient,
         keys: Keys,
         stream: str,
         shard: int,
@@ -220,6 +234,7 @@ class ShardReader:
         self._fence = [self.lease_key, self.epoch_key]
         self._fence_args = [self._owner, self._held]
         self._fenced_claim = client.register_script(_FENCED_CLAIM)
+        self._fenced_read = client.register_script(_FENCED_READ)
         self._ack = client.register_script(_ACK)
         self._fields = client.register_script(_FIELDS)
 
@@ -268,7 +283,11 @@ class ShardReader:
                 break
             # Returns as soon as an entry past the newest one exists (no entry is missed
             # between the read and this wait), or after block_ms.
-            await self._client.xread({self.key: newest}, count=1, block=block_ms)
+            try:
+                await self._client.xread({self.key: newest}, count=1, block=block_ms)
+            except ResponseError as exc:  # its server became a replica (a failover): read
+                if not str(exc).startswith("UNBLOCKED"):  # again, on the new master
+                    raise
         return Read([], {})
 
     async def _read_once(self, count: int) -> tuple[list[list[Any]], bytes]:
@@ -278,6 +297,8 @@ class ShardReader:
         fails if a key changed in between (taken over, or renewed: then check again), so nothing
         is read unless the lease was ours when the read ran.
         """
+        if isinstance(self._client, aredis.RedisCluster):
+            return await self._read_by_script(count)
         while True:
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.response_callbacks = _AS_SENT
@@ -301,6 +322,17 @@ class ShardReader:
                         raise _lost(exc) from exc  # the read may have run: claim it back
                     continue  # the lease key changed: check it again
             return _entries(read), (newest[0][0] if newest else b"0-0")
+
+    async def _read_by_script(self, count: int) -> tuple[list[list[Any]], bytes]:
+        """`_read_once` on a cluster: redis-py's cluster transactions run each queued command
+        on a thread of its own, so the fence and the read go in one script instead."""
+        got: Any = await self._fenced_read(
+            [*self._fence, self.key], [*self._fence_args, self.group, count]
+        )
+        if not int(got[0]):
+            raise self._fenced("reading")
+        newest = got[2]
+        return _entries(got[1] or None), (newest[0][0] if newest else b"0-0")
 
     def recover(self) -> None:
         """After a failed read: claim again what was delivered to us past the last entry seen.
@@ -409,7 +441,7 @@ class ShardReader:
         return removed
 
 
-async def create_group(client: aredis.Redis, key: str, group: str) -> bool:
+async def create_group(client: AsyncClient, key: str, group: str) -> bool:
     """Create `group` on the stream `key` from its first entry; False if it existed."""
     try:
         await client.xgroup_create(key, group, id="0", mkstream=True)
@@ -420,7 +452,7 @@ async def create_group(client: aredis.Redis, key: str, group: str) -> bool:
     return True
 
 
-async def trim_floor(client: aredis.Redis, key: str) -> tuple[int, int] | None:
+async def trim_floor(client: AsyncClient, key: str) -> tuple[int, int] | None:
     """The lowest entry ID some group of the stream `key` still needs (None: no group)."""
     try:
         groups: Any = await client.xinfo_groups(key)

@@ -14,10 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-import redis.asyncio as aredis
-
 from streamsink.schemas.wire import parse_id
+from streamsink.streams.connection import AsyncClient, SyncClient
 from streamsink.streams.keys import META_SHARDS, Keys
 
 # XINFO's flat replies: the value after `name`. Shared by both scripts.
@@ -132,7 +130,7 @@ def _keys(keys: Keys, stream: str, shard: int, group: str) -> list[str]:
 
 
 async def shard_facts(
-    client: aredis.Redis, keys: Keys, stream: str, shard: int, group: str
+    client: AsyncClient, keys: Keys, stream: str, shard: int, group: str
 ) -> ShardFacts:
     """What Redis holds of `shard` for `group` now (the worker's view)."""
     known = await client.hget(keys.meta(stream), META_SHARDS)
@@ -141,7 +139,7 @@ async def shard_facts(
 
 
 def read_shard_facts(
-    client: redis.Redis, keys: Keys, stream: str, shard: int, group: str
+    client: SyncClient, keys: Keys, stream: str, shard: int, group: str
 ) -> ShardFacts:
     """`shard_facts` with a synchronous client (the command line's view)."""
     known = client.hget(keys.meta(stream), META_SHARDS)
@@ -149,14 +147,14 @@ def read_shard_facts(
     return _facts(known, reply)
 
 
-def entries_up_to(client: redis.Redis, keys: Keys, stream: str, shard: int, last: str) -> int:
+def entries_up_to(client: SyncClient, keys: Keys, stream: str, shard: int, last: str) -> int:
     """How many entries the shard holds at or below `last`, counted up to 1001."""
     found: Any = client.xrange(keys.shard(stream, shard), "-", last, count=1001)
     return len(found)
 
 
 def realign(
-    client: redis.Redis,
+    client: SyncClient,
     keys: Keys,
     stream: str,
     shard: int,

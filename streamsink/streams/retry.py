@@ -12,7 +12,7 @@ import random
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
-from redis.exceptions import BusyLoadingError
+from redis.exceptions import BusyLoadingError, ClusterError, SlotNotCoveredError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -21,8 +21,11 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     RedisTimeoutError,
     BusyLoadingError,
     OSError,
+    ClusterError,
+    TryAgainError,
+    SlotNotCoveredError,
 )
-"""Errors that pass: Redis restarting or unreachable for a while."""
+"""Errors that pass: Redis restarting or unreachable for a while, a cluster failing over."""
 
 T = TypeVar("T")
 

@@ -18,13 +18,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 from zlib import crc32
 
-import redis
-
-from streamsink.errors import ConfigError
+from streamsink.errors import ConfigError, StreamNotFound
 from streamsink.schemas.config import Config
 from streamsink.schemas.readmodel import Row, from_hash, key_text, key_value, to_hash
 from streamsink.schemas.table import Table
-from streamsink.streams.keys import META_SHARDS, Keys
+from streamsink.streams.connection import SyncClient, shard_count
+from streamsink.streams.keys import Keys
 
 Fallback = Callable[[Table, Sequence[Any]], Mapping[str, Row]]
 """Rows of `table` by their key values, from the database: {routing key: row}, values
@@ -44,13 +43,12 @@ class Rows:
     """Reads the current state of rows from the read model (sync), one round trip a call."""
 
     def __init__(
-        self, client: redis.Redis, config: Config, fallback: Fallback | None = None
+        self, client: SyncClient, config: Config, fallback: Fallback | None = None
     ) -> None:
         self._client = client
         self._config = config
         self._keys = Keys(config.prefix)
         self._fallback = fallback
-        self._repopulate = client.register_script(_REPOPULATE)
         self._shards: dict[str, int] = {}
 
     def read(self, table: str, key: str | int) -> Row | None:
@@ -87,15 +85,16 @@ class Rows:
                 found[at] = {**dict.fromkeys(spec.columns), **row}
                 status = row.get(model.ttl_by) if model.ttl_by else None
                 ttl = model.ttl_ms(status)
-                self._repopulate(keys=[names[at]], args=[ttl, *to_hash(spec, row)], client=pipe)
+                # EVAL: a cluster pipeline cannot load a script it lacks (misses are few)
+                pipe.eval(_REPOPULATE, 1, names[at], ttl, *to_hash(spec, row))
             pipe.execute()
         return found
 
     def _shard_count(self, stream: str) -> int:
         shards = self._shards.get(stream)
         if shards is None:
-            recorded = self._client.hget(self._keys.meta(stream), META_SHARDS)
-            if recorded is None:
-                raise ConfigError(f"stream {stream!r} does not exist in Redis")
-            shards = self._shards[stream] = int(recorded)
+            try:
+                shards = self._shards[stream] = shard_count(self._client, self._keys, stream)
+            except StreamNotFound as exc:  # the config names it: the config is wrong
+                raise ConfigError(str(exc)) from exc
         return shards

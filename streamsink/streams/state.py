@@ -14,6 +14,7 @@ from enum import StrEnum
 
 import redis.asyncio as aredis
 
+from streamsink.streams.connection import AsyncClient
 from streamsink.streams.keys import Keys
 
 
@@ -49,7 +50,7 @@ STATE_TTL_S = 7 * 24 * 3600
 
 
 async def publish_state(
-    client: aredis.Redis,
+    client: AsyncClient,
     keys: Keys,
     stream: str,
     shard: int,
@@ -71,7 +72,10 @@ async def publish_state(
         "worker": worker,
         "epoch": epoch,
     }
-    async with client.pipeline(transaction=True) as pipe:  # reset on exit
+    # MULTI where it is cheap: redis-py runs each command of a cluster transaction on a
+    # thread of its own (a lost EXPIRE there leaves the hash until the next state).
+    atomic = not isinstance(client, aredis.RedisCluster)
+    async with client.pipeline(transaction=atomic) as pipe:  # reset on exit
         pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
         pipe.expire(key, STATE_TTL_S)
         await pipe.execute()

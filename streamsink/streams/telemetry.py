@@ -11,9 +11,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
-import redis
-import redis.asyncio as aredis
 
+from streamsink.streams.connection import AsyncClient, SyncClient
 from streamsink.streams.keys import Keys
 
 TELEMETRY_TTL_S = 10
@@ -21,7 +20,7 @@ TELEMETRY_TTL_S = 10
 
 
 async def publish_telemetry(
-    client: aredis.Redis,
+    client: AsyncClient,
     keys: Keys,
     stream: str,
     group: str,
@@ -41,7 +40,7 @@ async def publish_telemetry(
 
 
 def read_telemetry(
-    client: redis.Redis, keys: Keys, stream: str, group: str, shards: int
+    client: SyncClient, keys: Keys, stream: str, group: str, shards: int
 ) -> Sequence[dict[str, Any] | None]:
     """Each shard's last document (None where no worker wrote one lately)."""
     pipe = client.pipeline(transaction=False)  # not MGET: each shard has its own slot

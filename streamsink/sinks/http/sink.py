@@ -17,10 +17,6 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-import redis.asyncio as aredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-
 from streamsink.schemas.config import Config
 from streamsink.sinks.base import Batch, Rejected
 from streamsink.sinks.http.deliver import Endpoint, Sender
@@ -28,6 +24,7 @@ from streamsink.sinks.http.plan import Request, plan
 from streamsink.sinks.http.settings import HttpSettings
 from streamsink.sinks.http.transport import AiohttpTransport
 from streamsink.sinks.http.urls import Vetter
+from streamsink.streams.connection import connect_async
 from streamsink.streams.endpoints import DeliveredMarks, EndpointGates, EndpointStats
 from streamsink.streams.keys import Keys
 from streamsink.streams.ratelimit import AsyncRateLimiter
@@ -63,12 +60,7 @@ class HttpSink:
         """Build from `[sinks.<name>]`: its own Redis client (limits, counts) and HTTP pool."""
         settings = HttpSettings.from_options(name, options)
         secrets = settings.secrets(name)
-        client = aredis.Redis.from_url(
-            config.redis_url,
-            socket_timeout=5,
-            socket_connect_timeout=5,
-            retry=Retry(NoBackoff(), 0),  # a blindly retried permit would take two
-        )
+        client = connect_async(config.redis_url, 5)  # no retry: a retried permit takes two
         keys = Keys(config.prefix)
         vetter = Vetter(settings.allow_private, settings.dns_cache_s)
         transport = AiohttpTransport(vetter)
