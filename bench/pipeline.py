@@ -252,6 +252,74 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (every thread); 0 once gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    parts = stat[stat.rindex(")") + 2 :].split()
+    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def client_ports(pid: int) -> set[int]:
+    """The local TCP ports of process `pid`'s connected sockets (to find its PostgreSQL
+    backends by their client_port)."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                link = os.readlink(fd)
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                parts = line.split()
+                if parts[9] in inodes:
+                    ports.add(int(parts[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+class ServerCpu:
+    """CPU of the servers on this machine: Redis (the whole server: run the bench on a
+    Redis of its own to count nothing else) and the PostgreSQL backends serving the
+    processes `pids` (found by their client ports; PostgreSQL's background writers are
+    not counted)."""
+
+    def __init__(self, setup: Setup, pids: Sequence[int]) -> None:
+        self.setup, self.pids = setup, list(pids)
+        self.redis_pid = int(setup.client.info("server")["process_id"])
+        if not Path(f"/proc/{self.redis_pid}").exists():
+            self.redis_pid = 0  # not on this machine (or another PID namespace)
+        self.start: tuple[float, dict[int, float]] = self.sample()
+
+    def backends(self) -> list[int]:
+        ports = set().union(*(client_ports(pid) for pid in self.pids)) if self.pids else set()
+        if not ports:
+            return []
+        with contextlib.closing(self.setup.connect()) as conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT pid FROM pg_stat_activity WHERE client_port = ANY(%s)", (list(ports),)
+            )
+            return [row[0] for row in cur.fetchall()]
+
+    def sample(self) -> tuple[float, dict[int, float]]:
+        redis_s = process_cpu_s(self.redis_pid) if self.redis_pid else 0.0
+        return redis_s, {pid: process_cpu_s(pid) for pid in self.backends()}
+
+    def used(self) -> tuple[float, float]:
+        """Redis and PostgreSQL CPU seconds since this meter (or `restart`) started; a
+        backend that appeared meanwhile counts from its start."""
+        redis_s, backends = self.sample()
+        pg = sum(cpu - self.start[1].get(pid, 0.0) for pid, cpu in backends.items())
+        return redis_s - self.start[0], pg
+
+    def restart(self) -> None:
+        self.start = self.sample()
+
+
 # ---- the worker, as a subprocess ----------------------------------------------------------
 
 
@@ -299,26 +367,37 @@ class Drained:
     """What one worker run measured."""
 
     events_per_s: float
-    cpu_us: float  # worker CPU per event
-    rss_mb: float  # worker peak RSS
+    cpu_us: float  # worker CPU per event (every worker process)
+    rss_mb: float  # worker peak RSS (the largest)
+    redis_us: float = 0.0  # Redis server CPU per event (the whole server, every client)
+    pg_us: float = 0.0  # CPU per event of the PostgreSQL backends serving the workers
 
 
 class WorkerProcess:
     """A worker subprocess (this script in --child mode) on its own config and schema."""
 
     def __init__(
-        self, stream: Stream, group: str, timings: Path | None = None, http: str = ""
+        self,
+        stream: Stream,
+        group: str,
+        timings: Path | None = None,
+        http: str = "",
+        schema: str = "",
     ) -> None:
+        """`schema`: another worker's, to work on the same group and tables with it."""
         setup = stream.setup
         self.stream, self.group, self.http = stream, group, http
-        with contextlib.closing(setup.connect()) as conn:
-            self.schema = stream.new_schema(conn)
-            path = setup.directory / f"{group}-{self.schema}.toml"
-            path.write_text(worker_config(stream, group, self.schema, http))
-            from streamsink.sinks.postgres.schema import create_tables
+        path = setup.directory / f"{group}-{schema}.toml"
+        if not schema:
+            with contextlib.closing(setup.connect()) as conn:
+                schema = stream.new_schema(conn)
+                path = setup.directory / f"{group}-{schema}.toml"
+                path.write_text(worker_config(stream, group, schema, http))
+                from streamsink.sinks.postgres.schema import create_tables
 
-            create_tables(conn, load(path), offsets_schema=self.schema)
-        self.stderr = setup.directory / f"{group}-{self.schema}.err"
+                create_tables(conn, load(path), offsets_schema=schema)
+        self.schema = schema
+        self.stderr = setup.directory / f"{group}-{schema}-{uuid.uuid4().hex[:6]}.err"
         args = [sys.executable, str(Path(__file__).resolve()), "--child", str(path)]
         if timings is not None:
             args += ["--timings", str(timings)]
@@ -335,9 +414,7 @@ class WorkerProcess:
 
     def cpu_s(self) -> float:
         """User + system CPU seconds of the worker so far (every thread)."""
-        stat = Path(f"/proc/{self.process.pid}/stat").read_text()
-        parts = stat[stat.rindex(")") + 2 :].split()
-        return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_s(self.process.pid)
 
     def peak_rss_mb(self) -> float:
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
@@ -360,31 +437,7 @@ class WorkerProcess:
 
     def drain(self) -> Drained:
         """Wait until the worker has acknowledged the whole stream; measure it."""
-        last = self.stream.last_ids()
-        started = cpu = 0.0
-        seen, moved = None, time.monotonic()
-        scraped = time.monotonic()
-        while True:
-            self.check_alive()
-            if self.http and time.monotonic() - scraped >= 1.0:  # as Prometheus would, often
-                scraped = time.monotonic()
-                with contextlib.suppress(OSError):
-                    urllib.request.urlopen(f"http://{self.http}/metrics", timeout=2).read()
-            read, done, where = self.stream.progress(self.group, last)
-            now = time.perf_counter()
-            if read and not started:
-                started, cpu = now, self.cpu_s()
-            if done:
-                return Drained(
-                    events_per_s=self.stream.count / max(now - started, POLL_S),
-                    cpu_us=(self.cpu_s() - cpu) * 1e6 / self.stream.count,
-                    rss_mb=self.peak_rss_mb(),
-                )
-            if where != seen:
-                seen, moved = where, time.monotonic()
-            elif time.monotonic() - moved > STALL_S:
-                raise RuntimeError(f"the worker made no progress in {STALL_S:.0f} s:\n{self.log()}")
-            time.sleep(POLL_S)
+        return drain([self])
 
     def stop(self) -> None:
         """SIGTERM (drain and leave); it must exit 0."""
@@ -405,6 +458,45 @@ class WorkerProcess:
                 )
             )
             return list(cur.fetchall())
+
+
+def drain(workers: Sequence[WorkerProcess]) -> Drained:
+    """Wait until the workers (of one group) have acknowledged the whole stream; measure
+    them, and the servers' CPU over the same interval."""
+    first = workers[0]
+    stream, group, http = first.stream, first.group, first.http
+    last = stream.last_ids()
+    servers = ServerCpu(stream.setup, [w.process.pid for w in workers])
+    started = cpu = 0.0
+    seen, moved = None, time.monotonic()
+    scraped = time.monotonic()
+    while True:
+        for worker in workers:
+            worker.check_alive()
+        if http and time.monotonic() - scraped >= 1.0:  # as Prometheus would, often
+            scraped = time.monotonic()
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"http://{http}/metrics", timeout=2).read()
+        read, done, where = stream.progress(group, last)
+        now = time.perf_counter()
+        if read and not started:
+            started, cpu = now, sum(w.cpu_s() for w in workers)
+            servers.restart()
+        if done:
+            redis_s, pg_s = servers.used()
+            return Drained(
+                events_per_s=stream.count / max(now - started, POLL_S),
+                cpu_us=(sum(w.cpu_s() for w in workers) - cpu) * 1e6 / stream.count,
+                rss_mb=max(w.peak_rss_mb() for w in workers),
+                redis_us=redis_s * 1e6 / stream.count,
+                pg_us=pg_s * 1e6 / stream.count,
+            )
+        if where != seen:
+            seen, moved = where, time.monotonic()
+        elif time.monotonic() - moved > STALL_S:
+            logs = "\n".join(w.log() for w in workers)
+            raise RuntimeError(f"the workers made no progress in {STALL_S:.0f} s:\n{logs}")
+        time.sleep(POLL_S)
 
 
 class CommitClock:
@@ -478,9 +570,12 @@ def worker_run(stream: Stream, group: str, expect_rows: bool, http: str = "") ->
     return drained
 
 
-def plain_read(stream: Stream, group: str) -> float:
-    """Baseline: XREADGROUP COUNT 1000, orjson.loads of each data, XACK; events/s."""
+def plain_read(stream: Stream, group: str) -> Results:
+    """Baseline: XREADGROUP COUNT 1000, orjson.loads of each data, XACK; events/s, and
+    the CPU per event of this process and of Redis."""
     client, read = stream.setup.client, 0
+    servers = ServerCpu(stream.setup, [])
+    cpu = time.process_time()
     started = time.perf_counter()
     for key in stream.shard_keys():
         while reply := client.xreadgroup(group, "plain", {key: ">"}, count=1000):
@@ -490,8 +585,14 @@ def plain_read(stream: Stream, group: str) -> float:
             client.xack(key, group, *[entry_id for entry_id, _ in entries])
             read += len(entries)
     seconds = time.perf_counter() - started
+    cpu = time.process_time() - cpu
+    redis_s, _ = servers.used()
     assert read == stream.count, f"read {read} of {stream.count}"
-    return read / seconds
+    return {
+        "plain read": read / seconds,
+        "plain read cpu": cpu * 1e6 / read,
+        "plain read redis cpu": redis_s * 1e6 / read,
+    }
 
 
 def naive(stream: Stream, group: str, sample: int, commit_each: bool = False) -> float:
@@ -553,7 +654,7 @@ def hot_scenario(setup: Setup, args: argparse.Namespace, chosen: set[str]) -> li
         for run in runs:
             result: Results = {}
             if "read" in chosen:
-                result["plain read"] = plain_read(stream, f"plain-{run}")
+                result.update(plain_read(stream, f"plain-{run}"))
             if "naive" in chosen:
                 result["naive"] = naive(stream, f"naive-{run}", args.naive_events)
                 each = max(1000, args.naive_events // 4)
@@ -565,6 +666,8 @@ def hot_scenario(setup: Setup, args: argparse.Namespace, chosen: set[str]) -> li
                 result["hot keys"] = drained.events_per_s
                 result["hot keys cpu"] = drained.cpu_us
                 result["hot keys rss"] = drained.rss_mb
+                result["hot keys redis cpu"] = drained.redis_us
+                result["hot keys pg cpu"] = drained.pg_us
                 if "naive" in result:
                     result["hot / naive"] = drained.events_per_s / result["naive"]
                     result["hot / naive each"] = drained.events_per_s / result["naive each"]
@@ -597,6 +700,8 @@ def unique_scenario(setup: Setup, args: argparse.Namespace, count: int, name: st
                 name: drained.events_per_s,
                 f"{name} cpu": drained.cpu_us,
                 f"{name} rss": drained.rss_mb,
+                f"{name} redis cpu": drained.redis_us,
+                f"{name} pg cpu": drained.pg_us,
             }
             setup.say(f"{name} run {run}: " + ", ".join(f"{k} {v:,.1f}" for k, v in result.items()))
             results.append(result)
@@ -684,7 +789,11 @@ def lines(settings: dict[str, int]) -> list[Line]:
     return [
         Line("hot keys, worker", "hot keys", "events/s", lambda v: v >= 100_000, ">= 100,000"),
         Line("  / naive baseline", "hot / naive", "x", lambda v: v >= 40, ">= 40x"),
+        Line("  / plain read", "hot / read", "%", lambda v: v >= 80, ">= 80%"),
+        Line("  CPU-bound ceiling of that", "hot cpu bound", "%"),
         Line("  worker CPU", "hot keys cpu", "µs/event"),
+        Line("  Redis CPU", "hot keys redis cpu", "µs/event"),
+        Line("  PostgreSQL CPU", "hot keys pg cpu", "µs/event"),
         Line("  worker peak RSS", "hot keys rss", "MB"),
         Line("  / naive, commit each", "hot / naive each", "x"),
         Line("hot keys, metrics on", "hot keys metrics", "events/s"),
@@ -694,9 +803,15 @@ def lines(settings: dict[str, int]) -> list[Line]:
         Line("naive baseline", "naive", "events/s"),
         Line("  commit each event", "naive each", "events/s"),
         Line("plain read baseline", "plain read", "events/s"),
+        Line("  client CPU", "plain read cpu", "µs/event"),
+        Line("  Redis CPU", "plain read redis cpu", "µs/event"),
         Line("  / naive (ceiling of x)", "read / naive", "x"),
         Line("unique keys, worker", "unique keys", "events/s", lambda v: v >= 40_000, ">= 40,000"),
+        Line("  / plain read", "unique / read", "%", lambda v: v >= 60, ">= 60%"),
+        Line("  CPU-bound ceiling of that", "unique cpu bound", "%"),
         Line("  worker CPU", "unique keys cpu", "µs/event"),
+        Line("  Redis CPU", "unique keys redis cpu", "µs/event"),
+        Line("  PostgreSQL CPU", "unique keys pg cpu", "µs/event"),
         Line("  worker peak RSS", "unique keys rss", "MB"),
         Line("latency p50", "latency p50", "ms"),
         Line("latency p99", "latency p99", "ms", lambda v: v <= bound, f"<= {bound} ms"),
@@ -791,7 +906,27 @@ def main() -> None:
         for part in parts:
             for run, result in zip(runs, part, strict=True):
                 run.update(result)
+    for run in runs:
+        ratios(run)
     report(args, settings, runs)
+
+
+def ratios(run: Results) -> None:
+    """The worker's rows against the plain read of the same run (the issue's ratios), and
+    the most those could be if CPU alone bounded them: the plain read's CPU per event
+    (client and Redis) over the pipeline's (worker, Redis and PostgreSQL backends). On a
+    machine with no core to spare, every process waits its turn for one, and throughput
+    follows the CPU an event costs in all."""
+    if "plain read" not in run:
+        return
+    read_cpu = run.get("plain read cpu", 0.0) + run.get("plain read redis cpu", 0.0)
+    for name, label in (("hot keys", "hot"), ("unique keys", "unique")):
+        if name not in run:
+            continue
+        run[f"{label} / read"] = 100 * run[name] / run["plain read"]
+        spent = sum(run.get(f"{name} {part}", 0.0) for part in ("cpu", "redis cpu", "pg cpu"))
+        if read_cpu and spent:
+            run[f"{label} cpu bound"] = 100 * read_cpu / spent
 
 
 if __name__ == "__main__":
