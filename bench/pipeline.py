@@ -83,6 +83,7 @@ from psycopg2.extensions import connection as Connection
 
 from streamsink import Event, Op, Producer, create_stream
 from streamsink.consumers.merge import Row, apply_event
+from streamsink.consumers.settings import GroupSettings
 from streamsink.schemas import Column, ColumnType, Config, Policy, StreamSpec, Table, load
 from streamsink.sinks.base import Batch, Rejected, Sink
 from streamsink.streams import Keys
@@ -116,6 +117,9 @@ BULK = {
 fewer transactions) and 1 s, reads of 5,000. With the default 250 ms a window closes by age
 before it fills (a worker busy with four shards reads each every few hundred ms), so fewer
 events merge per row: measured 31k events/s at 250 ms, 37k at 1 s, 43k at 2 s (hot keys)."""
+
+SCENARIOS = ("hot", "metrics", "naive", "read", "unique", "latency", "backlog")
+"""What runs by default; `latency-default` and `scale` run when named."""
 
 POLL_S = 0.005
 """How often the bench looks at the consumer groups while a worker drains."""
@@ -538,7 +542,7 @@ def child(config_path: str, timings: str | None) -> int:
     if timings is not None:
         clock = CommitClock(sinks["db"])
         sinks["db"] = clock
-    code = asyncio.run(serve(config, sinks, around if address else None))
+    code = asyncio.run(serve(config, sinks, around=around if address else None))
     if clock is not None:
         Path(timings or "").write_bytes(orjson.dumps(clock.latencies_ms))
     return code
@@ -557,6 +561,13 @@ def worker_run(stream: Stream, group: str, expect_rows: bool, http: str = "") ->
     finally:
         with contextlib.suppress(RuntimeError):
             worker.stop()
+    check_rows(stream, worker, expect_rows)
+    return drained
+
+
+def check_rows(stream: Stream, worker: WorkerProcess, expect_rows: bool) -> None:
+    """The rows of the worker's tables equal the events applied one by one (hot keys), or
+    one row an event (unique keys)."""
     rows = worker.rows()
     if expect_rows:
         expected = stream.expected
@@ -567,7 +578,6 @@ def worker_run(stream: Stream, group: str, expect_rows: bool, http: str = "") ->
             assert got[key] == want, f"row {key}: {got[key]} != {want}"
     else:
         assert len(rows) == stream.count, f"{len(rows)} rows, expected {stream.count}"
-    return drained
 
 
 def plain_read(stream: Stream, group: str) -> Results:
@@ -742,6 +752,131 @@ def latency_scenario(setup: Setup, args: argparse.Namespace) -> list[Results]:
     return results
 
 
+def default_latency_scenario(setup: Setup, args: argparse.Namespace) -> list[Results]:
+    """The latency scenario at each of `--default-rates`, with the default group settings
+    (no `--set`, no BULK): what a user gets without tuning."""
+    plain = replace(setup, settings={})
+    results: list[Results] = [{} for _ in range(args.runs)]
+    for rate in args.default_rates:
+        one = argparse.Namespace(**{**vars(args), "rate": rate})
+        for result, measured in zip(results, latency_scenario(plain, one), strict=True):
+            for name, value in measured.items():
+                result[f"default {rate} {name.removeprefix('latency ')}"] = value
+    return results
+
+
+SCALE_WORKERS = (1, 2, 4)
+
+
+def scale_scenario(setup: Setup, args: argparse.Namespace) -> list[Results]:
+    """1, 2 and 4 worker processes on one group over `--scale-shards` shards, hot keys and
+    unique keys; then how long a worker joining, leaving, and dying takes to rebalance."""
+    wide = replace(setup, shards=args.scale_shards)
+    results: list[Results] = [{} for _ in range(args.runs)]
+    for kind, keys in (("hot", args.hot_keys), ("unique", 0)):
+        stream = Stream.create(wide)
+        try:
+            groups = [f"w{n}-{run}" for run in range(args.runs) for n in SCALE_WORKERS]
+            stream.add_groups("guard", *groups)  # guard: never read, so nothing is trimmed
+            stream.publish(events(args.scale_events, keys, seed=4), expect=kind == "hot")
+            for run, result in enumerate(results):
+                for n in SCALE_WORKERS:
+                    drained = scaled_run(stream, f"w{n}-{run}", n, expect_rows=kind == "hot")
+                    label = f"scale {kind} {n}w"
+                    result[label] = drained.events_per_s
+                    result[f"{label} cpu"] = drained.cpu_us
+                    result[f"{label} redis cpu"] = drained.redis_us
+                    result[f"{label} pg cpu"] = drained.pg_us
+                    setup.say(
+                        f"{label} run {run}: {drained.events_per_s:,.0f} events/s, worker "
+                        f"{drained.cpu_us:.1f} redis {drained.redis_us:.1f} pg "
+                        f"{drained.pg_us:.1f} µs/event"
+                    )
+            if kind == "hot":
+                for run, result in enumerate(results):
+                    result.update(rebalance(stream, f"rebalance-{run}"))
+                    setup.say(f"rebalance run {run}: {result}")
+        finally:
+            stream.clean()
+    return results
+
+
+def scaled_run(stream: Stream, group: str, n: int, expect_rows: bool) -> Drained:
+    """`n` workers drain the stream on `group`, started once they share the shards evenly
+    (the group is moved to the end of each shard while they start, then back to 0)."""
+    client = stream.setup.client
+    for key in stream.shard_keys():
+        client.xgroup_setid(key, group, "$")
+    first = WorkerProcess(stream, group)
+    workers = [first] + [WorkerProcess(stream, group, schema=first.schema) for _ in range(n - 1)]
+    try:
+        wait_balanced(stream, group, workers, n)
+        for key in stream.shard_keys():
+            client.xgroup_setid(key, group, "0")
+        drained = drain(workers)
+    finally:
+        for worker in workers:
+            with contextlib.suppress(RuntimeError):
+                worker.stop()
+    check_rows(stream, first, expect_rows)
+    return drained
+
+
+def lease_owners(stream: Stream, group: str) -> list[bytes | None]:
+    keys = stream.keys
+    leases = [keys.lease(STREAM, s, group) for s in range(stream.setup.shards)]
+    owners: Any = stream.setup.client.mget(leases)
+    return list(owners)
+
+
+def wait_balanced(
+    stream: Stream, group: str, workers: Sequence[WorkerProcess], n: int, timeout: float = 60
+) -> float:
+    """Until `n` owners hold every shard, as evenly as shards divide; seconds it took."""
+    started = time.monotonic()
+    most = -(-stream.setup.shards // n)
+    while True:
+        owners = lease_owners(stream, group)
+        held: dict[bytes, int] = {}
+        for owner in owners:
+            if owner is not None:
+                held[owner] = held.get(owner, 0) + 1
+        if None not in owners and len(held) == n and max(held.values()) <= most:
+            return time.monotonic() - started
+        for worker in workers:
+            worker.check_alive()
+        if time.monotonic() - started > timeout:
+            raise RuntimeError(f"not balanced over {n} workers in {timeout} s: {held}")
+        time.sleep(0.01)
+
+
+def rebalance(stream: Stream, group: str) -> Results:
+    """Seconds until the shards are spread again: a second worker joins one that holds
+    them all (from its process start, its imports included), then leaves (SIGTERM: it
+    flushes, acknowledges and releases), then a third joins and is killed (SIGKILL: its
+    leases expire after lease_ttl_ms). The shards are idle (the group is at their end)."""
+    for key in stream.shard_keys():
+        stream.setup.client.xgroup_create(key, group, id="$")
+    first = WorkerProcess(stream, group)
+    try:
+        wait_balanced(stream, group, [first], 1)
+        joiner = WorkerProcess(stream, group, schema=first.schema)
+        joined = wait_balanced(stream, group, [first, joiner], 2)
+        started = time.monotonic()
+        joiner.stop()
+        left = wait_balanced(stream, group, [first], 1) + time.monotonic() - started
+        doomed = WorkerProcess(stream, group, schema=first.schema)
+        wait_balanced(stream, group, [first, doomed], 2)
+        started = time.monotonic()
+        doomed.process.kill()
+        doomed.process.wait()
+        died = wait_balanced(stream, group, [first], 1) + time.monotonic() - started
+    finally:
+        with contextlib.suppress(RuntimeError):
+            first.stop()
+    return {"rebalance join": joined, "rebalance leave": left, "rebalance kill": died}
+
+
 def paced(stream: Stream, rate: int, seconds: float) -> float:
     """Publish the hot-keys mix at `rate` events/s for `seconds`, stamping `ts`; the rate
     achieved. Events go every 10 ms in one publish_many each; a late tick catches up."""
@@ -784,7 +919,7 @@ class Line:
     target_text: str = ""
 
 
-def lines(settings: dict[str, int]) -> list[Line]:
+def lines(settings: dict[str, int], args: argparse.Namespace) -> list[Line]:
     bound = settings["max_age_ms"] + 150
     return [
         Line("hot keys, worker", "hot keys", "events/s", lambda v: v >= 100_000, ">= 100,000"),
@@ -820,7 +955,40 @@ def lines(settings: dict[str, int]) -> list[Line]:
         Line("backlog, worker peak RSS", "backlog rss", "MB", lambda v: v < 300, "< 300 MB"),
         Line("  worker", "backlog", "events/s"),
         Line("  worker CPU", "backlog cpu", "µs/event"),
+        *default_latency_lines(args.default_rates),
+        *scale_lines(),
     ]
+
+
+def default_latency_lines(rates: Sequence[int]) -> list[Line]:
+    bound = GroupSettings().max_age_ms + 150
+    out = []
+    for rate in rates:
+        name = f"default {rate}"
+        out += [
+            Line(f"latency {rate:,}/s, defaults", f"{name} p50", "ms"),
+            Line("  p99", f"{name} p99", "ms", lambda v: v <= bound, f"<= {bound} ms"),
+            Line("  max", f"{name} max", "ms"),
+            Line("  paced producer", f"{name} paced rate", "events/s"),
+        ]
+    return out
+
+
+def scale_lines() -> list[Line]:
+    out = []
+    for kind in ("hot", "unique"):
+        for n in SCALE_WORKERS:
+            label = f"scale {kind} {n}w"
+            out += [
+                Line(f"{kind} keys, {n} worker{'s' if n > 1 else ''}", label, "events/s"),
+                Line("  workers' CPU", f"{label} cpu", "µs/event"),
+                Line("  Redis CPU", f"{label} redis cpu", "µs/event"),
+                Line("  PostgreSQL CPU", f"{label} pg cpu", "µs/event"),
+            ]
+    out.append(Line("rebalance: a worker joins", "rebalance join", "s"))
+    out.append(Line("  a worker leaves (SIGTERM)", "rebalance leave", "s"))
+    out.append(Line("  a worker dies (SIGKILL)", "rebalance kill", "s"))
+    return out
 
 
 def report(args: argparse.Namespace, settings: dict[str, int], runs: list[Results]) -> None:
@@ -836,7 +1004,7 @@ def report(args: argparse.Namespace, settings: dict[str, int], runs: list[Result
     )
     print(f"| {'row':<26} | {'median':>10} | {'min':>10} | {'max':>10} | {'unit':<8} | target")
     print(f"|{'-' * 28}|{'-' * 12}|{'-' * 12}|{'-' * 12}|{'-' * 10}|{'-' * 16}")
-    for line in lines(settings):
+    for line in lines(settings, args):
         values = [r[line.result] for r in runs if line.result in r]
         if not values:
             continue
@@ -845,6 +1013,7 @@ def report(args: argparse.Namespace, settings: dict[str, int], runs: list[Result
         if line.target is not None:
             met = f"{line.target_text} {'met' if line.target(median) else 'NOT MET'}"
         digits = 1 if line.unit in ("x", "µs/event", "MB", "ms", "%") else 0
+        digits = 2 if line.unit == "s" else digits
         cells = [f"{v:>10,.{digits}f}" for v in (median, min(values), max(values))]
         print(f"| {line.label:<26} | {' | '.join(cells)} | {line.unit:<8} | {met}")
 
@@ -854,7 +1023,8 @@ def main() -> None:
     parser.add_argument(
         "--scenarios",
         default="hot,metrics,naive,read,unique,latency,backlog",
-        help="comma-separated: hot, metrics, naive, read, unique, latency, backlog",
+        help="comma-separated: hot, metrics, naive, read, unique, latency, backlog; "
+        "and, when named, latency-default, scale",
     )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--shards", type=int, default=4)
@@ -865,6 +1035,14 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=20_000, help="latency: events/s published")
     parser.add_argument("--latency-seconds", type=float, default=10.0)
     parser.add_argument("--backlog-events", type=int, default=1_000_000)
+    parser.add_argument(
+        "--default-rates",
+        type=lambda text: [int(rate) for rate in text.split(",")],
+        default=[1000, 20_000],
+        help="latency-default: events/s published, comma-separated",
+    )
+    parser.add_argument("--scale-shards", type=int, default=8)
+    parser.add_argument("--scale-events", type=int, default=200_000)
     parser.add_argument(
         "--set",
         action="append",
@@ -882,7 +1060,7 @@ def main() -> None:
         sys.exit(child(args.child, args.timings))
 
     chosen = set(args.scenarios.split(","))
-    unknown = chosen - {"hot", "metrics", "naive", "read", "unique", "latency", "backlog"}
+    unknown = chosen - {*SCENARIOS, "latency-default", "scale"}
     if unknown:
         parser.error(f"unknown scenarios: {sorted(unknown)}")
     settings = dict(BULK)
@@ -903,6 +1081,10 @@ def main() -> None:
             parts.append(latency_scenario(setup, args))
         if "backlog" in chosen:
             parts.append(unique_scenario(setup, args, args.backlog_events, "backlog"))
+        if "latency-default" in chosen:
+            parts.append(default_latency_scenario(setup, args))
+        if "scale" in chosen:
+            parts.append(scale_scenario(setup, args))
         for part in parts:
             for run, result in zip(runs, part, strict=True):
                 run.update(result)
