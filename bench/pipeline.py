@@ -3,6 +3,8 @@
     python bench/pipeline.py [--runs 3]
                              [--scenarios hot,metrics,naive,read,unique,latency,backlog]
                              [--hot-events 500000] [--set max_events=20000] ...
+    python bench/pipeline.py --scenarios latency-default [--default-rates 1000,20000]
+    python bench/pipeline.py --scenarios scale [--scale-shards 8] [--scale-events 200000]
 
 Rows (median of --runs runs; every run reads the events afresh, into new tables):
   hot keys        worker: 500,000 events over 10,000 rows of tasks(id, status text lww,
@@ -26,6 +28,22 @@ Rows (median of --runs runs; every run reads the events afresh, into new tables)
                   publish time in each event's `ts`; publish-to-commit p50 and p99, ms
   backlog         worker: a backlog of 1,000,000 unique-key events (the largest windows,
                   nothing merges away); its peak RSS
+  / plain read    hot keys and unique keys as % of the plain read of the same run (issue 18),
+                  with two ceilings from CPU per event: "no core to spare" (the plain read's
+                  client + Redis CPU over the worker + Redis + PostgreSQL CPU: what a machine
+                  with every core busy allows) and "a core of its own" (over the worker's CPU
+                  alone: what a worker whose servers run on other cores allows)
+  latency-default (when named) the latency scenario with the default group settings
+                  (max_age_ms 250) at each of --default-rates; per window also how long its
+                  oldest entry took to reach the sink's write, and the write itself
+  scale           (when named) 1, 2 and 4 worker processes of one group over 8 shards, hot
+                  keys and unique keys (200,000 events): events/s, and CPU per event of the
+                  workers, Redis and the workers' PostgreSQL backends. The workers start on
+                  the group moved to the end of each shard, and once they share the shards
+                  evenly it is moved back to 0: the clock sees no rebalancing. Then, on an
+                  idle shard set, the seconds until the leases are spread again when a
+                  worker joins one holding all 8 (from its process start, imports included),
+                  leaves (SIGTERM) and is killed (SIGKILL: its leases expire first)
 The issue's targets are printed with the table.
 
 How it measures:
@@ -42,7 +60,11 @@ How it measures:
   worker acknowledges a window only after its transaction committed, so that is the last
   commit (to within one poll). Worker startup (imports, leases) is outside the clock.
   Worker CPU is utime + stime of its process (/proc/PID/stat, every thread) over the same
-  interval; peak RSS is its VmHWM (/proc/PID/status) once drained.
+  interval; peak RSS is its VmHWM (/proc/PID/status) once drained. Redis CPU is the whole
+  server's (its process_id from INFO, on this machine): point --redis-url at a Redis of the
+  bench's own, or other clients' commands count too. PostgreSQL CPU is that of the backends
+  serving the workers' connections (matched by client port); the server's background
+  processes (WAL writer, checkpointer) are not counted.
   Latency: in that scenario the worker's PostgreSQL sink is wrapped (CommitClock) so that,
   when the sink's write returns (its transaction committed), every entry of the window
   gets `now - ts`; `ts` is the producer's wall clock in whole ms, taken just before the
@@ -1022,6 +1044,12 @@ def report(args: argparse.Namespace, settings: dict[str, int], runs: list[Result
         f"{args.rate:,} events/s for {args.latency_seconds:g} s; backlog "
         f"{args.backlog_events:,} unique-key events. Median of {args.runs} runs.\n"
     )
+    if "latency-default" in args.scenarios.split(","):
+        print(
+            f"latency-default: the default group settings ({GroupSettings()}), at "
+            + ", ".join(f"{rate:,}" for rate in args.default_rates)
+            + f" events/s for {args.latency_seconds:g} s each.\n"
+        )
     if "scale" in args.scenarios.split(","):
         print(
             f"scale: {args.scale_events:,} events over {args.scale_shards} shards (hot keys over "
