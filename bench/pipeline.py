@@ -3,6 +3,8 @@
     python bench/pipeline.py [--runs 3]
                              [--scenarios hot,metrics,naive,read,unique,latency,backlog]
                              [--hot-events 500000] [--set max_events=20000] ...
+    python bench/pipeline.py --scenarios latency-default [--default-rates 1000,20000]
+    python bench/pipeline.py --scenarios scale [--scale-shards 8] [--scale-events 200000]
 
 Rows (median of --runs runs; every run reads the events afresh, into new tables):
   hot keys        worker: 500,000 events over 10,000 rows of tasks(id, status text lww,
@@ -26,6 +28,22 @@ Rows (median of --runs runs; every run reads the events afresh, into new tables)
                   publish time in each event's `ts`; publish-to-commit p50 and p99, ms
   backlog         worker: a backlog of 1,000,000 unique-key events (the largest windows,
                   nothing merges away); its peak RSS
+  / plain read    hot keys and unique keys as % of the plain read of the same run (issue 18),
+                  with two ceilings from CPU per event: "no core to spare" (the plain read's
+                  client + Redis CPU over the worker + Redis + PostgreSQL CPU: what a machine
+                  with every core busy allows) and "a core of its own" (over the worker's CPU
+                  alone: what a worker whose servers run on other cores allows)
+  latency-default (when named) the latency scenario with the default group settings
+                  (max_age_ms 250) at each of --default-rates; per window also how long its
+                  oldest entry took to reach the sink's write, and the write itself
+  scale           (when named) 1, 2 and 4 worker processes of one group over 8 shards, hot
+                  keys and unique keys (200,000 events): events/s, and CPU per event of the
+                  workers, Redis and the workers' PostgreSQL backends. The workers start on
+                  the group moved to the end of each shard, and once they share the shards
+                  evenly it is moved back to 0: the clock sees no rebalancing. Then, on an
+                  idle shard set, the seconds until the leases are spread again when a
+                  worker joins one holding all 8 (from its process start, imports included),
+                  leaves (SIGTERM) and is killed (SIGKILL: its leases expire first)
 The issue's targets are printed with the table.
 
 How it measures:
@@ -42,7 +60,11 @@ How it measures:
   worker acknowledges a window only after its transaction committed, so that is the last
   commit (to within one poll). Worker startup (imports, leases) is outside the clock.
   Worker CPU is utime + stime of its process (/proc/PID/stat, every thread) over the same
-  interval; peak RSS is its VmHWM (/proc/PID/status) once drained.
+  interval; peak RSS is its VmHWM (/proc/PID/status) once drained. Redis CPU is the whole
+  server's (its process_id from INFO, on this machine): point --redis-url at a Redis of the
+  bench's own, or other clients' commands count too. PostgreSQL CPU is that of the backends
+  serving the workers' connections (matched by client port); the server's background
+  processes (WAL writer, checkpointer) are not counted.
   Latency: in that scenario the worker's PostgreSQL sink is wrapped (CommitClock) so that,
   when the sink's write returns (its transaction committed), every entry of the window
   gets `now - ts`; `ts` is the producer's wall clock in whole ms, taken just before the
@@ -82,6 +104,7 @@ from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
 
 from streamsink import Event, Op, Producer, create_stream
+from streamsink.consumers.settings import GroupSettings
 from streamsink.schemas import Column, ColumnType, Config, Policy, StreamSpec, Table, load
 from streamsink.schemas.merge import Row, apply_event
 from streamsink.sinks.base import Batch, Rejected, Sink
@@ -116,6 +139,9 @@ BULK = {
 fewer transactions) and 1 s, reads of 5,000. With the default 250 ms a window closes by age
 before it fills (a worker busy with four shards reads each every few hundred ms), so fewer
 events merge per row: measured 31k events/s at 250 ms, 37k at 1 s, 43k at 2 s (hot keys)."""
+
+SCENARIOS = ("hot", "metrics", "naive", "read", "unique", "latency", "backlog")
+"""What runs by default; `latency-default` and `scale` run when named."""
 
 POLL_S = 0.005
 """How often the bench looks at the consumer groups while a worker drains."""
@@ -252,6 +278,74 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (every thread); 0 once gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    parts = stat[stat.rindex(")") + 2 :].split()
+    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def client_ports(pid: int) -> set[int]:
+    """The local TCP ports of process `pid`'s connected sockets (to find its PostgreSQL
+    backends by their client_port)."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                link = os.readlink(fd)
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                parts = line.split()
+                if parts[9] in inodes:
+                    ports.add(int(parts[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+class ServerCpu:
+    """CPU of the servers on this machine: Redis (the whole server: run the bench on a
+    Redis of its own to count nothing else) and the PostgreSQL backends serving the
+    processes `pids` (found by their client ports; PostgreSQL's background writers are
+    not counted)."""
+
+    def __init__(self, setup: Setup, pids: Sequence[int]) -> None:
+        self.setup, self.pids = setup, list(pids)
+        self.redis_pid = int(setup.client.info("server")["process_id"])
+        if not Path(f"/proc/{self.redis_pid}").exists():
+            self.redis_pid = 0  # not on this machine (or another PID namespace)
+        self.start: tuple[float, dict[int, float]] = self.sample()
+
+    def backends(self) -> list[int]:
+        ports = set().union(*(client_ports(pid) for pid in self.pids)) if self.pids else set()
+        if not ports:
+            return []
+        with contextlib.closing(self.setup.connect()) as conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT pid FROM pg_stat_activity WHERE client_port = ANY(%s)", (list(ports),)
+            )
+            return [row[0] for row in cur.fetchall()]
+
+    def sample(self) -> tuple[float, dict[int, float]]:
+        redis_s = process_cpu_s(self.redis_pid) if self.redis_pid else 0.0
+        return redis_s, {pid: process_cpu_s(pid) for pid in self.backends()}
+
+    def used(self) -> tuple[float, float]:
+        """Redis and PostgreSQL CPU seconds since this meter (or `restart`) started; a
+        backend that appeared meanwhile counts from its start."""
+        redis_s, backends = self.sample()
+        pg = sum(cpu - self.start[1].get(pid, 0.0) for pid, cpu in backends.items())
+        return redis_s - self.start[0], pg
+
+    def restart(self) -> None:
+        self.start = self.sample()
+
+
 # ---- the worker, as a subprocess ----------------------------------------------------------
 
 
@@ -299,26 +393,37 @@ class Drained:
     """What one worker run measured."""
 
     events_per_s: float
-    cpu_us: float  # worker CPU per event
-    rss_mb: float  # worker peak RSS
+    cpu_us: float  # worker CPU per event (every worker process)
+    rss_mb: float  # worker peak RSS (the largest)
+    redis_us: float = 0.0  # Redis server CPU per event (the whole server, every client)
+    pg_us: float = 0.0  # CPU per event of the PostgreSQL backends serving the workers
 
 
 class WorkerProcess:
     """A worker subprocess (this script in --child mode) on its own config and schema."""
 
     def __init__(
-        self, stream: Stream, group: str, timings: Path | None = None, http: str = ""
+        self,
+        stream: Stream,
+        group: str,
+        timings: Path | None = None,
+        http: str = "",
+        schema: str = "",
     ) -> None:
+        """`schema`: another worker's, to work on the same group and tables with it."""
         setup = stream.setup
         self.stream, self.group, self.http = stream, group, http
-        with contextlib.closing(setup.connect()) as conn:
-            self.schema = stream.new_schema(conn)
-            path = setup.directory / f"{group}-{self.schema}.toml"
-            path.write_text(worker_config(stream, group, self.schema, http))
-            from streamsink.sinks.postgres.schema import create_tables
+        path = setup.directory / f"{group}-{schema}.toml"
+        if not schema:
+            with contextlib.closing(setup.connect()) as conn:
+                schema = stream.new_schema(conn)
+                path = setup.directory / f"{group}-{schema}.toml"
+                path.write_text(worker_config(stream, group, schema, http))
+                from streamsink.sinks.postgres.schema import create_tables
 
-            create_tables(conn, load(path), offsets_schema=self.schema)
-        self.stderr = setup.directory / f"{group}-{self.schema}.err"
+                create_tables(conn, load(path), offsets_schema=schema)
+        self.schema = schema
+        self.stderr = setup.directory / f"{group}-{schema}-{uuid.uuid4().hex[:6]}.err"
         args = [sys.executable, str(Path(__file__).resolve()), "--child", str(path)]
         if timings is not None:
             args += ["--timings", str(timings)]
@@ -335,9 +440,7 @@ class WorkerProcess:
 
     def cpu_s(self) -> float:
         """User + system CPU seconds of the worker so far (every thread)."""
-        stat = Path(f"/proc/{self.process.pid}/stat").read_text()
-        parts = stat[stat.rindex(")") + 2 :].split()
-        return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_s(self.process.pid)
 
     def peak_rss_mb(self) -> float:
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
@@ -360,31 +463,7 @@ class WorkerProcess:
 
     def drain(self) -> Drained:
         """Wait until the worker has acknowledged the whole stream; measure it."""
-        last = self.stream.last_ids()
-        started = cpu = 0.0
-        seen, moved = None, time.monotonic()
-        scraped = time.monotonic()
-        while True:
-            self.check_alive()
-            if self.http and time.monotonic() - scraped >= 1.0:  # as Prometheus would, often
-                scraped = time.monotonic()
-                with contextlib.suppress(OSError):
-                    urllib.request.urlopen(f"http://{self.http}/metrics", timeout=2).read()
-            read, done, where = self.stream.progress(self.group, last)
-            now = time.perf_counter()
-            if read and not started:
-                started, cpu = now, self.cpu_s()
-            if done:
-                return Drained(
-                    events_per_s=self.stream.count / max(now - started, POLL_S),
-                    cpu_us=(self.cpu_s() - cpu) * 1e6 / self.stream.count,
-                    rss_mb=self.peak_rss_mb(),
-                )
-            if where != seen:
-                seen, moved = where, time.monotonic()
-            elif time.monotonic() - moved > STALL_S:
-                raise RuntimeError(f"the worker made no progress in {STALL_S:.0f} s:\n{self.log()}")
-            time.sleep(POLL_S)
+        return drain([self])
 
     def stop(self) -> None:
         """SIGTERM (drain and leave); it must exit 0."""
@@ -407,20 +486,64 @@ class WorkerProcess:
             return list(cur.fetchall())
 
 
+def drain(workers: Sequence[WorkerProcess]) -> Drained:
+    """Wait until the workers (of one group) have acknowledged the whole stream; measure
+    them, and the servers' CPU over the same interval."""
+    first = workers[0]
+    stream, group, http = first.stream, first.group, first.http
+    last = stream.last_ids()
+    servers = ServerCpu(stream.setup, [w.process.pid for w in workers])
+    started = cpu = 0.0
+    seen, moved = None, time.monotonic()
+    scraped = time.monotonic()
+    while True:
+        for worker in workers:
+            worker.check_alive()
+        if http and time.monotonic() - scraped >= 1.0:  # as Prometheus would, often
+            scraped = time.monotonic()
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"http://{http}/metrics", timeout=2).read()
+        read, done, where = stream.progress(group, last)
+        now = time.perf_counter()
+        if read and not started:
+            started, cpu = now, sum(w.cpu_s() for w in workers)
+            servers.restart()
+        if done:
+            redis_s, pg_s = servers.used()
+            return Drained(
+                events_per_s=stream.count / max(now - started, POLL_S),
+                cpu_us=(sum(w.cpu_s() for w in workers) - cpu) * 1e6 / stream.count,
+                rss_mb=max(w.peak_rss_mb() for w in workers),
+                redis_us=redis_s * 1e6 / stream.count,
+                pg_us=pg_s * 1e6 / stream.count,
+            )
+        if where != seen:
+            seen, moved = where, time.monotonic()
+        elif time.monotonic() - moved > STALL_S:
+            logs = "\n".join(w.log() for w in workers)
+            raise RuntimeError(f"the workers made no progress in {STALL_S:.0f} s:\n{logs}")
+        time.sleep(POLL_S)
+
+
 class CommitClock:
     """A sink wrapper: when the inner sink's write returns (committed), each entry of the
-    window gets its publish-to-commit time, now minus the event's `ts`, in ms."""
+    window gets its publish-to-commit time, now minus the event's `ts`, in ms. Per window
+    it also notes where the oldest entry's time went: publish to the sink's write being
+    called (XADD, read, the window, merging) and the write itself (the transaction)."""
 
     def __init__(self, inner: Sink) -> None:
         self.inner = inner
         self.latencies_ms: list[float] = []
+        self.windows: list[tuple[float, float, int]] = []  # (to the write, in it, entries)
 
     async def write(self, batch: Batch) -> Sequence[Rejected]:
+        called_ms = time.time() * 1000
         rejected = await self.inner.write(batch)
         now_ms = time.time() * 1000
-        self.latencies_ms.extend(
-            now_ms - e.event.ts for e in batch.entries if e.event.ts is not None
-        )
+        stamps = [e.event.ts for e in batch.entries if e.event.ts is not None]
+        self.latencies_ms.extend(now_ms - ts for ts in stamps)
+        if stamps:
+            self.windows.append((called_ms - min(stamps), now_ms - called_ms, len(stamps)))
         return rejected
 
     async def close(self) -> None:
@@ -446,9 +569,10 @@ def child(config_path: str, timings: str | None) -> int:
     if timings is not None:
         clock = CommitClock(sinks["db"])
         sinks["db"] = clock
-    code = asyncio.run(serve(config, sinks, around if address else None))
+    code = asyncio.run(serve(config, sinks, around=around if address else None))
     if clock is not None:
         Path(timings or "").write_bytes(orjson.dumps(clock.latencies_ms))
+        Path(f"{timings}.windows").write_bytes(orjson.dumps(clock.windows))
     return code
 
 
@@ -465,6 +589,13 @@ def worker_run(stream: Stream, group: str, expect_rows: bool, http: str = "") ->
     finally:
         with contextlib.suppress(RuntimeError):
             worker.stop()
+    check_rows(stream, worker, expect_rows)
+    return drained
+
+
+def check_rows(stream: Stream, worker: WorkerProcess, expect_rows: bool) -> None:
+    """The rows of the worker's tables equal the events applied one by one (hot keys), or
+    one row an event (unique keys)."""
     rows = worker.rows()
     if expect_rows:
         expected = stream.expected
@@ -475,12 +606,14 @@ def worker_run(stream: Stream, group: str, expect_rows: bool, http: str = "") ->
             assert got[key] == want, f"row {key}: {got[key]} != {want}"
     else:
         assert len(rows) == stream.count, f"{len(rows)} rows, expected {stream.count}"
-    return drained
 
 
-def plain_read(stream: Stream, group: str) -> float:
-    """Baseline: XREADGROUP COUNT 1000, orjson.loads of each data, XACK; events/s."""
+def plain_read(stream: Stream, group: str) -> Results:
+    """Baseline: XREADGROUP COUNT 1000, orjson.loads of each data, XACK; events/s, and
+    the CPU per event of this process and of Redis."""
     client, read = stream.setup.client, 0
+    servers = ServerCpu(stream.setup, [])
+    cpu = time.process_time()
     started = time.perf_counter()
     for key in stream.shard_keys():
         while reply := client.xreadgroup(group, "plain", {key: ">"}, count=1000):
@@ -490,8 +623,14 @@ def plain_read(stream: Stream, group: str) -> float:
             client.xack(key, group, *[entry_id for entry_id, _ in entries])
             read += len(entries)
     seconds = time.perf_counter() - started
+    cpu = time.process_time() - cpu
+    redis_s, _ = servers.used()
     assert read == stream.count, f"read {read} of {stream.count}"
-    return read / seconds
+    return {
+        "plain read": read / seconds,
+        "plain read cpu": cpu * 1e6 / read,
+        "plain read redis cpu": redis_s * 1e6 / read,
+    }
 
 
 def naive(stream: Stream, group: str, sample: int, commit_each: bool = False) -> float:
@@ -553,7 +692,7 @@ def hot_scenario(setup: Setup, args: argparse.Namespace, chosen: set[str]) -> li
         for run in runs:
             result: Results = {}
             if "read" in chosen:
-                result["plain read"] = plain_read(stream, f"plain-{run}")
+                result.update(plain_read(stream, f"plain-{run}"))
             if "naive" in chosen:
                 result["naive"] = naive(stream, f"naive-{run}", args.naive_events)
                 each = max(1000, args.naive_events // 4)
@@ -565,6 +704,8 @@ def hot_scenario(setup: Setup, args: argparse.Namespace, chosen: set[str]) -> li
                 result["hot keys"] = drained.events_per_s
                 result["hot keys cpu"] = drained.cpu_us
                 result["hot keys rss"] = drained.rss_mb
+                result["hot keys redis cpu"] = drained.redis_us
+                result["hot keys pg cpu"] = drained.pg_us
                 if "naive" in result:
                     result["hot / naive"] = drained.events_per_s / result["naive"]
                     result["hot / naive each"] = drained.events_per_s / result["naive each"]
@@ -597,6 +738,8 @@ def unique_scenario(setup: Setup, args: argparse.Namespace, count: int, name: st
                 name: drained.events_per_s,
                 f"{name} cpu": drained.cpu_us,
                 f"{name} rss": drained.rss_mb,
+                f"{name} redis cpu": drained.redis_us,
+                f"{name} pg cpu": drained.pg_us,
             }
             setup.say(f"{name} run {run}: " + ", ".join(f"{k} {v:,.1f}" for k, v in result.items()))
             results.append(result)
@@ -622,10 +765,14 @@ def latency_scenario(setup: Setup, args: argparse.Namespace) -> list[Results]:
                     worker.stop()
             latencies = sorted(orjson.loads(timings.read_bytes()))
             assert len(latencies) == stream.count, f"{len(latencies)} timed of {stream.count}"
+            windows = orjson.loads(Path(f"{timings}.windows").read_bytes())
             result = {
                 "latency p50": _percentile(latencies, 0.50),
                 "latency p99": _percentile(latencies, 0.99),
                 "latency max": latencies[-1],
+                "latency to write p99": _percentile(sorted(w[0] for w in windows), 0.99),
+                "latency write p99": _percentile(sorted(w[1] for w in windows), 0.99),
+                "latency window events": statistics.median(w[2] for w in windows),
                 "paced rate": rate,
             }
             setup.say(
@@ -635,6 +782,133 @@ def latency_scenario(setup: Setup, args: argparse.Namespace) -> list[Results]:
         finally:
             stream.clean()
     return results
+
+
+def default_latency_scenario(setup: Setup, args: argparse.Namespace) -> list[Results]:
+    """The latency scenario at each of `--default-rates`, with the default group settings
+    (no `--set`, no BULK): what a user gets without tuning."""
+    plain = replace(setup, settings={})
+    results: list[Results] = [{} for _ in range(args.runs)]
+    for rate in args.default_rates:
+        one = argparse.Namespace(**{**vars(args), "rate": rate})
+        for result, measured in zip(results, latency_scenario(plain, one), strict=True):
+            for name, value in measured.items():
+                result[f"default {rate} {name.removeprefix('latency ')}"] = value
+    return results
+
+
+SCALE_WORKERS = (1, 2, 4)
+
+
+def scale_scenario(setup: Setup, args: argparse.Namespace) -> list[Results]:
+    """1, 2 and 4 worker processes on one group over `--scale-shards` shards, hot keys and
+    unique keys; then how long a worker joining, leaving, and dying takes to rebalance."""
+    wide = replace(setup, shards=args.scale_shards)
+    results: list[Results] = [{} for _ in range(args.runs)]
+    for kind, keys in (("hot", args.hot_keys), ("unique", 0)):
+        stream = Stream.create(wide)
+        try:
+            groups = [f"w{n}-{run}" for run in range(args.runs) for n in SCALE_WORKERS]
+            stream.add_groups("guard", *groups)  # guard: never read, so nothing is trimmed
+            stream.publish(events(args.scale_events, keys, seed=4), expect=kind == "hot")
+            for run, result in enumerate(results):
+                for n in SCALE_WORKERS:
+                    drained = scaled_run(stream, f"w{n}-{run}", n, expect_rows=kind == "hot")
+                    label = f"scale {kind} {n}w"
+                    result[label] = drained.events_per_s
+                    result[f"{label} cpu"] = drained.cpu_us
+                    result[f"{label} redis cpu"] = drained.redis_us
+                    result[f"{label} pg cpu"] = drained.pg_us
+                    setup.say(
+                        f"{label} run {run}: {drained.events_per_s:,.0f} events/s, worker "
+                        f"{drained.cpu_us:.1f} redis {drained.redis_us:.1f} pg "
+                        f"{drained.pg_us:.1f} µs/event"
+                    )
+            if kind == "hot":
+                for run, result in enumerate(results):
+                    result.update(rebalance(stream, f"rebalance-{run}"))
+                    setup.say(f"rebalance run {run}: {result}")
+        finally:
+            stream.clean()
+    return results
+
+
+def scaled_run(stream: Stream, group: str, n: int, expect_rows: bool) -> Drained:
+    """`n` workers drain the stream on `group`, started once they share the shards evenly
+    (the group is moved to the end of each shard while they start, then back to 0)."""
+    client = stream.setup.client
+    for key in stream.shard_keys():
+        client.xgroup_setid(key, group, "$")
+    first = WorkerProcess(stream, group)
+    workers = [first] + [WorkerProcess(stream, group, schema=first.schema) for _ in range(n - 1)]
+    try:
+        wait_balanced(stream, group, workers, n)
+        for key in stream.shard_keys():
+            client.xgroup_setid(key, group, "0")
+        drained = drain(workers)
+    finally:
+        for worker in workers:
+            with contextlib.suppress(RuntimeError):
+                worker.stop()
+    check_rows(stream, first, expect_rows)
+    return drained
+
+
+def lease_owners(stream: Stream, group: str) -> list[bytes | None]:
+    keys = stream.keys
+    leases = [keys.lease(STREAM, s, group) for s in range(stream.setup.shards)]
+    owners: Any = stream.setup.client.mget(leases)
+    return list(owners)
+
+
+def wait_balanced(
+    stream: Stream, group: str, workers: Sequence[WorkerProcess], n: int, timeout: float = 60
+) -> float:
+    """Until `n` owners hold every shard, as evenly as shards divide; seconds it took."""
+    started = time.monotonic()
+    most = -(-stream.setup.shards // n)
+    while True:
+        owners = lease_owners(stream, group)
+        held: dict[bytes, int] = {}
+        for owner in owners:
+            if owner is not None:
+                held[owner] = held.get(owner, 0) + 1
+        if None not in owners and len(held) == n and max(held.values()) <= most:
+            return time.monotonic() - started
+        for worker in workers:
+            worker.check_alive()
+        if time.monotonic() - started > timeout:
+            raise RuntimeError(f"not balanced over {n} workers in {timeout} s: {held}")
+        time.sleep(0.01)
+
+
+def rebalance(stream: Stream, group: str) -> Results:
+    """Seconds until the shards are spread again: a second worker joins one that holds
+    them all (from its process start, its imports included), then leaves (SIGTERM: it
+    flushes, acknowledges and releases), then a third joins and is killed (SIGKILL: its
+    leases expire after lease_ttl_ms). The shards are idle (the group is at their end)."""
+    for key in stream.shard_keys():
+        stream.setup.client.xgroup_create(key, group, id="$")
+    first = WorkerProcess(stream, group)
+    try:
+        wait_balanced(stream, group, [first], 1)
+        joiner = WorkerProcess(stream, group, schema=first.schema)
+        joined = wait_balanced(stream, group, [first, joiner], 2)
+        started = time.monotonic()
+        joiner.stop()
+        wait_balanced(stream, group, [first], 1)
+        left = time.monotonic() - started
+        doomed = WorkerProcess(stream, group, schema=first.schema)
+        wait_balanced(stream, group, [first, doomed], 2)
+        started = time.monotonic()
+        doomed.process.kill()
+        doomed.process.wait()
+        wait_balanced(stream, group, [first], 1)
+        died = time.monotonic() - started
+    finally:
+        with contextlib.suppress(RuntimeError):
+            first.stop()
+    return {"rebalance join": joined, "rebalance leave": left, "rebalance kill": died}
 
 
 def paced(stream: Stream, rate: int, seconds: float) -> float:
@@ -679,12 +953,17 @@ class Line:
     target_text: str = ""
 
 
-def lines(settings: dict[str, int]) -> list[Line]:
+def lines(settings: dict[str, int], args: argparse.Namespace) -> list[Line]:
     bound = settings["max_age_ms"] + 150
     return [
         Line("hot keys, worker", "hot keys", "events/s", lambda v: v >= 100_000, ">= 100,000"),
         Line("  / naive baseline", "hot / naive", "x", lambda v: v >= 40, ">= 40x"),
+        Line("  / plain read", "hot / read", "%", lambda v: v >= 80, ">= 80%"),
+        Line("  ceiling, no core to spare", "hot cpu bound", "%"),
+        Line("  ceiling, a core of its own", "hot core bound", "%"),
         Line("  worker CPU", "hot keys cpu", "µs/event"),
+        Line("  Redis CPU", "hot keys redis cpu", "µs/event"),
+        Line("  PostgreSQL CPU", "hot keys pg cpu", "µs/event"),
         Line("  worker peak RSS", "hot keys rss", "MB"),
         Line("  / naive, commit each", "hot / naive each", "x"),
         Line("hot keys, metrics on", "hot keys metrics", "events/s"),
@@ -694,18 +973,64 @@ def lines(settings: dict[str, int]) -> list[Line]:
         Line("naive baseline", "naive", "events/s"),
         Line("  commit each event", "naive each", "events/s"),
         Line("plain read baseline", "plain read", "events/s"),
+        Line("  client CPU", "plain read cpu", "µs/event"),
+        Line("  Redis CPU", "plain read redis cpu", "µs/event"),
         Line("  / naive (ceiling of x)", "read / naive", "x"),
         Line("unique keys, worker", "unique keys", "events/s", lambda v: v >= 40_000, ">= 40,000"),
+        Line("  / plain read", "unique / read", "%", lambda v: v >= 60, ">= 60%"),
+        Line("  ceiling, no core to spare", "unique cpu bound", "%"),
+        Line("  ceiling, a core of its own", "unique core bound", "%"),
         Line("  worker CPU", "unique keys cpu", "µs/event"),
+        Line("  Redis CPU", "unique keys redis cpu", "µs/event"),
+        Line("  PostgreSQL CPU", "unique keys pg cpu", "µs/event"),
         Line("  worker peak RSS", "unique keys rss", "MB"),
         Line("latency p50", "latency p50", "ms"),
         Line("latency p99", "latency p99", "ms", lambda v: v <= bound, f"<= {bound} ms"),
         Line("latency max", "latency max", "ms"),
+        Line("  oldest entry to write, p99", "latency to write p99", "ms"),
+        Line("  write (transaction), p99", "latency write p99", "ms"),
+        Line("  entries a window, median", "latency window events", "events"),
         Line("  paced producer", "paced rate", "events/s"),
         Line("backlog, worker peak RSS", "backlog rss", "MB", lambda v: v < 300, "< 300 MB"),
         Line("  worker", "backlog", "events/s"),
         Line("  worker CPU", "backlog cpu", "µs/event"),
+        *default_latency_lines(args.default_rates),
+        *scale_lines(),
     ]
+
+
+def default_latency_lines(rates: Sequence[int]) -> list[Line]:
+    bound = GroupSettings().max_age_ms + 150
+    out = []
+    for rate in rates:
+        name = f"default {rate}"
+        out += [
+            Line(f"latency {rate:,}/s, defaults", f"{name} p50", "ms"),
+            Line("  p99", f"{name} p99", "ms", lambda v: v <= bound, f"<= {bound} ms"),
+            Line("  max", f"{name} max", "ms"),
+            Line("  oldest entry to write, p99", f"{name} to write p99", "ms"),
+            Line("  write (transaction), p99", f"{name} write p99", "ms"),
+            Line("  entries a window, median", f"{name} window events", "events"),
+            Line("  paced producer", f"{name} paced rate", "events/s"),
+        ]
+    return out
+
+
+def scale_lines() -> list[Line]:
+    out = []
+    for kind in ("hot", "unique"):
+        for n in SCALE_WORKERS:
+            label = f"scale {kind} {n}w"
+            out += [
+                Line(f"{kind} keys, {n} worker{'s' if n > 1 else ''}", label, "events/s"),
+                Line("  workers' CPU", f"{label} cpu", "µs/event"),
+                Line("  Redis CPU", f"{label} redis cpu", "µs/event"),
+                Line("  PostgreSQL CPU", f"{label} pg cpu", "µs/event"),
+            ]
+    out.append(Line("rebalance: a worker joins", "rebalance join", "s"))
+    out.append(Line("  a worker leaves (SIGTERM)", "rebalance leave", "s"))
+    out.append(Line("  a worker dies (SIGKILL)", "rebalance kill", "s"))
+    return out
 
 
 def report(args: argparse.Namespace, settings: dict[str, int], runs: list[Results]) -> None:
@@ -719,9 +1044,20 @@ def report(args: argparse.Namespace, settings: dict[str, int], runs: list[Result
         f"{args.rate:,} events/s for {args.latency_seconds:g} s; backlog "
         f"{args.backlog_events:,} unique-key events. Median of {args.runs} runs.\n"
     )
+    if "latency-default" in args.scenarios.split(","):
+        print(
+            f"latency-default: the default group settings ({GroupSettings()}), at "
+            + ", ".join(f"{rate:,}" for rate in args.default_rates)
+            + f" events/s for {args.latency_seconds:g} s each.\n"
+        )
+    if "scale" in args.scenarios.split(","):
+        print(
+            f"scale: {args.scale_events:,} events over {args.scale_shards} shards (hot keys over "
+            f"{args.hot_keys:,} rows, and unique keys), 1, 2 and 4 worker processes.\n"
+        )
     print(f"| {'row':<26} | {'median':>10} | {'min':>10} | {'max':>10} | {'unit':<8} | target")
     print(f"|{'-' * 28}|{'-' * 12}|{'-' * 12}|{'-' * 12}|{'-' * 10}|{'-' * 16}")
-    for line in lines(settings):
+    for line in lines(settings, args):
         values = [r[line.result] for r in runs if line.result in r]
         if not values:
             continue
@@ -730,6 +1066,7 @@ def report(args: argparse.Namespace, settings: dict[str, int], runs: list[Result
         if line.target is not None:
             met = f"{line.target_text} {'met' if line.target(median) else 'NOT MET'}"
         digits = 1 if line.unit in ("x", "µs/event", "MB", "ms", "%") else 0
+        digits = 2 if line.unit == "s" else digits
         cells = [f"{v:>10,.{digits}f}" for v in (median, min(values), max(values))]
         print(f"| {line.label:<26} | {' | '.join(cells)} | {line.unit:<8} | {met}")
 
@@ -739,7 +1076,8 @@ def main() -> None:
     parser.add_argument(
         "--scenarios",
         default="hot,metrics,naive,read,unique,latency,backlog",
-        help="comma-separated: hot, metrics, naive, read, unique, latency, backlog",
+        help="comma-separated: hot, metrics, naive, read, unique, latency, backlog; "
+        "and, when named, latency-default, scale",
     )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--shards", type=int, default=4)
@@ -750,6 +1088,14 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=20_000, help="latency: events/s published")
     parser.add_argument("--latency-seconds", type=float, default=10.0)
     parser.add_argument("--backlog-events", type=int, default=1_000_000)
+    parser.add_argument(
+        "--default-rates",
+        type=lambda text: [int(rate) for rate in text.split(",")],
+        default=[1000, 20_000],
+        help="latency-default: events/s published, comma-separated",
+    )
+    parser.add_argument("--scale-shards", type=int, default=8)
+    parser.add_argument("--scale-events", type=int, default=200_000)
     parser.add_argument(
         "--set",
         action="append",
@@ -767,7 +1113,7 @@ def main() -> None:
         sys.exit(child(args.child, args.timings))
 
     chosen = set(args.scenarios.split(","))
-    unknown = chosen - {"hot", "metrics", "naive", "read", "unique", "latency", "backlog"}
+    unknown = chosen - {*SCENARIOS, "latency-default", "scale"}
     if unknown:
         parser.error(f"unknown scenarios: {sorted(unknown)}")
     settings = dict(BULK)
@@ -788,10 +1134,37 @@ def main() -> None:
             parts.append(latency_scenario(setup, args))
         if "backlog" in chosen:
             parts.append(unique_scenario(setup, args, args.backlog_events, "backlog"))
+        if "latency-default" in chosen:
+            parts.append(default_latency_scenario(setup, args))
+        if "scale" in chosen:
+            parts.append(scale_scenario(setup, args))
         for part in parts:
             for run, result in zip(runs, part, strict=True):
                 run.update(result)
+    for run in runs:
+        ratios(run)
     report(args, settings, runs)
+
+
+def ratios(run: Results) -> None:
+    """The worker's rows against the plain read of the same run (the issue's ratios), and
+    the most those could be if CPU alone bounded them: the plain read's CPU per event
+    (client and Redis) over the pipeline's (worker, Redis and PostgreSQL backends). On a
+    machine with no core to spare, every process waits its turn for one, and throughput
+    follows the CPU an event costs in all. With cores to spare, the servers work beside
+    the worker, and its own CPU per event on its one core (one interpreter) bounds it."""
+    if "plain read" not in run:
+        return
+    read_cpu = run.get("plain read cpu", 0.0) + run.get("plain read redis cpu", 0.0)
+    for name, label in (("hot keys", "hot"), ("unique keys", "unique")):
+        if name not in run:
+            continue
+        run[f"{label} / read"] = 100 * run[name] / run["plain read"]
+        spent = sum(run.get(f"{name} {part}", 0.0) for part in ("cpu", "redis cpu", "pg cpu"))
+        if read_cpu and spent:
+            run[f"{label} cpu bound"] = 100 * read_cpu / spent
+        if read_cpu and run.get(f"{name} cpu"):
+            run[f"{label} core bound"] = 100 * read_cpu / run[f"{name} cpu"]
 
 
 if __name__ == "__main__":

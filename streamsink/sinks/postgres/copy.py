@@ -75,24 +75,37 @@ def rows(
 ) -> bytes:
     """COPY text of rows: each a sequence of values in the order of `formatters`.
 
-    Formatted column by column (a column without nulls goes through `map`, with no Python
-    loop of ours), then joined row by row: half the time of formatting each row's values.
-    A formatter's exception becomes EncodeError, naming the column (from `names`).
+    Formatted column by column (see `columns`): half the time of formatting each row's
+    values. A formatter's exception becomes EncodeError, naming the column (from `names`).
     """
     table = list(values)
-    columns = list(zip(*table, strict=True))  # ValueError if the rows differ in length
-    if table and len(columns) != len(formatters):
-        raise ValueError(f"rows have {len(columns)} values, formatters are {len(formatters)}")
-    if not columns:
+    columns_of = list(zip(*table, strict=True))  # ValueError if the rows differ in length
+    if table and len(columns_of) != len(formatters):
+        raise ValueError(f"rows have {len(columns_of)} values, formatters are {len(formatters)}")
+    if not columns_of:
         return b"\n" * len(table)  # no rows, or rows of no values
+    return columns(formatters, columns_of, names)
+
+
+def columns(
+    formatters: Sequence[Callable[[Any], str]],
+    values: Sequence[Sequence[Any]],
+    names: Sequence[str] = (),
+) -> bytes:
+    """COPY text of rows given column by column: `values[i]` is column i of every row.
+
+    A column without nulls goes through `map`, with no Python loop of ours; a column of
+    nulls only is a list of `\\N`. Then the cells are joined row by row.
+    """
     cells = []
-    for number, (f, column) in enumerate(zip(formatters, columns, strict=True)):
+    for number, (f, column) in enumerate(zip(formatters, values, strict=True)):
         try:
-            cells.append(
-                [NULL if v is None else f(v) for v in column]
-                if None in column
-                else list(map(f, column))
-            )
+            if None not in column:
+                cells.append(list(map(f, column)))
+            elif column.count(None) == len(column):
+                cells.append([NULL] * len(column))
+            else:
+                cells.append([NULL if v is None else f(v) for v in column])
         except Exception as exc:
             name = names[number] if number < len(names) else f"#{number + 1}"
             raise EncodeError(f"column {name}: cannot encode a value: {exc}") from exc
