@@ -1,6 +1,6 @@
 """HTTP sink benchmark: mode `each` against a naive signed aiohttp loop, and mode `batch`.
 
-    python bench/http.py [--calls 3000] [--concurrency 4] [--runs 3] [--redis-url URL]
+    python bench/callbacks.py [--calls 3000] [--concurrency 4] [--runs 3] [--redis-url URL]
                          [--profile FILE]
 
 Rows (callbacks/s, median of --runs runs; every run sends every row's calls afresh):
@@ -19,23 +19,17 @@ once. `--profile FILE` also writes a cProfile of one `each` run (pstats format).
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Run as `python bench/http.py`, this file's folder comes first on the path, and this file
-# would stand for the standard library's `http` package: take the folder off.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
-
 import argparse
 import asyncio
 import cProfile
 import hashlib
 import hmac
 import itertools
+import os
 import socket
 import statistics
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
