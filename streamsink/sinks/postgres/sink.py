@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import psycopg2
 from psycopg2.extensions import connection as Connection
@@ -40,6 +40,8 @@ from streamsink.sinks.postgres.writer import (
     entry_ids,
     table_names,
 )
+
+T = TypeVar("T")
 
 log = logging.getLogger("streamsink.postgres")
 
@@ -79,17 +81,7 @@ class PostgresSink:
         return await loop.run_in_executor(self._executor, self._committed, group, stream)
 
     def _committed(self, group: str, stream: str) -> dict[int, Committed]:
-        offsets = f"{self._offsets.schema}.{OFFSETS}"
-        try:
-            with self.pool.connection() as conn:
-                with conn.cursor() as cur:
-                    rows = self._offsets.of_stream(cur, stream)
-                conn.rollback()
-        except psycopg2.Error as error:
-            known = classify(error, self.name, offsets)
-            if known is None:
-                raise
-            raise known from error
+        rows = self._read_offsets(lambda cur: self._offsets.of_stream(cur, stream))
         return {
             slot.shard: Committed(position.last_id, position.epoch)
             for slot, position in rows.items()
@@ -97,17 +89,23 @@ class PostgresSink:
         }
 
     def _check(self) -> None:
+        self._read_offsets(self._offsets.probe)
+
+    def _read_offsets(self, read: Callable[[Any], T]) -> T:
+        """`read(cursor)` on the offsets table in a transaction rolled back after; a
+        PostgreSQL error as the sink's error class (SinkMisconfigured, SinkUnavailable)."""
         offsets = f"{self._offsets.schema}.{OFFSETS}"
         try:
             with self.pool.connection() as conn:
                 with conn.cursor() as cur:
-                    self._offsets.probe(cur)
+                    result = read(cur)
                 conn.rollback()
         except psycopg2.Error as error:
             known = classify(error, self.name, offsets)
             if known is None:
                 raise
             raise known from error
+        return result
 
     async def close(self) -> None:
         """Wait for writes in flight, then close the connections."""
