@@ -21,7 +21,7 @@ from streamsink.sinks import build_sinks
 from streamsink.sinks.base import Sink
 from streamsink.streams.connection import AsyncClient
 
-log = logging.getLogger("streamsink.worker")
+log = logging.getLogger("streamsink.worker")  # its lines are the worker process's, as before
 
 EXIT_STOPPED = 3
 """Exit code of a worker one of whose groups stopped on an error only an operator can fix."""
