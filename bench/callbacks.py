@@ -42,11 +42,8 @@ from aiohttp import web
 from streamsink.schemas import Event
 from streamsink.schemas.merge import Entry, merge
 from streamsink.sinks.base import Batch
-from streamsink.sinks.http import AiohttpTransport, HttpSettings, HttpSink, Vetter
-from streamsink.sinks.http.deliver import Sender
+from streamsink.sinks.http import HttpSettings, HttpSink
 from streamsink.streams import Keys
-from streamsink.streams.endpoints import DeliveredMarks, EndpointGates, EndpointStats
-from streamsink.streams.ratelimit import AsyncRateLimiter
 
 SECRET = b"bench-secret"
 
@@ -116,17 +113,7 @@ async def sink_run(
     options = {"secret_env": "S", "allow_private": True, "concurrency": concurrency, "mode": mode}
     settings = HttpSettings.from_options("hooks", options)
     client = aredis.Redis.from_url(redis_url)
-    vetter = Vetter(True, settings.dns_cache_s)
-    transport = AiohttpTransport(vetter)
-    stats, gates = EndpointStats(client, keys, "hooks"), EndpointGates(client, keys, "hooks")
-    sender = Sender(transport, vetter, AsyncRateLimiter(client, keys), stats, gates)
-
-    def marks(batch: Batch) -> DeliveredMarks:
-        return DeliveredMarks(client, keys.http_delivered(batch.stream, batch.shard, "g", "hooks"))
-
-    sink = HttpSink(
-        "hooks", settings, {"S": SECRET}, sender, on_close=[transport.close], marks=marks
-    )
+    sink = HttpSink.with_client("hooks", settings, {"S": SECRET}, client, keys)
     batch = window(url, calls)
     try:
         started, cpu = time.perf_counter(), time.process_time()

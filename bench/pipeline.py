@@ -552,9 +552,10 @@ class CommitClock:
 
 def child(config_path: str, timings: str | None) -> int:
     """The worker: what `streamsink worker` runs, its sink timed when `timings` is given."""
-    from streamsink.consumers.worker import Worker, serve
+    from streamsink.consumers.worker import Worker
     from streamsink.logs import configure
     from streamsink.ops.http import endpoint
+    from streamsink.serve import serve
     from streamsink.sinks import build_sinks
 
     configure("WARNING")
@@ -569,7 +570,7 @@ def child(config_path: str, timings: str | None) -> int:
     if timings is not None:
         clock = CommitClock(sinks["db"])
         sinks["db"] = clock
-    code = asyncio.run(serve(config, sinks, around=around if address else None))
+    code = asyncio.run(serve(config, sinks=sinks, around=around if address else None))
     if clock is not None:
         Path(timings or "").write_bytes(orjson.dumps(clock.latencies_ms))
         Path(f"{timings}.windows").write_bytes(orjson.dumps(clock.windows))

@@ -596,8 +596,9 @@ def _fixed_data(args: argparse.Namespace, config: Config, chosen: Sequence[Any])
 
 
 def _worker(args: argparse.Namespace, config: Config) -> int:
-    from streamsink.consumers.worker import Worker, serve
+    from streamsink.consumers.worker import Worker
     from streamsink.logs import configure, route_loop_errors
+    from streamsink.serve import serve
 
     if not config.groups:
         raise ValueError("the config declares no [groups]: give --config FILE")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -79,5 +80,4 @@ def sink(sink_settings: PostgresSettings) -> Iterator[PostgresSink]:
     """A PostgreSQL sink named after the test (its offsets are its own)."""
     made = PostgresSink(Pool(sink_settings), f"pg-{uuid.uuid4().hex[:8]}", sink_settings)
     yield made
-    made._executor.shutdown()
-    made.pool.close()
+    asyncio.run(made.close())

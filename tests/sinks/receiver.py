@@ -25,10 +25,8 @@ from streamsink.schemas import Event
 from streamsink.schemas.merge import Entry, merge
 from streamsink.sinks.base import Batch
 from streamsink.sinks.http import AiohttpTransport, HttpSettings, HttpSink, Reply, Vetter
-from streamsink.sinks.http.deliver import Sender
+from streamsink.sinks.http.urls import GetAddrInfo
 from streamsink.streams import Keys
-from streamsink.streams.endpoints import DeliveredMarks, EndpointGates, EndpointStats
-from streamsink.streams.ratelimit import AsyncRateLimiter
 
 SECRET_ENV = "STREAMSINK_TEST_SECRET"
 SECRET = "test-secret-\u00e9"
@@ -187,26 +185,31 @@ class Built:
 
 
 def build_sink(
-    redis_url: str, keys: Keys, options: Mapping[str, Any], name: str = "hooks"
+    redis_url: str,
+    keys: Keys,
+    options: Mapping[str, Any],
+    name: str = "hooks",
+    getaddrinfo: GetAddrInfo | None = None,
 ) -> Built:
-    """An HttpSink from `options` (secret_env and allow_private default to the tests')."""
+    """An HttpSink from `options` (secret_env and allow_private default to the tests'),
+    resolving hosts with `getaddrinfo` when given (a DNS the test controls)."""
     settings = HttpSettings.from_options(
         name, {"secret_env": SECRET_ENV, "allow_private": True, **options}
     )
     client = aredis.Redis.from_url(redis_url)
-    vetter = Vetter(settings.allow_private, settings.dns_cache_s)
+    vetter = Vetter(settings.allow_private, settings.dns_cache_s, getaddrinfo)
     transport = CountingTransport(vetter)
-    stats = EndpointStats(client, keys, name)
-    gates = EndpointGates(client, keys, name)
-    sender = Sender(transport, vetter, AsyncRateLimiter(client, keys), stats, gates)
     secrets = settings.secrets(name, {SECRET_ENV: SECRET})
-
-    def marks(batch: Batch) -> DeliveredMarks:
-        key = keys.http_delivered(batch.stream, batch.shard, batch.group, name)
-        return DeliveredMarks(client, key)
-
-    closing = [transport.close, client.aclose]
-    sink = HttpSink(name, settings, secrets, sender, on_close=closing, marks=marks)
+    sink = HttpSink.with_client(
+        name,
+        settings,
+        secrets,
+        client,
+        keys,
+        vetter=vetter,
+        transport=transport,
+        on_close=[client.aclose],
+    )
     return Built(sink, transport, vetter, client)
 
 

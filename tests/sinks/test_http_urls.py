@@ -241,8 +241,7 @@ async def test_the_connection_goes_to_the_vetted_address_not_a_second_dns_answer
         address = answers[min(len(asked) - 1, 1)]
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
 
-    built = build_sink(redis_url, keys, {"dns_cache_s": 60.0})
-    built.vetter._getaddrinfo = rebinding
+    built = build_sink(redis_url, keys, {"dns_cache_s": 60.0}, getaddrinfo=rebinding)
     try:
         window = Window()
         url = f"http://rebind.test:{receiver.port}/hook"

@@ -494,8 +494,7 @@ def test_stats_count_every_window_written_by_concurrent_threads(
     try:
         asyncio.run(all_at_once())
     finally:
-        sink._executor.shutdown()
-        sink.pool.close()
+        asyncio.run(sink.close())
     assert sink.stats.windows == 16
     assert sink.stats.rows == 16 * 5
     assert sink.stats.by_table == {table.name: 16 * 5}

@@ -22,9 +22,9 @@ from streamsink.sinks.base import Batch, Rejected
 from streamsink.sinks.http.deliver import Endpoint, Sender
 from streamsink.sinks.http.plan import Request, plan
 from streamsink.sinks.http.settings import HttpSettings
-from streamsink.sinks.http.transport import AiohttpTransport
+from streamsink.sinks.http.transport import AiohttpTransport, Transport
 from streamsink.sinks.http.urls import Vetter
-from streamsink.streams.connection import connect_async
+from streamsink.streams.connection import AsyncClient, connect_async
 from streamsink.streams.endpoints import DeliveredMarks, EndpointGates, EndpointStats
 from streamsink.streams.keys import Keys
 from streamsink.streams.ratelimit import AsyncRateLimiter
@@ -62,8 +62,31 @@ class HttpSink:
         secrets = settings.secrets(name)
         client = connect_async(config.redis_url, 5)  # no retry: a retried permit takes two
         keys = Keys(config.prefix)
-        vetter = Vetter(settings.allow_private, settings.dns_cache_s)
-        transport = AiohttpTransport(vetter)
+        return cls.with_client(name, settings, secrets, client, keys, on_close=[client.aclose])
+
+    @classmethod
+    def with_client(
+        cls,
+        name: str,
+        settings: HttpSettings,
+        secrets: Mapping[str, bytes],
+        client: AsyncClient,
+        keys: Keys,
+        *,
+        vetter: Vetter | None = None,
+        transport: Transport | None = None,
+        on_close: Sequence[Callable[[], Awaitable[Any]]] = (),
+    ) -> HttpSink:
+        """A sink whose rate limits, breakers, counts and delivered marks live on `client`
+        under `keys`, as `from_options` wires them (tests and benchmarks use this seam).
+
+        `vetter` defaults to the settings' (allow_private, dns_cache_s); `transport` to an
+        aiohttp pool resolving through it (one given should resolve through `vetter` too).
+        `close()` closes the transport, then runs `on_close`: the client stays the
+        caller's unless closing it is there.
+        """
+        vetter = vetter or Vetter(settings.allow_private, settings.dns_cache_s)
+        transport = transport or AiohttpTransport(vetter)
         stats = EndpointStats(client, keys, name)
         gates = EndpointGates(client, keys, name)
         sender = Sender(transport, vetter, AsyncRateLimiter(client, keys), stats, gates, sink=name)
@@ -72,7 +95,7 @@ class HttpSink:
             key = keys.http_delivered(batch.stream, batch.shard, batch.group, name)
             return DeliveredMarks(client, key)
 
-        closing = [transport.close, client.aclose]
+        closing = [transport.close, *on_close]
         return cls(name, settings, secrets, sender, on_close=closing, marks=marks)
 
     async def write(self, batch: Batch) -> Sequence[Rejected]:
