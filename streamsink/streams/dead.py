@@ -22,15 +22,7 @@ from streamsink.streams.admin import shard_count
 from streamsink.streams.connection import SyncClient
 from streamsink.streams.keys import Keys
 from streamsink.streams.reader import DEAD_PREFIX
-
-# KEYS: dead-letter stream, shard stream. ARGV: dead-letter ID, then the entry's field/value
-# pairs. Publishes the entry again only if the letter was still there (and is now gone).
-_REPLAY = """
-if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return false end
-local fields = {}
-for i = 2, #ARGV do fields[#fields + 1] = ARGV[i] end
-return redis.call('XADD', KEYS[2], '*', unpack(fields))
-"""
+from streamsink.streams.scripts import lua
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +148,7 @@ def replay(
     if letter.sinks:
         fields[F_SINKS] = ",".join(letter.sinks).encode()
     flat = [part for pair in fields.items() for part in pair]
-    script = client.register_script(_REPLAY)
+    script = client.register_script(lua("dead.replay").text)
     keys_ = [keys.dead(stream, letter.shard, group), keys.shard(stream, letter.shard)]
     new_id = script(keys_, [letter.id, *flat])
     return _text(new_id) if new_id else None
