@@ -17,11 +17,22 @@ from typing import Any
 import redis
 
 from streamsink.errors import GroupNotFound
-from streamsink.schemas.wire import F_DATA, F_FOR, F_ORIGIN, F_SINKS, ROUTING_FIELDS
+from streamsink.schemas.layout import (
+    D_DELIVERIES,
+    D_ENTRY,
+    D_FIELD,
+    D_ORIGIN,
+    D_REASON,
+    D_SINKS,
+    F_DATA,
+    F_FOR,
+    F_ORIGIN,
+    F_SINKS,
+    ROUTING_FIELDS,
+)
 from streamsink.streams.admin import shard_count
 from streamsink.streams.connection import SyncClient
 from streamsink.streams.keys import Keys
-from streamsink.streams.reader import DEAD_PREFIX
 from streamsink.streams.scripts import lua
 
 
@@ -86,16 +97,16 @@ def dead_letters(
             yield DeadLetter(
                 shard=shard,
                 id=_text(dead_id),
-                reason=_text(fields.get(b"reason")),
-                entry=_text(fields.get(b"entry")),
-                deliveries=int(fields.get(b"deliveries") or 0),
+                reason=_text(fields.get(D_REASON)),
+                entry=_text(fields.get(D_ENTRY)),
+                deliveries=int(fields.get(D_DELIVERIES) or 0),
                 fields={
-                    name[len(DEAD_PREFIX) :]: value
+                    name[len(D_FIELD) :]: value
                     for name, value in fields.items()
-                    if name.startswith(DEAD_PREFIX)
+                    if name.startswith(D_FIELD)
                 },
-                sinks=tuple(n for n in _text(fields.get(b"sinks")).split(",") if n),
-                origin=_text(fields.get(b"origin")),
+                sinks=tuple(n for n in _text(fields.get(D_SINKS)).split(",") if n),
+                origin=_text(fields.get(D_ORIGIN)),
             )
 
 

@@ -19,6 +19,17 @@ from redis.exceptions import ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streamsink.errors import Fenced, RedisDataLost
+from streamsink.schemas.layout import (
+    D_AT_MS,
+    D_DELIVERIES,
+    D_ENTRY,
+    D_FIELD,
+    D_GROUP,
+    D_ORIGIN,
+    D_REASON,
+    D_SINKS,
+    D_SOURCE,
+)
 from streamsink.schemas.wire import parse_id
 from streamsink.streams.connection import AsyncClient
 from streamsink.streams.keys import Keys
@@ -31,7 +42,7 @@ _AS_SENT: Any = {}
 """Response callbacks of the read's transaction: none, so entries come as Redis sent them
 (redis-py would build a dict of each entry's fields)."""
 
-DEAD_PREFIX = b"f:"
+DEAD_PREFIX = D_FIELD
 """Dead-letter fields holding the original entry's fields start with this."""
 
 
@@ -288,8 +299,16 @@ class ShardReader:
         reaches those only); `origin`: the first entry ID of a replayed event.
         """
         now = int(time.time() * 1000)
-        args: list[bytes | str | int] = [*self._fence_args, self.group, raw.id, reason]
-        args += [raw.deliveries, now, ",".join(sinks), origin, *raw.fields]
+        args: list[bytes | str | int] = [*self._fence_args, self.group, raw.id]
+        args += [D_REASON, reason, D_ENTRY, raw.id, D_GROUP, self.group]
+        args += [D_DELIVERIES, raw.deliveries, D_AT_MS, now, D_SOURCE, self.key]
+        if sinks:
+            args += [D_SINKS, ",".join(sinks)]
+        if origin:
+            args += [D_ORIGIN, origin]
+        names = raw.fields[0::2]
+        for name, value in zip(names, raw.fields[1::2], strict=True):
+            args += [D_FIELD + name, value]
         keys = [*self._fence, self.key, self.dead_key]
         if int(await self._dead_letter(keys, args)) < 0:
             raise self._fenced("dead-lettering")
