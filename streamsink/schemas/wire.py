@@ -343,8 +343,6 @@ def unpacker(
         key_of = table.key_of
     index, shards = shard if shard is not None and shard[1] > 1 else (0, 0)  # 0: no check
     loads, crc32 = orjson.loads, zlib.crc32
-    new, set_key, set_op, set_data = object.__new__, _SLOTS[0], _SLOTS[1], _SLOTS[2]
-    set_table, set_ts, set_version, set_id = _SLOTS[3:]
 
     def unpack(flat: Sequence[bytes]) -> tuple[Event, Table | None]:
         if (
@@ -376,16 +374,8 @@ def unpacker(
                     and (not numerics or decimals(data, numerics, raw))
                     and _as_is(data, plain)
                     and (key_of is None or key_of(data) == (text := key.decode()))
-                ):  # Event(key, op, data) in half the time: its slots set directly
-                    event = new(Event)
-                    set_key(event, key.decode() if key_of is None else text)
-                    set_op(event, op)
-                    set_data(event, data)
-                    set_table(event, None)
-                    set_ts(event, None)
-                    set_version(event, None)
-                    set_id(event, None)
-                    return event, table
+                ):
+                    return Event(key.decode() if key_of is None else text, op, data), table
         fields = entry_fields(flat)
         event = decode(fields, max_data_bytes)
         if shards:
@@ -466,12 +456,6 @@ def _too_deep(data: dict[str, Any]) -> bool:
     except TypeError:
         return True
     return False
-
-
-_SLOTS = tuple(
-    getattr(Event, name).__set__ for name in ("key", "op", "data", "table", "ts", "version", "id")
-)
-"""Setters of an Event's slots, in field order: they bypass the frozen class's __setattr__."""
 
 
 def _text(fields: Mapping[bytes, bytes], name: bytes) -> str | None:
