@@ -7,7 +7,7 @@ check and the XADD atomically, and costs Redis and the client far less than N XA
 It goes as EVAL, not by SHA: a producer keeps several batches in flight, and a batch
 refused with NOSCRIPT sent again after a later batch of its shard ran would put that
 shard's events out of order. EVAL cannot fail that way (Redis caches the script by
-its SHA1 either way, so what EVAL costs more is the text sent: 8 kB a batch).
+its SHA1 either way, so what EVAL costs more is the text sent: 10 kB a batch).
 """
 
 from __future__ import annotations

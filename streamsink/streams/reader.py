@@ -42,9 +42,6 @@ _AS_SENT: Any = {}
 """Response callbacks of the read's transaction: none, so entries come as Redis sent them
 (redis-py would build a dict of each entry's fields)."""
 
-DEAD_PREFIX = D_FIELD
-"""Dead-letter fields holding the original entry's fields start with this."""
-
 
 class Read(NamedTuple):
     """What one `next` gave: entries as Redis sent them, and how often claimed ones went out.
