@@ -17,6 +17,7 @@ from streamsink.consumers.window import Window
 from streamsink.consumers.writing import SINK_TRANSIENT, ShardStats, SinkWriter, sink_attempts
 from streamsink.errors import EventError, Fenced, RedisDataLost, SinkMisconfigured
 from streamsink.schemas.config import Config
+from streamsink.schemas.layout import DATA_VALUE, PLAIN_ENTRY
 from streamsink.schemas.merge import Entry, merge
 from streamsink.schemas.wire import encode, parse_id, replayed, unpacker
 from streamsink.sinks.base import Sink
@@ -245,7 +246,7 @@ class ShardRunner:
             elif window.suspect:  # the suspect stays alone; the rest wait for the next window
                 self._stash = Read(read.entries[n:], deliveries, read.newest)
                 break
-            route = replayed(fields) if len(fields) != 6 else None
+            route = replayed(fields) if len(fields) != PLAIN_ENTRY else None
             if route is not None and route.group != self.reader.group:
                 await self._skip(entry_id)  # another group's replay: not ours to apply
                 self.stats.skipped += 1
@@ -257,7 +258,9 @@ class ShardRunner:
             else:
                 entries.append(new_entry(Entry, (entry_id.decode(), event, table)))
                 ids.append(entry_id)
-                size += len(fields[5]) if len(fields) == 6 else sum(map(len, fields))
+                size += (
+                    len(fields[DATA_VALUE]) if len(fields) == PLAIN_ENTRY else sum(map(len, fields))
+                )
                 if route is not None:
                     window.origins[entries[-1].id] = route.origin
                     if route.sinks:

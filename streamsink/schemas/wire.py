@@ -15,6 +15,9 @@ a few flat fields, readable with `redis-cli XRANGE` and writable with a plain `X
     origin set by `dead replay` only: the entry ID the event first had
     sinks  set by `dead replay` only: the sinks of that group that apply it
 
+The names and their positions are in `layout` (with the publish script's arguments and the
+dead-letter fields).
+
 Unknown fields are ignored, so newer producers can add fields without breaking workers;
 a field of these given twice in one entry is refused (`entry_fields`).
 
@@ -42,21 +45,33 @@ from streamsink.schemas.event import (
     check_finite,
     check_shape,
 )
+from streamsink.schemas.layout import (
+    DATA_NAME,
+    DATA_VALUE,
+    F_DATA,
+    F_FOR,
+    F_ID,
+    F_KEY,
+    F_OP,
+    F_ORIGIN,
+    F_SINKS,
+    F_TABLE,
+    F_TS,
+    F_VERSION,
+    ID,
+    KEY_NAME,
+    KEY_VALUE,
+    OP_NAME,
+    OP_VALUE,
+    PACKED_FIELDS,
+    PLAIN_ENTRY,
+    PLAIN_VALUES,
+    TABLE,
+    TS,
+    VERSION,
+)
 from streamsink.schemas.numeric import Numeric, decimals, literals
 from streamsink.schemas.table import INT64_MAX, INT64_MIN, PLAIN_INT, Table
-
-F_KEY = b"key"  # routing key of the event
-F_OP = b"op"  # operation name
-F_DATA = b"data"  # JSON object of fields
-F_TABLE = b"table"  # target table, when not the stream's default
-F_TS = b"ts"  # producer timestamp, ms
-F_VERSION = b"v"  # schema version of data
-F_ID = b"id"  # idempotency id
-F_FOR = b"for"  # a replayed entry: the one group that applies it (the others skip it)
-F_ORIGIN = b"origin"  # a replayed entry: the entry ID its event first had (its identity)
-F_SINKS = b"sinks"  # a replayed entry: the group's sinks that apply it (comma-separated)
-ROUTING_FIELDS = frozenset((F_FOR, F_ORIGIN, F_SINKS))
-"""Fields a replay adds to an entry; a dead letter's replay replaces them."""
 
 DEFAULT_MAX_DATA_BYTES = 256 * 1024
 """Largest encoded `data` accepted by default: events are changes, not documents."""
@@ -82,10 +97,6 @@ def parse_id(entry_id: str | bytes) -> tuple[int, int]:
     text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     ms, _, seq = text.partition("-")
     return int(ms), int(seq or 0)
-
-
-PACKED_FIELDS = (F_KEY, F_OP, F_DATA, F_TABLE, F_TS, F_VERSION, F_ID)
-"""The order of `pack`'s values: producers hand events to their script as these seven."""
 
 
 def pack(event: Event, max_data_bytes: int = DEFAULT_MAX_DATA_BYTES) -> tuple[bytes, ...]:
@@ -166,7 +177,8 @@ def packer(
                 return key.encode(), _OP_BYTES[op], encoded, b"", b"", b"", ident.encode()
         values = pack(event, max_data_bytes)
         validate(event)
-        return values if values[3] or values[4] or values[5] or values[6] else values[:3]
+        optional = values[TABLE] or values[TS] or values[VERSION] or values[ID]
+        return values if optional else values[:PLAIN_VALUES]
 
     return pack_validated
 
@@ -331,12 +343,15 @@ def unpacker(
         key_of = table.key_of
     index, shards = shard if shard is not None and shard[1] > 1 else (0, 0)  # 0: no check
     loads, crc32 = orjson.loads, zlib.crc32
-    new, set_key, set_op, set_data = object.__new__, _SLOTS[0], _SLOTS[1], _SLOTS[2]
-    set_table, set_ts, set_version, set_id = _SLOTS[3:]
 
     def unpack(flat: Sequence[bytes]) -> tuple[Event, Table | None]:
-        if len(flat) == 6 and flat[0] == F_KEY and flat[2] == F_OP and flat[4] == F_DATA:
-            how, key, raw = quick.get(flat[3]), flat[1], flat[5]
+        if (
+            len(flat) == PLAIN_ENTRY
+            and flat[KEY_NAME] == F_KEY
+            and flat[OP_NAME] == F_OP
+            and flat[DATA_NAME] == F_DATA
+        ):
+            how, key, raw = quick.get(flat[OP_VALUE]), flat[KEY_VALUE], flat[DATA_VALUE]
             if (
                 how is not None
                 and 0 < len(key) <= MAX_KEY_BYTES
@@ -359,16 +374,8 @@ def unpacker(
                     and (not numerics or decimals(data, numerics, raw))
                     and _as_is(data, plain)
                     and (key_of is None or key_of(data) == (text := key.decode()))
-                ):  # Event(key, op, data) in half the time: its slots set directly
-                    event = new(Event)
-                    set_key(event, key.decode() if key_of is None else text)
-                    set_op(event, op)
-                    set_data(event, data)
-                    set_table(event, None)
-                    set_ts(event, None)
-                    set_version(event, None)
-                    set_id(event, None)
-                    return event, table
+                ):
+                    return Event(key.decode() if key_of is None else text, op, data), table
         fields = entry_fields(flat)
         event = decode(fields, max_data_bytes)
         if shards:
@@ -449,12 +456,6 @@ def _too_deep(data: dict[str, Any]) -> bool:
     except TypeError:
         return True
     return False
-
-
-_SLOTS = tuple(
-    getattr(Event, name).__set__ for name in ("key", "op", "data", "table", "ts", "version", "id")
-)
-"""Setters of an Event's slots, in field order: they bypass the frozen class's __setattr__."""
 
 
 def _text(fields: Mapping[bytes, bytes], name: bytes) -> str | None:

@@ -17,20 +17,23 @@ from typing import Any
 import redis
 
 from streamsink.errors import GroupNotFound
-from streamsink.schemas.wire import F_DATA, F_FOR, F_ORIGIN, F_SINKS, ROUTING_FIELDS
+from streamsink.schemas.layout import (
+    D_DELIVERIES,
+    D_ENTRY,
+    D_FIELD,
+    D_ORIGIN,
+    D_REASON,
+    D_SINKS,
+    F_DATA,
+    F_FOR,
+    F_ORIGIN,
+    F_SINKS,
+    ROUTING_FIELDS,
+)
 from streamsink.streams.admin import shard_count
 from streamsink.streams.connection import SyncClient
 from streamsink.streams.keys import Keys
-from streamsink.streams.reader import DEAD_PREFIX
-
-# KEYS: dead-letter stream, shard stream. ARGV: dead-letter ID, then the entry's field/value
-# pairs. Publishes the entry again only if the letter was still there (and is now gone).
-_REPLAY = """
-if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return false end
-local fields = {}
-for i = 2, #ARGV do fields[#fields + 1] = ARGV[i] end
-return redis.call('XADD', KEYS[2], '*', unpack(fields))
-"""
+from streamsink.streams.scripts import lua
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,16 +97,16 @@ def dead_letters(
             yield DeadLetter(
                 shard=shard,
                 id=_text(dead_id),
-                reason=_text(fields.get(b"reason")),
-                entry=_text(fields.get(b"entry")),
-                deliveries=int(fields.get(b"deliveries") or 0),
+                reason=_text(fields.get(D_REASON)),
+                entry=_text(fields.get(D_ENTRY)),
+                deliveries=int(fields.get(D_DELIVERIES) or 0),
                 fields={
-                    name[len(DEAD_PREFIX) :]: value
+                    name[len(D_FIELD) :]: value
                     for name, value in fields.items()
-                    if name.startswith(DEAD_PREFIX)
+                    if name.startswith(D_FIELD)
                 },
-                sinks=tuple(n for n in _text(fields.get(b"sinks")).split(",") if n),
-                origin=_text(fields.get(b"origin")),
+                sinks=tuple(n for n in _text(fields.get(D_SINKS)).split(",") if n),
+                origin=_text(fields.get(D_ORIGIN)),
             )
 
 
@@ -156,7 +159,7 @@ def replay(
     if letter.sinks:
         fields[F_SINKS] = ",".join(letter.sinks).encode()
     flat = [part for pair in fields.items() for part in pair]
-    script = client.register_script(_REPLAY)
+    script = client.register_script(lua("dead.replay").text)
     keys_ = [keys.dead(stream, letter.shard, group), keys.shard(stream, letter.shard)]
     new_id = script(keys_, [letter.id, *flat])
     return _text(new_id) if new_id else None

@@ -26,6 +26,7 @@ import redis
 from streamsink.schemas.wire import parse_id
 from streamsink.streams.connection import AsyncClient, SyncClient
 from streamsink.streams.keys import Keys
+from streamsink.streams.scripts import lua
 
 COUNTERS = ("sent", "failed", "retried", "dead")
 """sent: callbacks delivered (2xx); failed: attempts that failed; retried: attempts
@@ -120,68 +121,6 @@ def endpoint_rows(client: SyncClient, keys: Keys, sink: str) -> list[EndpointRow
     return rows
 
 
-_NOW = """
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-"""
-
-# KEYS: gate hash. ARGV: how long a probe may be out (µs). Returns {what, µs to wait,
-# failures in a row, last failure}: what is `hold` (a Retry-After runs), `open` (cool-down),
-# `half-open` (another's probe is out), `probe` (this request is the probe) or `closed`.
-_ASK = (
-    _NOW
-    + """
-local g = redis.call('HMGET', KEYS[1], 'hold', 'until', 'probe', 'failures', 'last')
-local hold, till, probe = tonumber(g[1]), tonumber(g[2]), tonumber(g[3])
-local failures, last = tonumber(g[4]) or 0, g[5] or ''
-if hold and hold > now then return {'hold', hold - now, failures, last} end
-if not till then return {'closed', 0, failures, last} end
-if now < till then return {'open', till - now, failures, last} end
-if probe and probe > now then return {'half-open', probe - now, failures, last} end
-redis.call('HSET', KEYS[1], 'probe', now + tonumber(ARGV[1]))
-return {'probe', 0, failures, last}
-"""
-)
-
-# KEYS: gate hash. A request succeeded: the breaker closes. Returns 1 if it was open.
-_SUCCEEDED = """
-local was = redis.call('HEXISTS', KEYS[1], 'until')
-redis.call('HDEL', KEYS[1], 'until', 'probe', 'failures', 'last')
-return was
-"""
-
-# KEYS: gate hash. ARGV: failures that open it, cool-down µs, the failure, 1 if it was the
-# probe. Returns {1 if this failure opened it (again), 1 if it is open (or half-open)}.
-_FAILED = (
-    _NOW
-    + """
-local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
-redis.call('HSET', KEYS[1], 'last', ARGV[3])
-local till = redis.call('HGET', KEYS[1], 'until')
-local opened = 0
-if (till and ARGV[4] == '1') or (not till and failures >= tonumber(ARGV[1])) then
-  redis.call('HSET', KEYS[1], 'until', now + tonumber(ARGV[2]))
-  redis.call('HDEL', KEYS[1], 'probe')
-  opened = 1
-end
-redis.call('PEXPIRE', KEYS[1], 86400000)
-return {opened, (till or opened == 1) and 1 or 0}
-"""
-)
-
-# KEYS: gate hash. ARGV: µs from now. Nothing is sent before then (a Retry-After).
-_HOLD = (
-    _NOW
-    + """
-local hold = now + tonumber(ARGV[1])
-local held = tonumber(redis.call('HGET', KEYS[1], 'hold'))
-if held == nil or held < hold then redis.call('HSET', KEYS[1], 'hold', hold) end
-redis.call('PEXPIRE', KEYS[1], 86400000)
-return 0
-"""
-)
-
-
 @dataclass(frozen=True, slots=True)
 class Passage:
     """The gate's answer: `what` (see `EndpointGates.ask`), seconds to wait, and the
@@ -206,10 +145,10 @@ class EndpointGates:
 
     def __init__(self, client: AsyncClient, keys: Keys, sink: str) -> None:
         self._keys, self._sink = keys, sink
-        self._ask = client.register_script(_ASK)
-        self._succeeded = client.register_script(_SUCCEEDED)
-        self._failed = client.register_script(_FAILED)
-        self._hold = client.register_script(_HOLD)
+        self._ask = client.register_script(lua("endpoints.now", "endpoints.ask").text)
+        self._succeeded = client.register_script(lua("endpoints.succeeded").text)
+        self._failed = client.register_script(lua("endpoints.now", "endpoints.failed").text)
+        self._hold = client.register_script(lua("endpoints.now", "endpoints.hold").text)
         self._client = client
 
     def _key(self, endpoint: str) -> str:

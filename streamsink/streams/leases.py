@@ -11,35 +11,11 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from streamsink.streams.connection import AsyncClient
 from streamsink.streams.keys import Keys
-
-# KEYS: lease, epoch. ARGV: worker id, TTL ms. Returns the new epoch, or 0 if another owns it.
-# Every ownership takes a new epoch, also when this worker still holds the key (its shard
-# task was cancelled and starts again): work begun under the old one is then fenced.
-_ACQUIRE = """
-local owner = redis.call('GET', KEYS[1])
-if owner and owner ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return redis.call('INCR', KEYS[2])
-"""
-
-# KEYS: lease. ARGV: worker id, TTL ms. 1 if still ours (and extended), else 0.
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-
-# KEYS: lease. ARGV: worker id. 1 if it was ours and is now free.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
+from streamsink.streams.scripts import lua, pipelined
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,9 +41,9 @@ class Leases:
         self._client = client
         self._keys = keys
         self.stream, self.group, self.worker, self.ttl_ms = stream, group, worker, ttl_ms
-        self._acquire = client.register_script(_ACQUIRE)
-        self._renew = client.register_script(_RENEW)
-        self._release = client.register_script(_RELEASE)
+        self._acquire = client.register_script(lua("leases.acquire").text)
+        self._renew = client.register_script(lua("leases.renew").text)
+        self._release = client.register_script(lua("leases.release").text)
 
     def _lease_keys(self, shard: int) -> list[str]:
         keys = self._keys
@@ -108,16 +84,19 @@ class Leases:
         """`heartbeat` and `renew` of every shard in `shards`, in one round trip."""
         now = int(time.time() * 1000)
         key = self._keys.workers(self.stream, self.group)
-        async with self._client.pipeline(
-            transaction=False
-        ) as pipe:  # reset on exit: never left holding a connection
+        renew = lua("leases.renew")
+
+        def build(pipe: Any) -> None:  # every command may run twice (see `pipelined`)
             pipe.zadd(key, {self.worker: now + self.ttl_ms})
             pipe.zremrangebyscore(key, "-inf", now)
             pipe.zcard(key)
             pipe.pexpire(key, self.ttl_ms * 10)
-            for shard in shards:  # EVAL: a script cannot be loaded inside a cluster pipeline
-                pipe.eval(_RENEW, 1, self._lease_keys(shard)[0], self.worker, self.ttl_ms)
-            replies = await pipe.execute()
+            for shard in shards:  # execute_command: a cluster pipeline blocks evalsha()
+                pipe.execute_command(
+                    "EVALSHA", renew.sha, 1, self._lease_keys(shard)[0], self.worker, self.ttl_ms
+                )
+
+        replies = await pipelined(self._client, build, renew)
         return int(replies[2]), [bool(reply) for reply in replies[4:]]
 
     async def live_workers(self) -> set[str]:

@@ -1,8 +1,13 @@
 """What both producers share: the publish script and the preparation of a batch.
 
-Producers send one EVAL of `PUBLISH_SCRIPT` per shard and batch instead of one XADD
+Producers send one EVAL of `publish_script()` per shard and batch instead of one XADD
 per event: one command per shard keeps a cluster slot per script, runs the idempotency
 check and the XADD atomically, and costs Redis and the client far less than N XADDs.
+
+It goes as EVAL, not by SHA: a producer keeps several batches in flight, and a batch
+refused with NOSCRIPT sent again after a later batch of its shard ran would put that
+shard's events out of order. EVAL cannot fail that way (Redis caches the script by
+its SHA1 either way, so what EVAL costs more is the text sent: 10 kB a batch).
 """
 
 from __future__ import annotations
@@ -10,16 +15,40 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 from zlib import crc32
 
 from streamsink.errors import Backpressure, ConfigError, ShardCountMismatch
 from streamsink.schemas.config import Config
 from streamsink.schemas.event import Event, Op
+from streamsink.schemas.layout import (
+    DATA,
+    EVAL_ARGV,
+    EVAL_SHAPES,
+    EVAL_SHARD,
+    FIRST_EVENT,
+    FULL,
+    ID,
+    IDENTIFIED,
+    KEY,
+    MARK,
+    MODEL,
+    MODEL_PLAIN,
+    MODEL_PLAIN_SHAPE,
+    MODEL_SHORT,
+    OP,
+    PACKED_FIELDS,
+    PLAIN_VALUES,
+    TABLE,
+    TS,
+    VERSION,
+)
 from streamsink.schemas.readmodel import changer
-from streamsink.schemas.wire import PACKED_FIELDS, packer
+from streamsink.schemas.wire import packer
 from streamsink.streams.applied import Receipt
 from streamsink.streams.keys import Keys
+from streamsink.streams.scripts import lua
 
 
 def _hset_by_arity(most: int) -> bytes:
@@ -43,255 +72,19 @@ def _hset_by_arity(most: int) -> bytes:
     return "\n".join(lines).encode()
 
 
-# KEYS[1]: shard stream. ARGV[1]: dedup key prefix, ARGV[2]: dedup TTL (ms), ARGV[3]:
-# max lag (0: none), ARGV[4]: memory ceiling as a fraction of maxmemory (0: none), ARGV[5]:
-# the shard's read-model key prefix (`Keys.row_prefix`), ARGV[6]: the stream's default
-# table ('' if none; a row's hash is `Keys.row`: prefix, table, ':', routing key), ARGV[7]:
-# where the shapes start (0: none; see below), then each
-# event either as `key, op, data` (no table, ts, v or id: most events, three values and one
-# XADD), as `key, '!', op, data, id` (an id and no table, ts or v: the idempotent publish's
-# usual shape), or as `key, '+', op, data, table, ts, v, id` ('' where absent), or, for a table
-# with a read model, as `key, '=', op, data, TTL, shape, values` (a set of plain columns, no
-# table, ts, v or id: the HSET of the shape's fields and these values), `key, '*', op,
-# data, changes` (any other without table, ts, v or id) or
-# `key, '#', op, data, table, ts, v, id, changes` (schemas.readmodel's
-# changer; the hash is changed only by a fresh publish, not a repeated one). Returns the entry
-# ID of each event; a repeated id returns the first publish's entry ID. After the events come
-# the shapes that '=' events name: `shape, field count, field names`, once per call. The
-# type check and the backpressure check come first so that a refused call has written nothing.
-#
-# Lag (see `Backpressure`): per group, the entries it has not acknowledged: Redis' own
-# `lag` (entries added but not yet delivered to the group) plus its pending entries
-# (delivered, not yet committed and acknowledged), both from XINFO GROUPS: O(groups) per
-# call. Where Redis cannot tell a group's lag (entries deleted in the middle) XLEN stands
-# for it, as it does when the shard has no group yet: an upper bound, since the stream is
-# trimmed only below what every group acknowledged. A call is refused while the slowest
-# group's lag is at `max lag` or more, so a shard holds at most `max lag` + one batch.
-PUBLISH_SCRIPT = b"""
-local names = {%s}
-local kind = redis.call('TYPE', KEYS[1]).ok
-if kind ~= 'stream' and kind ~= 'none' then
-  return redis.error_reply('WRONGTYPE ' .. KEYS[1] .. ' holds a ' .. kind .. ', not a stream')
-end
-local limit = tonumber(ARGV[3])
-if limit > 0 and kind == 'stream' then
-  local lag, groups = 0, redis.call('XINFO', 'GROUPS', KEYS[1])
-  if #groups == 0 then lag = redis.call('XLEN', KEYS[1]) end
-  for _, group in ipairs(groups) do
-    local info = {}
-    for j = 1, #group, 2 do info[group[j]] = group[j + 1] end
-    local behind = info['lag']
-    if type(behind) ~= 'number' then behind = redis.call('XLEN', KEYS[1]) end
-    lag = math.max(lag, behind + info['pending'])
-  end
-  if lag >= limit then
-    return redis.error_reply('BACKPRESSURE lag ' .. lag .. ' ' .. limit)
-  end
-end
-local ceiling = tonumber(ARGV[4])
-if ceiling > 0 then
-  local info = redis.call('INFO', 'memory')
-  local most = tonumber(string.match(info, 'maxmemory:(%%d+)'))
-  if most and most > 0 then
-    local used = tonumber(string.match(info, 'used_memory:(%%d+)'))
-    if used >= most * ceiling then
-      return redis.error_reply(
-        'BACKPRESSURE memory ' .. used .. ' ' .. math.floor(most * ceiling))
-    end
-  end
-end
-local function before(a, b)  -- a < b by bytes (Lua's < follows the server's locale)
-  local n = math.min(#a, #b)
-  for k = 1, n do
-    local x, y = string.byte(a, k), string.byte(b, k)
-    if x ~= y then return x < y end
-  end
-  return #a < #b
-end
-local function digits(x)  -- a numeric text ('-12.30'): negative?, its digits, its scale
-  local negative = string.byte(x, 1) == 45
-  if negative then x = string.sub(x, 2) end
-  local whole, fraction = string.match(x, '^(%%d+)%%.?(%%d*)$')
-  return negative, (string.gsub(whole .. fraction, '^0+', '')), #fraction
-end
-local function plus(x, y)  -- x + y, of digit strings
-  local out, carry, i, j = {}, 0, #x, #y
-  while i > 0 or j > 0 or carry > 0 do
-    local d = carry
-    if i > 0 then d = d + string.byte(x, i) - 48 end
-    if j > 0 then d = d + string.byte(y, j) - 48 end
-    if d >= 10 then d, carry = d - 10, 1 else carry = 0 end
-    out[#out + 1] = string.char(48 + d)
-    i, j = i - 1, j - 1
-  end
-  return string.reverse(table.concat(out))
-end
-local function minus(x, y)  -- x - y, of digit strings, x >= y
-  local out, borrow, i, j = {}, 0, #x, #y
-  while i > 0 do
-    local d = string.byte(x, i) - 48 - borrow
-    if j > 0 then d = d - string.byte(y, j) + 48 end
-    if d < 0 then d, borrow = d + 10, 1 else borrow = 0 end
-    out[#out + 1] = string.char(48 + d)
-    i, j = i - 1, j - 1
-  end
-  return string.reverse(table.concat(out))
-end
-local function decimal_add(a, b)  -- the exact sum of two numeric texts of one scale
-  local a_negative, a_digits, scale = digits(a)
-  local b_negative, b_digits = digits(b)
-  local negative, sum = a_negative, nil
-  if a_negative == b_negative then
-    sum = plus(a_digits, b_digits)
-  elseif #a_digits > #b_digits or (#a_digits == #b_digits and not before(a_digits, b_digits)) then
-    sum = minus(a_digits, b_digits)
-  else
-    negative, sum = b_negative, minus(b_digits, a_digits)
-  end
-  sum = string.gsub(sum, '^0+', '')
-  local zero = sum == ''
-  if #sum <= scale then sum = string.rep('0', scale + 1 - #sum) .. sum end
-  if scale > 0 then sum = string.sub(sum, 1, #sum - scale) .. '.' .. string.sub(sum, -scale) end
-  if negative and not zero then sum = '-' .. sum end
-  return sum
-end
-local function better(kind, order, old)  -- is `order` past `old` (max: greater, min: less)?
-  if not old then return true end
-  if string.sub(order, 1, 1) == 'n' then
-    local x, y = tonumber(string.sub(order, 2)), tonumber(string.sub(old, 2))
-    if kind == '>' then return x > y else return x < y end
-  end
-  if kind == '>' then return before(old, order) else return before(order, old) end
-end
-local function model(row, at, apply)  -- the read model: one event's changes to its hash
-  local ttl, assigns = tonumber(ARGV[at]), tonumber(ARGV[at + 1])
-  if assigns < 0 then
-    if apply then
-      redis.call('DEL', row)
-      redis.call('HSET', row, '~del', '1')
-      redis.call('PEXPIRE', row, ttl)
-    end
-    return at + 2
-  end
-  local j = at + 2
-  if apply and assigns > 0 then redis.call('HSET', row, unpack(ARGV, j, j + 2 * assigns - 1)) end
-  j = j + 2 * assigns
-  local others = tonumber(ARGV[j])
-  j = j + 1
-  if apply then
-    for k = j, j + 4 * others - 4, 4 do
-      local name, kind, value, order = ARGV[k], ARGV[k + 1], ARGV[k + 2], ARGV[k + 3]
-      local added = true
-      if kind == 'x' then  -- null: no field
-        redis.call('HDEL', row, name, '~o:' .. name)
-      elseif kind == 'i' or kind == 'f' or kind == 'd' then
-        local old = redis.call('HGET', row, name)
-        if not old then
-          redis.call('HSET', row, name, value)
-        elseif kind == 'i' then  -- past 64 bits: an error reply, not a raised error
-          added = redis.pcall('HINCRBY', row, name, value)
-        elseif kind == 'd' then  -- numeric: exact, as text
-          redis.call('HSET', row, name, decimal_add(old, value))
-        else  -- Redis adds in long double: past the largest double is refused here
-          added = redis.pcall('HINCRBYFLOAT', row, name, value)
-          local sum = tonumber(added)
-          if sum and (sum == math.huge or sum == -math.huge or sum ~= sum) then
-            added = {err = 'not a finite double'}
-          end
-        end
-        if type(added) == 'table' and added.err then
-          -- a sum the hash cannot hold (the sink refuses it too): the hash is dropped, so a
-          -- read falls back to PostgreSQL, and the entry is published whatever the hash
-          redis.call('DEL', row)
-          return j + 4 * others
-        end
-      elseif better(kind, order, redis.call('HGET', row, '~o:' .. name)) then
-        redis.call('HSET', row, name, value, '~o:' .. name, order)
-      end
-    end
-    if ttl > 0 then redis.call('PEXPIRE', row, ttl) else redis.call('PEXPIRE', row, -ttl, 'NX') end
-  end
-  return j + 4 * others
-end
-local ids, count = {}, 0
-local rows = ARGV[5]
-local home = rows .. ARGV[6] .. ':'  -- the row hashes of the default table, but for the key
-local shapes, i, n = {}, 8, #ARGV
-local tail = tonumber(ARGV[7])
-if tail > 0 then
-  n = tail - 1
-  local j = tail
-  while j <= #ARGV do
-    local k = tonumber(ARGV[j + 1])
-    shapes[ARGV[j]] = {unpack(ARGV, j + 2, j + 1 + k)}
-    j = j + 2 + k
-  end
-end
-while i <= n do
-  local entry = false
-  local form = ARGV[i + 1]
-  if form == '=' then  -- key, '=', op, data, TTL, shape, values (read model, plain set)
-    entry = redis.call(
-      'XADD', KEYS[1], '*', names[1], ARGV[i], names[2], ARGV[i + 2], names[3], ARGV[i + 3])
-    local row, fields, j = home .. ARGV[i], shapes[ARGV[i + 5]], i + 6
-    local k = #fields
-%s
-    local ttl = tonumber(ARGV[i + 4])
-    if ttl > 0 then redis.call('PEXPIRE', row, ttl) else redis.call('PEXPIRE', row, -ttl, 'NX') end
-    i = j + k
-  elseif form == '*' then  -- key, '*', op, data, the row's changes (read model)
-    entry = redis.call(
-      'XADD', KEYS[1], '*', names[1], ARGV[i], names[2], ARGV[i + 2], names[3], ARGV[i + 3])
-    i = model(home .. ARGV[i], i + 4, true)
-  elseif form == '!' then  -- key, '!', op, data, id: what the '+' form does, in fewer steps
-    local seen = ARGV[1] .. ARGV[i + 4]
-    entry = redis.call('GET', seen)
-    if not entry then
-      entry = redis.call('XADD', KEYS[1], '*', names[1], ARGV[i], names[2], ARGV[i + 2],
-        names[3], ARGV[i + 3], names[7], ARGV[i + 4])
-      redis.call('SET', seen, entry, 'PX', ARGV[2])
-    end
-    i = i + 5
-  elseif form ~= '+' and form ~= '#' then
-    entry = redis.call(
-      'XADD', KEYS[1], '*', names[1], ARGV[i], names[2], ARGV[i + 1], names[3], ARGV[i + 2])
-    i = i + 3
-  else
-    local eid = ARGV[i + 7]
-    if eid ~= '' then
-      entry = redis.call('GET', ARGV[1] .. eid)
-    end
-    local fresh = not entry
-    if fresh then
-      local fields = {names[1], ARGV[i]}
-      for j = 2, 7 do
-        local value = ARGV[i + j]
-        if value ~= '' then
-          fields[#fields + 1] = names[j]
-          fields[#fields + 1] = value
-        end
-      end
-      entry = redis.call('XADD', KEYS[1], '*', unpack(fields))
-      if eid ~= '' then
-        redis.call('SET', ARGV[1] .. eid, entry, 'PX', ARGV[2])
-      end
-    end
-    if form == '#' then  -- then the row's changes (a repeated publish's are in the hash
-      local named = ARGV[i + 4]  -- already: skipped)
-      local row = named == '' and home .. ARGV[i] or rows .. named .. ':' .. ARGV[i]
-      i = model(row, i + 8, fresh)
-    else
-      i = i + 8
-    end
-  end
-  count = count + 1
-  ids[count] = entry
-end
-return ids
-""" % (
-    b", ".join(b"'%s'" % name for name in PACKED_FIELDS),
-    _hset_by_arity(8),
-)
+@cache
+def publish_script() -> bytes:
+    """The publish script (`publish.lua`: what it takes and returns), its two holes filled:
+    the stream field names in wire order, and the HSET of a plain read-model set."""
+    text = lua("publish").text.encode()
+    names = b", ".join(b"'%s'" % name for name in PACKED_FIELDS)
+    filled = text.replace(b"--[[NAMES]]", names).replace(
+        b"    --[[HSET_BY_ARITY]]", _hset_by_arity(8)
+    )
+    if b"--[[" in filled or filled == text:
+        raise AssertionError("publish.lua: its holes are not where publish.py expects")
+    return filled
+
 
 _ROW_OPS = frozenset({Op.SET, Op.INCR, Op.DEL})
 
@@ -299,24 +92,9 @@ FIRST_RETRY = 0.005
 LAST_RETRY = 0.1
 """Under backpressure with a timeout, producers try again after 5 ms, doubling to 100 ms."""
 
-FIRST_EVENT = 11
-"""Where the first event's values start in a command's arguments (EVAL, script, 1, shard,
-dedup prefix, dedup TTL, max lag, memory ceiling, row prefix, default table, where the
-shapes start)."""
 MAX_SHAPES = 1024
 """Most shapes (field names in order) of plain read-model sets a producer numbers; events of
 further shapes go in the general layout."""
-
-FULL = b"+"
-"""After the key, marks an event sent with all its values (one with a table, ts, v or id)."""
-IDENTIFIED = b"!"
-"""After the key, marks an event sent with op, data and its id (no table, ts or v)."""
-MODEL = b"#"
-"""After the key, marks an event sent with all its values and its read-model changes."""
-MODEL_PLAIN = b"="
-"""After the key, marks a plain set with only op and data, its TTL, shape and values."""
-MODEL_SHORT = b"*"
-"""After the key, marks an event with only op and data, and its read-model changes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,16 +148,21 @@ class Command:
     @property
     def key(self) -> str:
         """The shard stream it writes (where a cluster routes it)."""
-        return str(self.args[1] if self.plain else self.args[3])
+        return str(self.args[1] if self.plain else self.args[EVAL_SHARD])
 
     def plain_xadd(self) -> None:
         """Send a lone event without idempotency id as a plain XADD: the same effect, and
         Redis runs it six times faster than the script (measured: 1.6 µs against 9 µs)."""
         values = self.args[FIRST_EVENT:]
-        if values[1] == FULL:
-            del values[1]
+        if values[MARK] == FULL:
+            del values[MARK]
         named = zip(PACKED_FIELDS, values, strict=False)  # three values: no table, ..., id
-        self.args = ["XADD", self.args[3], "*", *[p for pair in named if pair[1] for p in pair]]
+        self.args = [
+            "XADD",
+            self.args[EVAL_SHARD],
+            "*",
+            *[p for pair in named if pair[1] for p in pair],
+        ]
         self.plain = True
 
     def entry_ids(self, reply: Any) -> list[str]:
@@ -439,7 +222,9 @@ class Preparer:
             changes = changers.get(name) if name is not None else None
             if changes is None or event.op not in _ROW_OPS:
                 return values
-            if len(values) == 3:  # the script finds the row's hash from the key (`Keys.row`)
+            if (
+                len(values) == PLAIN_VALUES
+            ):  # the script finds the row's hash from the key (`Keys.row`)
                 ttl = changes.plain_ttl(event)
                 if ttl is not None:
                     data = event.data
@@ -447,8 +232,8 @@ class Preparer:
                     if shape is not None:  # HSET of the shape's fields and these values
                         key, op, encoded = values
                         return (key, MODEL_PLAIN, op, encoded, ttl, shape, *data.values())
-                return (values[0], MODEL_SHORT, values[1], values[2], *changes(event))
-            return (values[0], MODEL, *values[1:], *changes(event))
+                return (values[KEY], MODEL_SHORT, values[OP], values[DATA], *changes(event))
+            return (values[KEY], MODEL, *values[OP:], *changes(event))
 
         return pack_with_model
 
@@ -482,36 +267,36 @@ class Preparer:
             if by_shard is None:
                 by_shard = by_stream[stream] = [None] * shards
             for values in prepared:
-                shard = crc32(values[0]) % shards  # shard_of, the key encoded
+                shard = crc32(values[KEY]) % shards  # shard_of, the key encoded
                 command = by_shard[shard]
                 if command is None:
                     command = by_shard[shard] = self._command(stream, shard)
                     made.append(command)
-                if len(values) == 3:
+                if len(values) == PLAIN_VALUES:
                     command.args += values
-                elif values[1] == MODEL_PLAIN:
+                elif values[MARK] == MODEL_PLAIN:
                     command.args += values
                     command.guarded = True
-                    command.shapes.add(values[5])
-                elif values[1] == MODEL_SHORT or values[1] == MODEL:
+                    command.shapes.add(values[MODEL_PLAIN_SHAPE])
+                elif values[MARK] == MODEL_SHORT or values[MARK] == MODEL:
                     command.args += values  # read model: laid out by the packer, marker too
                     command.guarded = True
-                elif values[6] and not (values[3] or values[4] or values[5]):
-                    command.args += (values[0], IDENTIFIED, values[1], values[2], values[6])
+                elif values[ID] and not (values[TABLE] or values[TS] or values[VERSION]):
+                    command.args += (values[KEY], IDENTIFIED, values[OP], values[DATA], values[ID])
                 else:
-                    command.args += (values[0], FULL, *values[1:])
+                    command.args += (values[KEY], FULL, *values[OP:])
                 command.slots.append(slot)
                 slot += 1
         for command in made:
             if command.shapes:  # after the events, the shapes they name
-                command.args[FIRST_EVENT - 1] = len(command.args) - 3  # its place in ARGV
+                command.args[EVAL_SHAPES] = len(command.args) - EVAL_ARGV  # its place in ARGV
                 for shape in command.shapes:
                     names = self.shape_names[shape]
                     command.args += (shape, len(names), *names)
             if (
                 len(command.slots) == 1
                 and not command.guarded
-                and (len(command.args) == FIRST_EVENT + 3 or not command.args[-1])
+                and (len(command.args) == FIRST_EVENT + PLAIN_VALUES or not command.args[-1])
             ):
                 command.plain_xadd()  # one event, and without id
         return made
@@ -519,7 +304,7 @@ class Preparer:
     def receipts(self, stream: str, prepared: list[Prepared], ids: list[str]) -> list[Receipt]:
         """The receipt of each published event (prepared values start with the key)."""
         shards = self.shards[stream]
-        return [Receipt.of(stream, shards, v[0], i) for v, i in zip(prepared, ids, strict=True)]
+        return [Receipt.of(stream, shards, v[KEY], i) for v, i in zip(prepared, ids, strict=True)]
 
     def _command(self, stream: str, shard: int) -> Command:
         keys, ttl = self.keys, self.settings.dedup_ttl_ms
@@ -527,7 +312,7 @@ class Preparer:
         spec = self.config.streams.get(stream)
         lag = spec.max_lag if spec is not None and spec.max_lag else 0
         memory = spec.max_memory if spec is not None and spec.max_memory else 0
-        args: list[bytes | str | int] = ["EVAL", PUBLISH_SCRIPT, 1, shard_key, dedup, ttl]
+        args: list[bytes | str | int] = ["EVAL", publish_script(), 1, shard_key, dedup, ttl]
         args += [lag, repr(memory) if memory else 0, *self._rows(stream, shard), 0]
         return Command(args, guarded=bool(lag or memory))
 

@@ -36,78 +36,7 @@ from dataclasses import dataclass
 
 from streamsink.streams.connection import AsyncClient, SyncClient
 from streamsink.streams.keys import Keys
-
-# KEYS: state hash, window zset. ARGV: T µs, tolerance µs ((burst-1)*T), min gap µs,
-# reserve (0/1), cap (0: no window), busy µs, member. The window holds one member per send:
-# score = when it was done, or (still in flight) start + busy, a time after now.
-# reserve=0 takes a start only if it is now; reserve=1 books the earliest one.
-# Returns {1 if taken, µs from now to the start, the start in µs}.
-_ACQUIRE = """
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-local period, tolerance, gap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local cap, busy = tonumber(ARGV[5]), tonumber(ARGV[6])
-local state = redis.call('HMGET', KEYS[1], 'tat', 'last', 'hold')
-local tat = math.max(tonumber(state[1]) or now, now)
-local start = math.max(now, tat - tolerance)
-local last, hold = tonumber(state[2]), tonumber(state[3])
-if last then start = math.max(start, last + gap) end
-if hold then start = math.max(start, hold) end
-if cap > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 1000000)
-  local room = cap - redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf')
-  if room <= 0 then return {0, math.max(1000, math.min(period, 50000)), 0} end
-  local done = redis.call('ZREVRANGEBYSCORE', KEYS[2], now, '-inf', 'WITHSCORES',
-                          'LIMIT', room - 1, 1)
-  if done[2] then start = math.max(start, tonumber(done[2]) + 1000000) end
-end
-if start > now and ARGV[4] ~= '1' then return {0, math.ceil(start - now), start} end
-tat = math.max(tat, start) + period
-redis.call('HSET', KEYS[1], 'tat', tat, 'last', start)
-redis.call('PEXPIRE', KEYS[1], math.ceil((math.max(tat, start + gap) - now) / 1000) + 1000)
-if cap > 0 then
-  redis.call('ZADD', KEYS[2], start + busy, ARGV[7])
-  local keep = math.ceil((start + busy - now) / 1000) + 2000
-  if redis.call('PTTL', KEYS[2]) < keep then redis.call('PEXPIRE', KEYS[2], keep) end
-end
-return {1, math.ceil(start - now), start}
-"""
-
-# KEYS: window zset. ARGV: member. The send is done: from now on it counts for one second.
-_DONE = """
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-local score = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]))
-if score and score > now then redis.call('ZADD', KEYS[1], now, ARGV[1]) end
-return 0
-"""
-
-# KEYS: state hash. ARGV: µs from now. No start is handed out before then.
-_DEFER = """
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-local hold = now + tonumber(ARGV[1])
-local held = tonumber(redis.call('HGET', KEYS[1], 'hold'))
-if held == nil or held < hold then
-  redis.call('HSET', KEYS[1], 'hold', hold)
-  local ttl = redis.call('PTTL', KEYS[1])
-  redis.call('PEXPIRE', KEYS[1], math.max(ttl, math.ceil(tonumber(ARGV[1]) / 1000) + 1000))
-end
-return 0
-"""
-
-
-# KEYS: state hash, window zset. Returns {exists, tat - now µs, hold - now µs, window
-# count, PTTL ms}: what `limits show` prints.
-_SHOW = """
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-local state = redis.call('HMGET', KEYS[1], 'tat', 'hold')
-local tat, hold = tonumber(state[1]) or now, tonumber(state[2]) or now
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 1000000)
-return {redis.call('EXISTS', KEYS[1]), math.max(0, tat - now), math.max(0, hold - now),
-        redis.call('ZCARD', KEYS[2]), redis.call('PTTL', KEYS[1])}
-"""
+from streamsink.streams.scripts import lua
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,10 +124,10 @@ class AsyncRateLimiter:
         keys = keys or Keys()
         self._keys = keys
         self._client = client
-        self._acquire = client.register_script(_ACQUIRE)
-        self._done = client.register_script(_DONE)
-        self._defer = client.register_script(_DEFER)
-        self._show = client.register_script(_SHOW)
+        self._acquire = client.register_script(lua("ratelimit.acquire").text)
+        self._done = client.register_script(lua("ratelimit.done").text)
+        self._defer = client.register_script(lua("ratelimit.defer").text)
+        self._show = client.register_script(lua("ratelimit.show").text)
 
     async def allow(self, name: str, rate: float, burst: int = 1) -> Admission:
         """Admit one request of `name` now, or say how long until one may be (Retry-After)."""
@@ -269,8 +198,8 @@ class RateLimiter:
     def __init__(self, client: SyncClient, keys: Keys | None = None) -> None:
         self._keys = keys or Keys()
         self._client = client
-        self._acquire = client.register_script(_ACQUIRE)
-        self._show = client.register_script(_SHOW)
+        self._acquire = client.register_script(lua("ratelimit.acquire").text)
+        self._show = client.register_script(lua("ratelimit.show").text)
 
     def allow(self, name: str, rate: float, burst: int = 1) -> Admission:
         """Admit one request of `name` now, or say how long until one may be (Retry-After).

@@ -19,132 +19,28 @@ from redis.exceptions import ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streamsink.errors import Fenced, RedisDataLost
+from streamsink.schemas.layout import (
+    D_AT_MS,
+    D_DELIVERIES,
+    D_ENTRY,
+    D_FIELD,
+    D_GROUP,
+    D_ORIGIN,
+    D_REASON,
+    D_SINKS,
+    D_SOURCE,
+)
 from streamsink.schemas.wire import parse_id
 from streamsink.streams.connection import AsyncClient
 from streamsink.streams.keys import Keys
+from streamsink.streams.scripts import lua
 
 _CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 """What redis-py hides behind a WatchError when the connection dies under WATCH."""
 
-# Every script that writes on behalf of the shard's owner (acknowledge, dead-letter, claim)
-# first checks that the caller still holds the lease under its epoch: a worker paused
-# past its lease (GC, SIGSTOP, a frozen VM), or a task of an earlier ownership by the same
-# worker, gets `Fenced` instead of touching what the next owner now handles.
-_OWNED = """
-local function owned(lease, epoch, owner, held)
-  return redis.call('GET', lease) == owner and (redis.call('GET', epoch) or '0') == held
-end
-"""
-
-# KEYS: lease, epoch, shard stream, dead-letter stream. ARGV: owner, epoch, group, entry id,
-# reason, deliveries, time ms, sinks (comma-separated, '' for all), origin (the first
-# entry ID of a replayed event, '' for none), then the entry's original field/value pairs
-# (kept byte for byte as `f:<name>`). -1 if fenced, else XACK's reply.
-_DEAD_LETTER = (
-    _OWNED
-    + """
-if not owned(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) then return -1 end
-local fields = {'reason', ARGV[5], 'entry', ARGV[4], 'group', ARGV[3],
-                'deliveries', ARGV[6], 'at_ms', ARGV[7], 'source', KEYS[3]}
-if ARGV[8] ~= '' then
-  fields[#fields + 1] = 'sinks'
-  fields[#fields + 1] = ARGV[8]
-end
-if ARGV[9] ~= '' then
-  fields[#fields + 1] = 'origin'
-  fields[#fields + 1] = ARGV[9]
-end
-for i = 10, #ARGV, 2 do
-  fields[#fields + 1] = 'f:' .. ARGV[i]
-  fields[#fields + 1] = ARGV[i + 1]
-end
-redis.call('XADD', KEYS[4], '*', unpack(fields))
-return redis.call('XACK', KEYS[3], ARGV[3], ARGV[4])
-"""
-)
-
-# Reads and claims are fenced by the lease: a worker whose lease expired while it was
-# paused must not take entries that now belong to the next owner (they would be delivered
-# to it alone, and the next owner's offset would pass them). Reads check the lease under
-# WATCH and read in MULTI/EXEC (see ShardReader._read_once); a script would do it in one
-# round trip, but Redis then copies every entry into Lua and back: 6 µs of Redis time an
-# entry instead of 1.5, measured with 5,000-entry reads. Claims (only on a takeover) do
-# use a script:
-# KEYS: lease, epoch, shard stream. ARGV: owner (= consumer), epoch, group, cursor, count.
-# {0}: not the owner. {1, next cursor, entries}.
-_FENCED_CLAIM = (
-    _OWNED
-    + """
-if not owned(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) then return {0} end
-local reply = redis.call('XAUTOCLAIM', KEYS[3], ARGV[3], ARGV[1], 0, ARGV[4], 'COUNT', ARGV[5])
-return {1, reply[1], reply[2]}
-"""
-)
-
-# On a Redis Cluster (see ShardReader._read_by_script), the read too:
-# KEYS: lease, epoch, shard stream. ARGV: owner (= consumer), epoch, group, count.
-# {0}: not the owner. {1, XREADGROUP's reply or 0 if none, the newest entry (XREVRANGE)}.
-_FENCED_READ = (
-    _OWNED
-    + """
-if not owned(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) then return {0} end
-local read = redis.call('XREADGROUP', 'GROUP', ARGV[3], ARGV[1], 'COUNT', ARGV[4],
-                        'STREAMS', KEYS[3], '>')
-return {1, read or 0, redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)}
-"""
-)
-
-# KEYS: lease, epoch, shard stream, applied watermark. ARGV: owner, epoch, group, the IDs
-# joined by spaces, the watermark ('' to leave it). Acknowledges them all (the IDs travel
-# as one argument, packed in 0.1 µs an ID instead of redis-py's 1 µs an argument) and
-# moves the watermark forward, never back. -1 if fenced, else how many were acknowledged.
-_ACK = (
-    _OWNED
-    + """
-if not owned(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) then return -1 end
-local ids, n, acked = {}, 0, 0
-for id in string.gmatch(ARGV[4], '%S+') do
-  n = n + 1
-  ids[n] = id
-  if n == 1000 then
-    acked = acked + redis.call('XACK', KEYS[3], ARGV[3], unpack(ids))
-    ids, n = {}, 0
-  end
-end
-if n > 0 then acked = acked + redis.call('XACK', KEYS[3], ARGV[3], unpack(ids)) end
-if ARGV[5] ~= '' then
-  local function parts(id)
-    local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-    return tonumber(ms), tonumber(seq)
-  end
-  local was = redis.call('GET', KEYS[4])
-  local ms, seq = parts(ARGV[5])
-  local old_ms, old_seq = 0, -1
-  if was then old_ms, old_seq = parts(was) end
-  if ms > old_ms or (ms == old_ms and seq > old_seq) then
-    redis.call('SET', KEYS[4], ARGV[5])
-  end
-end
-return acked
-"""
-)
-
-# KEYS: shard stream. ARGV: entry IDs. The fields of each as stored, {} for one gone.
-_FIELDS = """
-local found = {}
-for i, id in ipairs(ARGV) do
-  local entry = redis.call('XRANGE', KEYS[1], id, id)[1]
-  found[i] = entry and entry[2] or {}
-end
-return found
-"""
-
 _AS_SENT: Any = {}
 """Response callbacks of the read's transaction: none, so entries come as Redis sent them
 (redis-py would build a dict of each entry's fields)."""
-
-DEAD_PREFIX = b"f:"
-"""Dead-letter fields holding the original entry's fields start with this."""
 
 
 class Read(NamedTuple):
@@ -228,15 +124,15 @@ class ShardReader:
         self._cursor = "0-0"
         self._claiming = True
         self._last = (0, 0)
-        self._dead_letter = client.register_script(_DEAD_LETTER)
+        self._dead_letter = client.register_script(lua("reader.owned", "reader.dead_letter").text)
         self._owner = consumer.encode()
         self._held = str(epoch).encode()
         self._fence = [self.lease_key, self.epoch_key]
         self._fence_args = [self._owner, self._held]
-        self._fenced_claim = client.register_script(_FENCED_CLAIM)
-        self._fenced_read = client.register_script(_FENCED_READ)
-        self._ack = client.register_script(_ACK)
-        self._fields = client.register_script(_FIELDS)
+        self._fenced_claim = client.register_script(lua("reader.owned", "reader.fenced_claim").text)
+        self._fenced_read = client.register_script(lua("reader.owned", "reader.fenced_read").text)
+        self._ack = client.register_script(lua("reader.owned", "reader.ack").text)
+        self._fields = client.register_script(lua("reader.fields").text)
 
     def _fenced(self, what: str) -> Fenced:
         return Fenced(
@@ -400,8 +296,16 @@ class ShardReader:
         reaches those only); `origin`: the first entry ID of a replayed event.
         """
         now = int(time.time() * 1000)
-        args: list[bytes | str | int] = [*self._fence_args, self.group, raw.id, reason]
-        args += [raw.deliveries, now, ",".join(sinks), origin, *raw.fields]
+        args: list[bytes | str | int] = [*self._fence_args, self.group, raw.id]
+        args += [D_REASON, reason, D_ENTRY, raw.id, D_GROUP, self.group]
+        args += [D_DELIVERIES, raw.deliveries, D_AT_MS, now, D_SOURCE, self.key]
+        if sinks:
+            args += [D_SINKS, ",".join(sinks)]
+        if origin:
+            args += [D_ORIGIN, origin]
+        names = raw.fields[0::2]
+        for name, value in zip(names, raw.fields[1::2], strict=True):
+            args += [D_FIELD + name, value]
         keys = [*self._fence, self.key, self.dead_key]
         if int(await self._dead_letter(keys, args)) < 0:
             raise self._fenced("dead-lettering")

@@ -17,72 +17,7 @@ from typing import Any
 from streamsink.schemas.wire import parse_id
 from streamsink.streams.connection import AsyncClient, SyncClient
 from streamsink.streams.keys import META_SHARDS, Keys
-
-# XINFO's flat replies: the value after `name`. Shared by both scripts.
-_FIELD = """
-local function field(list, name)
-  for i = 1, #list, 2 do
-    if list[i] == name then return list[i + 1] end
-  end
-  return nil
-end
-"""
-
-# KEYS: shard stream, epoch counter. ARGV: group.
-# {stream exists (0/1), last generated ID, group exists (0/1), last delivered ID, epoch}
-_FACTS = (
-    _FIELD
-    + """
-local epoch = redis.call('GET', KEYS[2]) or '0'
-if redis.call('EXISTS', KEYS[1]) == 0 then return {0, '0-0', 0, '0-0', epoch} end
-local last = field(redis.call('XINFO', 'STREAM', KEYS[1]), 'last-generated-id')
-for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-  if field(group, 'name') == ARGV[1] then
-    return {1, last, 1, field(group, 'last-delivered-id'), epoch}
-  end
-end
-return {1, last, 0, '0-0', epoch}
-"""
-)
-
-# KEYS: shard stream, epoch counter. ARGV: group, epoch floor, stream floor, group floor
-# ('' to leave the group alone), '1' to set the group's last delivered ID to its floor even
-# if that lowers it ('' not).
-# Raises each to at least its floor in one step (a producer's XADD or a worker's INCR in
-# between cannot be undone): the epoch counter; the stream's last generated ID (XSETID,
-# the stream made if missing), so that new entries come after every offset; the group's
-# last delivered ID (made at the floor if missing).
-_REALIGN = (
-    _FIELD
-    + """
-local function before(a, b)
-  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
-  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
-  ams, aseq, bms, bseq = tonumber(ams), tonumber(aseq), tonumber(bms), tonumber(bseq)
-  return ams < bms or (ams == bms and aseq < bseq)
-end
-if tonumber(redis.call('GET', KEYS[2]) or '0') < tonumber(ARGV[2]) then
-  redis.call('SET', KEYS[2], ARGV[2])
-end
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  if ARGV[4] == '' and ARGV[3] == '0-0' then return 0 end
-  redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
-end
-local last = field(redis.call('XINFO', 'STREAM', KEYS[1]), 'last-generated-id')
-if before(last, ARGV[3]) then redis.call('XSETID', KEYS[1], ARGV[3]) end
-if ARGV[4] == '' then return 1 end
-for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-  if field(group, 'name') == ARGV[1] then
-    if ARGV[5] == '1' or before(field(group, 'last-delivered-id'), ARGV[4]) then
-      redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], ARGV[4])
-    end
-    return 1
-  end
-end
-redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[1], ARGV[4])
-return 1
-"""
-)
+from streamsink.streams.scripts import lua
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +69,8 @@ async def shard_facts(
 ) -> ShardFacts:
     """What Redis holds of `shard` for `group` now (the worker's view)."""
     known = await client.hget(keys.meta(stream), META_SHARDS)
-    reply = await client.eval(_FACTS, 2, *_keys(keys, stream, shard, group), group)
+    facts = client.register_script(lua("recovery.field", "recovery.facts").text)
+    reply = await facts(_keys(keys, stream, shard, group), [group])
     return _facts(known, reply)
 
 
@@ -143,7 +79,8 @@ def read_shard_facts(
 ) -> ShardFacts:
     """`shard_facts` with a synchronous client (the command line's view)."""
     known = client.hget(keys.meta(stream), META_SHARDS)
-    reply = client.eval(_FACTS, 2, *_keys(keys, stream, shard, group), group)
+    facts = client.register_script(lua("recovery.field", "recovery.facts").text)
+    reply = facts(_keys(keys, stream, shard, group), [group])
     return _facts(known, reply)
 
 
@@ -170,4 +107,5 @@ def realign(
     left alone if `group_floor` is None); with `deliver_again`, set the group's last
     delivered ID to its floor even if it is lower."""
     args = (group, epoch, stream_floor, group_floor or "", "1" if deliver_again else "")
-    client.eval(_REALIGN, 2, *_keys(keys, stream, shard, group), *args)
+    script = client.register_script(lua("recovery.field", "recovery.realign").text)
+    script(_keys(keys, stream, shard, group), args)

@@ -24,19 +24,11 @@ from streamsink.schemas.readmodel import Row, from_hash, key_text, key_value, to
 from streamsink.schemas.table import Table
 from streamsink.streams.connection import SyncClient, shard_count
 from streamsink.streams.keys import Keys
+from streamsink.streams.scripts import lua, pipelined_sync
 
 Fallback = Callable[[Table, Sequence[Any]], Mapping[str, Row]]
 """Rows of `table` by their key values, from the database: {routing key: row}, values
 JSON-ready (timestamps as ISO text, uuids as text); missing rows are left out."""
-
-# KEYS: the row's hash. ARGV: TTL ms, then field, value pairs. Writes only if the hash does
-# not exist: a publish since the miss holds newer changes.
-_REPOPULATE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-return 1
-"""
 
 
 class Rows:
@@ -77,17 +69,22 @@ class Rows:
                 missing.append(at)
         if missing and self._fallback is not None:
             rows = self._fallback(spec, [key_value(spec, texts[at]) for at in missing])
-            pipe = self._client.pipeline(transaction=False)
-            for at in missing:
-                row = rows.get(texts[at])
-                if row is None:
-                    continue
-                found[at] = {**dict.fromkeys(spec.columns), **row}
-                status = row.get(model.ttl_by) if model.ttl_by else None
-                ttl = model.ttl_ms(status)
-                # EVAL: a cluster pipeline cannot load a script it lacks (misses are few)
-                pipe.eval(_REPOPULATE, 1, names[at], ttl, *to_hash(spec, row))
-            pipe.execute()
+            repopulate = lua("rows.repopulate")
+
+            def build(pipe: Any) -> None:  # a repopulation runs twice as it runs once
+                for at in missing:
+                    row = rows.get(texts[at])
+                    if row is None:
+                        continue
+                    found[at] = {**dict.fromkeys(spec.columns), **row}
+                    status = row.get(model.ttl_by) if model.ttl_by else None
+                    ttl = model.ttl_ms(status)
+                    # execute_command: a cluster pipeline blocks evalsha() (`pipelined` loads)
+                    pipe.execute_command(
+                        "EVALSHA", repopulate.sha, 1, names[at], ttl, *to_hash(spec, row)
+                    )
+
+            pipelined_sync(self._client, build, repopulate)
         return found
 
     def _shard_count(self, stream: str) -> int:

@@ -57,7 +57,7 @@ from tests.consumers import recording
 from tests.consumers.test_worker_processes import Cluster, eventually
 from tests.sinks.conftest import pg as pg  # the fixture, from tests/sinks
 from tests.sinks.conftest import schema_of
-from tests.sinks.test_postgres_faults import GROUP, STREAM, Setup, _q, logged, reference
+from tests.sinks.postgres.test_faults import GROUP, STREAM, Setup, _q, logged, reference
 
 SHARDS = 2
 SLEEP_MS = 3000  # rec's sleep per batch: the window in which A is stopped

@@ -9,6 +9,7 @@ import redis.asyncio as aredis
 
 from streamsink.streams.keys import Keys
 from streamsink.streams.leases import Lease, Leases
+from streamsink.streams.scripts import lua
 from tests.conftest import RedisServer
 
 STREAM, GROUP = "tasks", "pg-writer"
@@ -267,4 +268,20 @@ async def test_a_renewal_cancelled_anywhere_leaves_no_pipeline_holding_a_connect
         assert not [c for c in reported if "Unclosed" in str(c.get("message"))], reported
     finally:
         loop.set_exception_handler(None)
+        await ar.aclose()
+
+
+async def test_a_renewal_after_a_flushed_script_cache_loads_the_script_again(
+    redis_server: RedisServer, keys: Keys
+) -> None:
+    """Renewals go by SHA in a pipeline; on NOSCRIPT (a restarted server, a promoted replica)
+    the script is loaded and the pipeline runs again. (A Redis of its own, as above.)"""
+    ar = aredis.Redis.from_url(redis_server.url)
+    try:
+        mine = leases(ar, keys, "w1", ttl_ms=5000)
+        await mine.acquire(0)
+        await ar.script_flush()
+        assert await mine.heartbeat_and_renew([0, 1]) == (1, [True, False])
+        assert await ar.script_exists(lua("leases.renew").sha) == [True]
+    finally:
         await ar.aclose()

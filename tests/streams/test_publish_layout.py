@@ -1,6 +1,6 @@
 """The publish script's quick layouts: plain read-model sets ('=': the HSET of a shape's
 fields) change every hash exactly as the general layout does (whose rules the PostgreSQL
-property test in tests/sinks/test_read_model.py checks); events with only an id ('!') and
+property test in tests/sinks/postgres/test_read_model.py checks); events with only an id ('!') and
 read-model events with ids ('#') publish each id once, repeated in one call or not."""
 
 from __future__ import annotations

@@ -12,11 +12,11 @@ import redis
 import redis.asyncio as aredis
 
 from streamsink.errors import Fenced
+from streamsink.schemas.layout import D_FIELD as DEAD_PREFIX
 from streamsink.schemas.wire import parse_id
 from streamsink.streams.keys import Keys
 from streamsink.streams.leases import Leases
 from streamsink.streams.reader import (
-    DEAD_PREFIX,
     Raw,
     Read,
     ShardReader,

@@ -34,8 +34,8 @@ from streamsink.sinks.postgres.schema import check_tables, table_ddl
 from streamsink.streams import Keys, Producer, Rows, create_stream
 from tests.consumers.test_worker import FAST
 from tests.sinks.conftest import create, rows, schema_of
-from tests.sinks.test_postgres import batch, entries, write
-from tests.sinks.test_read_model import WorkerThread
+from tests.sinks.postgres.test_read_model import WorkerThread
+from tests.sinks.postgres.test_sink import batch, entries, write
 
 SHARDS = 3
 ORDERS = Table(

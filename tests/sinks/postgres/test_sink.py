@@ -434,7 +434,7 @@ def test_sums_a_column_cannot_hold_are_refused_and_remembered(
 def test_a_missing_table_stops_the_group_not_dead_lettered(
     pg: Connection, sink: PostgresSink
 ) -> None:
-    """More in test_postgres_errors.py: each error class against the server."""
+    """More in test_errors.py: each error class against the server."""
     table = Table("absent", ("id",), {"id": Column(INT)}, schema=schema_of(pg))
     with pytest.raises(SinkMisconfigured) as raised:
         write(sink, batch(entries(table, [Event("1", Op.SET, {"id": 1})])))

@@ -517,7 +517,7 @@ def test_json_too_deep_for_copy_is_dead_lettered_alone_and_the_rest_commits(
     assert sorted(row[0] for row in setup.rows(pg, "items")) == [i for i in range(200) if i != 100]
     # Decoding refuses it (deeper than COPY can write) before it enters a window: no sink
     # sees it, nothing is retried or taken for a bug. (The sink's own isolation of a value
-    # it cannot encode is tested in tests/sinks/test_postgres_errors.py.)
+    # it cannot encode is tested in tests/sinks/postgres/test_errors.py.)
     assert "DecodeError" in letters[0].reason
     assert logged([worker], "rows refused, isolating them") == []
     assert logged([worker], "sink write failed: retrying") == []

@@ -23,7 +23,7 @@ import redis
 from streamsink.sinks.http import signature
 from streamsink.streams import Keys
 from streamsink.streams.endpoints import endpoint_rows
-from tests.sinks.receiver import SECRET, Answer, Built, Receiver, Record, Window, build_sink
+from tests.sinks.http.receiver import SECRET, Answer, Built, Receiver, Record, Window, build_sink
 
 
 @pytest.fixture

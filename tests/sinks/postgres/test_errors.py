@@ -28,7 +28,7 @@ from streamsink.sinks.postgres.errors import classify
 from streamsink.sinks.postgres.statements import target
 from tests.conftest import free_port
 from tests.sinks.conftest import create, rows, schema_of
-from tests.sinks.test_postgres import batch, entries, write
+from tests.sinks.postgres.test_sink import batch, entries, write
 
 INT, TEXT, JSON = ColumnType.INT, ColumnType.TEXT, ColumnType.JSON
 

@@ -25,10 +25,10 @@ import redis
 from streamsink.cli import main
 from streamsink.schemas import Event, from_dict, shard_of
 from streamsink.streams import Keys, Producer, create_stream
-from tests.sinks.receiver import SECRET, SECRET_ENV, Answer, Receiver
+from tests.sinks.http.receiver import SECRET, SECRET_ENV, Answer, Receiver
 from tests.streams.test_ratelimit import most_in_any_window
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 RATE, CALLS, WORKERS, SHARDS = 50, 1000, 3, 6
 
 

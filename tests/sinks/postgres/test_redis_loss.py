@@ -26,10 +26,10 @@ from streamsink.sinks.postgres.schema import OFFSETS
 from streamsink.streams import Producer
 from tests.conftest import RedisServer, free_port
 from tests.consumers.test_worker_processes import Cluster
-from tests.sinks import test_postgres_faults
-from tests.sinks.test_postgres_faults import Setup, logged
+from tests.sinks.postgres import test_faults
+from tests.sinks.postgres.test_faults import Setup, logged
 
-setup_for = test_postgres_faults.setup_for  # the fixture, shared
+setup_for = test_faults.setup_for  # the fixture, shared
 
 COUNTERS = """
 [tables.items]

@@ -25,7 +25,7 @@ from streamsink.sinks import Sink
 from streamsink.sinks.http.urls import Refused, Vetter, address_refusal, check_url
 from streamsink.streams import Keys, Producer, create_stream
 from streamsink.streams.dead import dead_letters
-from tests.sinks.receiver import Listener, Receiver, Window, build_sink
+from tests.sinks.http.receiver import Listener, Receiver, Window, build_sink
 
 STREAM, GROUP, SHARDS = "hooks", "g", 2
 FAST = {"lease_ttl_ms": 1500, "linger_ms": 20, "max_age_ms": 100, "block_ms": 100}

@@ -25,10 +25,10 @@ from streamsink.streams import Producer
 from streamsink.streams.state import ShardState
 from tests.consumers.test_worker_processes import Cluster, eventually
 from tests.proxy import Proxy
-from tests.sinks import test_postgres_faults
-from tests.sinks.test_postgres_faults import Setup, logged
+from tests.sinks.postgres import test_faults
+from tests.sinks.postgres.test_faults import Setup, logged
 
-setup_for = test_postgres_faults.setup_for  # the fixture, shared
+setup_for = test_faults.setup_for  # the fixture, shared
 
 COUNTERS = """
 [tables.items]

@@ -16,7 +16,7 @@ from streamsink.sinks.http import HttpSettings, HttpSink
 from streamsink.sinks.http.deliver import backoff_delay, retry_after_seconds
 from streamsink.sinks.http.plan import INVALID, plan
 from streamsink.sinks.http.settings import EndpointSettings
-from tests.sinks.receiver import Window
+from tests.sinks.http.receiver import Window
 
 BASE = {"secret_env": "S"}
 

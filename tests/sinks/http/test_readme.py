@@ -17,9 +17,9 @@ from multidict import CIMultiDict
 from streamsink.sinks.http import HttpSettings, signature
 from streamsink.sinks.http.settings import ENDPOINT_OPTIONS, SINK_OPTIONS
 from streamsink.streams import Keys
-from tests.sinks.receiver import SECRET, Receiver, Window, build_sink
+from tests.sinks.http.receiver import SECRET, Receiver, Window, build_sink
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[3] / "README.md"
 
 
 def readme_verify() -> Any:

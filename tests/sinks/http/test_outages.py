@@ -23,8 +23,8 @@ import redis
 from streamsink.cli import main
 from streamsink.schemas import Event, from_dict, shard_of
 from streamsink.streams import Keys, Producer, create_stream
-from tests.sinks.receiver import SECRET_ENV, Answer, Receiver, Record
-from tests.sinks.test_http_workers import start_worker
+from tests.sinks.http.receiver import SECRET_ENV, Answer, Receiver, Record
+from tests.sinks.http.test_workers import start_worker
 
 SHARDS, CALLS, WORKERS = 4, 120, 2
 

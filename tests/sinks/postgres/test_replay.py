@@ -40,7 +40,7 @@ from streamsink.streams.dead import DeadLetter, dead_letters, replay
 from tests.consumers import recording
 from tests.consumers.test_worker_processes import ROOT, Cluster, WorkerProcess
 from tests.sinks.conftest import schema_of
-from tests.sinks.test_postgres_faults import STREAM, Setup, _q
+from tests.sinks.postgres.test_faults import STREAM, Setup, _q
 
 G1, G2 = "g1", "g2"
 SHARDS = 2

@@ -1,0 +1,246 @@
+-- KEYS[1]: shard stream. ARGV[1]: dedup key prefix, ARGV[2]: dedup TTL (ms), ARGV[3]:
+-- max lag (0: none), ARGV[4]: memory ceiling as a fraction of maxmemory (0: none), ARGV[5]:
+-- the shard's read-model key prefix (`Keys.row_prefix`), ARGV[6]: the stream's default
+-- table ('' if none; a row's hash is `Keys.row`: prefix, table, ':', routing key), ARGV[7]:
+-- where the shapes start (0: none; see below), then each
+-- event either as `key, op, data` (no table, ts, v or id: most events, three values and one
+-- XADD), as `key, '!', op, data, id` (an id and no table, ts or v: the idempotent publish's
+-- usual shape), or as `key, '+', op, data, table, ts, v, id` ('' where absent), or, for a table
+-- with a read model, as `key, '=', op, data, TTL, shape, values` (a set of plain columns, no
+-- table, ts, v or id: the HSET of the shape's fields and these values), `key, '*', op,
+-- data, changes` (any other without table, ts, v or id) or
+-- `key, '#', op, data, table, ts, v, id, changes` (schemas.readmodel's
+-- changer; the hash is changed only by a fresh publish, not a repeated one). Returns the entry
+-- ID of each event; a repeated id returns the first publish's entry ID. After the events come
+-- the shapes that '=' events name: `shape, field count, field names`, once per call. The
+-- type check and the backpressure check come first so that a refused call has written nothing.
+--
+-- Lag (see `Backpressure`): per group, the entries it has not acknowledged: Redis' own
+-- `lag` (entries added but not yet delivered to the group) plus its pending entries
+-- (delivered, not yet committed and acknowledged), both from XINFO GROUPS: O(groups) per
+-- call. Where Redis cannot tell a group's lag (entries deleted in the middle) XLEN stands
+-- for it, as it does when the shard has no group yet: an upper bound, since the stream is
+-- trimmed only below what every group acknowledged. A call is refused while the slowest
+-- group's lag is at `max lag` or more, so a shard holds at most `max lag` + one batch.
+-- streams/publish.py fills in the two holes: --[[NAMES]] (the stream field names, quoted,
+-- in wire order) and --[[HSET_BY_ARITY]] (the HSET of an event's k values, written out per k).
+local names = {--[[NAMES]]}
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind ~= 'stream' and kind ~= 'none' then
+  return redis.error_reply('WRONGTYPE ' .. KEYS[1] .. ' holds a ' .. kind .. ', not a stream')
+end
+local limit = tonumber(ARGV[3])
+if limit > 0 and kind == 'stream' then
+  local lag, groups = 0, redis.call('XINFO', 'GROUPS', KEYS[1])
+  if #groups == 0 then lag = redis.call('XLEN', KEYS[1]) end
+  for _, group in ipairs(groups) do
+    local info = {}
+    for j = 1, #group, 2 do info[group[j]] = group[j + 1] end
+    local behind = info['lag']
+    if type(behind) ~= 'number' then behind = redis.call('XLEN', KEYS[1]) end
+    lag = math.max(lag, behind + info['pending'])
+  end
+  if lag >= limit then
+    return redis.error_reply('BACKPRESSURE lag ' .. lag .. ' ' .. limit)
+  end
+end
+local ceiling = tonumber(ARGV[4])
+if ceiling > 0 then
+  local info = redis.call('INFO', 'memory')
+  local most = tonumber(string.match(info, 'maxmemory:(%d+)'))
+  if most and most > 0 then
+    local used = tonumber(string.match(info, 'used_memory:(%d+)'))
+    if used >= most * ceiling then
+      return redis.error_reply(
+        'BACKPRESSURE memory ' .. used .. ' ' .. math.floor(most * ceiling))
+    end
+  end
+end
+local function before(a, b)  -- a < b by bytes (Lua's < follows the server's locale)
+  local n = math.min(#a, #b)
+  for k = 1, n do
+    local x, y = string.byte(a, k), string.byte(b, k)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+local function digits(x)  -- a numeric text ('-12.30'): negative?, its digits, its scale
+  local negative = string.byte(x, 1) == 45
+  if negative then x = string.sub(x, 2) end
+  local whole, fraction = string.match(x, '^(%d+)%.?(%d*)$')
+  return negative, (string.gsub(whole .. fraction, '^0+', '')), #fraction
+end
+local function plus(x, y)  -- x + y, of digit strings
+  local out, carry, i, j = {}, 0, #x, #y
+  while i > 0 or j > 0 or carry > 0 do
+    local d = carry
+    if i > 0 then d = d + string.byte(x, i) - 48 end
+    if j > 0 then d = d + string.byte(y, j) - 48 end
+    if d >= 10 then d, carry = d - 10, 1 else carry = 0 end
+    out[#out + 1] = string.char(48 + d)
+    i, j = i - 1, j - 1
+  end
+  return string.reverse(table.concat(out))
+end
+local function minus(x, y)  -- x - y, of digit strings, x >= y
+  local out, borrow, i, j = {}, 0, #x, #y
+  while i > 0 do
+    local d = string.byte(x, i) - 48 - borrow
+    if j > 0 then d = d - string.byte(y, j) + 48 end
+    if d < 0 then d, borrow = d + 10, 1 else borrow = 0 end
+    out[#out + 1] = string.char(48 + d)
+    i, j = i - 1, j - 1
+  end
+  return string.reverse(table.concat(out))
+end
+local function decimal_add(a, b)  -- the exact sum of two numeric texts of one scale
+  local a_negative, a_digits, scale = digits(a)
+  local b_negative, b_digits = digits(b)
+  local negative, sum = a_negative, nil
+  if a_negative == b_negative then
+    sum = plus(a_digits, b_digits)
+  elseif #a_digits > #b_digits or (#a_digits == #b_digits and not before(a_digits, b_digits)) then
+    sum = minus(a_digits, b_digits)
+  else
+    negative, sum = b_negative, minus(b_digits, a_digits)
+  end
+  sum = string.gsub(sum, '^0+', '')
+  local zero = sum == ''
+  if #sum <= scale then sum = string.rep('0', scale + 1 - #sum) .. sum end
+  if scale > 0 then sum = string.sub(sum, 1, #sum - scale) .. '.' .. string.sub(sum, -scale) end
+  if negative and not zero then sum = '-' .. sum end
+  return sum
+end
+local function better(kind, order, old)  -- is `order` past `old` (max: greater, min: less)?
+  if not old then return true end
+  if string.sub(order, 1, 1) == 'n' then
+    local x, y = tonumber(string.sub(order, 2)), tonumber(string.sub(old, 2))
+    if kind == '>' then return x > y else return x < y end
+  end
+  if kind == '>' then return before(old, order) else return before(order, old) end
+end
+local function model(row, at, apply)  -- the read model: one event's changes to its hash
+  local ttl, assigns = tonumber(ARGV[at]), tonumber(ARGV[at + 1])
+  if assigns < 0 then
+    if apply then
+      redis.call('DEL', row)
+      redis.call('HSET', row, '~del', '1')
+      redis.call('PEXPIRE', row, ttl)
+    end
+    return at + 2
+  end
+  local j = at + 2
+  if apply and assigns > 0 then redis.call('HSET', row, unpack(ARGV, j, j + 2 * assigns - 1)) end
+  j = j + 2 * assigns
+  local others = tonumber(ARGV[j])
+  j = j + 1
+  if apply then
+    for k = j, j + 4 * others - 4, 4 do
+      local name, kind, value, order = ARGV[k], ARGV[k + 1], ARGV[k + 2], ARGV[k + 3]
+      local added = true
+      if kind == 'x' then  -- null: no field
+        redis.call('HDEL', row, name, '~o:' .. name)
+      elseif kind == 'i' or kind == 'f' or kind == 'd' then
+        local old = redis.call('HGET', row, name)
+        if not old then
+          redis.call('HSET', row, name, value)
+        elseif kind == 'i' then  -- past 64 bits: an error reply, not a raised error
+          added = redis.pcall('HINCRBY', row, name, value)
+        elseif kind == 'd' then  -- numeric: exact, as text
+          redis.call('HSET', row, name, decimal_add(old, value))
+        else  -- Redis adds in long double: past the largest double is refused here
+          added = redis.pcall('HINCRBYFLOAT', row, name, value)
+          local sum = tonumber(added)
+          if sum and (sum == math.huge or sum == -math.huge or sum ~= sum) then
+            added = {err = 'not a finite double'}
+          end
+        end
+        if type(added) == 'table' and added.err then
+          -- a sum the hash cannot hold (the sink refuses it too): the hash is dropped, so a
+          -- read falls back to PostgreSQL, and the entry is published whatever the hash
+          redis.call('DEL', row)
+          return j + 4 * others
+        end
+      elseif better(kind, order, redis.call('HGET', row, '~o:' .. name)) then
+        redis.call('HSET', row, name, value, '~o:' .. name, order)
+      end
+    end
+    if ttl > 0 then redis.call('PEXPIRE', row, ttl) else redis.call('PEXPIRE', row, -ttl, 'NX') end
+  end
+  return j + 4 * others
+end
+local ids, count = {}, 0
+local rows = ARGV[5]
+local home = rows .. ARGV[6] .. ':'  -- the row hashes of the default table, but for the key
+local shapes, i, n = {}, 8, #ARGV
+local tail = tonumber(ARGV[7])
+if tail > 0 then
+  n = tail - 1
+  local j = tail
+  while j <= #ARGV do
+    local k = tonumber(ARGV[j + 1])
+    shapes[ARGV[j]] = {unpack(ARGV, j + 2, j + 1 + k)}
+    j = j + 2 + k
+  end
+end
+while i <= n do
+  local entry = false
+  local form = ARGV[i + 1]
+  if form == '=' then  -- key, '=', op, data, TTL, shape, values (read model, plain set)
+    entry = redis.call(
+      'XADD', KEYS[1], '*', names[1], ARGV[i], names[2], ARGV[i + 2], names[3], ARGV[i + 3])
+    local row, fields, j = home .. ARGV[i], shapes[ARGV[i + 5]], i + 6
+    local k = #fields
+    --[[HSET_BY_ARITY]]
+    local ttl = tonumber(ARGV[i + 4])
+    if ttl > 0 then redis.call('PEXPIRE', row, ttl) else redis.call('PEXPIRE', row, -ttl, 'NX') end
+    i = j + k
+  elseif form == '*' then  -- key, '*', op, data, the row's changes (read model)
+    entry = redis.call(
+      'XADD', KEYS[1], '*', names[1], ARGV[i], names[2], ARGV[i + 2], names[3], ARGV[i + 3])
+    i = model(home .. ARGV[i], i + 4, true)
+  elseif form == '!' then  -- key, '!', op, data, id: what the '+' form does, in fewer steps
+    local seen = ARGV[1] .. ARGV[i + 4]
+    entry = redis.call('GET', seen)
+    if not entry then
+      entry = redis.call('XADD', KEYS[1], '*', names[1], ARGV[i], names[2], ARGV[i + 2],
+        names[3], ARGV[i + 3], names[7], ARGV[i + 4])
+      redis.call('SET', seen, entry, 'PX', ARGV[2])
+    end
+    i = i + 5
+  elseif form ~= '+' and form ~= '#' then
+    entry = redis.call(
+      'XADD', KEYS[1], '*', names[1], ARGV[i], names[2], ARGV[i + 1], names[3], ARGV[i + 2])
+    i = i + 3
+  else
+    local eid = ARGV[i + 7]
+    if eid ~= '' then
+      entry = redis.call('GET', ARGV[1] .. eid)
+    end
+    local fresh = not entry
+    if fresh then
+      local fields = {names[1], ARGV[i]}
+      for j = 2, 7 do
+        local value = ARGV[i + j]
+        if value ~= '' then
+          fields[#fields + 1] = names[j]
+          fields[#fields + 1] = value
+        end
+      end
+      entry = redis.call('XADD', KEYS[1], '*', unpack(fields))
+      if eid ~= '' then
+        redis.call('SET', ARGV[1] .. eid, entry, 'PX', ARGV[2])
+      end
+    end
+    if form == '#' then  -- then the row's changes (a repeated publish's are in the hash
+      local named = ARGV[i + 4]  -- already: skipped)
+      local row = named == '' and home .. ARGV[i] or rows .. named .. ':' .. ARGV[i]
+      i = model(row, i + 8, fresh)
+    else
+      i = i + 8
+    end
+  end
+  count = count + 1
+  ids[count] = entry
+end
+return ids
