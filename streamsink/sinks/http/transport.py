@@ -21,10 +21,11 @@ MAX_READ = 64 * 1024
 USER_AGENT = "streamsink-http-sink"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per request, and a frozen one costs 5x
 class Reply:
     """What came back: a status (0 when no response came, then `error` says why; `final`
-    when the request cannot be sent at all, so trying again would not help)."""
+    when the request cannot be sent at all, so trying again would not help). Never changed
+    once made."""
 
     status: int
     error: str = ""
