@@ -2,7 +2,8 @@
 
 `AiohttpTransport` keeps a pool of keep-alive connections (per host, `limit` in all),
 resolves hosts only through the sink's `Vetter`, follows no redirect (a redirect could
-point anywhere) and ignores proxy variables (a proxy would connect for us, unvetted).
+point anywhere), ignores proxy variables (a proxy would connect for us, unvetted) and asks
+for no compression.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import aiohttp
+from aiohttp import hdrs
 from aiohttp.abc import AbstractResolver
 from yarl import URL
 
@@ -39,6 +41,14 @@ class Reply:
             return self.error
         excerpt = self.body[:200].decode("utf-8", "replace")
         return f"HTTP {self.status}, body {excerpt!r}"
+
+
+class _Request(aiohttp.ClientRequest):
+    """aiohttp's request without its automatic Accept-Encoding: only a body excerpt is read,
+    no compression is asked for. (`skip_auto_headers` would send the same, but it copies
+    every request's headers to do so.)"""
+
+    DEFAULT_HEADERS = {hdrs.ACCEPT: "*/*"}  # noqa: RUF012 (aiohttp reads it, never changes it)
 
 
 class Transport(Protocol):
@@ -73,7 +83,7 @@ class AiohttpTransport:
                 connector=connector,
                 trust_env=False,
                 headers={"User-Agent": USER_AGENT},
-                skip_auto_headers=("Accept-Encoding",),
+                request_class=_Request,
             )
         return self._session
 
