@@ -14,13 +14,15 @@ Rows (callbacks/s, median of --runs runs; every run sends every row's calls afre
 The issue's target: each >= naive loop.
 
 The receiver is an aiohttp server in a subprocess on 127.0.0.1 that answers 200 "ok" at
-once. `--profile FILE` also writes a cProfile of one `each` run (pstats format).
+once. `--profile FILE` also writes a cProfile of one `each` write (pstats format), and
+`FILE.naive` one of the naive loop's sending, to compare.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import hashlib
 import hmac
@@ -71,7 +73,9 @@ def _us(cpu_started: float, calls: int) -> float:
     return (time.process_time() - cpu_started) * 1e6 / calls
 
 
-async def naive(url: str, calls: int, concurrency: int) -> tuple[float, float]:
+async def naive(
+    url: str, calls: int, concurrency: int, profile: cProfile.Profile | None = None
+) -> tuple[float, float]:
     """What a developer writes by hand: a signed POST per call, `concurrency` at a time."""
     numbers = iter(range(calls))
     async with aiohttp.ClientSession() as session:
@@ -92,7 +96,8 @@ async def naive(url: str, calls: int, concurrency: int) -> tuple[float, float]:
                     assert response.status == 200
 
         started, cpu = time.perf_counter(), time.process_time()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        with profile or contextlib.nullcontext():
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
         return calls / (time.perf_counter() - started), _us(cpu, calls)
 
 
@@ -106,7 +111,12 @@ def window(url: str, calls: int) -> Batch:
 
 
 async def sink_run(
-    redis_url: str, url: str, calls: int, concurrency: int, mode: str
+    redis_url: str,
+    url: str,
+    calls: int,
+    concurrency: int,
+    mode: str,
+    profile: cProfile.Profile | None = None,
 ) -> tuple[float, float]:
     """One window through a fresh HttpSink, built as `from_options` builds it."""
     keys = Keys(f"bench{uuid.uuid4().hex[:8]}")
@@ -117,7 +127,8 @@ async def sink_run(
     batch = window(url, calls)
     try:
         started, cpu = time.perf_counter(), time.process_time()
-        assert await sink.write(batch) == []
+        with profile or contextlib.nullcontext():
+            assert await sink.write(batch) == []
         took, cpu_us = time.perf_counter() - started, _us(cpu, calls)
     finally:
         await sink.close()
@@ -146,12 +157,13 @@ async def main_async(args: argparse.Namespace, port: int) -> None:
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in rows}
     for _, name in itertools.product(range(args.runs), rows):  # interleaved runs
         results[name].append(await rows[name]())
-    if args.profile:
+    if args.profile:  # the sending only, not the setup and clean-up around it
         profile = cProfile.Profile()
-        profile.enable()
-        await rows["each"]()
-        profile.disable()
+        await sink_run(args.redis_url, url, args.calls, args.concurrency, "each", profile)
         profile.dump_stats(args.profile)
+        profile = cProfile.Profile()
+        await naive(url, args.calls, args.concurrency, profile)
+        profile.dump_stats(f"{args.profile}.naive")
     median = {name: statistics.median(r for r, _ in values) for name, values in results.items()}
     cpu = {name: statistics.median(c for _, c in values) for name, values in results.items()}
     print(
@@ -176,7 +188,7 @@ def main() -> None:
     parser.add_argument(
         "--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
     )
-    parser.add_argument("--profile", help="write a cProfile of one `each` run here")
+    parser.add_argument("--profile", help="write cProfiles of `each` and the naive loop here")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:

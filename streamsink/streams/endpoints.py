@@ -48,11 +48,10 @@ class EndpointStats:
         self._me = f"{socket.gethostname()}-{os.getpid()}"
         self._flushed = time.monotonic()
 
-    async def flush_every(self, seconds: float) -> None:
-        """`flush`, if the last one is `seconds` old or a breaker changed: counts and states
-        show while a window is in flight."""
-        if self._breakers or time.monotonic() - self._flushed >= seconds:
-            await self.flush()
+    def due(self, seconds: float) -> bool:
+        """Whether to `flush` now: the last flush is `seconds` old or a breaker changed (so
+        counts and states show while a window is in flight)."""
+        return bool(self._breakers) or time.monotonic() - self._flushed >= seconds
 
     def count(self, endpoint: str, counter: str, n: int = 1) -> None:
         """Add `n` to one of COUNTERS of `endpoint`."""

@@ -103,12 +103,16 @@ class Breaker:
         finally:
             self.waiting -= 1
 
+    def is_news(self, probe: bool) -> bool:
+        """Whether a success must be told to Redis (`succeeded`); else it changes nothing."""
+        if probe or self._dirty or self.state is not State.CLOSED:
+            return True
+        return time.monotonic() - self._told_success >= REFRESH_S  # another's failures may count
+
     async def succeeded(self, probe: bool) -> None:
         """A request got an answer that shows the endpoint works."""
-        now = time.monotonic()
-        stale = now - self._told_success >= REFRESH_S  # another's failures may be counting
-        if probe or self._dirty or stale or self.state is not State.CLOSED:
-            self._told_success = now
+        if self.is_news(probe):
+            self._told_success = time.monotonic()
             closed = await retrying(lambda: self._gates.succeeded(self._gate), "breaker")
             self._dirty = False
             if closed or self.state is not State.CLOSED:

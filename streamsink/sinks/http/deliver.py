@@ -32,7 +32,12 @@ from streamsink.sinks.base import Rejected
 from streamsink.sinks.http.breaker import Breaker
 from streamsink.sinks.http.plan import Request
 from streamsink.sinks.http.settings import EndpointSettings
-from streamsink.sinks.http.signing import IDEMPOTENCY_HEADER, signed_headers
+from streamsink.sinks.http.signing import (
+    IDEMPOTENCY_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    Signer,
+)
 from streamsink.sinks.http.transport import Reply, Transport
 from streamsink.sinks.http.urls import Refused, Vetter
 from streamsink.streams.endpoints import EndpointGates, EndpointStats
@@ -52,7 +57,7 @@ STATS_EVERY_S = 1.0
 
 
 class Endpoint:
-    """One endpoint as one sink drives it: settings, secret, slots, breaker, rate limit."""
+    """One endpoint as one sink drives it: settings, signer, slots, breaker, rate limit."""
 
     def __init__(
         self,
@@ -63,7 +68,8 @@ class Endpoint:
         stats: EndpointStats,
         gates: EndpointGates,
     ) -> None:
-        self.name, self.settings, self.secret = name, settings, secret
+        self.name, self.settings = name, settings
+        self.signer = Signer(secret)
         self.slots = asyncio.Semaphore(settings.concurrency)
         digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:16]
         self.breaker = Breaker(
@@ -138,12 +144,15 @@ class Sender:
                     await endpoint.breaker.neutral(probe)  # nothing was sent
                     return self._dead(endpoint, request, f"URL refused: {exc}")
             if 200 <= reply.status < 300:
-                await endpoint.breaker.succeeded(probe)
+                if endpoint.breaker.is_news(probe):  # else a success changes nothing
+                    await endpoint.breaker.succeeded(probe)
                 self.stats.count(endpoint.name, "sent", len(request.entry_ids))
-                await self.stats.flush_every(STATS_EVERY_S)
+                if self.stats.due(STATS_EVERY_S):
+                    await self.stats.flush()
                 return []
             outcome = await self._failed(endpoint, request, reply, attempts, probe)
-            await self.stats.flush_every(STATS_EVERY_S)
+            if self.stats.due(STATS_EVERY_S):
+                await self.stats.flush()
             if isinstance(outcome, str):
                 return self._dead(endpoint, request, outcome)
             self.stats.count(endpoint.name, "retried")
@@ -194,20 +203,24 @@ class Sender:
     async def _attempt(self, endpoint: Endpoint, request: Request) -> Reply:
         """Vet the host, wait for a permit, send. Refused if the host may not be called."""
         url = request.url
-        try:
-            await self.vetter.vet(url.raw_host or "", url.port or 0)
-        except OSError as exc:  # the host does not resolve (now): worth another attempt
-            return Reply(0, f"cannot resolve {url.raw_host}: {exc}")
+        host, port = url.raw_host or "", url.port or 0
+        if not self.vetter.vetted(host, port):  # else vetted lately: no coroutine to await
+            try:
+                await self.vetter.vet(host, port)
+            except OSError as exc:  # the host does not resolve (now): worth another attempt
+                return Reply(0, f"cannot resolve {url.raw_host}: {exc}")
         timeout = endpoint.settings.timeout_s
         permit = await self._permit(endpoint, timeout + 1.0) if endpoint.rate.limited else FREE
         try:
+            now, body = int(time.time()), request.body
             headers = {
                 **request.headers,
                 "Content-Type": "application/json",
                 IDEMPOTENCY_HEADER: request.key,
-                **signed_headers(endpoint.secret, int(time.time()), request.body),
+                TIMESTAMP_HEADER: str(now),
+                SIGNATURE_HEADER: endpoint.signer.sign(now, body),
             }
-            reply = await self.transport.post(url, request.body, headers, timeout)
+            reply = await self.transport.post(url, body, headers, timeout)
             self.requests[endpoint.name, status_class(reply.status)] += 1
             return reply
         finally:
@@ -273,7 +286,10 @@ class Sender:
 
 def status_class(status: int) -> str:
     """`2xx` … `5xx` of an HTTP status, `error` when no reply came (0)."""
-    return f"{status // 100}xx" if 100 <= status < 600 else "error"
+    return _CLASSES[status // 100] if 100 <= status < 600 else "error"
+
+
+_CLASSES = ("", "1xx", "2xx", "3xx", "4xx", "5xx")  # made once: this runs for every request
 
 
 def _attempts(n: int) -> str:

@@ -166,6 +166,11 @@ class Vetter(AbstractResolver):
         self._getaddrinfo = getaddrinfo
         self._cache: dict[tuple[str, int], tuple[float, list[ResolveResult]]] = {}
 
+    def vetted(self, host: str, port: int) -> bool:
+        """Whether `host` was vetted lately (its addresses cached): then `vet` is not needed."""
+        cached = self._cache.get((host.lower(), port))
+        return cached is not None and cached[0] > time.monotonic()
+
     async def vet(self, host: str, port: int) -> list[ResolveResult]:
         """The vetted addresses of `host`; Refused if any is forbidden, OSError if none."""
         host = host.lower()

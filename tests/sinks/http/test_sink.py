@@ -298,6 +298,31 @@ async def test_every_request_carries_a_verifiable_signature_over_timestamp_and_b
     assert not signed_correctly(tampered)
 
 
+async def test_a_request_carries_the_sinks_headers_the_calls_own_and_no_others(
+    receiver: Receiver, redis_url: str, keys: Keys
+) -> None:
+    """What a receiver sees: no Accept-Encoding (only an excerpt of a reply is read, no
+    compression is asked for), the sink's User-Agent, the call's own headers."""
+    window = Window()
+    entries = [window.entry("k", receiver.url(), {"n": 1}, headers={"X-Tag": "t"})]
+    async with http_sink(redis_url, keys) as built:
+        assert await built.sink.write(window.batch(entries)) == []
+    (record,) = receiver.records
+    assert sorted(record.headers) == [
+        "Accept",
+        "Content-Length",
+        "Content-Type",
+        "Host",
+        "Idempotency-Key",
+        "User-Agent",
+        "X-Streamsink-Signature",
+        "X-Streamsink-Timestamp",
+        "X-Tag",
+    ]
+    assert record.headers["Accept"] == "*/*"
+    assert record.headers["User-Agent"] == "streamsink-http-sink"
+
+
 @pytest.mark.parametrize("mode", ["each", "batch"])
 async def test_a_replayed_call_keeps_the_idempotency_key_of_its_first_entry(
     receiver: Receiver, redis_url: str, keys: Keys, mode: str
