@@ -46,6 +46,22 @@ from streamsink.streams.retry import TRANSIENT, backoff_bound, retrying
 
 log = logging.getLogger("streamsink.http")
 
+
+class DeliveredThenStopped(asyncio.CancelledError):
+    """The delivering task was cancelled, but its request on the wire was delivered (2xx):
+    a cancellation still, which the sink catches on the way to mark the call delivered."""
+
+
+async def _ended(sending: asyncio.Future[Reply]) -> Reply | None:
+    """The reply of a request already sent, once it ends; None if it failed."""
+    try:
+        return await sending
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        return None
+
+
 RETRIED = (0, 408, 429)
 """Statuses below 500 that are retried: no reply (0), Request Timeout, Too Many Requests."""
 
@@ -220,7 +236,18 @@ class Sender:
                 TIMESTAMP_HEADER: str(now),
                 SIGNATURE_HEADER: endpoint.signer.sign(now, body),
             }
-            reply = await self.transport.post(url, body, headers, timeout)
+            sending = asyncio.ensure_future(self.transport.post(url, body, headers, timeout))
+            try:
+                reply = await asyncio.shield(sending)
+            except asyncio.CancelledError:
+                # Stopped (a handover, a shutdown) with the request maybe on the wire: let it
+                # end (its timeout bounds the wait; a second cancel ends it at once), so a
+                # delivered call is marked and the next owner does not send it again.
+                ended = await _ended(sending)
+                if ended is None or not 200 <= ended.status < 300:
+                    raise
+                self.requests[endpoint.name, status_class(ended.status)] += 1
+                raise DeliveredThenStopped from None
             self.requests[endpoint.name, status_class(reply.status)] += 1
             return reply
         finally:

@@ -19,7 +19,7 @@ from typing import Any
 
 from streamsink.schemas.config import Config
 from streamsink.sinks.base import Batch, Rejected
-from streamsink.sinks.http.deliver import Endpoint, Sender
+from streamsink.sinks.http.deliver import DeliveredThenStopped, Endpoint, Sender
 from streamsink.sinks.http.plan import Request, plan
 from streamsink.sinks.http.settings import HttpSettings
 from streamsink.sinks.http.transport import AiohttpTransport, Transport
@@ -153,7 +153,12 @@ class HttpSink:
         `concurrency` of these: a task per chain would cost more than its request."""
         while queue:
             for request in queue.popleft():
-                refused = await self.sender.deliver(self.endpoint(request), request)
+                try:
+                    refused = await self.sender.deliver(self.endpoint(request), request)
+                except DeliveredThenStopped:  # stopped, but this one went through
+                    if marks is not None:
+                        marks.add(request.entry_ids)
+                    raise
                 if not refused and marks is not None:
                     marks.add(request.entry_ids)
                 rejected.extend(refused)

@@ -423,3 +423,29 @@ async def test_a_new_owner_skips_the_callbacks_marked_delivered_until_the_next_w
         assert await again.sink.write(window.batch(second)) == []
     assert sorted(record.json()["n"] for record in receiver.records) == list(range(15))
     assert {m.decode() for m in r.smembers(marked)} == {e.id for e in second}
+
+
+async def test_a_window_stopped_mid_request_marks_what_went_through_and_resends_nothing(
+    receiver: Receiver, redis_url: str, keys: Keys, r: redis.Redis
+) -> None:
+    """A handover or a shutdown cancels the window while requests are on the wire: they are
+    let end, those answered 2xx are marked, so the next owner sends only what never went."""
+    receiver.answer = lambda record, server: Answer(200, delay=0.4)
+    window = Window()
+    calls = [window.entry(f"k{n}", receiver.url(), {"n": n}) for n in range(6)]
+    options = {"concurrency": 2}
+    async with http_sink(redis_url, keys, options) as built:
+        writing = asyncio.create_task(built.sink.write(window.batch(calls)))
+        deadline = time.monotonic() + 10
+        while len(receiver.records) < 2:  # two requests are on the wire, not answered yet
+            assert time.monotonic() < deadline, "no request arrived"
+            await asyncio.sleep(0.01)
+        writing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await writing
+    marked = keys.http_delivered("hooks", 0, "g", "hooks")
+    assert r.scard(marked) == 2, "the two requests in flight went through: marked"
+    async with http_sink(redis_url, keys, options) as again:  # the next owner, same window
+        assert await again.sink.write(window.batch(calls)) == []
+    numbers = sorted(record.json()["n"] for record in receiver.records)
+    assert numbers == list(range(6)), "each call once: none lost, none sent twice"
