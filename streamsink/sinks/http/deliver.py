@@ -247,6 +247,7 @@ class Sender:
                 if ended is None or not 200 <= ended.status < 300:
                     raise
                 self.requests[endpoint.name, status_class(ended.status)] += 1
+                self.stats.count(endpoint.name, "sent", len(request.entry_ids))
                 raise DeliveredThenStopped from None
             self.requests[endpoint.name, status_class(reply.status)] += 1
             return reply

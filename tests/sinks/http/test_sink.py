@@ -443,6 +443,7 @@ async def test_a_window_stopped_mid_request_marks_what_went_through_and_resends_
         writing.cancel()
         with pytest.raises(asyncio.CancelledError):
             await writing
+    assert endpoint_rows(r, keys, "hooks")[0].sent == 2, "counted as sent (saved at close)"
     marked = keys.http_delivered("hooks", 0, "g", "hooks")
     assert r.scard(marked) == 2, "the two requests in flight went through: marked"
     async with http_sink(redis_url, keys, options) as again:  # the next owner, same window
