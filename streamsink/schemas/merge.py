@@ -217,7 +217,9 @@ def _fold_window(
     assign_only = False
     set_kinds: dict[str, Kind] = {}
     incr_kinds: dict[str, Kind] = {}
+    timestamps: frozenset[str] = frozenset()
     low, high = INT64_MIN, INT64_MAX
+    new_change = object.__new__
     for entry in entries:
         entry_id, event, table = entry
         op = event.op
@@ -231,16 +233,20 @@ def _fold_window(
             plan = _plan_for(merged, plans, table)
             rows, key_name, row_key = plan.rows, plan.key_name, plan.row_key
             assign_only, set_kinds, incr_kinds = plan.assign_only, plan.set_kinds, plan.incr_kinds
+            timestamps = plan.timestamps
         if op is _APPEND:
             merged.appends.setdefault(table.name, []).append(entry)
             continue
         data = event.data
         key = (data[key_name],) if key_name is not None else row_key(data)
         change = rows.get(key)
-        if change is None:
-            change = rows[key] = RowChange(key)
-        change.events += 1
-        change.last_id = entry_id
+        if change is None:  # RowChange(key) without its Python-level __init__
+            change = rows[key] = new_change(RowChange)
+            change.key, change.deleted, change.fields = key, False, {}
+            change.events, change.last_id = 1, entry_id
+        else:
+            change.events += 1
+            change.last_id = entry_id
         fields = change.fields
         if op is _DEL:
             change.deleted = True
@@ -267,8 +273,14 @@ def _fold_window(
                             overflows.add((table.name, key))
                     elif not -(limit := plan.limits[name]) < total < limit:  # a Decimal
                         overflows.add((table.name, key))
-                else:
-                    fields[name] = (kind, _pick(kind, old[1], value, name in plan.timestamps))
+                elif name in timestamps:
+                    fields[name] = (kind, _pick(kind, old[1], value, True))
+                else:  # _pick inlined: the greater (MAX) or lesser (MIN), the older on a tie
+                    was = old[1]
+                    if kind is MAX:
+                        fields[name] = (kind, value if value > was else was)
+                    else:
+                        fields[name] = (kind, value if value < was else was)
 
 
 def _plan_for(merged: Merged, plans: dict[str, _Plan], table: Table) -> _Plan:
