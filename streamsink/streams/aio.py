@@ -214,7 +214,13 @@ class AsyncProducer:
         return self._send_inline(request)  # spares the hop through the sender task
 
     async def _send_inline(self, request: _Request) -> list[str]:
-        await self._send([request])
+        try:
+            await self._send([request])
+        except BaseException:
+            future = request[2]  # settled by _send for nobody but this caller, who gets
+            if future.done() and not future.cancelled():  # the exception raised here:
+                future.exception()  # retrieved, so asyncio does not report it as lost
+            raise
         return request[2].result()
 
     async def _wait_for_room(self, request: _Request) -> list[str]:

@@ -419,3 +419,35 @@ async def test_each_failed_publish_gets_an_exception_of_its_own(
     assert len({id(x) for x in results}) == len(results), "one exception shared by callers"
     depths = {len(traceback.extract_tb(x.__traceback__)) for x in stopped}  # type: ignore[union-attr]
     assert max(depths) < 10, depths
+
+
+async def test_a_publish_cancelled_while_sent_inline_leaves_no_lost_exception(
+    redis_server: RedisServer, own: redis.Redis, aown: aredis.Redis, keys: Keys
+) -> None:
+    """A caller cancelled while its publish waits for Redis' reply (sent from the caller's
+    task, the producer idle): it gets CancelledError, and asyncio reports no "Future
+    exception was never retrieved" for the publish's settled future."""
+    import gc
+
+    reported: list[dict[str, object]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    producer = AsyncProducer(aown, make_config(keys), ProducerSettings(max_wait=0))
+    await producer.publish("tasks", task(0))  # the shard count is known: the next is inline
+    assert redis_server.process is not None
+    os.kill(redis_server.process.pid, signal.SIGSTOP)  # the reply never comes
+    try:
+        publishing = asyncio.create_task(producer.publish("tasks", task(1)))
+        await asyncio.sleep(0.05)
+        publishing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await publishing
+        del publishing
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        os.kill(redis_server.process.pid, signal.SIGCONT)
+        loop.set_exception_handler(None)
+    await producer.close(grace=0.5)
+    lost = [c for c in reported if "never retrieved" in str(c.get("message"))]
+    assert lost == [], lost
