@@ -159,12 +159,18 @@ class Sender:
                 except Refused as exc:
                     await endpoint.breaker.neutral(probe)  # nothing was sent
                     return self._dead(endpoint, request, f"URL refused: {exc}")
+                except DeliveredThenStopped:
+                    self.stats.count(endpoint.name, "sent", len(request.entry_ids))
+                    raise
             if 200 <= reply.status < 300:
-                if endpoint.breaker.is_news(probe):  # else a success changes nothing
-                    await endpoint.breaker.succeeded(probe)
                 self.stats.count(endpoint.name, "sent", len(request.entry_ids))
-                if self.stats.due(STATS_EVERY_S):
-                    await self.stats.flush()
+                try:  # delivered: a stop from here on must still mark it
+                    if endpoint.breaker.is_news(probe):  # else a success changes nothing
+                        await endpoint.breaker.succeeded(probe)
+                    if self.stats.due(STATS_EVERY_S):
+                        await self.stats.flush()
+                except asyncio.CancelledError:
+                    raise DeliveredThenStopped from None
                 return []
             outcome = await self._failed(endpoint, request, reply, attempts, probe)
             if self.stats.due(STATS_EVERY_S):
@@ -227,6 +233,7 @@ class Sender:
                 return Reply(0, f"cannot resolve {url.raw_host}: {exc}")
         timeout = endpoint.settings.timeout_s
         permit = await self._permit(endpoint, timeout + 1.0) if endpoint.rate.limited else FREE
+        delivered = False
         try:
             now, body = int(time.time()), request.body
             headers = {
@@ -247,13 +254,19 @@ class Sender:
                 if ended is None or not 200 <= ended.status < 300:
                     raise
                 self.requests[endpoint.name, status_class(ended.status)] += 1
-                self.stats.count(endpoint.name, "sent", len(request.entry_ids))
+                delivered = True
                 raise DeliveredThenStopped from None
             self.requests[endpoint.name, status_class(reply.status)] += 1
+            delivered = 200 <= reply.status < 300
             return reply
         finally:
             if permit.member:
-                await self._done(endpoint, permit)
+                try:
+                    await self._done(endpoint, permit)
+                except asyncio.CancelledError:
+                    if delivered:  # stopped after the call went through: still marked
+                        raise DeliveredThenStopped from None
+                    raise
 
     async def _permit(self, endpoint: Endpoint, busy_s: float) -> Permit:
         """Wait for a start under the endpoint's shared limit."""

@@ -126,13 +126,27 @@ def test_three_workers_never_exceed_the_endpoint_rate_in_any_second(
     assert most <= RATE  # burst 1: the limit allows RATE in any second
     assert most >= RATE * 0.8, "the limit should be approached, not merely respected"
     assert span >= (CALLS // RATE - 1)  # what <= RATE in every second implies: 19 s
-    assert len(receiver.records) == CALLS  # no failures, so no repeats either
-    assert sorted(record.json() for record in receiver.records) == list(range(CALLS))
+    # No failures, and handovers let requests on the wire end and mark them: no repeats.
+    # The one exception is a lease that expired under load (the machine stalled a worker
+    # past lease_ttl_ms): its successor cannot know what was on the wire, so at most the
+    # requests in flight then are sent again, each with its Idempotency-Key.
+    lines = {
+        log: [orjson.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+        for log in logs
+    }
+    lost = [
+        line
+        for log in logs
+        for line in lines[log]
+        if line["msg"] in ("lease lost", "lease expired unrenewed", "shard fenced by a newer owner")
+    ]
+    repeats = len(receiver.records) - CALLS
+    assert repeats == 0 or 0 < repeats <= 4 * len(lost), (repeats, lost)
+    assert sorted(set(record.json() for record in receiver.records)) == list(range(CALLS))
 
     takers = set()
     for log in logs:
-        lines = [orjson.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
-        if any(line["msg"] == "shard taken" for line in lines):
+        if any(line["msg"] == "shard taken" for line in lines[log]):
             takers.add(log)
     assert len(takers) == WORKERS, "every worker should have owned shards and sent callbacks"
     for shard in range(SHARDS):
@@ -140,7 +154,7 @@ def test_three_workers_never_exceed_the_endpoint_rate_in_any_second(
 
     status = _status(path)
     row = next(line for line in status.splitlines() if line.startswith(endpoint))
-    assert row.split()[1:6] == [str(CALLS), "0", "0", "0", "closed"], status
+    assert row.split()[1:6] == [str(CALLS + repeats), "0", "0", "0", "closed"], status
 
 
 def _status(config: Path) -> str:
