@@ -12,6 +12,7 @@ prefixes reached database 0 (`leaked_into`): a test that ignores REDIS_URL fails
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -111,7 +112,17 @@ def database_url() -> Iterator[str]:
 
         container = PostgresContainer("postgres:15").start()
         base = container.get_connection_url(driver=None)
-    name = f"streamsink_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    try:
+        with fresh_database(base, f"streamsink_test_{os.getpid()}_{uuid.uuid4().hex[:8]}") as dsn:
+            yield dsn
+    finally:
+        if container is not None:
+            container.stop()
+
+
+@contextlib.contextmanager
+def fresh_database(base: str, name: str) -> Iterator[str]:
+    """The DSN of a new database `name` on the server of `base`, dropped afterwards."""
     admin = psycopg2.connect(base)
     admin.autocommit = True
     with admin.cursor() as cur:
@@ -126,8 +137,6 @@ def database_url() -> Iterator[str]:
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
         admin.close()
-        if container is not None:
-            container.stop()
 
 
 PREFIXES: set[str] = set()  # every key prefix this run (this xdist worker) handed out

@@ -32,13 +32,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
-import psycopg2
 import pytest
 import redis
-from psycopg2 import sql
 
 from streamsink.streams import Keys
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, fresh_database
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -73,21 +71,8 @@ def config_file() -> str:
 @pytest.fixture
 def database(database_url: str) -> Iterator[str]:
     """A database of this test's own (the README's tables live in `public`)."""
-    name = f"readme_{uuid.uuid4().hex[:10]}"
-    admin = psycopg2.connect(database_url)
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    params = psycopg2.extensions.parse_dsn(database_url)
-    params["dbname"] = name
-    try:
-        yield psycopg2.extensions.make_dsn(**params)
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
-        admin.close()
+    with fresh_database(database_url, f"readme_{uuid.uuid4().hex[:10]}") as dsn:
+        yield dsn
 
 
 def seed_dead_letters(url: str, lines: list[str]) -> None:

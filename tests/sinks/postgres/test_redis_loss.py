@@ -28,16 +28,10 @@ from tests.conftest import RedisServer, free_port
 from tests.consumers.test_worker_processes import Cluster
 from tests.sinks.postgres import test_faults
 from tests.sinks.postgres.test_faults import Setup, logged
+from tests.sinks.postgres.test_outages import COUNTERS
 
 setup_for = test_faults.setup_for  # the fixture, shared
 
-COUNTERS = """
-[tables.items]
-schema = SCHEMA
-key = ["id"]
-columns.id = "int"
-columns.n = { type = "int", policy = "sum" }
-"""
 
 GROUP = """
 lease_ttl_ms = 1500
