@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
@@ -84,15 +85,29 @@ async def retrying(
     where: Mapping[str, object] | None = None,
 ) -> T:
     """Run `operation` until it succeeds, sleeping with backoff after transient errors;
-    `where` (group, shard, the server: `redis=host:port`) goes into each log line."""
+    `where` (group, shard, the server: `redis=host:port`) goes into its log lines: one
+    warning when it starts failing, the later attempts at debug level, and one line when
+    it succeeds again (with how many attempts and how long it took)."""
     backoff = Backoff()
+    failing_since: float | None = None
     while True:
         try:
-            return await operation()
+            result = await operation()
         except transient as exc:
             if cancelling():
                 raise asyncio.CancelledError from exc
             delay = backoff.next()
             extra = {**(where or {}), "what": what, "error": repr(exc), "in_s": round(delay, 3)}
-            log.warning("retrying", extra=extra)
+            if failing_since is None:
+                failing_since = time.monotonic()
+                log.warning("retrying", extra=extra)
+            else:
+                log.debug("retrying", extra={**extra, "attempt": backoff.attempt})
             await asyncio.sleep(delay)
+            continue
+        if failing_since is not None:
+            extra = {**(where or {}), "what": what, "attempts": backoff.attempt + 1}
+            log.info(
+                "recovered", extra={**extra, "after_s": round(time.monotonic() - failing_since, 3)}
+            )
+        return result
