@@ -87,6 +87,11 @@ _OPS = {op.value.encode(): op for op in Op}
 _OP_BYTES = {op: name for name, op in _OPS.items()}
 
 
+def op_bytes(op: Op) -> bytes:
+    """How `op` is written in an entry's op field."""
+    return _OP_BYTES[op]
+
+
 def shard_of(key: str, shards: int) -> int:
     """The shard of `key`: CRC-32 (IEEE, as zlib) of its UTF-8 bytes, modulo `shards`."""
     return zlib.crc32(key.encode("utf-8")) % shards
