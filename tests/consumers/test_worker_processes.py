@@ -421,6 +421,13 @@ def test_a_second_sigterm_stops_a_worker_that_cannot_drain(
     r: redis.Redis, keys: Keys, redis_server: RedisServer, cluster: Cluster
 ) -> None:
     path = cluster.config(redis_server.url)
+    # Leases that outlive the test: with Redis down a worker drops its shards after a whole
+    # lease TTL without renewal, and then has nothing left to drain (1.5 s: under load the
+    # worker could end so, exit 0, before the second signal came: one failure in a loaded run).
+    path.write_text(
+        path.read_text().replace(f"lease_ttl_ms = {int(LEASE_TTL * 1000)}", "lease_ttl_ms = 30000")
+    )
+    assert "lease_ttl_ms = 30000" in path.read_text()
     own = redis.Redis.from_url(redis_server.url)
     create_stream(own, keys, STREAM, SHARDS)
     worker = cluster.start(path, sleep_ms=50)
@@ -429,7 +436,9 @@ def test_a_second_sigterm_stops_a_worker_that_cannot_drain(
     eventually(lambda: len(recording.batches(r, keys.prefix)) >= 1, "a window", workers=[worker])
     redis_server.kill()  # Redis stays down: the drain cannot acknowledge anything
     worker.signal(signal.SIGTERM)
-    time.sleep(1.0)
+    draining = lambda: any(line["msg"] == "signal: draining" for line in worker.records())  # noqa: E731
+    eventually(draining, "the first signal taken", workers=[worker])
+    time.sleep(0.5)
     assert worker.alive()  # still trying to drain
     worker.signal(signal.SIGTERM)
     assert worker.wait(10) == 1
