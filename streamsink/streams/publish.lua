@@ -1,4 +1,5 @@
--- KEYS[1]: shard stream. ARGV[1]: dedup key prefix, ARGV[2]: dedup TTL (ms), ARGV[3]:
+-- KEYS[1]: shard stream, KEYS[2]: its idempotency ids' index (`Keys.ids`). ARGV[1]: the
+-- old dedup key prefix (`Keys.dedup_prefix`, read only), ARGV[2]: dedup TTL (ms), ARGV[3]:
 -- max lag (0: none), ARGV[4]: memory ceiling as a fraction of maxmemory (0: none), ARGV[5]:
 -- the shard's read-model key prefix (`Keys.row_prefix`), ARGV[6]: the stream's default
 -- table ('' if none; a row's hash is `Keys.row`: prefix, table, ':', routing key), ARGV[7]:
@@ -14,6 +15,11 @@
 -- ID of each event; a repeated id returns the first publish's entry ID. After the events come
 -- the shapes that '=' events name: `shape, field count, field names`, once per call. The
 -- type check and the backpressure check come first so that a refused call has written nothing.
+--
+-- Ids (see `Keys.ids`): at the call's first event with an id, `recall` looks up every id of
+-- the call at once: one MGET of the old one-key-per-id layout and one HMGET per live bucket;
+-- each event then costs its XADD only, and the call's new ids go into the current bucket of
+-- the TTL's width with one HSET and one PEXPIREAT at the end (`remember`).
 --
 -- Lag (see `Backpressure`): per group, the entries it has not acknowledged: Redis' own
 -- `lag` (entries added but not yet delivered to the group) plus its pending entries
@@ -183,6 +189,72 @@ if tail > 0 then
     j = j + 2 + k
   end
 end
+local known, now, live, added = nil, nil, nil, {}  -- id -> first entry ID (once recalled)
+local function walk(i, last)  -- the ids of the events from ARGV[i] on, each once
+  local found, seen = {}, {}
+  while i <= last do
+    local form, id = ARGV[i + 1], nil
+    if form == '!' then
+      id, i = ARGV[i + 4], i + 5
+    elseif form == '+' then
+      id, i = ARGV[i + 7], i + 8
+    elseif form == '#' then
+      id, i = ARGV[i + 7], model(nil, i + 8, false)
+    elseif form == '=' then
+      i = i + 6 + #shapes[ARGV[i + 5]]
+    elseif form == '*' then
+      i = model(nil, i + 4, false)
+    else
+      i = i + 3
+    end
+    if id and id ~= '' and not seen[id] then
+      seen[id] = true
+      found[#found + 1] = id
+    end
+  end
+  return found
+end
+local function recall(i, last)  -- what every id from event ARGV[i] on was first published as
+  known = {}
+  local ids = walk(i, last)
+  local time = redis.call('TIME')
+  now = string.format('%d', time[1] * 1000 + math.floor(time[2] / 1000))
+  live = redis.call('ZRANGE', KEYS[2], '(' .. now, '+inf', 'BYSCORE', 'WITHSCORES')
+  for start = 1, #ids, 4000 do  -- unpack takes at most ~8000 values
+    local some = {unpack(ids, start, math.min(start + 3999, #ids))}
+    local old = {}
+    for k = 1, #some do old[k] = ARGV[1] .. some[k] end
+    local firsts = redis.call('MGET', unpack(old))
+    for b = 1, #live, 2 do
+      local got = redis.call('HMGET', KEYS[2] .. ':' .. live[b], unpack(some))
+      for k = 1, #some do firsts[k] = firsts[k] or got[k] end
+    end
+    for k = 1, #some do known[some[k]] = firsts[k] end
+  end
+end
+local function remember()  -- the call's new ids (`added`: id, entry ID, ...), one bucket
+  local ttl, width = tonumber(ARGV[2]), 1
+  while width * 2 < ttl do width = width * 2 end  -- the power of two in [ttl / 2, ttl)
+  local number = math.floor(tonumber(now) / width)
+  local member = string.format('%d:%d', width, number)
+  local bucket = KEYS[2] .. ':' .. member
+  for start = 1, #added, 4000 do  -- unpack takes at most ~8000 values
+    redis.call('HSET', bucket, unpack(added, start, math.min(start + 3999, #added)))
+  end
+  local ends, current, last = (number + 1) * width + ttl, nil, 0
+  for b = 1, #live, 2 do
+    local score = tonumber(live[b + 1])
+    if live[b] == member then current = score end
+    if score > last then last = score end
+  end
+  if current and current > ends then ends = current end  -- a longer TTL's ids are there too
+  redis.call('PEXPIREAT', bucket, string.format('%d', ends))  -- every call: never left without
+  if current ~= ends then  -- a new bucket (or a longer TTL): listed, old ones dropped
+    redis.call('ZADD', KEYS[2], string.format('%d', ends), member)
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+    if ends > last then redis.call('PEXPIREAT', KEYS[2], string.format('%d', ends)) end
+  end
+end
 while i <= n do
   local entry = false
   local form = ARGV[i + 1]
@@ -200,12 +272,14 @@ while i <= n do
       'XADD', KEYS[1], '*', names[1], ARGV[i], names[2], ARGV[i + 2], names[3], ARGV[i + 3])
     i = model(home .. ARGV[i], i + 4, true)
   elseif form == '!' then  -- key, '!', op, data, id: what the '+' form does, in fewer steps
-    local seen = ARGV[1] .. ARGV[i + 4]
-    entry = redis.call('GET', seen)
+    local id = ARGV[i + 4]
+    if not known then recall(i, n) end
+    entry = known[id]
     if not entry then
       entry = redis.call('XADD', KEYS[1], '*', names[1], ARGV[i], names[2], ARGV[i + 2],
-        names[3], ARGV[i + 3], names[7], ARGV[i + 4])
-      redis.call('SET', seen, entry, 'PX', ARGV[2])
+        names[3], ARGV[i + 3], names[7], id)
+      known[id] = entry
+      added[#added + 1], added[#added + 2] = id, entry
     end
     i = i + 5
   elseif form ~= '+' and form ~= '#' then
@@ -215,7 +289,8 @@ while i <= n do
   else
     local eid = ARGV[i + 7]
     if eid ~= '' then
-      entry = redis.call('GET', ARGV[1] .. eid)
+      if not known then recall(i, n) end
+      entry = known[eid]
     end
     local fresh = not entry
     if fresh then
@@ -229,7 +304,8 @@ while i <= n do
       end
       entry = redis.call('XADD', KEYS[1], '*', unpack(fields))
       if eid ~= '' then
-        redis.call('SET', ARGV[1] .. eid, entry, 'PX', ARGV[2])
+        known[eid] = entry
+        added[#added + 1], added[#added + 2] = eid, entry
       end
     end
     if form == '#' then  -- then the row's changes (a repeated publish's are in the hash
@@ -243,4 +319,5 @@ while i <= n do
   count = count + 1
   ids[count] = entry
 end
+if #added > 0 then remember() end
 return ids

@@ -312,7 +312,8 @@ class Preparer:
         spec = self.config.streams.get(stream)
         lag = spec.max_lag if spec is not None and spec.max_lag else 0
         memory = spec.max_memory if spec is not None and spec.max_memory else 0
-        args: list[bytes | str | int] = ["EVAL", publish_script(), 1, shard_key, dedup, ttl]
+        ids = keys.ids(stream, shard)
+        args: list[bytes | str | int] = ["EVAL", publish_script(), 2, shard_key, ids, dedup, ttl]
         args += [lag, repr(memory) if memory else 0, *self._rows(stream, shard), 0]
         return Command(args, guarded=bool(lag or memory))
 
