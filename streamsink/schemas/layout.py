@@ -57,6 +57,10 @@ FULL = b"+"
 IDENTIFIED = b"!"
 """After the key, marks an event sent with op, data and its id (no table, ts or v):
 `key, '!', op, data, id`."""
+IDENTIFIED_ALL = b"!!"
+"""After the first event's key, marks a call whose events are all IDENTIFIED ones, sent
+without their marks (one argument an event less): `key, '!!', op, data, id`, then
+`key, op, data, id` for each further event."""
 MODEL = b"#"
 """After the key, marks an event sent with all its values and its read-model changes:
 `key, '#', op, data, table, ts, v, id, changes`."""

@@ -6,7 +6,8 @@
 -- where the shapes start (0: none; see below), then each
 -- event either as `key, op, data` (no table, ts, v or id: most events, three values and one
 -- XADD), as `key, '!', op, data, id` (an id and no table, ts or v: the idempotent publish's
--- usual shape), or as `key, '+', op, data, table, ts, v, id` ('' where absent), or, for a table
+-- usual shape; when every event of the call has it, the first is `key, '!!', op, data, id`
+-- and the others `key, op, data, id`, without a mark each), or as `key, '+', op, data, table, ts, v, id` ('' where absent), or, for a table
 -- with a read model, as `key, '=', op, data, TTL, shape, values` (a set of plain columns, no
 -- table, ts, v or id: the HSET of the shape's fields and these values), `key, '*', op,
 -- data, changes` (any other without table, ts, v or id) or
@@ -196,6 +197,14 @@ local function walk(i, last)  -- the ids of the events from ARGV[i] on, each onc
     local form, id = ARGV[i + 1], nil
     if form == '!' then
       id, i = ARGV[i + 4], i + 5
+    elseif form == '!!' then  -- to the end: key, op, data, id each after the first
+      for j = i + 4, last, 4 do
+        if not seen[ARGV[j]] then
+          seen[ARGV[j]] = true
+          found[#found + 1] = ARGV[j]
+        end
+      end
+      i = last + 1
     elseif form == '+' then
       id, i = ARGV[i + 7], i + 8
     elseif form == '#' then
@@ -255,6 +264,16 @@ local function remember()  -- the call's new ids (`added`: id, entry ID, ...), o
     if ends > last then redis.call('PEXPIREAT', KEYS[2], string.format('%d', ends)) end
   end
 end
+local function identified(key, op, data, id)  -- the entry ID of a '!' event, added if new
+  local entry = known[id]
+  if not entry then
+    entry = redis.call('XADD', KEYS[1], '*', names[1], key, names[2], op, names[3], data,
+      names[7], id)
+    known[id] = entry
+    added[#added + 1], added[#added + 2] = id, entry
+  end
+  return entry
+end
 while i <= n do
   local entry = false
   local form = ARGV[i + 1]
@@ -272,16 +291,18 @@ while i <= n do
       'XADD', KEYS[1], '*', names[1], ARGV[i], names[2], ARGV[i + 2], names[3], ARGV[i + 3])
     i = model(home .. ARGV[i], i + 4, true)
   elseif form == '!' then  -- key, '!', op, data, id: what the '+' form does, in fewer steps
-    local id = ARGV[i + 4]
     if not known then recall(i, n) end
-    entry = known[id]
-    if not entry then
-      entry = redis.call('XADD', KEYS[1], '*', names[1], ARGV[i], names[2], ARGV[i + 2],
-        names[3], ARGV[i + 3], names[7], id)
-      known[id] = entry
-      added[#added + 1], added[#added + 2] = id, entry
-    end
+    entry = identified(ARGV[i], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4])
     i = i + 5
+  elseif form == '!!' then  -- the same for every event to the end, each without its mark
+    if not known then recall(i, n) end
+    entry = identified(ARGV[i], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4])
+    for j = i + 5, n, 4 do
+      count = count + 1
+      ids[count] = entry
+      entry = identified(ARGV[j], ARGV[j + 1], ARGV[j + 2], ARGV[j + 3])
+    end
+    i = n + 1
   elseif form ~= '+' and form ~= '#' then
     entry = redis.call(
       'XADD', KEYS[1], '*', names[1], ARGV[i], names[2], ARGV[i + 1], names[3], ARGV[i + 2])

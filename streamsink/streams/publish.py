@@ -31,6 +31,7 @@ from streamsink.schemas.layout import (
     FULL,
     ID,
     IDENTIFIED,
+    IDENTIFIED_ALL,
     KEY,
     MARK,
     MODEL,
@@ -144,6 +145,8 @@ class Command:
     """The script checks backpressure or writes a read model: never sent as a plain XADD."""
     shapes: set[bytes] = field(default_factory=set)
     """The shapes its plain read-model sets name (sent after the events)."""
+    identified: int = 0
+    """How many of its events are laid out as IDENTIFIED (all of them: sent as one run)."""
 
     @property
     def key(self) -> str:
@@ -283,12 +286,16 @@ class Preparer:
                     command.guarded = True
                 elif values[ID] and not (values[TABLE] or values[TS] or values[VERSION]):
                     command.args += (values[KEY], IDENTIFIED, values[OP], values[DATA], values[ID])
+                    command.identified += 1
                 else:
                     command.args += (values[KEY], FULL, *values[OP:])
                 command.slots.append(slot)
                 slot += 1
         for command in made:
-            if command.shapes:  # after the events, the shapes they name
+            if 1 < command.identified == len(command.slots):  # one mark for them all
+                del command.args[FIRST_EVENT + MARK :: 5]
+                command.args.insert(FIRST_EVENT + MARK, IDENTIFIED_ALL)
+            elif command.shapes:  # after the events, the shapes they name
                 command.args[EVAL_SHAPES] = len(command.args) - EVAL_ARGV  # its place in ARGV
                 for shape in command.shapes:
                     names = self.shape_names[shape]
