@@ -73,7 +73,11 @@ while width * 2 < ttl do width = width * 2 end  -- the power of two in [ttl / 2,
 local number = math.floor(now / width)
 local bucket = string.format('%d:%d', width, number)
 local ends = string.format('%d', (number + 1) * width + ttl)
-redis.call('ZADD', KEYS[2], 'GT', ends, bucket)
+if redis.call('ZADD', KEYS[2], 'GT', ends, bucket) == 1 then  -- a new bucket: a value past 64
+  -- bytes (under the field '', which is no id) makes it a hash table, not a listpack
+  -- searched field by field
+  redis.call('HSET', KEYS[2] .. ':' .. bucket, '', string.rep('-', 65))
+end
 ends = redis.call('ZSCORE', KEYS[2], bucket)  -- the latest end any publisher gave it
 redis.call('HSET', KEYS[2] .. ':' .. bucket, id, entry)
 redis.call('PEXPIREAT', KEYS[2] .. ':' .. bucket, ends)

@@ -241,20 +241,24 @@ local function recall(i, last)  -- what every id from event ARGV[i] on was first
     for k = 1, #some do known[some[k]] = firsts[k] end
   end
 end
+local SEARCHED = 'a listpack (small hashes) is searched field by field, 1-4 us an id lookup'
 local function remember()  -- the call's new ids (`added`: id, entry ID, ...), one bucket
   local ttl, width = tonumber(ARGV[2]), 1
   while width * 2 < ttl do width = width * 2 end  -- the power of two in [ttl / 2, ttl)
   local number = math.floor(tonumber(now) / width)
   local member = string.format('%d:%d', width, number)
   local bucket = KEYS[2] .. ':' .. member
-  for start = 1, #added, 4000 do  -- unpack takes at most ~8000 values
-    redis.call('HSET', bucket, unpack(added, start, math.min(start + 3999, #added)))
-  end
   local ends, current, last = (number + 1) * width + ttl, nil, 0
   for b = 1, #live, 2 do
     local score = tonumber(live[b + 1])
     if live[b] == member then current = score end
     if score > last then last = score end
+  end
+  if not current then  -- a new bucket: a value past 64 bytes makes it a hash table at once
+    added[#added + 1], added[#added + 2] = '', SEARCHED  -- ('' is no id)
+  end
+  for start = 1, #added, 4000 do  -- unpack takes at most ~8000 values
+    redis.call('HSET', bucket, unpack(added, start, math.min(start + 3999, #added)))
   end
   if current and current > ends then ends = current end  -- a longer TTL's ids are there too
   redis.call('PEXPIREAT', bucket, string.format('%d', ends))  -- every call: never left without

@@ -59,6 +59,7 @@ def test_an_id_is_remembered_at_least_its_ttl_and_less_than_twice_it(
     assert width == 32_768  # the power of two in [ttl / 2, ttl)
     bucket = f"{keys.ids('tasks', shard)}:{member}"
     assert r.hget(bucket, "x") == entry.encode()
+    assert r.hlen(bucket) == 2 and r.object("encoding", bucket) == b"hashtable"  # '': see Lua
     assert r.pexpiretime(bucket) == ends
     assert before + 60_000 <= ends <= after + 60_000 + width
     assert r.pexpiretime(keys.ids("tasks", shard)) >= ends  # the index outlives its buckets
