@@ -190,21 +190,22 @@ if tail > 0 then
     j = j + 2 + k
   end
 end
-local known, now, live, added = nil, nil, nil, {}  -- id -> first entry ID (once recalled)
+local known, now, live, added, adds = nil, nil, nil, {}, 0  -- id -> first entry ID or false
 local function walk(i, last)  -- the ids of the events from ARGV[i] on, each once
-  local found, seen = {}, {}
+  local found, count = {}, 0
   while i <= last do
-    local form, id = ARGV[i + 1], nil
+    local form, id = ARGV[i + 1], ''
     if form == '!' then
       id, i = ARGV[i + 4], i + 5
     elseif form == '!!' then  -- to the end: key, op, data, id each after the first
       for j = i + 4, last, 4 do
-        if not seen[ARGV[j]] then
-          seen[ARGV[j]] = true
-          found[#found + 1] = ARGV[j]
+        id = ARGV[j]
+        if known[id] == nil then
+          known[id], count = false, count + 1
+          found[count] = id
         end
       end
-      i = last + 1
+      id, i = '', last + 1
     elseif form == '+' then
       id, i = ARGV[i + 7], i + 8
     elseif form == '#' then
@@ -216,9 +217,9 @@ local function walk(i, last)  -- the ids of the events from ARGV[i] on, each onc
     else
       i = i + 3
     end
-    if id and id ~= '' and not seen[id] then
-      seen[id] = true
-      found[#found + 1] = id
+    if id ~= '' and known[id] == nil then
+      known[id], count = false, count + 1
+      found[count] = id
     end
   end
   return found
@@ -230,15 +231,14 @@ local function recall(i, last)  -- what every id from event ARGV[i] on was first
   now = string.format('%d', time[1] * 1000 + math.floor(time[2] / 1000))
   live = redis.call('ZRANGE', KEYS[2], '(' .. now, '+inf', 'BYSCORE', 'WITHSCORES')
   for start = 1, #ids, 4000 do  -- unpack takes at most ~8000 values
-    local some = {unpack(ids, start, math.min(start + 3999, #ids))}
-    local old = {}
-    for k = 1, #some do old[k] = ARGV[1] .. some[k] end
+    local stop, old = math.min(start + 3999, #ids), {}
+    for k = start, stop do old[k - start + 1] = ARGV[1] .. ids[k] end
     local firsts = redis.call('MGET', unpack(old))
     for b = 1, #live, 2 do
-      local got = redis.call('HMGET', KEYS[2] .. ':' .. live[b], unpack(some))
-      for k = 1, #some do firsts[k] = firsts[k] or got[k] end
+      local got = redis.call('HMGET', KEYS[2] .. ':' .. live[b], unpack(ids, start, stop))
+      for k = 1, #got do firsts[k] = firsts[k] or got[k] end
     end
-    for k = 1, #some do known[some[k]] = firsts[k] end
+    for k = start, stop do known[ids[k]] = firsts[k - start + 1] end
   end
 end
 local SEARCHED = 'a listpack (small hashes) is searched field by field, 1-4 us an id lookup'
@@ -255,10 +255,10 @@ local function remember()  -- the call's new ids (`added`: id, entry ID, ...), o
     if score > last then last = score end
   end
   if not current then  -- a new bucket: a value past 64 bytes makes it a hash table at once
-    added[#added + 1], added[#added + 2] = '', SEARCHED  -- ('' is no id)
+    added[adds + 1], added[adds + 2], adds = '', SEARCHED, adds + 2  -- ('' is no id)
   end
-  for start = 1, #added, 4000 do  -- unpack takes at most ~8000 values
-    redis.call('HSET', bucket, unpack(added, start, math.min(start + 3999, #added)))
+  for start = 1, adds, 4000 do  -- unpack takes at most ~8000 values
+    redis.call('HSET', bucket, unpack(added, start, math.min(start + 3999, adds)))
   end
   if current and current > ends then ends = current end  -- a longer TTL's ids are there too
   redis.call('PEXPIREAT', bucket, string.format('%d', ends))  -- every call: never left without
@@ -274,7 +274,7 @@ local function identified(key, op, data, id)  -- the entry ID of a '!' event, ad
     entry = redis.call('XADD', KEYS[1], '*', names[1], key, names[2], op, names[3], data,
       names[7], id)
     known[id] = entry
-    added[#added + 1], added[#added + 2] = id, entry
+    added[adds + 1], added[adds + 2], adds = id, entry, adds + 2
   end
   return entry
 end
@@ -300,11 +300,20 @@ while i <= n do
     i = i + 5
   elseif form == '!!' then  -- the same for every event to the end, each without its mark
     if not known then recall(i, n) end
-    entry = identified(ARGV[i], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4])
-    for j = i + 5, n, 4 do
+    local key, j = ARGV[i], i + 2  -- then op, data and id (the first event's after its mark)
+    while true do
+      local id = ARGV[j + 2]
+      entry = known[id]
+      if not entry then
+        entry = redis.call('XADD', KEYS[1], '*', names[1], key, names[2], ARGV[j], names[3],
+          ARGV[j + 1], names[7], id)
+        known[id] = entry
+        added[adds + 1], added[adds + 2], adds = id, entry, adds + 2
+      end
+      if j + 3 > n then break end
       count = count + 1
       ids[count] = entry
-      entry = identified(ARGV[j], ARGV[j + 1], ARGV[j + 2], ARGV[j + 3])
+      key, j = ARGV[j + 3], j + 4
     end
     i = n + 1
   elseif form ~= '+' and form ~= '#' then
@@ -330,7 +339,7 @@ while i <= n do
       entry = redis.call('XADD', KEYS[1], '*', unpack(fields))
       if eid ~= '' then
         known[eid] = entry
-        added[#added + 1], added[#added + 2] = eid, entry
+        added[adds + 1], added[adds + 2], adds = eid, entry, adds + 2
       end
     end
     if form == '#' then  -- then the row's changes (a repeated publish's are in the hash
@@ -344,5 +353,5 @@ while i <= n do
   count = count + 1
   ids[count] = entry
 end
-if #added > 0 then remember() end
+if adds > 0 then remember() end
 return ids

@@ -130,7 +130,8 @@ class ProducerSettings:
 
 Prepared = tuple[bytes, ...]
 """An event ready to send: its values from `wire.packer` (key, op, data and, if any of
-them is present, table, ts, v and id)."""
+them is present, table, ts, v and id; or an event with only an id already laid out as
+IDENTIFIED)."""
 
 
 @dataclass(slots=True)
@@ -202,7 +203,7 @@ class Preparer:
         self.shards[stream] = shards
         validate = self.config.validator(stream)
         table = self.config.default_table(stream)
-        pack = packer(table, validate, self.config.max_data_bytes)
+        pack = packer(table, validate, self.config.max_data_bytes, not self.config.read_models)
         if self.config.read_models:
             pack = self._with_read_model(stream, pack)
         self.packers[stream] = pack
@@ -277,6 +278,9 @@ class Preparer:
                     made.append(command)
                 if len(values) == PLAIN_VALUES:
                     command.args += values
+                elif values[MARK] is IDENTIFIED:  # laid out by the packer
+                    command.args += values
+                    command.identified += 1
                 elif values[MARK] == MODEL_PLAIN:
                     command.args += values
                     command.guarded = True
