@@ -28,6 +28,7 @@ from streamsink.schemas.config import Config, from_dict
 from streamsink.schemas.event import Event
 from streamsink.schemas.numeric import exact_numbers
 from streamsink.schemas.wire import decode, encode
+from streamsink.signals import catch_early
 from streamsink.streams.admin import (
     ShardStatus,
     create_stream,
@@ -53,6 +54,8 @@ CONFIG_ENV = "STREAMSINK_CONFIG"
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     args = _parser().parse_args(argv)
+    if args.command == "worker":
+        catch_early()  # a SIGTERM while it starts: a clean stop (serve), not a kill
     try:
         config = _config(args)
         result: int = args.run(args, config)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 from streamsink.consumers.worker import Worker, worker_client
 from streamsink.schemas.config import Config
+from streamsink.signals import STOPS, early
 from streamsink.sinks import build_sinks
 from streamsink.sinks.base import Sink
 from streamsink.streams.connection import AsyncClient
@@ -86,8 +87,10 @@ async def serve(
         stop.set()
         gave_up.append(loop.call_later(shutdown_timeout_s, give_up))
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOPS:
         loop.add_signal_handler(signum, on_signal, signum)
+    for caught in early():  # before the loop listened (`signals.catch_early`)
+        on_signal(caught)
     try:
         await running
         return EXIT_STOPPED if worker.stopped else 0
@@ -104,7 +107,7 @@ async def serve(
     finally:
         for handle in gave_up:
             handle.cancel()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in STOPS:
             loop.remove_signal_handler(signum)
         await ops.aclose()
         await _close(built.values(), client)

@@ -65,15 +65,15 @@ MODEL = b"#"
 """After the key, marks an event sent with all its values and its read-model changes:
 `key, '#', op, data, table, ts, v, id, changes`."""
 MODEL_PLAIN = b"="
-"""After the key, marks a plain set with only op and data, its TTL, shape and values:
-`key, '=', op, data, TTL, shape, values`."""
+"""After the key, the first byte of a shape's mark (`=0`, `=1`, ...): a plain set of a
+table with a read model, sent as `key, shape mark, data, values`. The shape (sent once
+per call, after the events) names the fields its values go to, the key column (whose
+value is the key itself, not sent again) and the TTL; the op is set."""
 MODEL_SHORT = b"*"
 """After the key, marks an event with only op and data, and its read-model changes:
 `key, '*', op, data, changes`."""
 MARK = 1
 """Where the mark sits in a marked event's values."""
-MODEL_PLAIN_SHAPE = 5
-"""Where the shape number sits in a MODEL_PLAIN event's values."""
 
 # A dead letter: an entry moved to its group's dead-letter stream (streams/reader.py
 # writes it, streams/dead.py reads it), with why and where from.

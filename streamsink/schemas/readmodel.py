@@ -113,9 +113,10 @@ class Changer:
     how many assignments (-1: a del), then (field, value) per assignment, how many other
     changes, then (field, kind, value, order key) per other change]. Values go as the
     client sends them (text, int and float as they are: no encoding in Python), see
-    `ENCODERS`. `plain_ttl` is the quick way for the most common event, a set of plain
-    columns: its changes are then its data as it is. The event is valid for the table; its
-    routing key must be its row's key."""
+    `ENCODERS`. For the most common event, a set of a `plain` table without nulls, the
+    changes are its data as it is, with `ttl` of its data (producers send those by shape:
+    streams/publish.py). The event is valid for the table; its routing key must be its
+    row's key (`check_key`)."""
 
     def __init__(self, table: Table, model: ReadModel) -> None:
         key = self._key = table.key[0]
@@ -133,29 +134,24 @@ class Changer:
         self._coded |= {
             name: partial(_numeric_text, numeric) for name, numeric in table.numerics.items()
         }
-        self._plain = all(kind == "=" for kind in self._set_kinds.values()) and not self._coded
+        self.plain = all(kind == "=" for kind in self._set_kinds.values()) and not self._coded
+        """Whether every column is plain (lww, neither bool, json nor numeric): a set of
+        such a table without nulls changes its hash by its data's fields as they are."""
+        self.key = key
+        """The key column: its value's text (`key_text`) is the event's routing key."""
+        self.key_text = self._as_text
         self._status, self._default = model.ttl_by, model.ttl_ms(None)
         self._ttls = {value: model.ttl_ms(value) for value in model.ttl}
         self._delete = [self._default, -1]
 
-    def plain_ttl(self, event: Event) -> int | None:
-        """The TTL `event` gives its hash if it is a set of plain columns (lww, neither bool
-        nor json) without nulls: its changes are then its data's fields as they are. None
-        for any other event (call the changer for its layout)."""
-        data = event.data
-        if event.op is not Op.SET or not self._plain or None in data.values():
-            return None
-        self._check_key(event)
-        return self._ttl(data)
-
     def __call__(self, event: Event) -> list[Any]:
         """The event's changes in the general layout (see the class)."""
-        self._check_key(event)
+        self.check_key(event)
         op, data = event.op, event.data
         if op is Op.DEL:
             return self._delete
-        ttl = self._ttl(data)
-        if op is Op.SET and self._plain and None not in data.values():
+        ttl = self.ttl(data)
+        if op is Op.SET and self.plain and None not in data.values():
             out: list[Any] = [ttl, len(data)]
             for pair in data.items():
                 out += pair
@@ -180,7 +176,8 @@ class Changer:
                 others += (name, kind, value, order_key(types[name], value))
         return [ttl, len(assigns) // 2, *assigns, len(others) // 4, *others]
 
-    def _check_key(self, event: Event) -> None:
+    def check_key(self, event: Event) -> None:
+        """Raise ValidationError unless the event's routing key is its row's key."""
         data, key = event.data, self._key
         if key not in data or self._as_text(data[key]) != event.key:
             raise ValidationError(
@@ -189,7 +186,7 @@ class Changer:
                 f"{key} ({event.key!r} is not {data.get(key)!r})",
             )
 
-    def _ttl(self, data: Mapping[str, Any]) -> int:
+    def ttl(self, data: Mapping[str, Any]) -> int:
         """The TTL of a set or incr of `data` (negative: keep the one the status chose)."""
         status = self._status
         if status is None:

@@ -88,6 +88,11 @@ _OPS = {op.value.encode(): op for op in Op}
 _OP_BYTES = {op: name for name, op in _OPS.items()}
 
 
+def op_bytes(op: Op) -> bytes:
+    """How `op` is written in an entry's op field."""
+    return _OP_BYTES[op]
+
+
 def shard_of(key: str, shards: int) -> int:
     """The shard of `key`: CRC-32 (IEEE, as zlib) of its UTF-8 bytes, modulo `shards`."""
     return zlib.crc32(key.encode("utf-8")) % shards
@@ -135,11 +140,11 @@ def packer(
     The values are `pack`'s, only three (key, op, data) when the event has no table, ts,
     version or id; with `mark_ids`, a quick event with an id comes as the publish script
     takes it, `key, IDENTIFIED, op, data, id` (no second layout pass for the idempotent
-    publish's usual event). Plain: a set (keyed `table`) or append (keyless one) bound for `table`
-    without table, ts or version (an ASCII id may come), with an ASCII key, a dict of data
-    holding every key column, each value of a type its column takes as is (`Table.plain`),
-    and JSON free of null and NUL. Those pass every check, so one dict lookup and one type
-    test a field replace them; any other event takes the full path.
+    publish's usual event). Plain: a set (keyed `table`) or append (keyless one) bound for
+    `table` without table, ts or version (an ASCII id may come), with an ASCII key, a dict
+    of data holding every key column, each value of a type its column takes as is
+    (`Table.plain`), and JSON free of null and NUL. Those pass every check, so one dict
+    lookup and one type test a field replace them; any other event takes the full path.
     """
     plain = table.plain if table is not None else {}
     key_columns = frozenset(table.key) if table is not None else frozenset()

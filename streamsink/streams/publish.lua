@@ -7,15 +7,21 @@
 -- event either as `key, op, data` (no table, ts, v or id: most events, three values and one
 -- XADD), as `key, '!', op, data, id` (an id and no table, ts or v: the idempotent publish's
 -- usual shape; when every event of the call has it, the first is `key, '!!', op, data, id`
--- and the others `key, op, data, id`, without a mark each), or as `key, '+', op, data, table, ts, v, id` ('' where absent), or, for a table
--- with a read model, as `key, '=', op, data, TTL, shape, values` (a set of plain columns, no
--- table, ts, v or id: the HSET of the shape's fields and these values), `key, '*', op,
--- data, changes` (any other without table, ts, v or id) or
+-- and the others `key, op, data, id`, without a mark each), or as
+-- `key, '+', op, data, table, ts, v, id` ('' where absent), or, for a table
+-- with a read model, as `key, shape mark, data` (a set of plain columns, no table, ts, v
+-- or id, data without escapes: the HSET of the shape's key field to the key and its other
+-- fields to their values in the data, read by the shape's pattern, then its TTL; the mark
+-- starts with '='), `key, '*', op, data, changes` (any other without table, ts, v or id) or
 -- `key, '#', op, data, table, ts, v, id, changes` (schemas.readmodel's
 -- changer; the hash is changed only by a fresh publish, not a repeated one). Returns the entry
 -- ID of each event; a repeated id returns the first publish's entry ID. After the events come
--- the shapes that '=' events name: `shape, field count, field names`, once per call. The
--- type check and the backpressure check come first so that a refused call has written nothing.
+-- the shapes that events name: `mark, key field, TTL (ms), 1 if the TTL is only for a hash
+-- without one else 0, pattern, field count, field names` (the names in the order the
+-- pattern captures their values; streams/publish.py: shape_pattern), once per call. Every
+-- TTL and count goes to Redis as the text it came as: a Lua number costs a formatting
+-- (~1.5 µs a call). The type check and the backpressure check come first so that a
+-- refused call has written nothing.
 --
 -- Ids (see `Keys.ids`): at the call's first event with an id, `recall` looks up every id of
 -- the call at once: one MGET of the old one-key-per-id layout and one HMGET per live bucket;
@@ -29,9 +35,11 @@
 -- for it, as it does when the shard has no group yet: an upper bound, since the stream is
 -- trimmed only below what every group acknowledged. A call is refused while the slowest
 -- group's lag is at `max lag` or more, so a shard holds at most `max lag` + one batch.
--- streams/publish.py fills in the two holes: --[[NAMES]] (the stream field names, quoted,
--- in wire order) and --[[HSET_BY_ARITY]] (the HSET of an event's k values, written out per k).
+-- streams/publish.py fills in the holes: --[[NAMES]] (the stream field names, quoted, in
+-- wire order), --[[SET]] (the op of a set, quoted) and --[[HSET_BY_ARITY]] (the HSET of a
+-- shape's key and k fields, their values read from the data, written out per k).
 local names = {--[[NAMES]]}
+local set = --[[SET]]
 local kind = redis.call('TYPE', KEYS[1]).ok
 if kind ~= 'stream' and kind ~= 'none' then
   return redis.error_reply('WRONGTYPE ' .. KEYS[1] .. ' holds a ' .. kind .. ', not a stream')
@@ -127,7 +135,7 @@ local function better(kind, order, old)  -- is `order` past `old` (max: greater,
   if kind == '>' then return before(old, order) else return before(order, old) end
 end
 local function model(row, at, apply)  -- the read model: one event's changes to its hash
-  local ttl, assigns = tonumber(ARGV[at]), tonumber(ARGV[at + 1])
+  local ttl, assigns = ARGV[at], tonumber(ARGV[at + 1])
   if assigns < 0 then
     if apply then
       redis.call('DEL', row)
@@ -172,7 +180,11 @@ local function model(row, at, apply)  -- the read model: one event's changes to 
         redis.call('HSET', row, name, value, '~o:' .. name, order)
       end
     end
-    if ttl > 0 then redis.call('PEXPIRE', row, ttl) else redis.call('PEXPIRE', row, -ttl, 'NX') end
+    if string.byte(ttl, 1) ~= 45 then  -- '-': only for a hash without a TTL
+      redis.call('PEXPIRE', row, ttl)
+    else
+      redis.call('PEXPIRE', row, string.sub(ttl, 2), 'NX')
+    end
   end
   return j + 4 * others
 end
@@ -185,9 +197,12 @@ if tail > 0 then
   n = tail - 1
   local j = tail
   while j <= #ARGV do
-    local k = tonumber(ARGV[j + 1])
-    shapes[ARGV[j]] = {unpack(ARGV, j + 2, j + 1 + k)}
-    j = j + 2 + k
+    local k = tonumber(ARGV[j + 5])
+    local shape = {unpack(ARGV, j + 6, j + 5 + k)}
+    shape.key, shape.ttl, shape.nx = ARGV[j + 1], ARGV[j + 2], ARGV[j + 3] == '1'
+    shape.pattern = ARGV[j + 4]
+    shapes[ARGV[j]] = shape
+    j = j + 6 + k
   end
 end
 local known, now, live, added, adds = nil, nil, nil, {}, 0  -- id -> first entry ID or false
@@ -210,11 +225,9 @@ local function walk(i, last)  -- the ids of the events from ARGV[i] on, each onc
       id, i = ARGV[i + 7], i + 8
     elseif form == '#' then
       id, i = ARGV[i + 7], model(nil, i + 8, false)
-    elseif form == '=' then
-      i = i + 6 + #shapes[ARGV[i + 5]]
     elseif form == '*' then
       i = model(nil, i + 4, false)
-    else
+    else  -- key, op, data, or key, shape mark, data
       i = i + 3
     end
     if id ~= '' and known[id] == nil then
@@ -281,15 +294,17 @@ end
 while i <= n do
   local entry = false
   local form = ARGV[i + 1]
-  if form == '=' then  -- key, '=', op, data, TTL, shape, values (read model, plain set)
-    entry = redis.call(
-      'XADD', KEYS[1], '*', names[1], ARGV[i], names[2], ARGV[i + 2], names[3], ARGV[i + 3])
-    local row, fields, j = home .. ARGV[i], shapes[ARGV[i + 5]], i + 6
-    local k = #fields
+  local shape = shapes[form]
+  if shape then  -- key, shape mark, data (read model, plain set)
+    entry = redis.call('XADD', KEYS[1], '*', names[1], ARGV[i], names[2], set, names[3], ARGV[i + 2])
+    local row, k = home .. ARGV[i], #shape
     --[[HSET_BY_ARITY]]
-    local ttl = tonumber(ARGV[i + 4])
-    if ttl > 0 then redis.call('PEXPIRE', row, ttl) else redis.call('PEXPIRE', row, -ttl, 'NX') end
-    i = j + k
+    if shape.nx then
+      redis.call('PEXPIRE', row, shape.ttl, 'NX')
+    else
+      redis.call('PEXPIRE', row, shape.ttl)
+    end
+    i = i + 3
   elseif form == '*' then  -- key, '*', op, data, the row's changes (read model)
     entry = redis.call(
       'XADD', KEYS[1], '*', names[1], ARGV[i], names[2], ARGV[i + 2], names[3], ARGV[i + 3])

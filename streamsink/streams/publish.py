@@ -13,7 +13,7 @@ its SHA1 either way, so what EVAL costs more is the text sent: 10 kB a batch).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -36,7 +36,6 @@ from streamsink.schemas.layout import (
     MARK,
     MODEL,
     MODEL_PLAIN,
-    MODEL_PLAIN_SHAPE,
     MODEL_SHORT,
     OP,
     PACKED_FIELDS,
@@ -45,27 +44,33 @@ from streamsink.schemas.layout import (
     TS,
     VERSION,
 )
-from streamsink.schemas.readmodel import changer
-from streamsink.schemas.wire import packer
+from streamsink.schemas.readmodel import Changer, changer
+from streamsink.schemas.table import Column, ColumnType
+from streamsink.schemas.wire import op_bytes, packer
 from streamsink.streams.applied import Receipt
 from streamsink.streams.keys import Keys
 from streamsink.streams.scripts import lua
 
 
 def _hset_by_arity(most: int) -> bytes:
-    """Lua: the HSET of `k` fields and values, written out up to `most` fields (no table to
-    build: an event's values are HSET straight from ARGV), with a loop beyond."""
+    """Lua: the HSET of a shape's key field and its `k` fields, their values read from the
+    data by the shape's pattern, written out up to `most` fields (no table to build), with
+    a table beyond."""
     lines = []
     for k in range(1, most + 1):
-        pairs = ", ".join(f"fields[{m + 1}], ARGV[j + {m}]" for m in range(k))
-        lines.append(
-            f"    {'if' if k == 1 else 'elseif'} k == {k} then redis.call('HSET', row, {pairs})"
-        )
+        got = ", ".join(f"v{m}" for m in range(1, k + 1))
+        pairs = "".join(f", shape[{m}], v{m}" for m in range(1, k + 1))
+        lines += [
+            f"    {'if' if k == 1 else 'elseif'} k == {k} then",
+            f"      local {got} = string.match(ARGV[i + 2], shape.pattern)",
+            f"      redis.call('HSET', row, shape.key, ARGV[i]{pairs})",
+        ]
     lines += [
         "    else",
-        "      local assigns = {}",
+        "      local got = {string.match(ARGV[i + 2], shape.pattern)}",
+        "      local assigns = {shape.key, ARGV[i]}",
         "      for m = 1, k do",
-        "        assigns[m + m - 1], assigns[m + m] = fields[m], ARGV[j + m - 1]",
+        "        assigns[m + m + 1], assigns[m + m + 2] = shape[m], got[m]",
         "      end",
         "      redis.call('HSET', row, unpack(assigns))",
         "    end",
@@ -76,26 +81,56 @@ def _hset_by_arity(most: int) -> bytes:
 @cache
 def publish_script() -> bytes:
     """The publish script (`publish.lua`: what it takes and returns), its two holes filled:
-    the stream field names in wire order, and the HSET of a plain read-model set."""
+    the stream field names in wire order, the op of a set, and the HSET of a plain
+    read-model set."""
     text = lua("publish").text.encode()
     names = b", ".join(b"'%s'" % name for name in PACKED_FIELDS)
-    filled = text.replace(b"--[[NAMES]]", names).replace(
-        b"    --[[HSET_BY_ARITY]]", _hset_by_arity(8)
+    filled = (
+        text.replace(b"--[[NAMES]]", names)
+        .replace(b"--[[SET]]", b"'%s'" % op_bytes(Op.SET))
+        .replace(b"    --[[HSET_BY_ARITY]]", _hset_by_arity(8))
     )
     if b"--[[" in filled or filled == text:
         raise AssertionError("publish.lua: its holes are not where publish.py expects")
     return filled
 
 
-_ROW_OPS = frozenset({Op.SET, Op.INCR, Op.DEL})
-
 FIRST_RETRY = 0.005
 LAST_RETRY = 0.1
 """Under backpressure with a timeout, producers try again after 5 ms, doubling to 100 ms."""
 
 MAX_SHAPES = 1024
-"""Most shapes (field names in order) of plain read-model sets a producer numbers; events of
-further shapes go in the general layout."""
+"""Most shapes (table, field names in order, TTL) of plain read-model sets a producer
+numbers; events of further shapes go in the general layout."""
+
+MAX_SHAPE_FIELDS = 32
+"""Most fields of a shape (key included): a Lua pattern holds at most 32 captures."""
+
+_SHAPE_MARK = MODEL_PLAIN[0]
+
+_NUMBER, _TEXT = b"[^,}]*", b'"[^"]*"'
+_PATTERNS = {
+    ColumnType.INT: (b"(%s)" % _NUMBER, _NUMBER),
+    ColumnType.FLOAT: (b"(%s)" % _NUMBER, _NUMBER),
+    ColumnType.TEXT: (b'"([^"]*)"', _TEXT),
+    ColumnType.UUID: (b'"([^"]*)"', _TEXT),
+    ColumnType.TIMESTAMP: (b'"([^"]*)"', _TEXT),
+}
+"""Per column type a shape can hold, the Lua pattern of its JSON value: captured, and
+skipped (the key column, whose value is the key). Numbers hold no ',' or '}'; text without
+escapes holds no '"'. Classes, not `.-`: Lua matches them without backtracking."""
+
+
+def shape_pattern(columns: Mapping[str, Column], key: str, names: tuple[str, ...]) -> bytes:
+    """The Lua pattern that reads the values of a plain set's fields from its data, as
+    orjson writes it (`{"name":value,...}`, in the data's order, no spaces) when the data
+    has no escape (no backslash): every field's value but the key column's, captured as
+    the hash holds it (text without its quotes, numbers as written)."""
+    parts = []
+    for name in names:
+        captured, skipped = _PATTERNS[columns[name].type]
+        parts.append(b'"%s":%s' % (name.encode(), skipped if name == key else captured))
+    return b"^{" + b",".join(parts) + b"}$"
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +180,7 @@ class Command:
     guarded: bool = False
     """The script checks backpressure or writes a read model: never sent as a plain XADD."""
     shapes: set[bytes] = field(default_factory=set)
-    """The shapes its plain read-model sets name (sent after the events)."""
+    """The marks of the shapes its plain read-model sets name (sent after the events)."""
     identified: int = 0
     """How many of its events are laid out as IDENTIFIED (all of them: sent as one run)."""
 
@@ -187,9 +222,12 @@ class Preparer:
         self.shards: dict[str, int] = {}
         self.packers: dict[str, Callable[[Event], Prepared]] = {}
         """Per stream whose shards are known: validate and pack one event (`wire.packer`)."""
-        self.shapes: dict[tuple[str, ...], bytes] = {}
-        """The number of each shape (field names in order) of plain read-model sets."""
-        self.shape_names: dict[bytes, tuple[str, ...]] = {}
+        self.shapes: dict[str, dict[tuple[tuple[str, ...], int], bytes]] = {}
+        """Per table, the marks of the shapes of its plain read-model sets, by (field names
+        in order, TTL)."""
+        self.shape_names: dict[bytes, tuple[str, tuple[str, ...], int, bytes]] = {}
+        """Per shape's mark: the key column, the other fields in order, the TTL (ms;
+        negative: only for a hash without one), the pattern (`shape_pattern`)."""
         self._numbers = itertools.count()
 
     def check_shards(self, stream: str, shards: int) -> int:
@@ -215,44 +253,74 @@ class Preparer:
         """`pack`, adding the read-model changes to events of tables that have one."""
         config = self.config
         default = config.streams[stream].table if stream in config.streams else None
-        changers = {
-            name: changer(config.tables[name], model) for name, model in config.read_models.items()
+        layouts = {
+            name: self._layout(name, changer(config.tables[name], model))
+            for name, model in config.read_models.items()
         }
-        shapes = self.shapes
 
         def pack_with_model(event: Event) -> Prepared:
             values = pack(event)
-            name = event.table or default
-            changes = changers.get(name) if name is not None else None
-            if changes is None or event.op not in _ROW_OPS:
-                return values
-            if (
-                len(values) == PLAIN_VALUES
-            ):  # the script finds the row's hash from the key (`Keys.row`)
-                ttl = changes.plain_ttl(event)
-                if ttl is not None:
-                    data = event.data
-                    shape = shapes.get(tuple(data)) or self._shape(tuple(data))
-                    if shape is not None:  # HSET of the shape's fields and these values
-                        key, op, encoded = values
-                        return (key, MODEL_PLAIN, op, encoded, ttl, shape, *data.values())
-                return (values[KEY], MODEL_SHORT, values[OP], values[DATA], *changes(event))
-            return (values[KEY], MODEL, *values[OP:], *changes(event))
+            layout = layouts.get(event.table or default)  # type: ignore[arg-type]
+            return values if layout is None else layout(event, values)
 
         return pack_with_model
 
-    def _shape(self, names: tuple[str, ...]) -> bytes | None:
-        """The number of a new shape, or None once MAX_SHAPES are numbered.
+    def _layout(self, table: str, changes: Changer) -> Callable[[Event, Prepared], Prepared]:
+        """How an event of `table` (packed as `values`) goes with its read-model changes.
+
+        A plain set (no table, ts, v or id; a `plain` table, no null) goes by its shape:
+        `key, mark, data, values but the key column's`; any other set, incr or del with
+        its changes (`MODEL_SHORT` or `MODEL`); other ops as they are. The plain set is the
+        commonest event of a table with a read model: every step here counts."""
+        shapes = self.shapes.setdefault(table, {})
+        key, as_text, ttl_of = changes.key, changes.key_text, changes.ttl
+        check_key = changes.check_key
+        by_shape = changes.plain
+        set_op, incr_op, del_op = Op.SET, Op.INCR, Op.DEL
+
+        def layout(event: Event, values: Prepared) -> Prepared:
+            op, data = event.op, event.data
+            if op is not set_op and op is not incr_op and op is not del_op:
+                return values
+            if len(values) != PLAIN_VALUES:
+                return (values[KEY], MODEL, *values[OP:], *changes(event))
+            if (
+                by_shape
+                and op is set_op
+                and len(data) > 1  # not only the key
+                and b"\\" not in (encoded := values[DATA])  # JSON without escapes
+                and not (b"null" in encoded and None in data.values())  # a null: no field
+            ):
+                if key not in data or as_text(data[key]) != event.key:
+                    check_key(event)  # raises
+                names, ttl = tuple(data), ttl_of(data)
+                mark = shapes.get((names, ttl)) or self._shape(table, key, names, ttl)
+                if mark is not None:  # else no shape left, or one the script cannot read
+                    return (values[KEY], mark, encoded)
+            return (values[KEY], MODEL_SHORT, values[OP], values[DATA], *changes(event))
+
+        return layout
+
+    def _shape(self, table: str, key: str, names: tuple[str, ...], ttl: int) -> bytes | None:
+        """A new shape's mark, or None once MAX_SHAPES are numbered or if the script cannot
+        read its values from the data (a column that is not int, float, text, uuid or
+        timestamp, or more than MAX_SHAPE_FIELDS fields).
 
         Safe for threads sharing a producer: a number is never given twice (two threads
         numbering one shape at once give it two, both right), and a shape is named before
-        any event can carry its number."""
-        if len(self.shape_names) >= MAX_SHAPES:
+        any event can carry its mark."""
+        columns = self.config.tables[table].columns
+        if (
+            len(self.shape_names) >= MAX_SHAPES
+            or len(names) > MAX_SHAPE_FIELDS
+            or any(columns[name].type not in _PATTERNS for name in names)
+        ):
             return None
-        shape = b"%d" % next(self._numbers)
-        self.shape_names[shape] = names
-        self.shapes[names] = shape
-        return shape
+        fields = tuple(name for name in names if name != key)
+        mark = MODEL_PLAIN + b"%d" % next(self._numbers)
+        self.shape_names[mark] = (key, fields, ttl, shape_pattern(columns, key, names))
+        self.shapes[table][(names, ttl)] = mark
+        return mark
 
     def encode(self, stream: str, events: Iterable[Event]) -> list[Prepared]:
         """Validate and pack every event (all or nothing)."""
@@ -278,13 +346,12 @@ class Preparer:
                     made.append(command)
                 if len(values) == PLAIN_VALUES:
                     command.args += values
+                    if values[MARK][0] == _SHAPE_MARK:  # a plain read-model set, by shape
+                        command.guarded = True
+                        command.shapes.add(values[MARK])
                 elif values[MARK] is IDENTIFIED:  # laid out by the packer
                     command.args += values
                     command.identified += 1
-                elif values[MARK] == MODEL_PLAIN:
-                    command.args += values
-                    command.guarded = True
-                    command.shapes.add(values[MODEL_PLAIN_SHAPE])
                 elif values[MARK] == MODEL_SHORT or values[MARK] == MODEL:
                     command.args += values  # read model: laid out by the packer, marker too
                     command.guarded = True
@@ -301,9 +368,10 @@ class Preparer:
                 command.args.insert(FIRST_EVENT + MARK, IDENTIFIED_ALL)
             elif command.shapes:  # after the events, the shapes they name
                 command.args[EVAL_SHAPES] = len(command.args) - EVAL_ARGV  # its place in ARGV
-                for shape in command.shapes:
-                    names = self.shape_names[shape]
-                    command.args += (shape, len(names), *names)
+                for mark in command.shapes:
+                    key, names, ttl, pattern = self.shape_names[mark]
+                    nx = b"1" if ttl < 0 else b"0"
+                    command.args += (mark, key, b"%d" % abs(ttl), nx, pattern, len(names), *names)
             if (
                 len(command.slots) == 1
                 and not command.guarded

@@ -3,6 +3,7 @@
 - SIGTERM while a sink never succeeds: exit 0 within `--shutdown-timeout`, nothing that
   was not committed acknowledged;
 - SIGTERM while start-up waits for Redis: exit 0 at once, the signal logged;
+- SIGTERM before the worker listens for signals (while it starts): a clean stop, exit 0;
 - a stream that was never created: exit 3 with a message naming the command to run;
 - an entry that kills its worker every time it is applied: tried alone, then
   dead-lettered, while its window's neighbours are applied (never dead-lettered with it).
@@ -10,12 +11,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import signal
 import time
 
 import redis
 
+from streamsink import signals
 from streamsink.consumers.shard import SUSPECT_TRIES
+from streamsink.serve import serve
 from streamsink.streams import Keys, create_stream
 from tests.conftest import free_port
 from tests.consumers import recording
@@ -140,3 +145,23 @@ def _lag(r: redis.Redis, keys: Keys) -> int:
         ]
         total += len(r.xrange(key, min=b"(" + last, count=1))
     return total
+
+
+def test_a_signal_that_comes_while_the_worker_starts_stops_it_cleanly(
+    r: redis.Redis, keys: Keys, redis_url: str, cluster: Cluster
+) -> None:
+    # What `streamsink worker` does: catch first, serve later. Without the catch the
+    # signal's default action kills the process; without serve acting on what was caught,
+    # serve runs on (until this test's timeout).
+    path = cluster.config(redis_url)
+    create_stream(r, keys, STREAM, SHARDS)
+    config = config_of(path)
+    before = {signum: signal.getsignal(signum) for signum in signals.STOPS}
+    try:
+        signals.catch_early()
+        os.kill(os.getpid(), signal.SIGTERM)  # while "starting": before serve listens
+        assert asyncio.run(serve(config)) == 0
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+    assert signals.early() == []  # taken by that serve, not left for another

@@ -1,0 +1,147 @@
+"""What Redis spends per event in the publish script: the read model's floor (issue 16).
+
+    python bench/publish_script.py [--events 50000] [--runs 7] [--redis-url URL]
+
+Redis' CPU (INFO cpu, so use a Redis of the bench's own, e.g. `redis-server --port 6391
+--save ''`) per event for the same events as bench/producer.py (task updates over 1,000
+rows, 125 events a call, 8 shards), the calls prepared before the clock starts, so only
+Redis' work counts:
+
+  Lua: XADD                    a bare script: one XADD per event (3 values an event)
+  Lua: XADD + HSET             and the HSET of the row's four fields (values sent apart)
+  Lua: XADD + HSET + PEXPIRE   and the row's TTL: the least any read model kept as a
+                               hash per key with a TTL, written by the publishing script,
+                               can cost
+  streamsink, read model off   the publish script as the producers send it
+  streamsink, read model on    the same with the table's read model
+
+Rows run one after the other in each run; the table gives medians and each row's cost
+over the first row, the cost the read model cannot go under being the third row's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import uuid
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import redis
+from producer import MODEL, SHARDS, TASKS, make_events  # bench/ is first on the path
+
+from streamsink import Config, create_stream
+from streamsink.schemas import StreamSpec
+from streamsink.streams import Keys
+from streamsink.streams.publish import Preparer, ProducerSettings
+
+BATCH = 1000
+"""Events a publish call, spread over the shards (~125 a script call)."""
+
+_LOOP = "for i = 1, #ARGV, {step} do\n{body}\nend"
+_XADD = "redis.call('XADD', KEYS[1], '*', 'key', ARGV[i], 'op', 'set', 'data', ARGV[i + 2])"
+_ROW = "local row = KEYS[2] .. ARGV[i]"
+_HSET = (
+    "redis.call('HSET', row, 'id', ARGV[i], 'status', ARGV[i + 3], 'progress', ARGV[i + 4],"
+    " 'worker', ARGV[i + 5])"
+)
+_PEXPIRE = "redis.call('PEXPIRE', row, ARGV[i + 6])"
+BARE = {
+    "Lua: XADD": (3, _XADD),
+    "Lua: XADD + HSET": (7, "\n".join((_XADD, _ROW, _HSET))),
+    "Lua: XADD + HSET + PEXPIRE": (7, "\n".join((_XADD, _ROW, _HSET, _PEXPIRE))),
+}
+
+
+def bare_calls(
+    client: redis.Redis, keys: Keys, count: int, step: int, body: str
+) -> list[list[Any]]:
+    """The bare script's calls for `count` events: per shard, one EVALSHA a batch."""
+    sha = client.script_load(_LOOP.format(step=step, body=body))
+    events: list[Any] = make_events(count)
+    calls: list[list[Any]] = []
+    for start in range(0, len(events), BATCH):
+        by_shard: dict[int, list[Any]] = {}
+        for event in events[start : start + BATCH]:
+            shard = int(event.key) % SHARDS
+            values = [event.key, "set", repr(event.data)]  # the data's size is what counts
+            if step > 3:
+                data = event.data
+                values += [data["status"], data["progress"], data["worker"]]
+                values.append(str(MODEL.ttl_ms(data["status"])))
+            by_shard.setdefault(shard, []).extend(values)
+        for shard, values in by_shard.items():
+            row_prefix = keys.row_prefix("tasks", shard) + "tasks:"
+            calls.append(["EVALSHA", sha, 2, keys.shard("tasks", shard), row_prefix, *values])
+    return calls
+
+
+def streamsink_calls(keys: Keys, count: int, read_model: bool) -> list[list[Any]]:
+    """The producers' script calls for `count` events (`Preparer.commands`)."""
+    streams = {"tasks": StreamSpec("tasks", SHARDS, "tasks")}
+    config = Config(streams=streams, tables={"tasks": TASKS}, prefix=keys.prefix)
+    if read_model:
+        config = dataclasses.replace(config, read_models={"tasks": MODEL})
+    prep = Preparer(config, ProducerSettings())
+    prep.check_shards("tasks", SHARDS)
+    events = make_events(count)
+    calls: list[list[Any]] = []
+    for start in range(0, len(events), BATCH):
+        prepared = prep.encode("tasks", events[start : start + BATCH])
+        calls += [command.args for command in prep.commands([("tasks", prepared, None)])]
+    return calls
+
+
+def redis_cpu(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def run_once(client: redis.Redis, count: int) -> dict[str, float]:
+    """µs of Redis CPU per event, per row, each on a fresh prefix."""
+    rows: dict[str, Callable[[Keys], list[list[Any]]]] = {
+        name: partial(bare_calls, client, count=count, step=step, body=body)
+        for name, (step, body) in BARE.items()
+    }
+    rows["streamsink, read model off"] = partial(streamsink_calls, count=count, read_model=False)
+    rows["streamsink, read model on"] = partial(streamsink_calls, count=count, read_model=True)
+    out = {}
+    for name, make in rows.items():
+        keys = Keys(f"benchs{uuid.uuid4().hex[:8]}")
+        create_stream(client, keys, "tasks", SHARDS)
+        calls = make(keys)
+        before = redis_cpu(client)
+        for start in range(0, len(calls), SHARDS):
+            pipe = client.pipeline(transaction=False)
+            for args in calls[start : start + SHARDS]:
+                pipe.execute_command(*args)
+            pipe.execute()
+        out[name] = 1e6 * (redis_cpu(client) - before) / count
+        for key in client.scan_iter(match=f"{keys.prefix}:*", count=1000):
+            client.unlink(key)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    args = parser.parse_args()
+    client = redis.Redis.from_url(args.redis_url)
+    runs = [run_once(client, args.events) for _ in range(args.runs)]
+    first = next(iter(runs[0]))
+    print(f"\n{args.events} events, {SHARDS} shards, median of {args.runs} runs\n")
+    print(f"| {'row':<28} | Redis CPU µs/event | over '{first}' (min-max) |")
+    print(f"|{'-' * 30}|{'-' * 20}|{'-' * 27}|")
+    for name in runs[0]:
+        cost = statistics.median(r[name] for r in runs)
+        over = sorted(r[name] - r[first] for r in runs)
+        spread = f"{statistics.median(over):+.2f} ({over[0]:+.2f} to {over[-1]:+.2f})"
+        print(f"| {name:<28} | {cost:>18.2f} | {spread:>25} |")
+
+
+if __name__ == "__main__":
+    main()
