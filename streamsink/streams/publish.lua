@@ -274,7 +274,7 @@ local function remember()  -- the call's new ids (`added`: id, entry ID, ...), o
     redis.call('HSET', bucket, unpack(added, start, math.min(start + 3999, adds)))
   end
   if current and current > ends then ends = current end  -- a longer TTL's ids are there too
-  redis.call('PEXPIREAT', bucket, string.format('%d', ends))  -- every call: never left without
+  redis.call('PEXPIREAT', bucket, string.format('%d', ends))  -- each call: never without a TTL
   if current ~= ends then  -- a new bucket (or a longer TTL): listed, old ones dropped
     redis.call('ZADD', KEYS[2], string.format('%d', ends), member)
     redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
