@@ -14,6 +14,7 @@ Redis' work counts:
                                can cost
   streamsink, read model off   the publish script as the producers send it
   streamsink, read model on    the same with the table's read model
+  streamsink, an id per event  read model off, each event with an idempotency id (issue 18.4)
 
 Rows run one after the other in each run; the table gives medians and each row's cost
 over the first row, the cost the read model cannot go under being the third row's.
@@ -30,7 +31,7 @@ from functools import partial
 from typing import Any
 
 import redis
-from producer import MODEL, SHARDS, TASKS, make_events  # bench/ is first on the path
+from producer import MODEL, SHARDS, TASKS, make_events, with_ids  # bench/ is first on the path
 
 from streamsink import Config, create_stream
 from streamsink.schemas import StreamSpec
@@ -78,7 +79,9 @@ def bare_calls(
     return calls
 
 
-def streamsink_calls(keys: Keys, count: int, read_model: bool) -> list[list[Any]]:
+def streamsink_calls(
+    keys: Keys, count: int, read_model: bool, ids: bool = False
+) -> list[list[Any]]:
     """The producers' script calls for `count` events (`Preparer.commands`)."""
     streams = {"tasks": StreamSpec("tasks", SHARDS, "tasks")}
     config = Config(streams=streams, tables={"tasks": TASKS}, prefix=keys.prefix)
@@ -86,7 +89,7 @@ def streamsink_calls(keys: Keys, count: int, read_model: bool) -> list[list[Any]
         config = dataclasses.replace(config, read_models={"tasks": MODEL})
     prep = Preparer(config, ProducerSettings())
     prep.check_shards("tasks", SHARDS)
-    events = make_events(count)
+    events = with_ids(make_events(count)) if ids else make_events(count)
     calls: list[list[Any]] = []
     for start in range(0, len(events), BATCH):
         prepared = prep.encode("tasks", events[start : start + BATCH])
@@ -107,6 +110,9 @@ def run_once(client: redis.Redis, count: int) -> dict[str, float]:
     }
     rows["streamsink, read model off"] = partial(streamsink_calls, count=count, read_model=False)
     rows["streamsink, read model on"] = partial(streamsink_calls, count=count, read_model=True)
+    rows["streamsink, an id per event"] = partial(
+        streamsink_calls, count=count, read_model=False, ids=True
+    )
     out = {}
     for name, make in rows.items():
         keys = Keys(f"benchs{uuid.uuid4().hex[:8]}")

@@ -49,18 +49,47 @@ ABOUT = (
 )
 
 DEDUP_SCRIPT = """\
--- KEYS[1]: the shard's stream; KEYS[2]: <prefix>:{<stream>:<shard>}:dedup:<id>
--- ARGV[1]: how long the id is remembered (ms); ARGV[2..]: field, value, field, value, ...
-local first = redis.call('GET', KEYS[2])
+-- KEYS[1]: the shard's stream; KEYS[2]: <prefix>:{<stream>:<shard>}:ids, the index of the
+-- shard's id buckets; KEYS[3]: <prefix>:{<stream>:<shard>}:dedup:<id>, where ids were kept
+-- before the buckets (read only). ARGV[1]: how long the id is remembered at least (ms);
+-- ARGV[2]: the id; ARGV[3..]: field, value, field, value, ... (the id among them)
+local ttl, id = tonumber(ARGV[1]), ARGV[2]
+local first = redis.call('GET', KEYS[3])
 if first then
   return first
 end
-local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
-redis.call('SET', KEYS[2], id, 'PX', ARGV[1])
-return id
+local time = redis.call('TIME')
+local now = time[1] * 1000 + math.floor(time[2] / 1000)
+local live = redis.call('ZRANGE', KEYS[2], '(' .. string.format('%d', now), '+inf', 'BYSCORE')
+for _, bucket in ipairs(live) do
+  first = redis.call('HGET', KEYS[2] .. ':' .. bucket, id)
+  if first then
+    return first
+  end
+end
+local entry = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
+local width = 1
+while width * 2 < ttl do width = width * 2 end  -- the power of two in [ttl / 2, ttl)
+local number = math.floor(now / width)
+local bucket = string.format('%d:%d', width, number)
+local ends = string.format('%d', (number + 1) * width + ttl)
+if redis.call('ZADD', KEYS[2], 'GT', ends, bucket) == 1 then  -- a new bucket: a value past 64
+  -- bytes (under the field '', which is no id) makes it a hash table, not a listpack
+  -- searched field by field
+  redis.call('HSET', KEYS[2] .. ':' .. bucket, '', string.rep('-', 65))
+end
+ends = redis.call('ZSCORE', KEYS[2], bucket)  -- the latest end any publisher gave it
+redis.call('HSET', KEYS[2] .. ':' .. bucket, id, entry)
+redis.call('PEXPIREAT', KEYS[2] .. ':' .. bucket, ends)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', string.format('%d', now))
+if redis.call('PEXPIRETIME', KEYS[2]) < tonumber(ends) then
+  redis.call('PEXPIREAT', KEYS[2], ends)
+end
+return entry
 """
-"""An idempotent publish as a foreign producer writes it: atomic (one script), both keys
-in one hash slot; streamsink's producers do the same in their batch script."""
+"""An idempotent publish as a foreign producer writes it: atomic (one script), every key in
+the shard's hash slot; streamsink's producers do the same in their batch script (the
+buckets are `Keys.ids`)."""
 
 DEDUP_TTL_MS = 3_600_000  # ProducerSettings.dedup_ttl_ms, the Python producers' default
 
@@ -224,18 +253,25 @@ def _dedup() -> dict[str, Any]:
     keys, shard = Keys(prefix), shard_of(event.key, shards)
     fields = _fields(event)
     return {
-        "about": "Publish once whatever the retries: run the script with the two keys and "
-        "ARGV = [ttl_ms, field, value, ...]; a repeat within ttl_ms adds nothing and returns "
-        "the first entry ID. The id is remembered per shard (so per key); the Python producers "
-        "use the same keys and value, so they de-duplicate against each other.",
+        "about": "Publish once whatever the retries: run the script with the three keys and "
+        "ARGV = [ttl_ms, id, field, value, ...]; a repeat within ttl_ms adds nothing and "
+        "returns the first entry ID. The id is remembered per shard (so per key), at least "
+        "ttl_ms and less than twice that, in a hash of ids per bucket of Redis' time that the "
+        "shard's index lists; any publisher finds the ids of every other, whatever its ttl_ms. "
+        "The Python producers use the same keys, so they de-duplicate against each other.",
         "prefix": prefix,
         "stream": stream,
         "shards": shards,
         "event": spec,
-        "keys": [keys.shard(stream, shard), keys.dedup_prefix(stream, shard) + event.id],
-        "argv": [str(DEDUP_TTL_MS), *(item for pair in fields for item in pair)],
+        "keys": [
+            keys.shard(stream, shard),
+            keys.ids(stream, shard),
+            keys.dedup_prefix(stream, shard) + event.id,
+        ],
+        "argv": [str(DEDUP_TTL_MS), event.id, *(item for pair in fields for item in pair)],
         "ttl_ms": DEDUP_TTL_MS,
-        "dedup_value": "the entry ID XADD gave the first publish, e.g. 1714564800000-0",
+        "dedup_value": "in the hash <ids key>:<width>:<number>, field <id>: the entry ID XADD "
+        "gave the first publish, e.g. 1714564800000-0",
         "script": DEDUP_SCRIPT,
     }
 

@@ -37,16 +37,16 @@ KEY_NAME, KEY_VALUE, OP_NAME, OP_VALUE, DATA_NAME, DATA_VALUE = range(PLAIN_ENTR
 """Positions in a plain entry's flat fields."""
 
 # The publish script's arguments (see streams/publish.lua): EVAL, the script, its key
-# count, its one key, then a header of seven ARGV, then the events, then the shapes.
+# count, its two keys, then a header of seven ARGV, then the events, then the shapes.
 EVAL_SHARD = 3
-"""Where the shard stream (KEYS[1]) sits in the EVAL command (EVAL, script, 1, shard)."""
-EVAL_SHAPES = 10
+"""Where the shard stream (KEYS[1]) sits in the EVAL command (EVAL, script, 2, shard, ids)."""
+EVAL_SHAPES = 11
 """Where ARGV[7] sits in the EVAL command: where the shapes start in ARGV (0: none)."""
-FIRST_EVENT = 11
-"""Where the first event's values start in a command's arguments (EVAL, script, 1, shard,
-dedup prefix, dedup TTL, max lag, memory ceiling, row prefix, default table, where the
-shapes start)."""
-EVAL_ARGV = 3
+FIRST_EVENT = 12
+"""Where the first event's values start in a command's arguments (EVAL, script, 2, shard,
+ids index, old dedup prefix, dedup TTL, max lag, memory ceiling, row prefix, default table,
+where the shapes start)."""
+EVAL_ARGV = 4
 """Arguments before ARGV[1] in the EVAL command: ARGV[n] is argument EVAL_ARGV + n."""
 
 # After an event's key, a mark says how the rest of its values are laid out; a plain event
@@ -57,6 +57,10 @@ FULL = b"+"
 IDENTIFIED = b"!"
 """After the key, marks an event sent with op, data and its id (no table, ts or v):
 `key, '!', op, data, id`."""
+IDENTIFIED_ALL = b"!!"
+"""After the first event's key, marks a call whose events are all IDENTIFIED ones, sent
+without their marks (one argument an event less): `key, '!!', op, data, id`, then
+`key, op, data, id` for each further event."""
 MODEL = b"#"
 """After the key, marks an event sent with all its values and its read-model changes:
 `key, '#', op, data, table, ts, v, id, changes`."""

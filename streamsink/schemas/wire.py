@@ -59,6 +59,7 @@ from streamsink.schemas.layout import (
     F_TS,
     F_VERSION,
     ID,
+    IDENTIFIED,
     KEY_NAME,
     KEY_VALUE,
     OP_NAME,
@@ -132,15 +133,18 @@ def packer(
     table: Table | None,
     validate: Callable[[Event], object],
     max_data_bytes: int = DEFAULT_MAX_DATA_BYTES,
+    mark_ids: bool = False,
 ) -> Callable[[Event], tuple[bytes, ...]]:
     """`pack` then `validate` (same errors), quick for plain events of `table`.
 
     The values are `pack`'s, only three (key, op, data) when the event has no table, ts,
-    version or id. Plain: a set (keyed `table`) or append (keyless one) bound for `table`
-    without table, ts or version (an ASCII id may come), with an ASCII key, a dict of data
-    holding every key column, each value of a type its column takes as is (`Table.plain`),
-    and JSON free of null and NUL. Those pass every check, so one dict lookup and one type
-    test a field replace them; any other event takes the full path.
+    version or id; with `mark_ids`, a quick event with an id comes as the publish script
+    takes it, `key, IDENTIFIED, op, data, id` (no second layout pass for the idempotent
+    publish's usual event). Plain: a set (keyed `table`) or append (keyless one) bound for
+    `table` without table, ts or version (an ASCII id may come), with an ASCII key, a dict
+    of data holding every key column, each value of a type its column takes as is
+    (`Table.plain`), and JSON free of null and NUL. Those pass every check, so one dict
+    lookup and one type test a field replace them; any other event takes the full path.
     """
     plain = table.plain if table is not None else {}
     key_columns = frozenset(table.key) if table is not None else frozenset()
@@ -179,6 +183,8 @@ def packer(
             ):
                 if ident is None:
                     return key.encode(), _OP_BYTES[op], encoded
+                if mark_ids:
+                    return key.encode(), IDENTIFIED, _OP_BYTES[op], encoded, ident.encode()
                 return key.encode(), _OP_BYTES[op], encoded, b"", b"", b"", ident.encode()
         values = pack(event, max_data_bytes)
         validate(event)

@@ -30,11 +30,24 @@ class Keys:
         """STREAM holding the entries of one shard."""
         return f"{self.prefix}:{{{stream}:{shard}}}:events"
 
-    def dedup_prefix(self, stream: str, shard: int) -> str:
-        """Prefix of STRING keys `<prefix><id>` holding the entry ID of an idempotent publish.
+    def ids(self, stream: str, shard: int) -> str:
+        """ZSET of the shard's idempotency-id buckets: member `<width>:<number>`, score the
+        expiry (ms) of the HASH `<this key>:<width>:<number>`, which maps each id first
+        published in that bucket of time to its entry ID.
 
-        Kept for the producer's dedup TTL: long enough for any caller's retry.
+        A bucket is `width` ms of Redis' clock (`TIME`), the width the power of two in
+        [ttl / 2, ttl) of the publisher's dedup TTL, and the hash expires `ttl` after the
+        bucket ends: an id is remembered at least `ttl`, at most `ttl + width` (< 2 ttl). A
+        publish looks its ids up in every live bucket this index lists, whatever their width,
+        so publishers with different TTLs find each other's ids.
         """
+        return f"{self.prefix}:{{{stream}:{shard}}}:ids"
+
+    def dedup_prefix(self, stream: str, shard: int) -> str:
+        """Prefix of STRING keys `<prefix><id>` holding the entry ID of an idempotent publish,
+        with the dedup TTL: how ids were remembered before the `ids` buckets. Producers still
+        read them (never write them), so a retry across an upgrade, or an id published by
+        the old one-key script, is found until the key expires."""
         return f"{self.prefix}:{{{stream}:{shard}}}:dedup:"
 
     def row(self, stream: str, shard: int, table: str, key: str) -> str:

@@ -1,11 +1,14 @@
--- KEYS[1]: shard stream. ARGV[1]: dedup key prefix, ARGV[2]: dedup TTL (ms), ARGV[3]:
+-- KEYS[1]: shard stream, KEYS[2]: its idempotency ids' index (`Keys.ids`). ARGV[1]: the
+-- old dedup key prefix (`Keys.dedup_prefix`, read only), ARGV[2]: dedup TTL (ms), ARGV[3]:
 -- max lag (0: none), ARGV[4]: memory ceiling as a fraction of maxmemory (0: none), ARGV[5]:
 -- the shard's read-model key prefix (`Keys.row_prefix`), ARGV[6]: the stream's default
 -- table ('' if none; a row's hash is `Keys.row`: prefix, table, ':', routing key), ARGV[7]:
 -- where the shapes start (0: none; see below), then each
 -- event either as `key, op, data` (no table, ts, v or id: most events, three values and one
 -- XADD), as `key, '!', op, data, id` (an id and no table, ts or v: the idempotent publish's
--- usual shape), or as `key, '+', op, data, table, ts, v, id` ('' where absent), or, for a table
+-- usual shape; when every event of the call has it, the first is `key, '!!', op, data, id`
+-- and the others `key, op, data, id`, without a mark each), or as
+-- `key, '+', op, data, table, ts, v, id` ('' where absent), or, for a table
 -- with a read model, as `key, shape mark, data` (a set of plain columns, no table, ts, v
 -- or id, data without escapes: the HSET of the shape's key field to the key and its other
 -- fields to their values in the data, read by the shape's pattern, then its TTL; the mark
@@ -19,6 +22,11 @@
 -- TTL and count goes to Redis as the text it came as: a Lua number costs a formatting
 -- (~1.5 µs a call). The type check and the backpressure check come first so that a
 -- refused call has written nothing.
+--
+-- Ids (see `Keys.ids`): at the call's first event with an id, `recall` looks up every id of
+-- the call at once: one MGET of the old one-key-per-id layout and one HMGET per live bucket;
+-- each event then costs its XADD only, and the call's new ids go into the current bucket of
+-- the TTL's width with one HSET and one PEXPIREAT at the end (`remember`).
 --
 -- Lag (see `Backpressure`): per group, the entries it has not acknowledged: Redis' own
 -- `lag` (entries added but not yet delivered to the group) plus its pending entries
@@ -197,6 +205,92 @@ if tail > 0 then
     j = j + 6 + k
   end
 end
+local known, now, live, added, adds = nil, nil, nil, {}, 0  -- id -> first entry ID or false
+local function walk(i, last)  -- the ids of the events from ARGV[i] on, each once
+  local found, count = {}, 0
+  while i <= last do
+    local form, id = ARGV[i + 1], ''
+    if form == '!' then
+      id, i = ARGV[i + 4], i + 5
+    elseif form == '!!' then  -- to the end: key, op, data, id each after the first
+      for j = i + 4, last, 4 do
+        id = ARGV[j]
+        if known[id] == nil then
+          known[id], count = false, count + 1
+          found[count] = id
+        end
+      end
+      id, i = '', last + 1
+    elseif form == '+' then
+      id, i = ARGV[i + 7], i + 8
+    elseif form == '#' then
+      id, i = ARGV[i + 7], model(nil, i + 8, false)
+    elseif form == '*' then
+      i = model(nil, i + 4, false)
+    else  -- key, op, data, or key, shape mark, data
+      i = i + 3
+    end
+    if id ~= '' and known[id] == nil then
+      known[id], count = false, count + 1
+      found[count] = id
+    end
+  end
+  return found
+end
+local function recall(i, last)  -- what every id from event ARGV[i] on was first published as
+  known = {}
+  local ids = walk(i, last)
+  local time = redis.call('TIME')
+  now = string.format('%d', time[1] * 1000 + math.floor(time[2] / 1000))
+  live = redis.call('ZRANGE', KEYS[2], '(' .. now, '+inf', 'BYSCORE', 'WITHSCORES')
+  for start = 1, #ids, 4000 do  -- unpack takes at most ~8000 values
+    local stop, old = math.min(start + 3999, #ids), {}
+    for k = start, stop do old[k - start + 1] = ARGV[1] .. ids[k] end
+    local firsts = redis.call('MGET', unpack(old))
+    for b = 1, #live, 2 do
+      local got = redis.call('HMGET', KEYS[2] .. ':' .. live[b], unpack(ids, start, stop))
+      for k = 1, #got do firsts[k] = firsts[k] or got[k] end
+    end
+    for k = start, stop do known[ids[k]] = firsts[k - start + 1] end
+  end
+end
+local SEARCHED = 'a listpack (small hashes) is searched field by field, 1-4 us an id lookup'
+local function remember()  -- the call's new ids (`added`: id, entry ID, ...), one bucket
+  local ttl, width = tonumber(ARGV[2]), 1
+  while width * 2 < ttl do width = width * 2 end  -- the power of two in [ttl / 2, ttl)
+  local number = math.floor(tonumber(now) / width)
+  local member = string.format('%d:%d', width, number)
+  local bucket = KEYS[2] .. ':' .. member
+  local ends, current, last = (number + 1) * width + ttl, nil, 0
+  for b = 1, #live, 2 do
+    local score = tonumber(live[b + 1])
+    if live[b] == member then current = score end
+    if score > last then last = score end
+  end
+  if not current then  -- a new bucket: a value past 64 bytes makes it a hash table at once
+    added[adds + 1], added[adds + 2], adds = '', SEARCHED, adds + 2  -- ('' is no id)
+  end
+  for start = 1, adds, 4000 do  -- unpack takes at most ~8000 values
+    redis.call('HSET', bucket, unpack(added, start, math.min(start + 3999, adds)))
+  end
+  if current and current > ends then ends = current end  -- a longer TTL's ids are there too
+  redis.call('PEXPIREAT', bucket, string.format('%d', ends))  -- each call: never without a TTL
+  if current ~= ends then  -- a new bucket (or a longer TTL): listed, old ones dropped
+    redis.call('ZADD', KEYS[2], string.format('%d', ends), member)
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+    if ends > last then redis.call('PEXPIREAT', KEYS[2], string.format('%d', ends)) end
+  end
+end
+local function identified(key, op, data, id)  -- the entry ID of a '!' event, added if new
+  local entry = known[id]
+  if not entry then
+    entry = redis.call('XADD', KEYS[1], '*', names[1], key, names[2], op, names[3], data,
+      names[7], id)
+    known[id] = entry
+    added[adds + 1], added[adds + 2], adds = id, entry, adds + 2
+  end
+  return entry
+end
 while i <= n do
   local entry = false
   local form = ARGV[i + 1]
@@ -216,14 +310,27 @@ while i <= n do
       'XADD', KEYS[1], '*', names[1], ARGV[i], names[2], ARGV[i + 2], names[3], ARGV[i + 3])
     i = model(home .. ARGV[i], i + 4, true)
   elseif form == '!' then  -- key, '!', op, data, id: what the '+' form does, in fewer steps
-    local seen = ARGV[1] .. ARGV[i + 4]
-    entry = redis.call('GET', seen)
-    if not entry then
-      entry = redis.call('XADD', KEYS[1], '*', names[1], ARGV[i], names[2], ARGV[i + 2],
-        names[3], ARGV[i + 3], names[7], ARGV[i + 4])
-      redis.call('SET', seen, entry, 'PX', ARGV[2])
-    end
+    if not known then recall(i, n) end
+    entry = identified(ARGV[i], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4])
     i = i + 5
+  elseif form == '!!' then  -- the same for every event to the end, each without its mark
+    if not known then recall(i, n) end
+    local key, j = ARGV[i], i + 2  -- then op, data and id (the first event's after its mark)
+    while true do
+      local id = ARGV[j + 2]
+      entry = known[id]
+      if not entry then
+        entry = redis.call('XADD', KEYS[1], '*', names[1], key, names[2], ARGV[j], names[3],
+          ARGV[j + 1], names[7], id)
+        known[id] = entry
+        added[adds + 1], added[adds + 2], adds = id, entry, adds + 2
+      end
+      if j + 3 > n then break end
+      count = count + 1
+      ids[count] = entry
+      key, j = ARGV[j + 3], j + 4
+    end
+    i = n + 1
   elseif form ~= '+' and form ~= '#' then
     entry = redis.call(
       'XADD', KEYS[1], '*', names[1], ARGV[i], names[2], ARGV[i + 1], names[3], ARGV[i + 2])
@@ -231,7 +338,8 @@ while i <= n do
   else
     local eid = ARGV[i + 7]
     if eid ~= '' then
-      entry = redis.call('GET', ARGV[1] .. eid)
+      if not known then recall(i, n) end
+      entry = known[eid]
     end
     local fresh = not entry
     if fresh then
@@ -245,7 +353,8 @@ while i <= n do
       end
       entry = redis.call('XADD', KEYS[1], '*', unpack(fields))
       if eid ~= '' then
-        redis.call('SET', ARGV[1] .. eid, entry, 'PX', ARGV[2])
+        known[eid] = entry
+        added[adds + 1], added[adds + 2], adds = eid, entry, adds + 2
       end
     end
     if form == '#' then  -- then the row's changes (a repeated publish's are in the hash
@@ -259,4 +368,5 @@ while i <= n do
   count = count + 1
   ids[count] = entry
 end
+if adds > 0 then remember() end
 return ids

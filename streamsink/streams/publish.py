@@ -31,6 +31,7 @@ from streamsink.schemas.layout import (
     FULL,
     ID,
     IDENTIFIED,
+    IDENTIFIED_ALL,
     KEY,
     MARK,
     MODEL,
@@ -164,7 +165,8 @@ class ProducerSettings:
 
 Prepared = tuple[bytes, ...]
 """An event ready to send: its values from `wire.packer` (key, op, data and, if any of
-them is present, table, ts, v and id)."""
+them is present, table, ts, v and id; or an event with only an id already laid out as
+IDENTIFIED)."""
 
 
 @dataclass(slots=True)
@@ -179,6 +181,8 @@ class Command:
     """The script checks backpressure or writes a read model: never sent as a plain XADD."""
     shapes: set[bytes] = field(default_factory=set)
     """The marks of the shapes its plain read-model sets name (sent after the events)."""
+    identified: int = 0
+    """How many of its events are laid out as IDENTIFIED (all of them: sent as one run)."""
 
     @property
     def key(self) -> str:
@@ -237,7 +241,7 @@ class Preparer:
         self.shards[stream] = shards
         validate = self.config.validator(stream)
         table = self.config.default_table(stream)
-        pack = packer(table, validate, self.config.max_data_bytes)
+        pack = packer(table, validate, self.config.max_data_bytes, not self.config.read_models)
         if self.config.read_models:
             pack = self._with_read_model(stream, pack)
         self.packers[stream] = pack
@@ -345,17 +349,24 @@ class Preparer:
                     if values[MARK][0] == _SHAPE_MARK:  # a plain read-model set, by shape
                         command.guarded = True
                         command.shapes.add(values[MARK])
+                elif values[MARK] is IDENTIFIED:  # laid out by the packer
+                    command.args += values
+                    command.identified += 1
                 elif values[MARK] == MODEL_SHORT or values[MARK] == MODEL:
                     command.args += values  # read model: laid out by the packer, marker too
                     command.guarded = True
                 elif values[ID] and not (values[TABLE] or values[TS] or values[VERSION]):
                     command.args += (values[KEY], IDENTIFIED, values[OP], values[DATA], values[ID])
+                    command.identified += 1
                 else:
                     command.args += (values[KEY], FULL, *values[OP:])
                 command.slots.append(slot)
                 slot += 1
         for command in made:
-            if command.shapes:  # after the events, the shapes they name
+            if 1 < command.identified == len(command.slots):  # one mark for them all
+                del command.args[FIRST_EVENT + MARK :: 5]
+                command.args.insert(FIRST_EVENT + MARK, IDENTIFIED_ALL)
+            elif command.shapes:  # after the events, the shapes they name
                 command.args[EVAL_SHAPES] = len(command.args) - EVAL_ARGV  # its place in ARGV
                 for mark in command.shapes:
                     key, names, ttl, pattern = self.shape_names[mark]
@@ -380,7 +391,8 @@ class Preparer:
         spec = self.config.streams.get(stream)
         lag = spec.max_lag if spec is not None and spec.max_lag else 0
         memory = spec.max_memory if spec is not None and spec.max_memory else 0
-        args: list[bytes | str | int] = ["EVAL", publish_script(), 1, shard_key, dedup, ttl]
+        ids = keys.ids(stream, shard)
+        args: list[bytes | str | int] = ["EVAL", publish_script(), 2, shard_key, ids, dedup, ttl]
         args += [lag, repr(memory) if memory else 0, *self._rows(stream, shard), 0]
         return Command(args, guarded=bool(lag or memory))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import binascii
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -158,7 +159,7 @@ for (const v of doc.events) {
 const d = doc.dedup;
 const shard = crc32(Buffer.from(d.event.key, "utf8")) % d.shards;
 const tag = `${d.prefix}:{${d.stream}:${shard}}`;
-const dedupKeys = [`${tag}:events`, `${tag}:dedup:${d.event.id}`];
+const dedupKeys = [`${tag}:events`, `${tag}:ids`, `${tag}:dedup:${d.event.id}`];
 if (JSON.stringify(dedupKeys) !== JSON.stringify(d.keys)) fail("dedup keys", dedupKeys, d.keys);
 const counts = [doc.shards.length, doc.stream_keys.length, doc.events.length, native];
 console.log(`checked ${counts.join(" ")}`);
@@ -200,17 +201,35 @@ def test_dedup_vector_publishes_once_and_agrees_with_the_producer(
     documented = Keys("ss")
     assert vector["keys"] == [
         documented.shard(stream, shard),
+        documented.ids(stream, shard),
         documented.dedup_prefix(stream, shard) + str(event.id),
     ]
-    ours = [keys.shard(stream, shard), keys.dedup_prefix(stream, shard) + str(event.id)]
+    ours = [keys.shard(stream, shard), keys.ids(stream, shard)]
+    ours.append(keys.dedup_prefix(stream, shard) + str(event.id))
     create_stream(r, keys, stream, shards=shards)
-    first = r.eval(vector["script"], 2, *ours, *vector["argv"])  # type: ignore[no-untyped-call]
-    again = r.eval(vector["script"], 2, *ours, *vector["argv"])  # type: ignore[no-untyped-call]
+    first = r.eval(vector["script"], 3, *ours, *vector["argv"])  # type: ignore[no-untyped-call]
+    again = r.eval(vector["script"], 3, *ours, *vector["argv"])  # type: ignore[no-untyped-call]
     assert first == again and r.xlen(ours[0]) == 1
-    assert 0 < r.pttl(ours[1]) <= vector["ttl_ms"] == ProducerSettings().dedup_ttl_ms
+    [(bucket, ends)] = r.zrange(ours[1], 0, -1, withscores=True)
+    assert r.hget(f"{ours[1]}:{bucket.decode()}", str(event.id)) == first
+    assert r.object("encoding", f"{ours[1]}:{bucket.decode()}") == b"hashtable"
+    assert r.pexpiretime(f"{ours[1]}:{bucket.decode()}") == ends
+    assert vector["ttl_ms"] == ProducerSettings().dedup_ttl_ms
     [(entry_id, fields)] = r.xrange(ours[0])
     assert entry_id == first and decode(fields) == event
-    assert [item.decode() for pair in fields.items() for item in pair] == vector["argv"][1:]
+    assert [item.decode() for pair in fields.items() for item in pair] == vector["argv"][2:]
     config = Config(streams={stream: StreamSpec(stream, shards)}, prefix=keys.prefix)
-    assert Producer(r, config).publish(stream, event) == first.decode()  # the same id: once
-    assert r.xlen(ours[0]) == 1
+    producer = Producer(r, config, ProducerSettings(dedup_ttl_ms=60_000))  # another TTL
+    assert producer.publish(stream, event) == first.decode()  # the same id: once
+    other = dataclasses.replace(event, id="order-99-shipped")
+    shipped = producer.publish(stream, other)  # and the other way round
+    argv = [vector["argv"][0], other.id, *vector["argv"][2:-1], other.id]
+    old_key = keys.dedup_prefix(stream, shard) + str(other.id)
+    assert r.eval(vector["script"], 3, *ours[:2], old_key, *argv).decode() == shipped  # type: ignore[no-untyped-call]
+    assert r.xlen(ours[0]) == 2
+
+
+def test_the_readme_shows_the_dedup_vectors_script() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    body = DOC["dedup"]["script"].split("\nlocal ", 1)[1]  # after its comment (given too)
+    assert "\nlocal " + body + "```" in readme

@@ -86,6 +86,7 @@ def test_each_shard_has_its_own_hash_tag(keys: Keys) -> None:
         tag = stream_key[stream_key.index("{") : stream_key.index("}") + 1]
         assert tag == f"{{tasks:{shard}}}"
         assert dedup.startswith(f"{keys.prefix}:{tag}")
+        assert keys.ids("tasks", shard).startswith(f"{keys.prefix}:{tag}")
         tags.add(tag)
     assert len(tags) == 4
 

@@ -136,7 +136,7 @@ def test_one_invalid_event_in_the_middle_publishes_nothing(
     with pytest.raises(error):
         Producer(r, config).publish_many("tasks", events)
     assert lengths(r, keys, "tasks") == [0] * SHARDS
-    assert not list(r.scan_iter(match=f"{keys.prefix}:*dedup*"))
+    assert not list(r.scan_iter(match=f"{keys.prefix}:*:ids*"))
 
 
 def test_same_id_twice_lands_once_with_the_same_entry_id(
@@ -148,9 +148,9 @@ def test_same_id_twice_lands_once_with_the_same_entry_id(
     again = Producer(r, config, settings).publish("tasks", task(3, id="order-3-paid"))
     assert again == first
     assert sum(lengths(r, keys, "tasks")) == 1
-    shard = shard_of("task-3", SHARDS)
-    ttl = r.pttl(keys.dedup_prefix("tasks", shard) + "order-3-paid")
-    assert 0 < ttl <= 60_000
+    index = keys.ids("tasks", shard_of("task-3", SHARDS))
+    [bucket] = [b.decode() for b in r.zrange(index, 0, -1)]
+    assert r.hget(f"{index}:{bucket}", "order-3-paid") == first.encode()
 
 
 def test_same_id_within_one_batch_lands_once(
@@ -175,7 +175,7 @@ def test_wrongtype_shard_is_refused_without_writing_it(
     with pytest.raises(PublishError, match="WRONGTYPE"):
         producer.publish_many("tasks", events)
     assert r.get(keys.shard("tasks", bad_shard)) == b"not a stream"
-    assert not list(r.scan_iter(match=keys.dedup_prefix("tasks", bad_shard) + "*"))
+    assert not list(r.scan_iter(match=keys.ids("tasks", bad_shard) + "*"))
     # Every reply was read: the connection is still in step for the next publish.
     good = next(e for e in events if shard_of(e.key, SHARDS) != bad_shard)
     entry = producer.publish("tasks", Event.make(good.key, "set", {"id": 99}))
