@@ -192,16 +192,35 @@ def expected(numbers: Iterable[int]) -> dict[str, int]:
     return dict(Counter(f"k{n % KEYS}" for n in numbers))
 
 
+def logs(workers: list[WorkerProcess], lines: int = 60) -> str:
+    """Where each worker's log is, and its last warnings and errors (a CI run keeps only
+    what the failure says: enough to tell which node, which command, since when)."""
+    parts = []
+    for worker in workers:
+        text = worker.log().splitlines()
+        loud = [
+            line for line in text if '"level":"info"' not in line and '"level":"debug"' not in line
+        ]
+        parts.append(
+            f"--- worker {worker.pid} ({worker.stderr}, {len(text)} lines), its last "
+            f"{min(lines, len(loud))} warnings/errors:\n" + "\n".join(loud[-lines:])
+        )
+    return "\n".join(parts)
+
+
 def wait_for(check: object, what: str, timeout: float, workers: list[WorkerProcess]) -> None:
-    """Poll `check()` until true; fail after `timeout` s, or at once if a worker died."""
+    """Poll `check()` until true; fail after `timeout` s, or at once if a worker died (with
+    the workers' logs)."""
     assert callable(check)
     deadline = time.monotonic() + timeout
     while not check():
         for worker in workers:
             if not worker.alive():
-                raise AssertionError(f"worker {worker.pid} exited ({worker.process.poll()})")
+                raise AssertionError(
+                    f"worker {worker.pid} exited ({worker.process.poll()})\n{logs(workers)}"
+                )
         if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
+            raise AssertionError(f"not within {timeout} s: {what}\n{logs(workers)}")
         time.sleep(0.05)
 
 

@@ -24,7 +24,7 @@ from streamsink.sinks.base import Sink
 from streamsink.streams.keys import Keys
 from streamsink.streams.leases import Lease
 from streamsink.streams.reader import Raw, Read, ShardReader
-from streamsink.streams.retry import TRANSIENT, Backoff, cancelling, retrying, server
+from streamsink.streams.retry import TRANSIENT, Backoff, cancelling, describe, retrying, server
 from streamsink.streams.state import RunState
 
 log = logging.getLogger("streamsink.shard")
@@ -213,7 +213,9 @@ class ShardRunner:
                     raise asyncio.CancelledError from exc
                 self.reader.recover()
                 delay = backoff.next()
-                log.warning("read failed", extra={**self._redis, "error": repr(exc), "in_s": delay})
+                log.warning(
+                    "read failed", extra={**self._redis, "error": describe(exc), "in_s": delay}
+                )
                 await asyncio.sleep(delay)
 
     async def _take(self, window: Window, read: Read, asked: int) -> None:
