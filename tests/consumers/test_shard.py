@@ -104,6 +104,7 @@ async def test_failing_reads_give_way_to_a_due_window_and_log_one_warning_a_spel
     """Reads failing for good (issue 18: the node asked for XREAD's keys dead) must not hold
     the window already read back from its sinks: once it is due, the read gives up."""
     shard = runner(max_age_ms=1000)
+
     def no_wait(self: Backoff) -> float:
         self.attempt += 1
         return 0.0
