@@ -424,9 +424,22 @@ def test_failover_and_a_killed_master_lose_and_double_nothing(
         local.quiesce(victim)
         local.kill(victim)
         local.wait(lambda: heir in local.masters(), "the killed master's replica promoted")
-        # ... and a worker dies too: its leases must move to the other one.
-        before = setup.epochs()
+        # ... and a worker dies too, holding leases: they must move to the other one. The
+        # failover may have cost both workers their leases (a 1.5 s TTL) and the survivor
+        # may have taken every shard: wait until the victim holds some again.
         victim_worker, survivor = workers
+        held: dict[int, int] = {}  # shard -> epoch, of the victim's leases
+
+        def victim_holds() -> bool:
+            epochs = setup.epochs()  # first: an owner read after it is as new or newer
+            owners = setup.owners()
+            held.clear()
+            for shard, (owner, epoch) in enumerate(zip(owners, epochs, strict=True)):
+                if owner is not None and f"-{victim_worker.pid}-" in owner:
+                    held[shard] = epoch
+            return bool(held)
+
+        wait_for(victim_holds, "the worker to be killed holds leases", 30, workers)
         victim_worker.process.kill()
         victim_worker.process.wait()
         publisher.wait_past(publisher.sent + 400)
@@ -437,8 +450,9 @@ def test_failover_and_a_killed_master_lose_and_double_nothing(
     wait_for(lambda: setup.counters() == want, f"{len(numbers)} events once", 90, [survivor])
     owners = setup.owners()
     assert all(o is not None and f"-{survivor.pid}-" in o for o in owners), owners
-    moved = [s for s, (b, a) in enumerate(zip(before, setup.epochs(), strict=True)) if a > b]
-    assert moved, "leases of the killed worker moved to the survivor under a new epoch"
+    epochs = setup.epochs()
+    moved = all(epochs[shard] > epoch for shard, epoch in held.items())
+    assert moved, f"the killed worker's leases {held} moved under a new epoch: {epochs}"
     assert publisher.errors, "the sync producer saw the failover (else it tested nothing)"
     assert apublisher.errors, "the asyncio producer saw the failover"
 
