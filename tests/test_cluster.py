@@ -25,6 +25,7 @@ import orjson
 import psycopg2
 import pytest
 import redis
+import redis.asyncio as aredis
 from psycopg2 import sql
 
 from streamsink.errors import PublishError
@@ -32,7 +33,9 @@ from streamsink.schemas import Config, Event, from_dict
 from streamsink.sinks.postgres.schema import create_tables
 from streamsink.streams import Keys, Producer, RateLimiter, Rows, create_stream
 from streamsink.streams.aio import AsyncProducer
-from streamsink.streams.connection import SyncClient, connect, connect_async
+from streamsink.streams.connection import AsyncClient, SyncClient, connect, connect_async
+from streamsink.streams.reader import ShardReader
+from streamsink.streams.retry import describe
 from tests.conftest import unavailable
 from tests.consumers.test_worker_processes import ROOT, Cluster, WorkerProcess
 from tests.redis_cluster import LocalCluster, Node, free_ports
@@ -192,16 +195,35 @@ def expected(numbers: Iterable[int]) -> dict[str, int]:
     return dict(Counter(f"k{n % KEYS}" for n in numbers))
 
 
+def logs(workers: list[WorkerProcess], lines: int = 60) -> str:
+    """Where each worker's log is, and its last warnings and errors (a CI run keeps only
+    what the failure says: enough to tell which node, which command, since when)."""
+    parts = []
+    for worker in workers:
+        text = worker.log().splitlines()
+        loud = [
+            line for line in text if '"level":"info"' not in line and '"level":"debug"' not in line
+        ]
+        parts.append(
+            f"--- worker {worker.pid} ({worker.stderr}, {len(text)} lines), its last "
+            f"{min(lines, len(loud))} warnings/errors:\n" + "\n".join(loud[-lines:])
+        )
+    return "\n".join(parts)
+
+
 def wait_for(check: object, what: str, timeout: float, workers: list[WorkerProcess]) -> None:
-    """Poll `check()` until true; fail after `timeout` s, or at once if a worker died."""
+    """Poll `check()` until true; fail after `timeout` s, or at once if a worker died (with
+    the workers' logs)."""
     assert callable(check)
     deadline = time.monotonic() + timeout
     while not check():
         for worker in workers:
             if not worker.alive():
-                raise AssertionError(f"worker {worker.pid} exited ({worker.process.poll()})")
+                raise AssertionError(
+                    f"worker {worker.pid} exited ({worker.process.poll()})\n{logs(workers)}"
+                )
         if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
+            raise AssertionError(f"not within {timeout} s: {what}\n{logs(workers)}")
         time.sleep(0.05)
 
 
@@ -402,9 +424,22 @@ def test_failover_and_a_killed_master_lose_and_double_nothing(
         local.quiesce(victim)
         local.kill(victim)
         local.wait(lambda: heir in local.masters(), "the killed master's replica promoted")
-        # ... and a worker dies too: its leases must move to the other one.
-        before = setup.epochs()
+        # ... and a worker dies too, holding leases: they must move to the other one. The
+        # failover may have cost both workers their leases (a 1.5 s TTL) and the survivor
+        # may have taken every shard: wait until the victim holds some again.
         victim_worker, survivor = workers
+        held: dict[int, int] = {}  # shard -> epoch, of the victim's leases
+
+        def victim_holds() -> bool:
+            epochs = setup.epochs()  # first: an owner read after it is as new or newer
+            owners = setup.owners()
+            held.clear()
+            for shard, (owner, epoch) in enumerate(zip(owners, epochs, strict=True)):
+                if owner is not None and f"-{victim_worker.pid}-" in owner:
+                    held[shard] = epoch
+            return bool(held)
+
+        wait_for(victim_holds, "the worker to be killed holds leases", 30, workers)
         victim_worker.process.kill()
         victim_worker.process.wait()
         publisher.wait_past(publisher.sent + 400)
@@ -415,7 +450,126 @@ def test_failover_and_a_killed_master_lose_and_double_nothing(
     wait_for(lambda: setup.counters() == want, f"{len(numbers)} events once", 90, [survivor])
     owners = setup.owners()
     assert all(o is not None and f"-{survivor.pid}-" in o for o in owners), owners
-    moved = [s for s, (b, a) in enumerate(zip(before, setup.epochs(), strict=True)) if a > b]
-    assert moved, "leases of the killed worker moved to the survivor under a new epoch"
+    epochs = setup.epochs()
+    moved = all(epochs[shard] > epoch for shard, epoch in held.items())
+    assert moved, f"the killed worker's leases {held} moved under a new epoch: {epochs}"
     assert publisher.errors, "the sync producer saw the failover (else it tested nothing)"
     assert apublisher.errors, "the asyncio producer saw the failover"
+
+
+# The node a cluster client asks where a command's keys are (XREAD, XREADGROUP: COMMAND
+# GETKEYS) dying: the worker's reads must go on (issue 18: after the killed master was that
+# node, a worker failed to read every shard for good while its other commands went through).
+
+
+def asked_node(client: aredis.RedisCluster) -> int:
+    """The port of the node `client` asks COMMAND GETKEYS of (redis-py's internals: the
+    default node of its last full initialisation)."""
+    return int(client.commands_parser.node.port)
+
+
+def hold_every_lease(setup: Setup) -> None:
+    """The group on every shard and its lease held by `reader` (epoch 1), as a worker would."""
+    for shard in range(SHARDS):
+        setup.client.xgroup_create(setup.keys.shard(STREAM, shard), GROUP, id="0", mkstream=True)
+        setup.client.set(setup.keys.lease(STREAM, shard, GROUP), "reader")
+        setup.client.set(setup.keys.epoch(STREAM, shard, GROUP), 1)
+
+
+async def read_every_shard(client: AsyncClient, keys: Keys, tries: int) -> dict[int, str]:
+    """Read every shard to its end and wait for more (XREAD), as a worker does, each up to
+    `tries` times 0.2 s apart; the last errors of the shards that never got through."""
+    failing: dict[int, str] = {}
+    for shard in range(SHARDS):
+        reader = ShardReader(client, keys, STREAM, shard, GROUP, "reader", 1)
+        for _ in range(tries):
+            try:
+                while (await reader.next(10, block_ms=10)).entries:
+                    pass
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                failing[shard] = describe(exc)
+                reader.recover()
+                await asyncio.sleep(0.2)
+                continue
+            failing.pop(shard, None)
+            break
+    return failing
+
+
+async def lease_round(client: AsyncClient, keys: Keys, tries: int) -> None:
+    """GET every shard's lease in one pipeline, as the lease loop does, until it goes through."""
+    for attempt in range(tries):
+        try:
+            async with client.pipeline(transaction=False) as pipe:
+                for shard in range(SHARDS):
+                    pipe.get(keys.lease(STREAM, shard, GROUP))
+                await pipe.execute()
+            return
+        except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
+            if attempt == tries - 1:
+                raise
+            await asyncio.sleep(0.2)
+
+
+def test_reads_go_on_after_a_killed_master_was_the_node_asked_for_keys(
+    setup: Setup, restored: LocalCluster
+) -> None:
+    """The master killed is the node asked for keys; the client learns the new slot map from
+    the lease loop's pipeline first (the worker's order: its leases span every master)."""
+    local = setup.local
+    hold_every_lease(setup)
+
+    async def run() -> dict[int, str]:
+        client = connect_async(local.url)
+        try:
+            assert isinstance(client, aredis.RedisCluster)
+            await client.initialize()
+            assert await read_every_shard(client, setup.keys, 1) == {}
+            victim = next(n for n in local.nodes if n.port == asked_node(client))
+            shards = [
+                s for s in range(SHARDS) if local.master_of(setup.keys.shard(STREAM, s)) is victim
+            ]
+            assert shards, "the node asked for keys serves some of the shards"
+            heir = local.replica_of(victim)
+            local.quiesce(victim)  # (nothing in flight: the replica has the groups)
+            local.kill(victim)
+            local.wait(lambda: heir in local.masters(), "the killed master's replica promoted")
+            await lease_round(client, setup.keys, 150)
+            return await read_every_shard(client, setup.keys, 50)
+        finally:
+            await client.aclose()
+
+    failing = asyncio.run(run())
+    assert failing == {}, f"shards never read again: {failing}"
+
+
+def test_reads_go_on_after_the_node_asked_for_keys_was_failed_over_and_died(
+    setup: Setup, restored: LocalCluster
+) -> None:
+    """The node asked for keys hands its slots over (CLUSTER FAILOVER: the client follows
+    MOVED, reading nothing again), then dies as a replica: no slot moves, and only the
+    question where keys are reaches it."""
+    local = setup.local
+    hold_every_lease(setup)
+
+    async def run() -> dict[int, str]:
+        client = connect_async(local.url)
+        try:
+            assert isinstance(client, aredis.RedisCluster)
+            await client.initialize()
+            assert await read_every_shard(client, setup.keys, 1) == {}
+            old = next(n for n in local.nodes if n.port == asked_node(client))
+            replica = local.replica_of(old)
+            with replica.client() as direct:
+                assert direct.execute_command("CLUSTER", "FAILOVER") in (b"OK", "OK", True)
+            local.wait(lambda: replica in local.masters() and local.healthy(), "replica promoted")
+            local.wait(lambda: local.in_sync(replica), "the old master caught up")
+            assert await read_every_shard(client, setup.keys, 50) == {}  # MOVED, followed
+            assert asked_node(client) == old.port, "nothing read the cluster again"
+            local.kill(old)
+            return await read_every_shard(client, setup.keys, 50)
+        finally:
+            await client.aclose()
+
+    failing = asyncio.run(run())
+    assert failing == {}, f"shards never read again: {failing}"

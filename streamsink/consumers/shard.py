@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sys
 import time
 from collections import deque
@@ -24,7 +25,7 @@ from streamsink.sinks.base import Sink
 from streamsink.streams.keys import Keys
 from streamsink.streams.leases import Lease
 from streamsink.streams.reader import Raw, Read, ShardReader
-from streamsink.streams.retry import TRANSIENT, Backoff, cancelling, retrying, server
+from streamsink.streams.retry import TRANSIENT, Backoff, cancelling, describe, retrying, server
 from streamsink.streams.state import RunState
 
 log = logging.getLogger("streamsink.shard")
@@ -166,12 +167,12 @@ class ShardRunner:
                     flushing = asyncio.create_task(self.flush(window))
                     window = Window()
                     continue
-                block = settings.block_ms
+                block, due_at = settings.block_ms, math.inf
                 if window:
                     due_at = window.due_at(settings, self.lead)
                     block = max(0, min(block, int((due_at - now) * 1000)))
                 count = min(settings.read_count, settings.max_events - len(window))
-                read, self._stash = self._stash or await self._read(count, block), None
+                read, self._stash = self._stash or await self._read(count, block, due_at), None
                 await self._take(window, read, count)
             if flushing is not None and not self.lost:
                 if not self._interruptible:
@@ -202,19 +203,42 @@ class ShardRunner:
             return
         log.info("shard drained", extra=self._where)
 
-    async def _read(self, count: int, block: int) -> Read:
-        """Read, riding out Redis restarts; a reply lost in one is claimed back afterwards."""
-        backoff = Backoff()
+    async def _read(self, count: int, block: int, until: float = math.inf) -> Read:
+        """Read, riding out Redis restarts; a reply lost in one is claimed back afterwards.
+
+        While reads fail: one `read failed` warning, the later attempts at debug level, one
+        `read recovered` line (attempts, `after_s`) when one goes through. With a window open,
+        the attempts go on until it is due (`until`, monotonic seconds), then stop with
+        nothing read, so that what the window holds is flushed meanwhile: a node the reads
+        need may be away while the sinks and the acknowledgement are not (issue 18: a shard
+        whose reads kept failing held its last window back from PostgreSQL for good).
+        """
+        backoff, failing_since = Backoff(), cast(float | None, None)
         while True:
             try:
-                return await self.reader.next(count, block)
+                read = await self.reader.next(count, block)
             except TRANSIENT as exc:
                 if cancelling():
                     raise asyncio.CancelledError from exc
                 self.reader.recover()
-                delay = backoff.next()
-                log.warning("read failed", extra={**self._redis, "error": repr(exc), "in_s": delay})
+                now, delay = time.monotonic(), backoff.next()
+                extra = {**self._redis, "error": describe(exc), "in_s": round(delay, 3)}
+                if failing_since is None:
+                    failing_since = now
+                    log.warning("read failed", extra=extra)
+                else:
+                    log.debug("read failed", extra={**extra, "attempt": backoff.attempt})
+                if now + delay >= until:  # the window is due first: flush it, then read on
+                    await asyncio.sleep(max(0.0, until - now))
+                    log.info("read failing: flushing the due window first", extra=self._redis)
+                    return Read([], {})
                 await asyncio.sleep(delay)
+                continue
+            if failing_since is not None:
+                took = round(time.monotonic() - failing_since, 3)
+                extra = {**self._redis, "attempts": backoff.attempt + 1, "after_s": took}
+                log.info("read recovered", extra=extra)
+            return read
 
     async def _take(self, window: Window, read: Read, asked: int) -> None:
         """Decode and check what was read into the window; dead-letter what cannot be applied.

@@ -38,7 +38,7 @@ from streamsink.streams.connection import AsyncClient, connect_async, shard_coun
 from streamsink.streams.keys import Keys
 from streamsink.streams.leases import Leases
 from streamsink.streams.reader import ShardReader, create_group
-from streamsink.streams.retry import TRANSIENT, cancelling, retrying, server
+from streamsink.streams.retry import TRANSIENT, cancelling, describe, retrying, server
 
 log = logging.getLogger("streamsink.worker")
 
@@ -190,7 +190,7 @@ class GroupRunner:
                     await self._balance(tasks, acquire=not stop.is_set())
             except LEASE_LOOP_ERRORS as exc:
                 log.warning(
-                    "lease loop: Redis unavailable", extra={**self._redis, "error": repr(exc)}
+                    "lease loop: Redis unavailable", extra={**self._redis, "error": describe(exc)}
                 )
             self._drop_stale_leases()
             pause = interval * random.uniform(0.8, 1.0)

@@ -24,7 +24,7 @@ from streamsink.sinks.base import Batch, Rejected, Sink
 from streamsink.streams.keys import Keys
 from streamsink.streams.leases import Lease
 from streamsink.streams.reader import ShardReader
-from streamsink.streams.retry import TRANSIENT, Backoff, cancelling
+from streamsink.streams.retry import TRANSIENT, Backoff, cancelling, describe
 from streamsink.streams.state import RunState, publish_state
 
 log = logging.getLogger("streamsink.shard")
@@ -126,12 +126,12 @@ class SinkWriter:
             reason = f"raised {type(exc).__name__}: {exc} ({tries} attempts)"
             log.error(
                 "sink fails on an entry: dead-lettering it",
-                extra={**self._where, "sink": name, "entry": entries[0].id, "error": repr(exc)},
+                extra={**self._where, "sink": name, "entry": entries[0].id, "error": describe(exc)},
             )
             return [Rejected(entries[0].id, reason)]
         log.warning(
             "sink keeps failing: splitting the window to find the entries it fails on",
-            extra={**self._where, "sink": name, "entries": len(entries), "error": repr(exc)},
+            extra={**self._where, "sink": name, "entries": len(entries), "error": describe(exc)},
         )
         middle = len(entries) // 2
         rejected: list[Rejected] = []

@@ -31,6 +31,7 @@ from streamsink.streams.admin import group_status
 from streamsink.streams.connection import SyncClient, connect
 from streamsink.streams.endpoints import endpoint_rows
 from streamsink.streams.keys import Keys
+from streamsink.streams.retry import describe
 from streamsink.streams.telemetry import publish_telemetry
 
 log = logging.getLogger("streamsink.ops")
@@ -228,7 +229,8 @@ class Ops:
                 failing = False
             except (redis.RedisError, OSError, TimeoutError) as exc:
                 if not failing:  # once per outage, not every second
-                    log.warning(f"telemetry not saved: {exc!r}", extra={"error": repr(exc)})
+                    error = describe(exc)
+                    log.warning(f"telemetry not saved: {error}", extra={"error": error})
                 failing = True
 
     async def publish(self) -> None:

@@ -14,12 +14,15 @@ Every client has the same policy, for the reasons below:
   timeout by default, and a retried `XADD *` publishes twice, a retried dead-letter script
   writes two letters. Callers retry on their own terms (the worker with backoff and a claim
   of what it may have read; producers only with idempotency ids). A cluster client still
-  follows MOVED and ASK (the command did not run) and reloads the slot map after an error.
+  follows MOVED and ASK (the command did not run) and reads the cluster again (slot map,
+  and the node it asks where a command's keys are) after any lost connection: see
+  `_AsyncCluster`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from typing import Any, TypeAlias
 from urllib.parse import unquote, urlsplit
@@ -44,6 +47,7 @@ from redis.retry import Retry
 
 from streamsink.errors import ConfigError, StreamNotFound
 from streamsink.streams.keys import META_SHARDS, Keys
+from streamsink.streams.retry import describe
 
 SyncClient: TypeAlias = redis.Redis | redis.RedisCluster
 """What streamsink's sync code talks to: one server or a cluster."""
@@ -101,8 +105,21 @@ def connect(url: str, timeout: float = SOCKET_TIMEOUT_S) -> SyncClient:
     return redis.Redis.from_url(url, **_options(timeout))
 
 
+log = logging.getLogger("streamsink.cluster")
+
+LOST = (ConnectionError, TimeoutError, ClusterDownError, SlotNotCoveredError, OSError)
+"""Errors after which a cluster client must read the cluster again before its next command."""
+
+
+def reread(client: aredis.RedisCluster) -> None:
+    """Have `client` read the cluster again (slot map, default node, and the node it asks
+    where a command's keys are) before its next command or pipeline: redis-py's own
+    `initialize`, which every command and pipeline runs first when so marked."""
+    client._initialize = True
+
+
 class _ClusterPipeline(AsyncClusterPipeline):
-    """A pipeline that reads the slot map again after a lost node or a failing-over slot.
+    """A pipeline after whose lost node or failing-over slot the client reads the cluster again.
 
     redis-py's does so only when it retries a pipeline, and ours never retry: without it a
     client would keep sending a dead master's slots to it after its replica took over.
@@ -111,16 +128,40 @@ class _ClusterPipeline(AsyncClusterPipeline):
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
         try:
             return await super().execute(raise_on_error, allow_redirections)
-        except (ConnectionError, TimeoutError, ClusterDownError, SlotNotCoveredError, OSError):
-            with contextlib.suppress(redis.RedisError, RedisClusterException, OSError):
-                client = self.cluster_client
-                await client.nodes_manager.initialize()
-                client.replace_default_node()  # it may be the one lost (COMMAND lookups go there)
+        except LOST:
+            reread(self.cluster_client)
             raise
 
 
 class _AsyncCluster(aredis.RedisCluster):
-    """redis-py's asyncio cluster client, its pipelines `_ClusterPipeline`s."""
+    """redis-py's asyncio cluster client, reading the cluster again after any lost connection.
+
+    redis-py marks itself for that only when the node a command was sent to fails. A
+    command whose keys are not at a fixed place (XREAD, XREADGROUP: `movablekeys`) is
+    routed by first asking one node, `COMMAND GETKEYS`: the default node of the client's
+    last full initialisation. Once that node is killed, this question fails with
+    ConnectionError before any node is chosen, nothing is marked, and it fails so for good
+    while commands with fixed keys go through (their slots learnt from a pipeline or a
+    MOVED): a worker then could not read any shard after a failover (issue 18; reproduced
+    in tests/test_cluster.py). Marking the client after every lost connection makes its
+    next command read the cluster again and ask a live node.
+    """
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except (ConnectionError, TimeoutError, OSError) as exc:
+            if not self._initialize:  # not a node's error (redis-py marks those): the keys' node
+                asked = getattr(self.commands_parser, "node", None)
+                if asked is not None:  # asked last when the next initialisation picks one
+                    self.nodes_manager.move_node_to_end_of_cached_nodes(asked.name)
+                log.warning(
+                    "Redis Cluster: a command failed before reaching a node; reading the "
+                    "cluster again",
+                    extra={"command": str(args[0]), "error": describe(exc)},
+                )
+                reread(self)
+            raise
 
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
         if shard_hint:
@@ -212,11 +253,10 @@ class AsyncLinks:
         """Make sure a cluster client knows its slot map (read again with `refresh`)."""
         client = self.client
         if isinstance(client, aredis.RedisCluster):
+            if refresh:
+                reread(client)
             with _unreachable():
-                if refresh:
-                    await client.nodes_manager.initialize()
-                else:
-                    await client.initialize()
+                await client.initialize()
 
     async def connection(self, key: str) -> Connection:
         """The connection to the server holding `key`, taken on first use."""

@@ -26,6 +26,7 @@ import redis
 from streamsink.schemas.wire import parse_id
 from streamsink.streams.connection import AsyncClient, SyncClient
 from streamsink.streams.keys import Keys
+from streamsink.streams.retry import describe
 from streamsink.streams.scripts import lua
 
 COUNTERS = ("sent", "failed", "retried", "dead")
@@ -78,7 +79,7 @@ class EndpointStats:
             try:
                 await pipe.execute()
             except (redis.RedisError, OSError) as exc:
-                log.warning("endpoint stats not saved", extra={"error": repr(exc)})
+                log.warning("endpoint stats not saved", extra={"error": describe(exc)})
                 self._counts.update(counts)
                 self._breakers = {**breakers, **self._breakers}
 
@@ -237,4 +238,4 @@ class DeliveredMarks:
             try:
                 await self._client.sadd(self._key, *ids)
             except (redis.RedisError, OSError) as exc:  # a crash now repeats them: allowed
-                log.warning("delivered callbacks not marked", extra={"error": repr(exc)})
+                log.warning("delivered callbacks not marked", extra={"error": describe(exc)})

@@ -70,8 +70,25 @@ class Backoff:
         self.attempt = 0
 
 
+def describe(exc: BaseException) -> str:
+    """`Class: message` of an error, for log lines.
+
+    Not `repr`: redis-py 8 gives its errors one without the message (`network:ConnectionError`),
+    which names neither the node that failed nor why.
+    """
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def server(client: Any) -> str:
-    """`host:port` (or the socket path) a Redis client talks to, for log lines."""
+    """`host:port` (or the socket path) a Redis client talks to, for log lines; for a Redis
+    Cluster, `cluster:` and the nodes it knows to start from (at most three named; the node
+    that failed is named in the error)."""
+    nodes = getattr(getattr(client, "nodes_manager", None), "startup_nodes", None)
+    if nodes is not None:
+        names = list(nodes)
+        more = f",+{len(names) - 3}" if len(names) > 3 else ""
+        return f"cluster:{','.join(names[:3])}{more}"
     kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
     if "path" in kwargs:
         return str(kwargs["path"])
@@ -97,7 +114,7 @@ async def retrying(
             if cancelling():
                 raise asyncio.CancelledError from exc
             delay = backoff.next()
-            extra = {**(where or {}), "what": what, "error": repr(exc), "in_s": round(delay, 3)}
+            extra = {**(where or {}), "what": what, "error": describe(exc), "in_s": round(delay, 3)}
             if failing_since is None:
                 failing_since = time.monotonic()
                 log.warning("retrying", extra=extra)

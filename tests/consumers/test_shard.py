@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
+import redis
 import redis.asyncio as aredis
 
 from streamsink.consumers.settings import GroupSettings
@@ -14,6 +16,7 @@ from streamsink.schemas import Column, ColumnType, Config, Event, StreamSpec, Ta
 from streamsink.streams.keys import Keys
 from streamsink.streams.leases import Lease
 from streamsink.streams.reader import Read, ShardReader
+from streamsink.streams.retry import Backoff
 
 ITEMS = Table("items", ("id",), {"id": Column(ColumnType.INT), "n": Column(ColumnType.INT)})
 CONFIG = Config(streams={"items": StreamSpec("items", 1, "items")}, tables={"items": ITEMS})
@@ -93,3 +96,54 @@ def test_runner_refuses_entries_of_another_shard_and_calls_no_sink_sends() -> No
         else:
             with pytest.raises(ValidationError, match="no sink of this group sends calls"):
                 run._unpack(call)
+
+
+async def test_failing_reads_give_way_to_a_due_window_and_log_one_warning_a_spell(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Reads failing for good (issue 18: the node asked for XREAD's keys dead) must not hold
+    the window already read back from its sinks: once it is due, the read gives up."""
+    shard = runner(max_age_ms=1000)
+
+    def no_wait(self: Backoff) -> float:
+        self.attempt += 1
+        return 0.0
+
+    monkeypatch.setattr(Backoff, "next", no_wait)
+    calls, refused = 0, redis.ConnectionError("Error 111 connecting to 127.0.0.1:7000.")
+
+    async def failing(count: int, block_ms: int) -> Read:
+        nonlocal calls
+        calls += 1
+        if calls > 20:
+            raise AssertionError("reads retried past the window's due time")
+        raise refused
+
+    monkeypatch.setattr(shard.reader, "next", failing)
+    with caplog.at_level(logging.DEBUG, logger="streamsink.shard"):
+        due = time.monotonic()  # the window is due now
+        assert await shard._read(100, 50, until=due) == Read([], {})
+    assert calls == 1 and shard.reader._claiming, "what a lost reply delivered is claimed next"
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.getMessage() == "read failed"
+    assert warning.error == "ConnectionError: Error 111 connecting to 127.0.0.1:7000."  # type: ignore[attr-defined]
+
+    replies = iter([refused, refused, Read([], {})])
+
+    async def flaky(count: int, block_ms: int) -> Read:
+        reply = next(replies)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    caplog.clear()
+    monkeypatch.setattr(shard.reader, "next", flaky)
+    with caplog.at_level(logging.DEBUG, logger="streamsink.shard"):
+        assert await shard._read(100, 50) == Read([], {})  # no window: until it reads
+    levels = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert levels == [
+        (logging.WARNING, "read failed"),
+        (logging.DEBUG, "read failed"),
+        (logging.INFO, "read recovered"),
+    ]
+    assert caplog.records[-1].attempts == 3  # type: ignore[attr-defined]

@@ -42,7 +42,7 @@ from streamsink.sinks.http.transport import Reply, Transport
 from streamsink.sinks.http.urls import Refused, Vetter
 from streamsink.streams.endpoints import EndpointGates, EndpointStats
 from streamsink.streams.ratelimit import AsyncRateLimiter, Permit, Rate
-from streamsink.streams.retry import TRANSIENT, backoff_bound, retrying
+from streamsink.streams.retry import TRANSIENT, backoff_bound, describe, retrying
 
 log = logging.getLogger("streamsink.http")
 
@@ -297,7 +297,7 @@ class Sender:
         except TRANSIENT as exc:
             log.warning(
                 "rate limit not told",
-                extra={"sink": self.sink, "endpoint": endpoint.name, "error": repr(exc)},
+                extra={"sink": self.sink, "endpoint": endpoint.name, "error": describe(exc)},
             )
 
     async def _hold(self, endpoint: Endpoint, seconds: float) -> None:
