@@ -26,6 +26,7 @@ from streamsink.consumers.settings import GroupSettings
 from streamsink.consumers.shard import SINK_TRANSIENT, ShardRunner
 from streamsink.consumers.telemetry import Telemetry
 from streamsink.errors import (
+    ConfigError,
     RedisDataLost,
     ShardCountMismatch,
     SinkMisconfigured,
@@ -127,7 +128,7 @@ class GroupRunner:
         except StreamError as exc:
             self._stop_group(f"{exc}; run `streamsink streams create --config FILE`, then restart")
             return False
-        except SinkMisconfigured as exc:
+        except (SinkMisconfigured, ConfigError) as exc:  # ConfigError: e.g. no cluster there
             self._stop_group(str(exc))
             return False
         return True

@@ -97,12 +97,42 @@ def _cluster_url(url: str) -> tuple[str, list[tuple[str, int]]]:
 
 
 def connect(url: str, timeout: float = SOCKET_TIMEOUT_S) -> SyncClient:
-    """A sync client for `url` (see the module docstring for the forms and the policy)."""
+    """A sync client for `url` (see the module docstring for the forms and the policy).
+
+    A cluster's sync client reads the slot map here: ConnectionError if no seed answers,
+    ConfigError if the server is no cluster (`cluster_error`)."""
     if is_cluster_url(url):
         single, seeds = _cluster_url(url)
         nodes = [ClusterNode(h, p) for h, p in seeds]  # type: ignore[no-untyped-call]
-        return redis.RedisCluster.from_url(single, startup_nodes=nodes, **_options(timeout))
+        with _unreachable():
+            return _SyncCluster.from_url(single, startup_nodes=nodes, **_options(timeout))
     return redis.Redis.from_url(url, **_options(timeout))
+
+
+NOT_A_CLUSTER = "Cluster mode is not enabled"
+"""What redis-py's cluster client says of a seed that is a single server."""
+
+
+def cluster_error(exc: RedisClusterException) -> Exception:
+    """What a cluster client's own error (not a RedisError: no caller's retry would see it)
+    stands for. A seed that is a single server is the URL's mistake: ConfigError, which
+    waiting cannot clear. Anything else (no seed answers, a slot without a master) is a
+    cluster unreachable for now: ConnectionError, which every caller treats as transient,
+    as it does a single Redis that is down (a worker then waits for it, and says so)."""
+    if NOT_A_CLUSTER in str(exc):
+        return ConfigError(
+            "a redis+cluster:// URL names a server that is not a Redis Cluster (cluster mode "
+            "is not enabled there); give a single server as redis://host:port"
+        )
+    return ConnectionError(f"Redis Cluster unreachable: {exc}")
+
+
+class _SyncCluster(redis.RedisCluster):
+    """redis-py's sync cluster client, its own errors as `cluster_error` says."""
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        with _unreachable():
+            return super().execute_command(*args, **kwargs)  # type: ignore[no-untyped-call]
 
 
 log = logging.getLogger("streamsink.cluster")
@@ -131,6 +161,8 @@ class _ClusterPipeline(AsyncClusterPipeline):
         except LOST:
             reread(self.cluster_client)
             raise
+        except RedisClusterException as exc:  # nothing answered when it read the cluster
+            raise cluster_error(exc) from exc
 
 
 class _AsyncCluster(aredis.RedisCluster):
@@ -162,6 +194,8 @@ class _AsyncCluster(aredis.RedisCluster):
                 )
                 reread(self)
             raise
+        except RedisClusterException as exc:  # nothing answered when it read the cluster
+            raise cluster_error(exc) from exc
 
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
         if shard_hint:
@@ -216,12 +250,11 @@ lives elsewhere now, or the cluster is failing over; the slot map must be read a
 
 @contextlib.contextmanager
 def _unreachable() -> Iterator[None]:
-    """A cluster whose slot map cannot be read (no seed answers, a slot without master) is
-    unreachable for now: a ConnectionError, which every caller treats as transient."""
+    """A cluster client's own errors as `cluster_error` says (most: unreachable for now)."""
     try:
         yield
     except RedisClusterException as exc:
-        raise ConnectionError(f"Redis Cluster unreachable: {exc}") from exc
+        raise cluster_error(exc) from exc
 
 
 def sync_pool(client: SyncClient, key: str) -> redis.ConnectionPool:

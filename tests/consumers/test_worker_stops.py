@@ -15,7 +15,9 @@ import asyncio
 import os
 import signal
 import time
+from urllib.parse import urlsplit
 
+import pytest
 import redis
 
 from streamsink import signals
@@ -63,9 +65,14 @@ def test_sigterm_while_a_sink_never_succeeds_exits_0_within_the_shutdown_timeout
     assert recording.delivered(r, keys.prefix) == {}
 
 
-def test_sigterm_while_start_up_waits_for_redis_exits_at_once(keys: Keys, cluster: Cluster) -> None:
+@pytest.mark.parametrize("scheme", ["redis", "redis+cluster"])
+def test_sigterm_while_start_up_waits_for_redis_exits_at_once(
+    keys: Keys, cluster: Cluster, scheme: str
+) -> None:
+    # a cluster none of whose seeds answers is waited for as a single Redis is (it crashed
+    # the worker: redis-py's own RedisClusterException is no RedisError)
     port = free_port()
-    path = cluster.config(f"redis://127.0.0.1:{port}/0")  # nobody listens there
+    path = cluster.config(f"{scheme}://127.0.0.1:{port}")  # nobody listens there
     worker = cluster.start(path)
     eventually(
         lambda: any(line.get("what") == "prepare streams" for line in worker.records()),
@@ -73,13 +80,24 @@ def test_sigterm_while_start_up_waits_for_redis_exits_at_once(keys: Keys, cluste
         workers=[worker],
     )
     retrying = next(line for line in worker.records() if line.get("what") == "prepare streams")
-    assert retrying["redis"] == f"127.0.0.1:{port}", "a retry line says which server is away"
+    assert f"127.0.0.1:{port}" in retrying["redis"], "a retry line says which server is away"
     assert (retrying["group"], retrying["stream"]) == (GROUP, STREAM)
     started = time.monotonic()
     worker.signal(signal.SIGTERM)
     assert worker.wait(10) == 0
     assert time.monotonic() - started < 3
     assert "signal: draining" in [line["msg"] for line in worker.records()]
+
+
+def test_a_cluster_url_at_a_single_server_stops_the_worker_saying_so(
+    keys: Keys, redis_url: str, cluster: Cluster
+) -> None:
+    parts = urlsplit(redis_url)
+    worker = cluster.start(cluster.config(f"redis+cluster://{parts.hostname}:{parts.port}"))
+    assert worker.wait(15) == 3
+    stopped = [line for line in worker.records() if line["msg"].startswith("group stopped")]
+    assert len(stopped) == 1 and "not a Redis Cluster" in stopped[0]["error"]
+    assert "Traceback" not in worker.log()
 
 
 def test_a_stream_never_created_stops_the_worker_with_the_command_to_run(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 import pytest
 import redis
 import redis.asyncio as aredis
@@ -18,6 +20,7 @@ from streamsink.streams.connection import (
     shard_count,
     shard_count_async,
 )
+from tests.conftest import free_port
 
 
 def test_one_server_clients_never_retry_and_block_under_the_socket_timeout(
@@ -64,3 +67,37 @@ def test_a_block_longer_than_the_socket_allows_is_refused() -> None:
     assert GroupSettings.from_options("g", {"block_ms": MAX_BLOCK_MS}).block_ms == MAX_BLOCK_MS
     with pytest.raises(ConfigError, match="block_ms 10001 is too long"):
         GroupSettings.from_options("g", {"block_ms": MAX_BLOCK_MS + 1})
+
+
+def cluster_url_at(url: str) -> str:
+    """A redis+cluster:// URL naming the server of `url` (a single Redis, or nobody)."""
+    parts = urlsplit(url)
+    return f"redis+cluster://{parts.hostname}:{parts.port or 6379}"
+
+
+async def test_a_cluster_nobody_answers_for_is_unreachable_for_now_not_a_crash() -> None:
+    # redis-py raises its own RedisClusterException (not a RedisError: no retry of ours saw
+    # it, and a worker started before its cluster crashed); a ConnectionError is waited out
+    url = f"redis+cluster://127.0.0.1:{free_port()}"
+    with pytest.raises(redis.ConnectionError, match="Redis Cluster unreachable"):
+        connect(url)
+    client = connect_async(url)
+    try:
+        with pytest.raises(redis.ConnectionError, match="Redis Cluster unreachable"):
+            await client.hget("k", "f")
+        with pytest.raises(redis.ConnectionError, match="Redis Cluster unreachable"):
+            await client.pipeline().hget("k", "f").execute()
+    finally:
+        await client.aclose()
+
+
+async def test_a_cluster_url_at_a_single_server_is_a_config_error(redis_url: str) -> None:
+    url = cluster_url_at(redis_url)
+    with pytest.raises(ConfigError, match="not a Redis Cluster"):
+        connect(url)
+    client = connect_async(url)
+    try:
+        with pytest.raises(ConfigError, match="not a Redis Cluster"):
+            await client.hget("k", "f")
+    finally:
+        await client.aclose()
