@@ -66,9 +66,10 @@ MODEL = b"#"
 `key, '#', op, data, table, ts, v, id, changes`."""
 MODEL_PLAIN = b"="
 """After the key, the first byte of a shape's mark (`=0`, `=1`, ...): a plain set of a
-table with a read model, sent as `key, shape mark, data, values`. The shape (sent once
-per call, after the events) names the fields its values go to, the key column (whose
-value is the key itself, not sent again) and the TTL; the op is set."""
+table with a read model, sent as `key, shape mark, data`. The shape (sent once per call,
+after the events) names the key column (whose value is the key itself), the other fields
+and the TTL, and holds the Lua pattern that reads their values from the data; the op is
+set (streams/publish.py: `shape_pattern`, publish.lua)."""
 MODEL_SHORT = b"*"
 """After the key, marks an event with only op and data, and its read-model changes:
 `key, '*', op, data, changes`."""

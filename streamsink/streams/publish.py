@@ -268,10 +268,11 @@ class Preparer:
     def _layout(self, table: str, changes: Changer) -> Callable[[Event, Prepared], Prepared]:
         """How an event of `table` (packed as `values`) goes with its read-model changes.
 
-        A plain set (no table, ts, v or id; a `plain` table, no null) goes by its shape:
-        `key, mark, data, values but the key column's`; any other set, incr or del with
-        its changes (`MODEL_SHORT` or `MODEL`); other ops as they are. The plain set is the
-        commonest event of a table with a read model: every step here counts."""
+        A plain set (no table, ts, v or id; a `plain` table, no null, JSON without
+        escapes) goes by its shape: `key, mark, data`, the script reading the values from
+        the data (`shape_pattern`); any other set, incr or del with its changes
+        (`MODEL_SHORT` or `MODEL`); other ops as they are. The plain set is the commonest
+        event of a table with a read model: every step here counts."""
         shapes = self.shapes.setdefault(table, {})
         key, as_text, ttl_of = changes.key, changes.key_text, changes.ttl
         check_key = changes.check_key
