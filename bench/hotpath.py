@@ -27,25 +27,15 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg2
+from pipeline import STATUSES, TASKS  # the table bench/pipeline.py drains (bench/ on the path)
 
-from streamsink.schemas import Column, ColumnType, Config, Policy, StreamSpec, Table
+from streamsink.schemas import Config, StreamSpec
 from streamsink.schemas.event import Event, Op
 from streamsink.schemas.merge import Entry, merge
 from streamsink.schemas.wire import F_DATA, F_KEY, F_OP, pack, shard_of, unpacker
 from streamsink.sinks.postgres.writer import Writer
 
 SHARDS = 4
-STATUSES = ("queued", "running", "rendering", "uploading", "done")
-TASKS = Table(
-    "tasks",
-    key=("id",),
-    columns={
-        "id": Column(ColumnType.INT, nullable=False),
-        "status": Column(ColumnType.TEXT),
-        "progress": Column(ColumnType.INT, Policy.MAX),
-        "views": Column(ColumnType.INT, Policy.SUM),
-    },
-)
 
 
 def events(keys: int, seed: int) -> Iterator[Event]:
