@@ -25,7 +25,14 @@ from streamsink.sinks.base import Sink
 from streamsink.streams.keys import Keys
 from streamsink.streams.leases import Lease
 from streamsink.streams.reader import Raw, Read, ShardReader
-from streamsink.streams.retry import TRANSIENT, Backoff, cancelling, describe, retrying, server
+from streamsink.streams.retry import (
+    TRANSIENT,
+    Backoff,
+    Spell,
+    cancelling,
+    retrying,
+    server,
+)
 from streamsink.streams.state import RunState
 
 log = logging.getLogger("streamsink.shard")
@@ -213,7 +220,7 @@ class ShardRunner:
         need may be away while the sinks and the acknowledgement are not (issue 18: a shard
         whose reads kept failing held its last window back from PostgreSQL for good).
         """
-        backoff, failing_since = Backoff(), cast(float | None, None)
+        backoff, spell = Backoff(), Spell("read failed", "read recovered", self._redis, log)
         while True:
             try:
                 read = await self.reader.next(count, block)
@@ -222,22 +229,14 @@ class ShardRunner:
                     raise asyncio.CancelledError from exc
                 self.reader.recover()
                 now, delay = time.monotonic(), backoff.next()
-                extra = {**self._redis, "error": describe(exc), "in_s": round(delay, 3)}
-                if failing_since is None:
-                    failing_since = now
-                    log.warning("read failed", extra=extra)
-                else:
-                    log.debug("read failed", extra={**extra, "attempt": backoff.attempt})
+                spell.failed(exc, delay, backoff.attempt)
                 if now + delay >= until:  # the window is due first: flush it, then read on
                     await asyncio.sleep(max(0.0, until - now))
                     log.info("read failing: flushing the due window first", extra=self._redis)
                     return Read([], {})
                 await asyncio.sleep(delay)
                 continue
-            if failing_since is not None:
-                took = round(time.monotonic() - failing_since, 3)
-                extra = {**self._redis, "attempts": backoff.attempt + 1, "after_s": took}
-                log.info("read recovered", extra=extra)
+            spell.succeeded(backoff.attempt + 1)
             return read
 
     async def _take(self, window: Window, read: Read, asked: int) -> None:

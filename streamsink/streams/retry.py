@@ -95,6 +95,40 @@ def server(client: Any) -> str:
     return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
 
 
+class Spell:
+    """The log lines of one operation's spell of failures: one warning when it starts
+    failing, later attempts at debug level, and one line with how many attempts and how
+    long it took when it succeeds again (`failed`/`recovered`: the two messages), on
+    `logger` (the caller's, so its lines keep their logger name)."""
+
+    def __init__(
+        self,
+        failed: str,
+        recovered: str,
+        where: Mapping[str, object],
+        logger: logging.Logger = log,
+    ) -> None:
+        self._failed, self._recovered, self._where, self._log = failed, recovered, where, logger
+        self._since: float | None = None
+
+    def failed(self, exc: BaseException, delay: float, attempt: int) -> None:
+        """An attempt failed; the next comes after `delay` seconds."""
+        extra = {**self._where, "error": describe(exc), "in_s": round(delay, 3)}
+        if self._since is None:
+            self._since = time.monotonic()
+            self._log.warning(self._failed, extra=extra)
+        else:
+            self._log.debug(self._failed, extra={**extra, "attempt": attempt})
+
+    def succeeded(self, attempts: int) -> None:
+        """An attempt went through (`attempts` in all): the `recovered` line, if it failed."""
+        if self._since is not None:
+            after = round(time.monotonic() - self._since, 3)
+            extra = {**self._where, "attempts": attempts, "after_s": after}
+            self._log.info(self._recovered, extra=extra)
+            self._since = None
+
+
 async def retrying(
     operation: Callable[[], Awaitable[T]],
     what: str,
@@ -104,9 +138,9 @@ async def retrying(
     """Run `operation` until it succeeds, sleeping with backoff after transient errors;
     `where` (group, shard, the server: `redis=host:port`) goes into its log lines: one
     warning when it starts failing, the later attempts at debug level, and one line when
-    it succeeds again (with how many attempts and how long it took)."""
+    it succeeds again (with how many attempts and how long it took): `Spell`."""
     backoff = Backoff()
-    failing_since: float | None = None
+    spell = Spell("retrying", "recovered", {**(where or {}), "what": what})
     while True:
         try:
             result = await operation()
@@ -114,17 +148,8 @@ async def retrying(
             if cancelling():
                 raise asyncio.CancelledError from exc
             delay = backoff.next()
-            extra = {**(where or {}), "what": what, "error": describe(exc), "in_s": round(delay, 3)}
-            if failing_since is None:
-                failing_since = time.monotonic()
-                log.warning("retrying", extra=extra)
-            else:
-                log.debug("retrying", extra={**extra, "attempt": backoff.attempt})
+            spell.failed(exc, delay, backoff.attempt)
             await asyncio.sleep(delay)
             continue
-        if failing_since is not None:
-            extra = {**(where or {}), "what": what, "attempts": backoff.attempt + 1}
-            log.info(
-                "recovered", extra={**extra, "after_s": round(time.monotonic() - failing_since, 3)}
-            )
+        spell.succeeded(backoff.attempt + 1)
         return result
