@@ -119,9 +119,12 @@ class Changer:
     row's key (`check_key`)."""
 
     def __init__(self, table: Table, model: ReadModel) -> None:
-        key = self._key = table.key[0]
+        key = table.key[0]
         self._table = table.name
-        self._as_text = str.lower if table.columns[key].type is ColumnType.UUID else str
+        self.key_text: Callable[[Any], str] = (
+            str.lower if table.columns[key].type is ColumnType.UUID else str
+        )
+        """The routing key of a key column's value (the module's `key_text`, bound)."""
         self._set_kinds = {name: _set_kind(column) for name, column in table.columns.items()}
         self._incr_kinds = {
             name: "=" if name == key else _SUM_KINDS.get(c.type, "f")
@@ -139,7 +142,6 @@ class Changer:
         such a table without nulls changes its hash by its data's fields as they are."""
         self.key = key
         """The key column: its value's text (`key_text`) is the event's routing key."""
-        self.key_text = self._as_text
         self._status, self._default = model.ttl_by, model.ttl_ms(None)
         self._ttls = {value: model.ttl_ms(value) for value in model.ttl}
         self._delete = [self._default, -1]
@@ -178,8 +180,8 @@ class Changer:
 
     def check_key(self, event: Event) -> None:
         """Raise ValidationError unless the event's routing key is its row's key."""
-        data, key = event.data, self._key
-        if key not in data or self._as_text(data[key]) != event.key:
+        data, key = event.data, self.key
+        if key not in data or self.key_text(data[key]) != event.key:
             raise ValidationError(
                 "key",
                 f"table {self._table!r} has a read model: the routing key must be the row's "

@@ -49,6 +49,8 @@ from streamsink.errors import ConfigError, StreamNotFound
 from streamsink.streams.keys import META_SHARDS, Keys
 from streamsink.streams.retry import describe
 
+log = logging.getLogger("streamsink.cluster")
+
 SyncClient: TypeAlias = redis.Redis | redis.RedisCluster
 """What streamsink's sync code talks to: one server or a cluster."""
 AsyncClient: TypeAlias = aredis.Redis | aredis.RedisCluster
@@ -134,8 +136,6 @@ class _SyncCluster(redis.RedisCluster):
         with _unreachable():
             return super().execute_command(*args, **kwargs)  # type: ignore[no-untyped-call]
 
-
-log = logging.getLogger("streamsink.cluster")
 
 LOST = (ConnectionError, TimeoutError, ClusterDownError, SlotNotCoveredError, OSError)
 """Errors after which a cluster client must read the cluster again before its next command."""
