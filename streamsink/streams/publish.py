@@ -334,6 +334,7 @@ class Preparer:
         by_stream: dict[str, list[Command | None]] = {}
         made: list[Command] = []
         slot = 0
+        shaped = bool(self.shape_names)  # else no event carries a shape's mark
         for stream, prepared, _ in requests:
             shards = self.shards[stream]
             by_shard = by_stream.get(stream)
@@ -347,7 +348,7 @@ class Preparer:
                     made.append(command)
                 if len(values) == PLAIN_VALUES:
                     command.args += values
-                    if values[MARK][0] == _SHAPE_MARK:  # a plain read-model set, by shape
+                    if shaped and values[MARK][0] == _SHAPE_MARK:  # a read-model set by shape
                         command.guarded = True
                         command.shapes.add(values[MARK])
                 elif values[MARK] is IDENTIFIED:  # laid out by the packer
