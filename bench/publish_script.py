@@ -18,15 +18,29 @@ Redis' work counts:
 
 Rows run one after the other in each run; the table gives medians and each row's cost
 over the first row, the cost the read model cannot go under being the third row's.
+
+    python bench/publish_script.py --instructions [--events 10000]
+
+counts instead the instructions Redis runs per event, in a redis-server of its own under
+valgrind's callgrind (counters zeroed before each row, read after it): the same on every
+run, where CPU time on a shared machine varies by a third from run to run. Needs
+`valgrind` (apt-get install valgrind) and `redis-server` on the PATH; one run is enough.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import glob
+import os
+import socket
 import statistics
+import subprocess
+import tempfile
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -102,8 +116,58 @@ def redis_cpu(client: redis.Redis) -> float:
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
-def run_once(client: redis.Redis, count: int) -> dict[str, float]:
-    """µs of Redis CPU per event, per row, each on a fresh prefix."""
+class Callgrind:
+    """A redis-server under callgrind: instructions it runs between `zero` and `total`."""
+
+    def __init__(self, pid: int, out: str) -> None:
+        self.pid, self.out = pid, out
+
+    def zero(self) -> None:
+        subprocess.run(["callgrind_control", "-z", str(self.pid)], check=True, capture_output=True)
+
+    def total(self) -> int:
+        before = set(glob.glob(f"{self.out}.*"))
+        subprocess.run(["callgrind_control", "-d", str(self.pid)], check=True, capture_output=True)
+        (dump,) = set(glob.glob(f"{self.out}.*")) - before
+        with open(dump, encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                if line.startswith(("summary:", "totals:")):
+                    return int(line.split()[1])
+        raise RuntimeError(f"{dump}: no instruction total")
+
+
+@contextlib.contextmanager
+def callgrind_redis() -> Iterator[tuple[redis.Redis, Callgrind]]:
+    """A throwaway redis-server under callgrind on a free loopback port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with tempfile.TemporaryDirectory() as folder:
+        out = os.path.join(folder, "callgrind.out")
+        server = subprocess.Popen(
+            [
+                *("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "redis-server"),
+                *("--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=port)
+        try:
+            for _ in range(300):
+                with contextlib.suppress(redis.ConnectionError):
+                    client.ping()
+                    break
+                time.sleep(0.1)
+            yield client, Callgrind(server.pid, out)
+        finally:
+            server.terminate()
+            server.wait()
+
+
+def run_once(client: redis.Redis, count: int, counter: Callgrind | None = None) -> dict[str, float]:
+    """µs of Redis CPU per event, per row, each on a fresh prefix (with `counter`:
+    instructions per event instead)."""
     rows: dict[str, Callable[[Keys], list[list[Any]]]] = {
         name: partial(bare_calls, client, count=count, step=step, body=body)
         for name, (step, body) in BARE.items()
@@ -118,13 +182,18 @@ def run_once(client: redis.Redis, count: int) -> dict[str, float]:
         keys = Keys(f"benchs{uuid.uuid4().hex[:8]}")
         create_stream(client, keys, "tasks", SHARDS)
         calls = make(keys)
+        if counter is not None:
+            counter.zero()
         before = redis_cpu(client)
         for start in range(0, len(calls), SHARDS):
             pipe = client.pipeline(transaction=False)
             for args in calls[start : start + SHARDS]:
                 pipe.execute_command(*args)
             pipe.execute()
-        out[name] = 1e6 * (redis_cpu(client) - before) / count
+        if counter is not None:
+            out[name] = counter.total() / count
+        else:
+            out[name] = 1e6 * (redis_cpu(client) - before) / count
         for key in client.scan_iter(match=f"{keys.prefix}:*", count=1000):
             client.unlink(key)
     return out
@@ -135,7 +204,20 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument(
+        "--instructions", action="store_true", help="count instructions under callgrind"
+    )
     args = parser.parse_args()
+    if args.instructions:
+        with callgrind_redis() as (client, counter):
+            counts = run_once(client, args.events, counter)
+        first = next(iter(counts))
+        print(f"\n{args.events} events, {SHARDS} shards, a redis-server under callgrind\n")
+        print(f"| {'row':<28} | instructions/event | over '{first}' |")
+        print(f"|{'-' * 30}|{'-' * 20}|{'-' * 18}|")
+        for name, count in counts.items():
+            print(f"| {name:<28} | {count:>18,.0f} | {count - counts[first]:>+16,.0f} |")
+        return
     client = redis.Redis.from_url(args.redis_url)
     runs = [run_once(client, args.events) for _ in range(args.runs)]
     first = next(iter(runs[0]))

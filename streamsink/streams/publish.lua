@@ -18,10 +18,11 @@
 -- ID of each event; a repeated id returns the first publish's entry ID. After the events come
 -- the shapes that events name: `mark, key field, TTL (ms), 1 if the TTL is only for a hash
 -- without one else 0, pattern, field count, field names` (the names in the order the
--- pattern captures their values; streams/publish.py: shape_pattern), once per call. Every
--- TTL and count goes to Redis as the text it came as: a Lua number costs a formatting
--- (~1.5 µs a call). The type check and the backpressure check come first so that a
--- refused call has written nothing.
+-- pattern captures their values; streams/publish.py: shape_pattern), once per call. A
+-- hash's TTL goes as PEXPIREAT of Redis' clock at the call plus the TTL, each distinct TTL
+-- formatted once a call: a Lua number passed to Redis costs a formatting (~1.5 µs a call)
+-- and PEXPIRE a rewrite into PEXPIREAT. The type check and the backpressure check come
+-- first so that a refused call has written nothing.
 --
 -- Ids (see `Keys.ids`): at the call's first event with an id, `recall` looks up every id of
 -- the call at once: one MGET of the old one-key-per-id layout and one HMGET per live bucket;
@@ -134,13 +135,29 @@ local function better(kind, order, old)  -- is `order` past `old` (max: greater,
   end
   if kind == '>' then return before(old, order) else return before(order, old) end
 end
+local clock, expiries = nil, {}
+local function millis()  -- Redis' clock in ms, read once a call
+  if not clock then
+    local time = redis.call('TIME')
+    clock = time[1] * 1000 + math.floor(time[2] / 1000)
+  end
+  return clock
+end
+local function expiry(ttl)  -- the time `ttl` (ms, text) from now, as text: PEXPIREAT's
+  local at = expiries[ttl]  -- argument costs Redis less than PEXPIRE's (no rewrite of the
+  if not at then            -- command into PEXPIREAT for replication), once a TTL a call
+    at = string.format('%d', millis() + tonumber(ttl))
+    expiries[ttl] = at
+  end
+  return at
+end
 local function model(row, at, apply)  -- the read model: one event's changes to its hash
   local ttl, assigns = ARGV[at], tonumber(ARGV[at + 1])
   if assigns < 0 then
     if apply then
       redis.call('DEL', row)
       redis.call('HSET', row, '~del', '1')
-      redis.call('PEXPIRE', row, ttl)
+      redis.call('PEXPIREAT', row, expiry(ttl))
     end
     return at + 2
   end
@@ -181,9 +198,9 @@ local function model(row, at, apply)  -- the read model: one event's changes to 
       end
     end
     if string.byte(ttl, 1) ~= 45 then  -- '-': only for a hash without a TTL
-      redis.call('PEXPIRE', row, ttl)
+      redis.call('PEXPIREAT', row, expiry(ttl))
     else
-      redis.call('PEXPIRE', row, string.sub(ttl, 2), 'NX')
+      redis.call('PEXPIREAT', row, expiry(string.sub(ttl, 2)), 'NX')
     end
   end
   return j + 4 * others
@@ -199,8 +216,8 @@ if tail > 0 then
   while j <= #ARGV do
     local k = tonumber(ARGV[j + 5])
     local shape = {unpack(ARGV, j + 6, j + 5 + k)}
-    shape.key, shape.ttl, shape.nx = ARGV[j + 1], ARGV[j + 2], ARGV[j + 3] == '1'
-    shape.pattern = ARGV[j + 4]
+    shape.key, shape.nx = ARGV[j + 1], ARGV[j + 3] == '1'
+    shape.pattern, shape.at = ARGV[j + 4], expiry(ARGV[j + 2])
     shapes[ARGV[j]] = shape
     j = j + 6 + k
   end
@@ -240,8 +257,7 @@ end
 local function recall(i, last)  -- what every id from event ARGV[i] on was first published as
   known = {}
   local ids = walk(i, last)
-  local time = redis.call('TIME')
-  now = string.format('%d', time[1] * 1000 + math.floor(time[2] / 1000))
+  now = string.format('%d', millis())
   live = redis.call('ZRANGE', KEYS[2], '(' .. now, '+inf', 'BYSCORE', 'WITHSCORES')
   for start = 1, #ids, 4000 do  -- unpack takes at most ~8000 values
     local stop, old = math.min(start + 3999, #ids), {}
@@ -300,9 +316,9 @@ while i <= n do
     local row, k = home .. ARGV[i], #shape
     --[[HSET_BY_ARITY]]
     if shape.nx then
-      redis.call('PEXPIRE', row, shape.ttl, 'NX')
+      redis.call('PEXPIREAT', row, shape.at, 'NX')
     else
-      redis.call('PEXPIRE', row, shape.ttl)
+      redis.call('PEXPIREAT', row, shape.at)
     end
     i = i + 3
   elseif form == '*' then  -- key, '*', op, data, the row's changes (read model)
