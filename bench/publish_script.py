@@ -9,15 +9,18 @@ Redis' work counts:
 
   Lua: XADD                    a bare script: one XADD per event (3 values an event)
   Lua: XADD + HSET             and the HSET of the row's four fields (values sent apart)
-  Lua: XADD + HSET + PEXPIRE   and the row's TTL: the least any read model kept as a
-                               hash per key with a TTL, written by the publishing script,
-                               can cost
+  Lua: XADD + HSET + PEXPIRE   and the row's TTL
+  Lua: XADD + HSET + PEXPIREAT the TTL as the time it ends (Redis rewrites a PEXPIRE into
+                               that): the least any read model kept as a hash per key with
+                               a TTL, written by the publishing script, can cost
   streamsink, read model off   the publish script as the producers send it
   streamsink, read model on    the same with the table's read model
   streamsink, an id per event  read model off, each event with an idempotency id (issue 18.4)
+  streamsink, off, as EVAL     read model off, the script's text in each call (EVAL), as the
+                               asyncio producer sends it; the others go by SHA1 (EVALSHA)
 
 Rows run one after the other in each run; the table gives medians and each row's cost
-over the first row, the cost the read model cannot go under being the third row's.
+over the first row, the cost the read model cannot go under being the fourth row's.
 
     python bench/publish_script.py --instructions [--events 10000]
 
@@ -50,7 +53,7 @@ from producer import MODEL, SHARDS, TASKS, make_events, with_ids  # bench/ is fi
 from streamsink import Config, create_stream
 from streamsink.schemas import StreamSpec
 from streamsink.streams import Keys
-from streamsink.streams.publish import Preparer, ProducerSettings
+from streamsink.streams.publish import Preparer, ProducerSettings, publish_script
 
 BATCH = 1000
 """Events a publish call, spread over the shards (~125 a script call)."""
@@ -63,10 +66,12 @@ _HSET = (
     " 'worker', ARGV[i + 5])"
 )
 _PEXPIRE = "redis.call('PEXPIRE', row, ARGV[i + 6])"
+_PEXPIREAT = "redis.call('PEXPIREAT', row, ARGV[i + 6])"
 BARE = {
     "Lua: XADD": (3, _XADD),
     "Lua: XADD + HSET": (7, "\n".join((_XADD, _ROW, _HSET))),
     "Lua: XADD + HSET + PEXPIRE": (7, "\n".join((_XADD, _ROW, _HSET, _PEXPIRE))),
+    "Lua: XADD + HSET + PEXPIREAT": (7, "\n".join((_XADD, _ROW, _HSET, _PEXPIREAT))),
 }
 
 
@@ -85,7 +90,8 @@ def bare_calls(
             if step > 3:
                 data = event.data
                 values += [data["status"], data["progress"], data["worker"]]
-                values.append(str(MODEL.ttl_ms(data["status"])))
+                ttl = MODEL.ttl_ms(data["status"])
+                values.append(str(ttl + int(time.time() * 1000) if "PEXPIREAT" in body else ttl))
             by_shard.setdefault(shard, []).extend(values)
         for shard, values in by_shard.items():
             row_prefix = keys.row_prefix("tasks", shard) + "tasks:"
@@ -94,15 +100,17 @@ def bare_calls(
 
 
 def streamsink_calls(
-    keys: Keys, count: int, read_model: bool, ids: bool = False
+    keys: Keys, count: int, read_model: bool, ids: bool = False, by_sha: bool = True
 ) -> list[list[Any]]:
-    """The producers' script calls for `count` events (`Preparer.commands`)."""
+    """The producers' script calls for `count` events (`Preparer.commands`): by SHA1 as
+    the sync producer sends them, or with the script's text as the asyncio one does."""
     streams = {"tasks": StreamSpec("tasks", SHARDS, "tasks")}
     config = Config(streams=streams, tables={"tasks": TASKS}, prefix=keys.prefix)
     if read_model:
         config = dataclasses.replace(config, read_models={"tasks": MODEL})
     prep = Preparer(config, ProducerSettings())
     prep.check_shards("tasks", SHARDS)
+    prep.by_sha = by_sha
     events = with_ids(make_events(count)) if ids else make_events(count)
     calls: list[list[Any]] = []
     for start in range(0, len(events), BATCH):
@@ -177,6 +185,10 @@ def run_once(client: redis.Redis, count: int, counter: Callgrind | None = None) 
     rows["streamsink, an id per event"] = partial(
         streamsink_calls, count=count, read_model=False, ids=True
     )
+    rows["streamsink, off, as EVAL"] = partial(
+        streamsink_calls, count=count, read_model=False, by_sha=False
+    )
+    client.script_load(publish_script())
     out = {}
     for name, make in rows.items():
         keys = Keys(f"benchs{uuid.uuid4().hex[:8]}")

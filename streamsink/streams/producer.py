@@ -9,6 +9,7 @@ from typing import Any
 
 import hiredis
 import redis
+from redis.exceptions import NoScriptError
 
 from streamsink.errors import Backpressure, ProducerClosed, PublishError
 from streamsink.schemas.config import Config
@@ -36,6 +37,9 @@ from streamsink.streams.publish import (
     refusal,
 )
 
+_NOSCRIPT = object()
+"""A call's reply when Redis did not know the script by its SHA1 (it ran nothing)."""
+
 _UNREACHABLE = "cannot reach Redis ({}); nothing was published, so publishing again is safe"
 _LOST = (
     "lost Redis while publishing ({}); the events may or may not be in the stream: "
@@ -59,6 +63,7 @@ class Producer:
     ) -> None:
         self._client = client
         self._prep = Preparer(config or Config(), settings or ProducerSettings())
+        self._prep.by_sha = True  # one call per shard in flight: see streams.publish
         self._closed = False
 
     def publish(
@@ -109,6 +114,13 @@ class Producer:
         while True:
             commands = self._prep.commands([(stream, [prepared[i] for i in todo], None)])
             replies = self._send(commands)
+            unknown = [i for i, reply in enumerate(replies) if reply is _NOSCRIPT]
+            if unknown:  # Redis lost its scripts: those calls wrote nothing, sent as text
+                for i in unknown:
+                    commands[i].by_text()
+                again = self._send([commands[i] for i in unknown])
+                for i, reply in zip(unknown, again, strict=True):
+                    replies[i] = reply
             refused: Backpressure | None = None
             for command, reply in zip(commands, replies, strict=True):
                 if isinstance(reply, Backpressure):
@@ -144,8 +156,8 @@ class Producer:
         wait_applied(self._client, self._prep.keys, receipts, groups, timeout)
 
     def _send(self, commands: list[Command]) -> list[Any]:
-        """Each command's reply, or the Backpressure that refused it (one pipelined round
-        trip per server: a cluster's shards live on several)."""
+        """Each command's reply, the Backpressure that refused it, or _NOSCRIPT (one
+        pipelined round trip per server: a cluster's shards live on several)."""
         by_pool: dict[int, tuple[redis.ConnectionPool, list[int]]] = {}
         try:
             for i, command in enumerate(commands):
@@ -171,6 +183,8 @@ class Producer:
                 for i in indices:
                     try:
                         replies[i] = conn.read_response()
+                    except NoScriptError:
+                        replies[i] = _NOSCRIPT
                     except redis.ResponseError as exc:
                         refused = refusal(exc)  # the script wrote nothing: the caller may retry
                         if refused is None:

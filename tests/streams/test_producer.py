@@ -226,6 +226,53 @@ def test_redis_killed_then_restarted(redis_server: RedisServer, keys: Keys) -> N
     client.close()
 
 
+def test_a_flushed_script_cache_costs_one_eval_per_shard_and_keeps_order(
+    redis_server: RedisServer, keys: Keys
+) -> None:
+    # The sync producer names the script by SHA1; a shard's call that Redis refuses with
+    # NOSCRIPT ran nothing, and goes again as text, after the shards that ran.
+    client = redis.Redis.from_url(redis_server.url)
+    create_stream(client, keys, "tasks", SHARDS)
+    producer = Producer(client, make_config(keys))
+    sent: list[Event] = []
+
+    def publish(round_: int) -> None:
+        batch = [
+            Event.make(
+                f"task-{n}", "set", {"id": n, "progress": round_ * 10 + i}, id=f"{round_}.{n}.{i}"
+            )
+            for i in range(3)
+            for n in range(8)
+        ]
+        producer.publish_many("tasks", batch)
+        sent.extend(batch)
+
+    def calls() -> dict[str, int]:
+        stats = client.info("commandstats")
+        return {
+            name: stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("eval", "evalsha")
+        }
+
+    shards = len({shard_of(f"task-{n}", SHARDS) for n in range(8)})
+    for round_ in range(3):
+        client.script_flush()
+        client.config_resetstat()
+        publish(round_)
+        assert calls() == {"eval": shards, "evalsha": shards}  # refused, then as text
+        client.config_resetstat()
+        publish(round_ + 10)
+        assert calls() == {"eval": 0, "evalsha": shards}  # known by its SHA1 since
+    for n in range(8):
+        key = f"task-{n}"
+        stored = [
+            fields[b"data"]
+            for _, fields in entries(client, keys, "tasks", shard_of(key, SHARDS))
+            if fields[b"key"] == key.encode()
+        ]
+        assert stored == [encode(e)[5] for e in sent if e.key == key]  # once each, in order
+    client.close()
+
+
 def test_redis_down_before_the_first_publish(redis_server: RedisServer, keys: Keys) -> None:
     client = redis.Redis.from_url(redis_server.url)
     create_stream(client, keys, "tasks", SHARDS)
