@@ -7,7 +7,7 @@ file (its keys, arguments and reply) stay out of the text sent to Redis.
 Scripts run by SHA (EVALSHA) and are loaded again when Redis answers NOSCRIPT (a flushed
 script cache, a restarted server, a replica promoted): redis-py's `register_script` does
 that for a client, `pipelined` and `pipelined_sync` for a pipeline (a cluster pipeline
-cannot load a script itself). The publish script alone goes as EVAL: see `streams.publish`.
+cannot load a script itself). The publish script has its own rules: see `streams.publish`.
 """
 
 from __future__ import annotations
