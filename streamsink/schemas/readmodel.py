@@ -142,6 +142,8 @@ class Changer:
         such a table without nulls changes its hash by its data's fields as they are."""
         self.key = key
         """The key column: its value's text (`key_text`) is the event's routing key."""
+        self.status = model.ttl_by
+        """The status column whose value chooses the TTL (None: the default TTL always)."""
         self._status, self._default = model.ttl_by, model.ttl_ms(None)
         self._ttls = {value: model.ttl_ms(value) for value in model.ttl}
         self._delete = [self._default, -1]

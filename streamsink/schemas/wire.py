@@ -134,6 +134,8 @@ def packer(
     validate: Callable[[Event], object],
     max_data_bytes: int = DEFAULT_MAX_DATA_BYTES,
     mark_ids: bool = False,
+    then: Callable[[Event, tuple[bytes, ...]], tuple[bytes, ...]] | None = None,
+    plain_set: Callable[[Event, bytes], tuple[bytes, ...] | None] | None = None,
 ) -> Callable[[Event], tuple[bytes, ...]]:
     """`pack` then `validate` (same errors), quick for plain events of `table`.
 
@@ -145,6 +147,11 @@ def packer(
     of data holding every key column, each value of a type its column takes as is
     (`Table.plain`), and JSON free of null and NUL. Those pass every check, so one dict
     lookup and one type test a field replace them; any other event takes the full path.
+
+    With `then`, every event's values go through `then(event, values)` (the producers'
+    read-model layout). With `plain_set` too, a quick set without id goes to
+    `plain_set(event, its JSON data)` first, and takes what it gives unless None: the
+    layout of a read model's commonest event, without repeating the quick path's checks.
     """
     plain = table.plain if table is not None else {}
     key_columns = frozenset(table.key) if table is not None else frozenset()
@@ -182,14 +189,22 @@ def packer(
                 and (key_of is None or key_of(data) == key)
             ):
                 if ident is None:
-                    return key.encode(), _OP_BYTES[op], encoded
+                    if then is None:
+                        return key.encode(), _OP_BYTES[op], encoded
+                    if plain_set is not None and op is first:
+                        shaped = plain_set(event, encoded)
+                        if shaped is not None:
+                            return shaped
+                    return then(event, (key.encode(), _OP_BYTES[op], encoded))
                 if mark_ids:
                     return key.encode(), IDENTIFIED, _OP_BYTES[op], encoded, ident.encode()
-                return key.encode(), _OP_BYTES[op], encoded, b"", b"", b"", ident.encode()
+                with_id = key.encode(), _OP_BYTES[op], encoded, b"", b"", b"", ident.encode()
+                return with_id if then is None else then(event, with_id)
         values = pack(event, max_data_bytes)
         validate(event)
-        optional = values[TABLE] or values[TS] or values[VERSION] or values[ID]
-        return values if optional else values[:PLAIN_VALUES]
+        if not (values[TABLE] or values[TS] or values[VERSION] or values[ID]):
+            values = values[:PLAIN_VALUES]
+        return values if then is None else then(event, values)
 
     return pack_validated
 

@@ -113,6 +113,9 @@ MAX_SHAPES = 1024
 """Most shapes (table, field names in order, TTL) of plain read-model sets a producer
 numbers; events of further shapes go in the general layout."""
 
+MAX_MARKS = 4 * MAX_SHAPES
+"""Most (field names, status value) pairs a producer remembers the shape's mark of."""
+
 MAX_SHAPE_FIELDS = 32
 """Most fields of a shape (key included): a Lua pattern holds at most 32 captures."""
 
@@ -239,6 +242,9 @@ class Preparer:
         self.shapes: dict[str, dict[tuple[tuple[str, ...], int], bytes]] = {}
         """Per table, the marks of the shapes of its plain read-model sets, by (field names
         in order, TTL)."""
+        self.marks: dict[str, dict[tuple[tuple[str, ...], Any], bytes]] = {}
+        """Per table, the marks of its plain sets by (field names in order, status value):
+        at most MAX_MARKS, found in one lookup (`_plain_set`)."""
         self.shape_names: dict[bytes, tuple[str, tuple[str, ...], int, bytes]] = {}
         """Per shape's mark: the key column, the other fields in order, the TTL (ms;
         negative: only for a hash without one), the pattern (`shape_pattern`)."""
@@ -257,29 +263,61 @@ class Preparer:
         self.shards[stream] = shards
         validate = self.config.validator(stream)
         table = self.config.default_table(stream)
-        pack = packer(table, validate, self.config.max_data_bytes, not self.config.read_models)
-        if self.config.read_models:
-            pack = self._with_read_model(stream, pack)
-        self.packers[stream] = pack
+        limit, read_models = self.config.max_data_bytes, self.config.read_models
+        then, plain_set = self._read_model(stream) if read_models else (None, None)
+        self.packers[stream] = packer(table, validate, limit, not read_models, then, plain_set)
         return shards
 
-    def _with_read_model(
-        self, stream: str, pack: Callable[[Event], Prepared]
-    ) -> Callable[[Event], Prepared]:
-        """`pack`, adding the read-model changes to events of tables that have one."""
+    def _read_model(
+        self, stream: str
+    ) -> tuple[
+        Callable[[Event, Prepared], Prepared], Callable[[Event, bytes], Prepared | None] | None
+    ]:
+        """The packer's read-model steps for `stream` (`wire.packer`'s `then` and
+        `plain_set`): each event laid out with its table's changes, and the plain sets of
+        the stream's default table by shape."""
         config = self.config
         default = config.streams[stream].table if stream in config.streams else None
-        layouts = {
-            name: self._layout(name, changer(config.tables[name], model))
-            for name, model in config.read_models.items()
-        }
+        changers = {name: changer(config.tables[name], m) for name, m in config.read_models.items()}
+        layouts = {name: self._layout(name, changes) for name, changes in changers.items()}
 
-        def pack_with_model(event: Event) -> Prepared:
-            values = pack(event)
+        def then(event: Event, values: Prepared) -> Prepared:
             layout = layouts.get(event.table or default)  # type: ignore[arg-type]
             return values if layout is None else layout(event, values)
 
-        return pack_with_model
+        quick = changers.get(default) if default is not None else None
+        if default is None or quick is None or not quick.plain:
+            return then, None
+        return then, self._plain_set(default, quick)
+
+    def _plain_set(self, table: str, changes: Changer) -> Callable[[Event, bytes], Prepared | None]:
+        """The layout of a set that passed the packer's quick path (no table, ts, v or id,
+        no null, values of their columns' types) into a read-model table by its shape, or
+        None for the general layout (`_layout`): the commonest event of such a table, so the
+        mark is found by (field names, status value) in one lookup, its TTL worked out once."""
+        shapes = self.shapes.setdefault(table, {})
+        marks = self.marks.setdefault(table, {})
+        key, as_text, ttl_of, status = changes.key, changes.key_text, changes.ttl, changes.status
+        check_key = changes.check_key
+
+        def plain_set(event: Event, encoded: bytes) -> Prepared | None:
+            data = event.data
+            if len(data) < 2 or b"\\" in encoded:  # only the key, or JSON with escapes
+                return None
+            if key not in data or as_text(data[key]) != event.key:
+                check_key(event)  # raises
+            names = tuple(data)
+            mark = marks.get((names, data.get(status)))  # type: ignore[arg-type]
+            if mark is None:
+                ttl = ttl_of(data)
+                mark = shapes.get((names, ttl)) or self._shape(table, key, names, ttl)
+                if mark is None:  # no shape left, or one the script cannot read
+                    return None
+                if len(marks) < MAX_MARKS:  # status values may be many: the TTL sorts them
+                    marks[(names, data.get(status))] = mark  # type: ignore[arg-type]
+            return event.key.encode(), mark, encoded
+
+        return plain_set
 
     def _layout(self, table: str, changes: Changer) -> Callable[[Event, Prepared], Prepared]:
         """How an event of `table` (packed as `values`) goes with its read-model changes.

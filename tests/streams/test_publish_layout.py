@@ -15,6 +15,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from streamsink.errors import ValidationError
 from streamsink.schemas import Column, ColumnType, Config, Event, StreamSpec, Table
 from streamsink.schemas.readmodel import ReadModel, from_hash
 from streamsink.streams import Keys, Producer, create_stream, publish
@@ -105,6 +106,39 @@ def test_a_plain_set_goes_in_the_quick_layout(r: redis.Redis, keys: Keys) -> Non
     assert layout_of(producer, "s", queued).startswith(publish.MODEL_PLAIN)
     assert r.hgetall(keys.row("s", publish.crc32(b"1") % SHARDS, "wide", "1")) == {
         b"id": b"1", b"status": b"success"}  # fmt: skip
+
+
+def test_a_plain_set_whose_routing_key_is_not_its_rows_is_refused(
+    r: redis.Redis, keys: Keys
+) -> None:
+    create_stream(r, keys, "s", SHARDS)
+    producer = Producer(r, config(keys, "s"))
+    good = Event.make("7", "set", {"id": 7, "status": "success"})
+    for bad in ("07", "7 ", "task-7"):
+        event = Event.make(bad, "set", {"id": 7, "status": "success"})
+        with pytest.raises(ValidationError, match="routing key"):
+            producer.publish_many("s", [good, event])  # all or nothing
+    assert sum(lengths(r, keys, "s", SHARDS)) == 0
+    assert layout_of(producer, "s", good).startswith(publish.MODEL_PLAIN)
+
+
+def test_many_status_values_keep_their_ttls_and_a_bounded_cache(
+    r: redis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A status column of free text: each value the producer met is remembered with its
+    # shape's mark, up to MAX_MARKS; past them the TTL is worked out every time.
+    monkeypatch.setattr(publish, "MAX_MARKS", 5)
+    create_stream(r, keys, "s", SHARDS)
+    producer = Producer(r, config(keys, "s"))
+    statuses = [f"step {n}" for n in range(20)] + ["processing", "success"] * 3
+    for n, status in enumerate(statuses):
+        producer.publish("s", Event.make(str(n), "set", {"id": n, "status": status}))
+    assert len(producer._prep.marks["wide"]) == 5
+    for n, status in enumerate(statuses):
+        row = keys.row("s", publish.crc32(str(n).encode()) % SHARDS, "wide", str(n))
+        assert r.hget(row, "status") == status.encode()
+        ttl = {"processing": 300_000, "success": 86_400_000}.get(status, 3_600_000)
+        assert ttl - 10_000 < r.pttl(row) <= ttl, status
 
 
 def layout_of(producer: Producer, stream: str, event: Event) -> bytes:
