@@ -19,6 +19,8 @@ The targets: asyncio producer >= 80% of sync pipeline, with ids too (issue 18); 
 publish >= awaited XADD; the read model costs < 25% of the producers' throughput (issue 16).
 The summary gives each ratio within each run (rows compared run one after the other), their
 median and range: on a shared machine the load drifts between rows far apart.
+For the sync producer (client, then Redis, nothing overlapping) it also gives what the
+read model would cost were its client work free: its Redis CPU alone, the design's floor.
 """
 
 from __future__ import annotations
@@ -250,6 +252,18 @@ def main() -> None:
             f"    in CPU (client + Redis, what bounds a busy machine): "
             f"{100 * statistics.median(each):.0f}% ({100 * each[0]:.0f}-{100 * each[-1]:.0f}%)"
         )
+        if row == "sync producer":  # client then Redis, one after the other
+            alone = sorted(
+                1
+                - (r[f"{row} cpu"] + r[f"{row} redis cpu"])
+                / (r[f"{row} cpu"] + r[f"{model_row} redis cpu"])
+                for r in runs
+            )
+            print(
+                f"    its Redis work alone, were the client's free: "
+                f"{100 * statistics.median(alone):.0f}% "
+                f"({100 * alone[0]:.0f}-{100 * alone[-1]:.0f}%)"
+            )
 
 
 if __name__ == "__main__":
