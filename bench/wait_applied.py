@@ -45,11 +45,11 @@ async def one_run(redis_url: str, dsn: str, count: int) -> list[float]:
         postgres_dsn=dsn,
     )
     conn = psycopg2.connect(dsn)
-    create_tables(conn, config)
+    create_tables(conn, config, offsets_schema=f"bench_{run}")  # dropped with the run
     client = aredis.Redis.from_url(redis_url)
 
     create_stream(redis.Redis.from_url(redis_url), Keys(config.prefix), "tasks", 4)
-    sink = PostgresSink.from_options("db", {}, dsn)
+    sink = PostgresSink.from_options("db", {"offsets_schema": f"bench_{run}"}, dsn)
     stop = asyncio.Event()
     wclient = worker_client(redis_url)
     worker = asyncio.create_task(Worker(wclient, config, {"db": sink}).run(stop))
