@@ -43,6 +43,7 @@ from redis.exceptions import (
     TimeoutError,
     TryAgainError,
 )
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.retry import Retry
 
 from streamsink.errors import ConfigError, StreamNotFound
@@ -71,11 +72,13 @@ def is_cluster_url(url: str) -> bool:
     return urlsplit(url).scheme in CLUSTER_SCHEMES
 
 
-def _options(timeout: float) -> dict[str, Any]:
+def _options(timeout: float, asyncio: bool = False) -> dict[str, Any]:
+    # An asyncio client takes redis.asyncio's Retry: redis-py 8.2 warns of (and converts) a
+    # sync one
     return {
         "socket_timeout": timeout,
         "socket_connect_timeout": min(timeout, CONNECT_TIMEOUT_S),
-        "retry": Retry(NoBackoff(), 0),
+        "retry": AsyncRetry(NoBackoff(), 0) if asyncio else Retry(NoBackoff(), 0),
         "health_check_interval": HEALTH_CHECK_S,
     }
 
@@ -210,9 +213,9 @@ def connect_async(url: str, timeout: float = SOCKET_TIMEOUT_S) -> AsyncClient:
         return _AsyncCluster.from_url(
             single,
             startup_nodes=[AsyncClusterNode(h, p) for h, p in seeds],
-            **_options(timeout),
+            **_options(timeout, asyncio=True),
         )
-    return aredis.Redis.from_url(url, **_options(timeout))
+    return aredis.Redis.from_url(url, **_options(timeout, asyncio=True))
 
 
 def check_block(block_ms: int) -> None:
