@@ -34,7 +34,9 @@ def lost_message(stream: str, group: str, shard: int, reason: str) -> str:
         f"Redis lost data of group {group!r} on stream {stream!r} (shard {shard}: {reason}): "
         "it was restarted without persistence, restored from an older backup, or keys were "
         f"deleted; run `{reset_command(stream, group)}` to see what a reset changes, again "
-        "with --yes to make the changes, then restart the worker"
+        "with --yes to make the changes, then restart the worker (unless another deployment "
+        "keeps offsets of the same sink, group and stream in this database: then give one "
+        "its own offsets_schema, and reset nothing)"
     )
 
 
