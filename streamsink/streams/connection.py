@@ -32,6 +32,7 @@ import redis.asyncio as aredis
 from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
 from redis.asyncio.cluster import ClusterPipeline as AsyncClusterPipeline
 from redis.asyncio.connection import Connection
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode
 from redis.exceptions import (
@@ -43,7 +44,6 @@ from redis.exceptions import (
     TimeoutError,
     TryAgainError,
 )
-from redis.asyncio.retry import Retry as AsyncRetry
 from redis.retry import Retry
 
 from streamsink.errors import ConfigError, StreamNotFound
