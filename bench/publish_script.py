@@ -110,12 +110,12 @@ def streamsink_calls(
         config = dataclasses.replace(config, read_models={"tasks": MODEL})
     prep = Preparer(config, ProducerSettings())
     prep.check_shards("tasks", SHARDS)
-    prep.by_sha = by_sha
     events = with_ids(make_events(count)) if ids else make_events(count)
     calls: list[list[Any]] = []
     for start in range(0, len(events), BATCH):
         prepared = prep.encode("tasks", events[start : start + BATCH])
-        calls += [command.args for command in prep.commands([("tasks", prepared, None)])]
+        made = prep.commands([("tasks", prepared, None)], by_sha=by_sha)
+        calls += [command.args for command in made]
     return calls
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import hiredis
 from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streamsink.errors import Backpressure, ProducerClosed, PublishError
@@ -372,12 +372,19 @@ class AsyncProducer:
                 self._wakeup.set()
 
     async def _send_batch(self, batch: list[_Request]) -> None:
-        commands = self._prep.commands(batch)
+        """Nothing else is in flight (`_busy`, nothing in `_inflight`), so the calls name the
+        script by its SHA1 and a call Redis refuses with NOSCRIPT goes again as text, with
+        nothing of its shard sent in between (`streams.publish`)."""
+        commands = self._prep.commands(batch, by_sha=True)
         results = [""] * sum(len(command.slots) for command in commands)
         errors: dict[int, Exception] = {}
         try:
-            plan = await self._write(commands)
-            await self._read(plan, results, errors)
+            unknown: list[Command] = []
+            await self._read(await self._write(commands), results, errors, unknown)
+            if unknown:  # Redis lost its scripts: those calls wrote nothing
+                for command in unknown:
+                    command.by_text()
+                await self._read(await self._write(unknown), results, errors)
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             await self._drop_connection()
             errors = dict.fromkeys(range(len(results)), PublishError(_LOST.format(exc)))
@@ -405,13 +412,23 @@ class AsyncProducer:
             await conn.send_packed_command(packed, check_health=False)
         return list(by_conn.items())
 
-    async def _read(self, plan: Plan, results: list[str], errors: dict[int, Exception]) -> None:
-        """Read each command's reply into `results` (or `errors`), by slot."""
+    async def _read(
+        self,
+        plan: Plan,
+        results: list[str],
+        errors: dict[int, Exception],
+        unknown: list[Command] | None = None,
+    ) -> None:
+        """Read each command's reply into `results` (or `errors`), by slot; with `unknown`,
+        the commands Redis refused with NOSCRIPT go there instead."""
         for conn, commands in plan:
             for command in commands:
                 try:
                     reply = await conn.read_response()
                 except ResponseError as exc:
+                    if unknown is not None and isinstance(exc, NoScriptError):
+                        unknown.append(command)  # it ran nothing
+                        continue
                     refused: Exception | None = refusal(exc)  # then the script wrote nothing
                     if refused is None:
                         if isinstance(exc, REDIRECTED):

@@ -63,7 +63,6 @@ class Producer:
     ) -> None:
         self._client = client
         self._prep = Preparer(config or Config(), settings or ProducerSettings())
-        self._prep.by_sha = True  # one call per shard in flight: see streams.publish
         self._closed = False
 
     def publish(
@@ -112,7 +111,8 @@ class Producer:
         todo = list(range(len(prepared)))
         pause = FIRST_RETRY
         while True:
-            commands = self._prep.commands([(stream, [prepared[i] for i in todo], None)])
+            request = (stream, [prepared[i] for i in todo], None)
+            commands = self._prep.commands([request], by_sha=True)  # one call a shard in flight
             replies = self._send(commands)
             unknown = [i for i, reply in enumerate(replies) if reply is _NOSCRIPT]
             if unknown:  # Redis lost its scripts: those calls wrote nothing, sent as text

@@ -4,13 +4,14 @@ Producers send one EVAL of `publish_script()` per shard and batch instead of one
 per event: one command per shard keeps a cluster slot per script, runs the idempotency
 check and the XADD atomically, and costs Redis and the client far less than N XADDs.
 
-The asyncio producer sends it as EVAL, not by SHA: it keeps several batches in flight, and
-a batch refused with NOSCRIPT sent again after a later batch of its shard ran would put
-that shard's events out of order. EVAL cannot fail that way, but Redis hashes the script's
-15 kB on every call (~40 µs; 0.3-0.6 µs an event in a full batch, all of it for a lone
-event). The sync producer has one call per shard in flight, so it sends EVALSHA, and a
-call refused with NOSCRIPT (a restarted Redis, SCRIPT FLUSH, a new cluster node) again as
-EVAL: nothing was written by it and nothing of its shard was sent after it.
+Redis hashes the script's 15 kB on every EVAL (~40 µs; 0.3-0.6 µs an event in a full batch,
+all of it for a lone event), so a call goes by SHA (EVALSHA) wherever it is the only one of
+its shard in flight: every call of the sync producer, and the asyncio producer's calls sent
+from the caller when nothing else is in flight. A call Redis refuses with NOSCRIPT (a
+restarted Redis, SCRIPT FLUSH, a new cluster node) wrote nothing and goes again as EVAL,
+nothing of its shard having been sent after it. The asyncio producer's pipelined batches go
+as EVAL: several of a shard are in flight, and one refused with NOSCRIPT sent again after a
+later one ran would put the shard's events out of order.
 """
 
 from __future__ import annotations
@@ -249,8 +250,6 @@ class Preparer:
         """Per shape's mark: the key column, the other fields in order, the TTL (ms;
         negative: only for a hash without one), the pattern (`shape_pattern`)."""
         self._numbers = itertools.count()
-        self.by_sha = False
-        """Whether script calls name the script by its SHA1 (EVALSHA) instead of sending it."""
 
     def check_shards(self, stream: str, shards: int) -> int:
         """Remember the shard count Redis recorded for `stream`, or raise if unusable."""
@@ -381,10 +380,15 @@ class Preparer:
         """Validate and pack every event (all or nothing)."""
         return list(map(self.packers[stream], events))
 
-    def commands(self, requests: Sequence[tuple[str, list[Prepared], object]]) -> list[Command]:
+    def commands(
+        self, requests: Sequence[tuple[str, list[Prepared], object]], by_sha: bool = False
+    ) -> list[Command]:
         """One script call per (stream, shard), keeping each shard's events in order.
 
-        `requests` are (stream, prepared events, anything) for each publish call."""
+        `requests` are (stream, prepared events, anything) for each publish call. With
+        `by_sha` the calls name the script by its SHA1 (EVALSHA): only for a caller with
+        nothing else of these shards in flight, which sends a call Redis answers NOSCRIPT
+        again as text (`Command.by_text`)."""
         by_stream: dict[str, list[Command | None]] = {}
         made: list[Command] = []
         slot = 0
@@ -398,7 +402,7 @@ class Preparer:
                 shard = crc32(values[KEY]) % shards  # shard_of, the key encoded
                 command = by_shard[shard]
                 if command is None:
-                    command = by_shard[shard] = self._command(stream, shard)
+                    command = by_shard[shard] = self._command(stream, shard, by_sha)
                     made.append(command)
                 if len(values) == PLAIN_VALUES:
                     command.args += values
@@ -441,14 +445,14 @@ class Preparer:
         shards = self.shards[stream]
         return [Receipt.of(stream, shards, v[KEY], i) for v, i in zip(prepared, ids, strict=True)]
 
-    def _command(self, stream: str, shard: int) -> Command:
+    def _command(self, stream: str, shard: int, by_sha: bool) -> Command:
         keys, ttl = self.keys, self.settings.dedup_ttl_ms
         shard_key, dedup = keys.shard(stream, shard), keys.dedup_prefix(stream, shard)
         spec = self.config.streams.get(stream)
         lag = spec.max_lag if spec is not None and spec.max_lag else 0
         memory = spec.max_memory if spec is not None and spec.max_memory else 0
         ids = keys.ids(stream, shard)
-        head = ("EVALSHA", publish_sha()) if self.by_sha else ("EVAL", publish_script())
+        head = ("EVALSHA", publish_sha()) if by_sha else ("EVAL", publish_script())
         args: list[bytes | str | int] = [*head, 2, shard_key, ids, dedup, ttl]
         args += [lag, repr(memory) if memory else 0, *self._rows(stream, shard), 0]
         return Command(args, guarded=bool(lag or memory))

@@ -54,8 +54,9 @@ def flat(fields: dict[bytes, bytes]) -> list[bytes]:
 
 
 def eval_calls(client: redis.Redis) -> int:
-    """EVAL commands the server has run: one per shard per producer round trip."""
-    return command_calls(client, "eval")
+    """Script calls (EVAL or EVALSHA) the server has run: one per shard per producer round
+    trip (and one more per shard whose EVALSHA Redis refused with NOSCRIPT)."""
+    return command_calls(client, "eval") + command_calls(client, "evalsha")
 
 
 def command_calls(client: redis.Redis, command: str) -> int:

@@ -451,3 +451,47 @@ async def test_a_publish_cancelled_while_sent_inline_leaves_no_lost_exception(
     await producer.close(grace=0.5)
     lost = [c for c in reported if "never retrieved" in str(c.get("message"))]
     assert lost == [], lost
+
+
+async def test_lone_publishes_go_by_sha_and_survive_a_flushed_script_cache(
+    own: redis.Redis, aown: aredis.Redis, keys: Keys
+) -> None:
+    # A publish sent from the caller (nothing else in flight) names the script by SHA1 and
+    # sends it again as text after NOSCRIPT; concurrent batches send the text (several of a
+    # shard may be in flight). Every key's events land once each, in order.
+    producer = AsyncProducer(aown, make_config(keys))
+    sent: list[Event] = []
+
+    async def lone(round_: int) -> None:
+        for n in range(6):
+            event = Event.make(
+                f"task-{n}", "set", {"id": n, "status": f"r{round_}"}, id=f"{round_}.{n}"
+            )
+            await producer.publish("tasks", event)
+            sent.append(event)
+
+    def calls() -> tuple[int, int]:
+        return command_calls(own, "eval"), command_calls(own, "evalsha")
+
+    for round_ in range(3):
+        own.script_flush()
+        own.config_resetstat()
+        await lone(round_)
+        assert calls() == (1, 6)  # the first refused and sent as text, then known by SHA1
+        batch = [
+            Event.make(f"task-{n}", "set", {"id": n, "status": f"b{round_}"}) for n in range(6)
+        ]
+        own.config_resetstat()
+        await asyncio.gather(*(producer.publish("tasks", e) for e in batch))
+        sent.extend(batch)
+        evals, shas = calls()
+        assert shas <= 1 and evals >= 1  # the first may go from the caller, the rest as text
+    await producer.close()
+    for n in range(6):
+        key = f"task-{n}"
+        stored = [
+            fields[b"data"]
+            for _, fields in entries(own, keys, "tasks", shard_of(key, SHARDS))
+            if fields[b"key"] == key.encode()
+        ]
+        assert stored == [encode(e)[5] for e in sent if e.key == key]
