@@ -9,7 +9,7 @@ import pytest
 import redis
 import redis.asyncio as aredis
 
-from streamsink.schemas import Column, ColumnType, Config, Event, StreamSpec, Table
+from streamsink.schemas import Column, ColumnType, Config, Event, StreamSpec, Table, shard_of
 from streamsink.streams import Keys, create_stream
 from tests.conftest import RedisServer
 
@@ -46,6 +46,12 @@ def lengths(client: redis.Redis, keys: Keys, stream: str, shards: int = SHARDS) 
 def entries(client: redis.Redis, keys: Keys, stream: str, shard: int) -> list[tuple[str, Any]]:
     """(entry ID, fields) of one shard, oldest first."""
     return [(i.decode(), fields) for i, fields in client.xrange(keys.shard(stream, shard))]
+
+
+def data_of(client: redis.Redis, keys: Keys, stream: str, key: str) -> list[bytes]:
+    """The data of every entry of `key` on its shard of `stream`, oldest first."""
+    on_shard = entries(client, keys, stream, shard_of(key, SHARDS))
+    return [fields[b"data"] for _, fields in on_shard if fields[b"key"] == key.encode()]
 
 
 def flat(fields: dict[bytes, bytes]) -> list[bytes]:
