@@ -144,7 +144,7 @@ class Changer:
         """The key column: its value's text (`key_text`) is the event's routing key."""
         self.status = model.ttl_by
         """The status column whose value chooses the TTL (None: the default TTL always)."""
-        self._status, self._default = model.ttl_by, model.ttl_ms(None)
+        self._default = model.ttl_ms(None)
         self._ttls = {value: model.ttl_ms(value) for value in model.ttl}
         self._delete = [self._default, -1]
 
@@ -192,7 +192,7 @@ class Changer:
 
     def ttl(self, data: Mapping[str, Any]) -> int:
         """The TTL of a set or incr of `data` (negative: keep the one the status chose)."""
-        status = self._status
+        status = self.status
         if status is None:
             return self._default
         if status in data:

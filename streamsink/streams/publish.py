@@ -278,22 +278,22 @@ class Preparer:
         config = self.config
         default = config.streams[stream].table if stream in config.streams else None
         changers = {name: changer(config.tables[name], m) for name, m in config.read_models.items()}
-        layouts = {name: self._layout(name, changes) for name, changes in changers.items()}
+        plain_sets = {name: self._plain_set(name, c) for name, c in changers.items() if c.plain}
+        layouts = {
+            name: self._layout(changes, plain_sets.get(name)) for name, changes in changers.items()
+        }
 
         def then(event: Event, values: Prepared) -> Prepared:
             layout = layouts.get(event.table or default)  # type: ignore[arg-type]
             return values if layout is None else layout(event, values)
 
-        quick = changers.get(default) if default is not None else None
-        if default is None or quick is None or not quick.plain:
-            return then, None
-        return then, self._plain_set(default, quick)
+        return then, plain_sets.get(default) if default is not None else None
 
     def _plain_set(self, table: str, changes: Changer) -> Callable[[Event, bytes], Prepared | None]:
-        """The layout of a set that passed the packer's quick path (no table, ts, v or id,
-        no null, values of their columns' types) into a read-model table by its shape, or
-        None for the general layout (`_layout`): the commonest event of such a table, so the
-        mark is found by (field names, status value) in one lookup, its TTL worked out once."""
+        """The layout of a valid set without null of a `plain` read-model table by its
+        shape (`key, mark, data`), or None for the general layout (`_layout`). The packer's
+        quick path calls it first: the commonest event of such a table, so the mark is found
+        by (field names, status value) in one lookup, its TTL worked out once."""
         shapes = self.shapes.setdefault(table, {})
         marks = self.marks.setdefault(table, {})
         key, as_text, ttl_of, status = changes.key, changes.key_text, changes.ttl, changes.status
@@ -318,18 +318,16 @@ class Preparer:
 
         return plain_set
 
-    def _layout(self, table: str, changes: Changer) -> Callable[[Event, Prepared], Prepared]:
-        """How an event of `table` (packed as `values`) goes with its read-model changes.
+    def _layout(
+        self, changes: Changer, plain_set: Callable[[Event, bytes], Prepared | None] | None
+    ) -> Callable[[Event, Prepared], Prepared]:
+        """How an event of a table with a read model (packed as `values`) goes with its
+        changes.
 
         A plain set (no table, ts, v or id; a `plain` table, no null, JSON without
-        escapes) goes by its shape: `key, mark, data`, the script reading the values from
-        the data (`shape_pattern`); any other set, incr or del with its changes
-        (`MODEL_SHORT` or `MODEL`); other ops as they are. The plain set is the commonest
-        event of a table with a read model: every step here counts."""
-        shapes = self.shapes.setdefault(table, {})
-        key, as_text, ttl_of = changes.key, changes.key_text, changes.ttl
-        check_key = changes.check_key
-        by_shape = changes.plain
+        escapes) goes by its shape (`plain_set`): `key, mark, data`, the script reading the
+        values from the data (`shape_pattern`); any other set, incr or del with its changes
+        (`MODEL_SHORT` or `MODEL`); other ops as they are."""
         set_op, incr_op, del_op = Op.SET, Op.INCR, Op.DEL
 
         def layout(event: Event, values: Prepared) -> Prepared:
@@ -339,18 +337,12 @@ class Preparer:
             if len(values) != PLAIN_VALUES:
                 return (values[KEY], MODEL, *values[OP:], *changes(event))
             if (
-                by_shape
+                plain_set is not None
                 and op is set_op
-                and len(data) > 1  # not only the key
-                and b"\\" not in (encoded := values[DATA])  # JSON without escapes
-                and not (b"null" in encoded and None in data.values())  # a null: no field
+                and not (b"null" in (encoded := values[DATA]) and None in data.values())
+                and (shaped := plain_set(event, encoded)) is not None
             ):
-                if key not in data or as_text(data[key]) != event.key:
-                    check_key(event)  # raises
-                names, ttl = tuple(data), ttl_of(data)
-                mark = shapes.get((names, ttl)) or self._shape(table, key, names, ttl)
-                if mark is not None:  # else no shape left, or one the script cannot read
-                    return (values[KEY], mark, encoded)
+                return shaped
             return (values[KEY], MODEL_SHORT, values[OP], values[DATA], *changes(event))
 
         return layout
