@@ -80,6 +80,7 @@ def bare_calls(
 ) -> list[list[Any]]:
     """The bare script's calls for `count` events: per shard, one EVALSHA a batch."""
     sha = client.script_load(_LOOP.format(step=step, body=body))
+    at = int(time.time() * 1000) if _PEXPIREAT in body else 0  # the TTL's end, not its length
     events: list[Any] = make_events(count)
     calls: list[list[Any]] = []
     for start in range(0, len(events), BATCH):
@@ -91,7 +92,7 @@ def bare_calls(
                 data = event.data
                 values += [data["status"], data["progress"], data["worker"]]
                 ttl = MODEL.ttl_ms(data["status"])
-                values.append(str(ttl + int(time.time() * 1000) if "PEXPIREAT" in body else ttl))
+                values.append(str(at + ttl))
             by_shard.setdefault(shard, []).extend(values)
         for shard, values in by_shard.items():
             row_prefix = keys.row_prefix("tasks", shard) + "tasks:"

@@ -476,6 +476,19 @@ def hold_every_lease(setup: Setup) -> None:
         setup.client.set(setup.keys.epoch(STREAM, shard, GROUP), 1)
 
 
+async def reading_client(setup: Setup) -> tuple[aredis.RedisCluster, Node]:
+    """A cluster client that has read every shard once, and the node it asks for keys."""
+    client = connect_async(setup.local.url)
+    assert isinstance(client, aredis.RedisCluster)
+    try:
+        await client.initialize()
+        assert await read_every_shard(client, setup.keys, 1) == {}
+        return client, next(n for n in setup.local.nodes if n.port == asked_node(client))
+    except BaseException:
+        await client.aclose()
+        raise
+
+
 async def read_every_shard(client: AsyncClient, keys: Keys, tries: int) -> dict[int, str]:
     """Read every shard to its end and wait for more (XREAD), as a worker does, each up to
     `tries` times 0.2 s apart; the last errors of the shards that never got through."""
@@ -520,12 +533,8 @@ def test_reads_go_on_after_a_killed_master_was_the_node_asked_for_keys(
     hold_every_lease(setup)
 
     async def run() -> dict[int, str]:
-        client = connect_async(local.url)
+        client, victim = await reading_client(setup)
         try:
-            assert isinstance(client, aredis.RedisCluster)
-            await client.initialize()
-            assert await read_every_shard(client, setup.keys, 1) == {}
-            victim = next(n for n in local.nodes if n.port == asked_node(client))
             shards = [
                 s for s in range(SHARDS) if local.master_of(setup.keys.shard(STREAM, s)) is victim
             ]
@@ -553,12 +562,8 @@ def test_reads_go_on_after_the_node_asked_for_keys_was_failed_over_and_died(
     hold_every_lease(setup)
 
     async def run() -> dict[int, str]:
-        client = connect_async(local.url)
+        client, old = await reading_client(setup)
         try:
-            assert isinstance(client, aredis.RedisCluster)
-            await client.initialize()
-            assert await read_every_shard(client, setup.keys, 1) == {}
-            old = next(n for n in local.nodes if n.port == asked_node(client))
             replica = local.replica_of(old)
             with replica.client() as direct:
                 assert direct.execute_command("CLUSTER", "FAILOVER") in (b"OK", "OK", True)
